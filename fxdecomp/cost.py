@@ -1,0 +1,104 @@
+"""The cost model: multiply-adds (MACs) and parameters of layers and decomposed modules.
+
+Convention: one multiply-add = 1 MAC = 2 FLOPs. Bias additions, padding and
+shuffles are not counted, as fvcore does not count them; `count_flops` (fvcore)
+and this module therefore agree exactly, which the tests check.
+
+Example::
+
+    module_macs(nn.Conv2d(16, 32, 3, padding=1), (1, 16, 8, 8))  # 294912
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .errors import InvalidInputError
+from .layer_spec import ConvSpec, LinearSpec
+from .layers import TiledLinear, TTLinear
+
+FLOPS_PER_MAC = 2
+
+
+def spec_macs(spec: ConvSpec | LinearSpec, input_shape: Sequence[int]) -> int:
+    """MACs of the original layer on an input of ``input_shape``."""
+    if isinstance(spec, LinearSpec):
+        return math.prod(input_shape[:-1]) * spec.in_features * spec.out_features
+    height, width = spec.output_size(*input_shape[-2:])
+    per_position = spec.out_channels * spec.in_per_group * spec.kernel_area
+    return input_shape[0] * per_position * height * width
+
+
+def module_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
+    """MACs of a layer or a decomposed module (a Sequential of standard layers) on ``input_shape``."""
+    return _walk(module, tuple(input_shape))[0]
+
+
+def _walk(module: nn.Module, shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+    if isinstance(module, nn.Sequential):
+        total = 0
+        for child in module:
+            macs, shape = _walk(child, shape)
+            total += macs
+        return total, shape
+    if isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward:
+        n, _, h, w = shape
+        if isinstance(module.padding, str):
+            pads = module._reversed_padding_repeated_twice
+            ph_total, pw_total = pads[2] + pads[3], pads[0] + pads[1]
+        else:
+            ph_total, pw_total = 2 * module.padding[0], 2 * module.padding[1]
+        (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+        ho = (h + ph_total - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + pw_total - dw * (kw - 1) - 1) // sw + 1
+        per_position = module.out_channels * (module.in_channels // module.groups) * kh * kw
+        return n * per_position * ho * wo, (n, module.out_channels, ho, wo)
+    if isinstance(module, (nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d)):
+        left, right, top, bottom = module.padding
+        n, c, h, w = shape
+        return 0, (n, c, h + top + bottom, w + left + right)
+    if isinstance(module, (nn.ChannelShuffle, nn.Identity)):
+        return 0, shape
+    tokens = math.prod(shape[:-1])
+    if isinstance(module, nn.Linear):
+        return tokens * module.in_features * module.out_features, (*shape[:-1], module.out_features)
+    if isinstance(module, (TTLinear, TiledLinear)):
+        return tokens * module.macs_per_token(), (*shape[:-1], module.out_features)
+    raise InvalidInputError(f"the cost model does not know {type(module).__name__}")
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def count_flops(module: nn.Module, example_inputs: tuple | torch.Tensor) -> int:
+    """FLOPs of one forward pass on ``example_inputs``, counted by fvcore (2 FLOPs per multiply-add).
+
+    Counts convolutions, matrix products, norms and the other ops fvcore knows;
+    elementwise ops count zero, as in fvcore.
+
+    Example::
+
+        count_flops(nn.Linear(8, 4), (torch.randn(2, 8),))  # 2 * 2 * 8 * 4 = 128
+    """
+    from fvcore.nn import FlopCountAnalysis
+
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    analysis = FlopCountAnalysis(module, tuple(example_inputs))
+    analysis.unsupported_ops_warnings(False)
+    analysis.uncalled_modules_warnings(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        was_training = module.training
+        module.eval()
+        try:
+            macs = analysis.total()
+        finally:
+            module.train(was_training)
+    return int(macs) * FLOPS_PER_MAC

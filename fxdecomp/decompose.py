@@ -1,0 +1,42 @@
+"""`decompose_layer`: one Conv2d or Linear in, one decomposed module of standard layers out.
+
+Example::
+
+    import fxdecomp, torch.nn as nn
+    small = fxdecomp.decompose_layer(nn.Conv2d(64, 128, 3, padding=1), "tucker2", (32, 48))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .decomposers import get_decomposer
+from .errors import UnsupportedLayerError
+from .layer_spec import check_finite, layer_spec
+from .ranks import RankSpec, resolve_ranks
+
+
+def decompose_layer(layer: nn.Module, method: str, ranks: RankSpec = "full", **options: Any) -> nn.Module:
+    """Decompose ``layer`` with ``method`` at ``ranks``; the layer itself is left untouched.
+
+    ``ranks`` follow the data flow, input side first (see `fxdecomp.ranks`); ``"full"``
+    builds the decomposed structure at maximum rank, which reproduces the layer.
+    ``options`` go to the method (``tiles=(2, 2)`` for tiled_svd, ``cores=3`` or
+    ``modes=((8, 8, 8), (4, 4, 4))`` for Linear tt, ``max_iter``/``tol``/``seed`` for cp).
+    The result has the layer's dtype, device and training mode.
+    """
+    if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+        raise UnsupportedLayerError(f"{type(layer).__name__} is not a Conv2d or Linear; fxdecomp decomposes only those")
+    spec = layer_spec(layer)
+    check_finite(type(layer).__name__, layer)
+    decomposer = get_decomposer(spec.kind, method, **options)
+    decomposer.check(spec)
+    weight = layer.weight.detach()
+    chosen = resolve_ranks(ranks, decomposer, spec, weight)
+    state = decomposer.factorize(spec, weight)
+    module = decomposer.build(spec, state, chosen, layer.bias.detach() if layer.bias is not None else None, weight)
+    module.train(layer.training)
+    module.fxdecomp_method, module.fxdecomp_ranks = method, chosen
+    return module

@@ -1,0 +1,51 @@
+"""The project's exception types: one base class, one subclass per kind of failure.
+
+Every message names the problem and the way out, e.g.::
+
+    raise UnsupportedLayerError("tt: grouped convolutions (groups=4) are not supported; use svd, tucker2 or cp")
+"""
+
+from __future__ import annotations
+
+
+class FxDecompError(Exception):
+    """Base class of every error fxdecomp raises on purpose."""
+
+
+class InvalidInputError(FxDecompError, ValueError):
+    """An argument is malformed: a rank spec, example inputs, a layer with non-finite weights."""
+
+
+class UnknownMethodError(FxDecompError, ValueError):
+    """A method name that no decomposer is registered under."""
+
+
+class UnsupportedLayerError(FxDecompError, ValueError):
+    """A method cannot decompose this layer (the message names the attribute)."""
+
+
+class BudgetError(FxDecompError, ValueError):
+    """A budget outside (0, 1] or one the model cannot reach.
+
+    ``smallest_reachable`` holds the smallest fraction that can be reached, when known.
+    """
+
+    def __init__(self, message: str, smallest_reachable: float | None = None):
+        super().__init__(message)
+        self.smallest_reachable = smallest_reachable
+
+
+class TraceError(FxDecompError, RuntimeError):
+    """Neither torch.fx nor torch.export could capture the model."""
+
+
+class RecipeError(FxDecompError, ValueError):
+    """A pass recipe names an unknown pass or option, or cannot be found."""
+
+
+class ExportError(FxDecompError, RuntimeError):
+    """ONNX export failed."""
+
+
+class ParityError(ExportError):
+    """The exported ONNX model disagrees with torch beyond the tolerance."""

@@ -1,0 +1,80 @@
+"""Truncated SVD of a weight matrix, through the eigendecomposition of its smaller Gram matrix.
+
+On these CPUs ``torch.linalg.eigh`` of the (min side)^2 Gram matrix in float64 is
+far faster and steadier than a full SVD of a wide matrix (VGG-16's 4096 x 25088
+classifier: ~9 s against ~96 s). The factors are a projection onto the leading
+singular subspace, so no division by small singular values is needed and full
+rank reproduces the matrix exactly.
+
+Example::
+
+    spectrum = matrix_spectrum(weight)          # weight: (out, in)
+    left, right = low_rank_factors(weight, 16, spectrum)
+    approx = left @ right                       # best rank-16 approximation
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """Squared singular values (descending, float64) and the orthonormal basis of the smaller side."""
+
+    energies: torch.Tensor
+    basis: torch.Tensor  # columns: left singular vectors if side == "left", else right ones
+    side: str
+
+    @property
+    def total(self) -> float:
+        return float(self.energies.sum())
+
+    def relative_error(self, rank: int) -> float:
+        """||M - M_r||_F / ||M||_F for the best rank-``rank`` approximation M_r."""
+        total = self.total
+        if total <= 0.0:
+            return 0.0
+        tail = float(self.energies[rank:].sum())
+        return max(tail, 0.0) ** 0.5 / total**0.5
+
+    def energy_rank(self, fraction: float) -> int:
+        """Smallest rank that keeps ``fraction`` of the spectral energy (at least 1)."""
+        total = self.total
+        if total <= 0.0:
+            return 1
+        kept = torch.cumsum(self.energies, 0) / total
+        return min(int((kept < fraction - 1e-12).sum()) + 1, len(self.energies))
+
+
+def matrix_spectrum(matrix: torch.Tensor, side: str | None = None) -> Spectrum:
+    """Spectrum of a 2-D matrix via eigh of its Gram matrix (float64).
+
+    ``side`` picks the basis: "left" (rows x rows Gram), "right", or None for the smaller one.
+    """
+    m64 = matrix.detach().to(torch.float64)
+    rows, cols = m64.shape
+    side = side or ("left" if rows <= cols else "right")
+    gram = m64 @ m64.T if side == "left" else m64.T @ m64
+    energies, basis = torch.linalg.eigh(gram)
+    order = torch.argsort(energies, descending=True)
+    return Spectrum(energies[order].clamp_min(0.0), basis[:, order], side)
+
+
+def low_rank_factors(
+    matrix: torch.Tensor, rank: int, spectrum: Spectrum | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left, right) with left @ right the best rank-``rank`` approximation of ``matrix``.
+
+    Both factors come back in the matrix's dtype; left is (rows, r), right is (r, cols).
+    """
+    spectrum = spectrum or matrix_spectrum(matrix)
+    m64 = matrix.detach().to(torch.float64)
+    basis = spectrum.basis[:, :rank]
+    if spectrum.side == "left":
+        left, right = basis, basis.T @ m64
+    else:
+        left, right = m64 @ basis, basis.T
+    return left.to(matrix.dtype), right.to(matrix.dtype)
