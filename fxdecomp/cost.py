@@ -76,6 +76,13 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _convolution_mode_macs(inputs, outputs) -> int:
+    from fvcore.nn.jit_handles import get_shape
+
+    weight_shape, output_shape = get_shape(inputs[1]), get_shape(outputs[0])
+    return math.prod(output_shape) * math.prod(weight_shape[1:])
+
+
 def count_flops(module: nn.Module, example_inputs: tuple | torch.Tensor) -> int:
     """FLOPs of one forward pass on ``example_inputs``, counted by fvcore (2 FLOPs per multiply-add).
 
@@ -91,6 +98,8 @@ def count_flops(module: nn.Module, example_inputs: tuple | torch.Tensor) -> int:
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     analysis = FlopCountAnalysis(module, tuple(example_inputs))
+    # fvcore has no handle for convs with string padding ('same'/'valid'), which trace to this op.
+    analysis.set_op_handle("aten::_convolution_mode", _convolution_mode_macs)
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
     with warnings.catch_warnings():

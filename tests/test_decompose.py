@@ -1,0 +1,213 @@
+"""decompose_layer: exact at full rank for every attribute, better with rank, refusals with reasons."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import fxdecomp
+from fxdecomp.errors import InvalidInputError, UnknownMethodError, UnsupportedLayerError
+
+CONV_METHODS = ["svd", "spatial_svd", "tucker2", "cp", "tt", "tiled_svd"]
+LINEAR_METHODS = ["svd", "tt", "tiled_svd"]
+GROUPED_OK = {"svd", "spatial_svd", "tucker2", "cp"}
+
+
+@st.composite
+def conv_layers(draw):
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    in_ch = groups * draw(st.integers(1, 4))
+    out_ch = groups * draw(st.integers(1, 4))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+    if draw(st.booleans()):
+        padding, stride = draw(st.sampled_from(["same", "valid"])), (1, 1)
+    else:
+        padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+        stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    bias = draw(st.booleans())
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    return nn.Conv2d(in_ch, out_ch, (kh, kw), stride, padding, dilation, groups, bias, mode)
+
+
+def _input_for(layer: nn.Conv2d, seed: int = 1) -> torch.Tensor:
+    (kh, kw), (dh, dw) = layer.kernel_size, layer.dilation
+    height, width = dh * (kh - 1) + 6, dw * (kw - 1) + 7  # large enough for reflect padding too
+    return torch.randn(2, layer.in_channels, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("method", CONV_METHODS)
+@given(layer=conv_layers())
+def test_conv_full_rank_reproduces_layer(method, layer):
+    x = _input_for(layer)
+    if layer.groups > 1 and method not in GROUPED_OK:
+        with pytest.raises(UnsupportedLayerError, match="groups"):
+            fxdecomp.decompose_layer(layer, method, "full")
+        return
+    if method == "tiled_svd":
+        options = {"tiles": (1, 1)}
+    else:
+        options = {}
+    decomposed = fxdecomp.decompose_layer(layer, method, "full", **options)
+    torch.testing.assert_close(decomposed(x), layer(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", LINEAR_METHODS)
+@given(
+    in_features=st.sampled_from([1, 4, 6, 12, 16]),
+    out_features=st.sampled_from([1, 2, 6, 8, 18]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_full_rank_reproduces_layer(method, in_features, out_features, bias, seed):
+    torch.manual_seed(seed)
+    layer = nn.Linear(in_features, out_features, bias=bias)
+    x = torch.randn(3, 2, in_features)
+    options = {"tiles": (1, 1)} if method == "tiled_svd" else {}
+    decomposed = fxdecomp.decompose_layer(layer, method, "full", **options)
+    torch.testing.assert_close(decomposed(x), layer(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tiles", [(2, 2), (4, 1), (1, 3), (2, 3)])
+def test_tiled_svd_full_rank_with_real_tiles(tiles):
+    torch.manual_seed(0)
+    conv, linear = nn.Conv2d(6, 8, 3, padding=1), nn.Linear(12, 8)
+    image = torch.randn(2, 6, 7, 7)
+    decomposed = fxdecomp.decompose_layer(conv, "tiled_svd", "full", tiles=tiles)
+    torch.testing.assert_close(decomposed(image), conv(image), rtol=1e-4, atol=1e-4)
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(fxdecomp.decompose_layer(linear, "tiled_svd", "full", tiles=tiles)(x), linear(x), rtol=1e-4, atol=1e-4)
+
+
+def _relative_error(module, layer, x):
+    with torch.no_grad():
+        ref = layer(x)
+        return float((module(x) - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("method", CONV_METHODS)
+def test_conv_error_falls_as_rank_grows(method):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(16, 16, 3, padding=1)
+    x = torch.randn(4, 16, 9, 9)
+    errors = [_relative_error(fxdecomp.decompose_layer(layer, method, f), layer, x) for f in (0.1, 0.3, 0.6, 1.0)]
+    assert errors[-1] < 1e-4
+    assert all(a >= b - 1e-3 for a, b in zip(errors, errors[1:])), errors
+    assert errors[0] > errors[-1] + 0.05
+
+
+@pytest.mark.parametrize("method", LINEAR_METHODS)
+def test_linear_error_falls_as_rank_grows(method):
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48)
+    x = torch.randn(32, 64)
+    errors = [_relative_error(fxdecomp.decompose_layer(layer, method, f), layer, x) for f in (0.1, 0.3, 0.6, 1.0)]
+    assert errors[-1] < 1e-4
+    assert all(a >= b - 1e-6 for a, b in zip(errors, errors[1:])), errors
+    assert errors[0] > 0.3
+
+
+class StaticSamePaddingConv(nn.Conv2d):
+    """EfficientNet's Conv2dStaticSamePadding: TF-style 'SAME' padding in its own forward."""
+
+    def __init__(self, in_ch, out_ch, kernel, stride, image_size):
+        super().__init__(in_ch, out_ch, kernel, stride, bias=False)
+        pad_h = max((-(-image_size // stride) - 1) * stride + kernel - image_size, 0)
+        self.static_padding = nn.ZeroPad2d((pad_h // 2, pad_h - pad_h // 2, pad_h // 2, pad_h - pad_h // 2))
+
+    def forward(self, x):
+        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class DynamicPaddingConv(nn.Conv2d):
+    def forward(self, x):
+        pad = x.shape[-1] % 3  # depends on the input size: no static equivalent
+        return F.conv2d(F.pad(x, (pad, 0, pad, 0)), self.weight, self.bias, self.stride)
+
+
+@pytest.mark.parametrize("method", CONV_METHODS)
+def test_subclass_that_pads_in_forward(method):
+    torch.manual_seed(0)
+    layer = StaticSamePaddingConv(4, 8, 3, 2, image_size=10)
+    x = torch.randn(1, 4, 10, 10)
+    decomposed = fxdecomp.decompose_layer(layer, method, "full", **({"tiles": (2, 2)} if method == "tiled_svd" else {}))
+    torch.testing.assert_close(decomposed(x), layer(x), rtol=1e-4, atol=1e-4)
+
+
+def test_efficientnet_lite_convs_reproduced():
+    efficientnet = pytest.importorskip("efficientnet_lite_pytorch")
+    model = efficientnet.EfficientNet.from_name("efficientnet-lite0")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == 1][:4]
+    assert convs and any(type(c).forward is not nn.Conv2d.forward for c in convs)
+    for conv in convs:
+        x = torch.randn(1, conv.in_channels, 16, 16)
+        torch.testing.assert_close(fxdecomp.decompose_layer(conv, "tucker2", "full")(x), conv(x), rtol=1e-4, atol=1e-4)
+
+
+def test_input_dependent_padding_is_refused():
+    with pytest.raises(UnsupportedLayerError, match="DynamicPaddingConv"):
+        fxdecomp.decompose_layer(DynamicPaddingConv(3, 4, 3), "svd", 2)
+
+
+def test_layer_is_not_modified_and_result_has_its_dtype_and_mode():
+    layer = nn.Conv2d(4, 6, 3).double().eval()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    decomposed = fxdecomp.decompose_layer(layer, "tucker2", (2, 3))
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+    assert all(p.dtype == torch.float64 for p in decomposed.parameters())
+    assert not decomposed.training
+
+
+def test_rank_specs():
+    torch.manual_seed(0)
+    layer = nn.Conv2d(8, 16, 3)
+    assert fxdecomp.decompose_layer(layer, "tucker2", 4).fxdecomp_ranks == (4, 4)
+    assert fxdecomp.decompose_layer(layer, "tucker2", 100).fxdecomp_ranks == (8, 16)
+    assert fxdecomp.decompose_layer(layer, "tucker2", 0.5).fxdecomp_ranks == (4, 8)
+    assert fxdecomp.decompose_layer(layer, "tucker2", (3, 5)).fxdecomp_ranks == (3, 5)
+    assert fxdecomp.decompose_layer(layer, "svd", "full").fxdecomp_ranks == (16,)
+    assert fxdecomp.decompose_layer(layer, "svd", "energy:1.0").fxdecomp_ranks == (16,)
+    low = fxdecomp.decompose_layer(layer, "svd", "energy:0.5").fxdecomp_ranks[0]
+    high = fxdecomp.decompose_layer(layer, "svd", "energy:0.95").fxdecomp_ranks[0]
+    assert 1 <= low < high <= 16
+
+
+def test_vbmf_rank_spec_finds_planted_rank():
+    torch.manual_seed(0)
+    layer = nn.Linear(200, 100)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(100, 6) @ torch.randn(6, 200) + 0.01 * torch.randn(100, 200))
+    assert fxdecomp.decompose_layer(layer, "svd", "vbmf").fxdecomp_ranks == (6,)
+
+
+@pytest.mark.parametrize(
+    "ranks, words",
+    [(0, "at least 1"), (1.5, r"\(0, 1\]"), ((2,), "takes 2 rank"), ((2, 99), "int in"), ("energy:2", "energy"), ("bogus", "unknown rank rule"), (True, "not a rank")],
+)
+def test_bad_rank_specs(ranks, words):
+    with pytest.raises(InvalidInputError, match=words):
+        fxdecomp.decompose_layer(nn.Conv2d(8, 16, 3), "tucker2", ranks)
+
+
+def test_bad_methods_and_options():
+    with pytest.raises(UnknownMethodError, match="known methods"):
+        fxdecomp.decompose_layer(nn.Linear(4, 4), "qr", 2)
+    with pytest.raises(UnsupportedLayerError, match="does not apply to linear"):
+        fxdecomp.decompose_layer(nn.Linear(4, 4), "tucker2", 2)
+    with pytest.raises(InvalidInputError, match="no option"):
+        fxdecomp.decompose_layer(nn.Linear(4, 4), "svd", 2, tiles=(2, 2))
+    with pytest.raises(UnsupportedLayerError, match="do not divide"):
+        fxdecomp.decompose_layer(nn.Linear(5, 4), "tiled_svd", 1, tiles=(2, 2))
+    with pytest.raises(UnsupportedLayerError, match="not a Conv2d or Linear"):
+        fxdecomp.decompose_layer(nn.Conv1d(4, 4, 3), "svd", 2)
+
+
+def test_non_finite_weights_are_refused():
+    layer = nn.Conv2d(4, 4, 3)
+    with torch.no_grad():
+        layer.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(InvalidInputError, match="non-finite"):
+        fxdecomp.decompose_layer(layer, "svd", 2)
