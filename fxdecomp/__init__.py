@@ -7,6 +7,8 @@ Example::
     small = fxdecomp.decompose_layer(layer, "tucker2", (16, 16))
 """
 
+from .budget import Budget
+from .compress import compress
 from .cost import count_flops
 from .decompose import decompose_layer
 from .decomposers import all_methods, methods_for
@@ -25,6 +27,7 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Budget",
     "BudgetError",
     "ExportError",
     "FxDecompError",
@@ -35,6 +38,7 @@ __all__ = [
     "UnknownMethodError",
     "UnsupportedLayerError",
     "all_methods",
+    "compress",
     "count_flops",
     "decompose_layer",
     "methods_for",

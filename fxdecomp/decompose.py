@@ -34,8 +34,8 @@ def decompose_layer(layer: nn.Module, method: str, ranks: RankSpec = "full", **o
     decomposer = get_decomposer(spec.kind, method, **options)
     decomposer.check(spec)
     weight = layer.weight.detach()
-    chosen = resolve_ranks(ranks, decomposer, spec, weight)
     state = decomposer.factorize(spec, weight)
+    chosen = resolve_ranks(ranks, decomposer, spec, state)
     module = decomposer.build(spec, state, chosen, layer.bias.detach() if layer.bias is not None else None, weight)
     module.train(layer.training)
     module.fxdecomp_method, module.fxdecomp_ranks = method, chosen

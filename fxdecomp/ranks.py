@@ -8,7 +8,7 @@
 
 Example::
 
-    resolve_ranks("energy:0.95", decomposer, spec, weight)  # -> (23,)
+    resolve_ranks("energy:0.95", decomposer, spec, state)  # -> (23,); state from decomposer.factorize
 """
 
 from __future__ import annotations
@@ -16,19 +16,20 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
+from collections.abc import Callable
 
 from .errors import InvalidInputError
-from .factorize.svd import matrix_spectrum
+from .factorize.svd import Spectrum
+from .vbmf import evbmf_singular_values
 
 RankSpec = int | float | str | tuple
 
 
-def resolve_ranks(spec_ranks: RankSpec, decomposer: Any, spec: Any, weight: torch.Tensor) -> tuple[int, ...]:
+def resolve_ranks(spec_ranks: RankSpec, decomposer: Any, spec: Any, state: Any) -> tuple[int, ...]:
     maxima = decomposer.max_ranks(spec)
     method = decomposer.method
     if isinstance(spec_ranks, str):
-        return _rule_ranks(spec_ranks, decomposer, spec, weight, maxima)
+        return _rule_ranks(spec_ranks, decomposer, spec, state, maxima)
     if isinstance(spec_ranks, bool):
         raise InvalidInputError(f"{method}: ranks={spec_ranks!r} is not a rank; give an int, a tuple, a fraction or 'full'")
     if isinstance(spec_ranks, int):
@@ -52,26 +53,26 @@ def resolve_ranks(spec_ranks: RankSpec, decomposer: Any, spec: Any, weight: torc
     raise InvalidInputError(f"{method}: cannot read ranks={spec_ranks!r}; give an int, a tuple, a fraction, 'full', 'energy:F' or 'vbmf'")
 
 
-def _rule_ranks(rule: str, decomposer, spec, weight, maxima) -> tuple[int, ...]:
+def _rule_ranks(rule: str, decomposer, spec, state, maxima) -> tuple[int, ...]:
     if rule == "full":
         return tuple(maxima)
     if rule == "vbmf":
-        from .vbmf import vbmf_rank
-
-        estimate = vbmf_rank
-    elif rule.startswith("energy:"):
+        return rule_ranks(decomposer.rank_spectra(spec, state), maxima, vbmf_rank_of_spectrum)
+    if rule.startswith("energy:"):
         try:
             fraction = float(rule.split(":", 1)[1])
         except ValueError:
             fraction = float("nan")
         if not 0.0 < fraction <= 1.0:
             raise InvalidInputError(f"energy rule needs a fraction in (0, 1], e.g. 'energy:0.9'; got {rule!r}")
+        return rule_ranks(decomposer.rank_spectra(spec, state), maxima, lambda s: s.energy_rank(fraction))
+    raise InvalidInputError(f"unknown rank rule {rule!r}; use 'full', 'vbmf' or 'energy:F'")
 
-        def estimate(matrix):
-            return matrix_spectrum(matrix).energy_rank(fraction)
-    else:
-        raise InvalidInputError(f"unknown rank rule {rule!r}; use 'full', 'vbmf' or 'energy:F'")
-    matrices = decomposer.rank_matrices(spec, weight)
-    return tuple(
-        max(1, min(m, max(estimate(matrix) for matrix in group))) for m, group in zip(maxima, matrices)
-    )
+
+def rule_ranks(spectra_per_rank, maxima, estimate: Callable[[Spectrum], int]) -> tuple[int, ...]:
+    """Each rank from its spectra (one per group: the largest estimate wins), clamped to [1, max]."""
+    return tuple(max(1, min(m, max(estimate(s) for s in group))) for m, group in zip(maxima, spectra_per_rank))
+
+
+def vbmf_rank_of_spectrum(spectrum: Spectrum) -> int:
+    return evbmf_singular_values(spectrum.singular_values, spectrum.shape).rank

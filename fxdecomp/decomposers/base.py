@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..factorize.svd import Spectrum
 from ..errors import InvalidInputError, UnknownMethodError, UnsupportedLayerError
 from ..layer_spec import ConvSpec, LinearSpec, pad_module
 
@@ -65,8 +66,8 @@ class Decomposer(ABC):
         """Copy the factors at ``ranks`` into ``module`` (made by `structure`); the bias is set by `build`."""
 
     @abstractmethod
-    def rank_matrices(self, spec: Spec, weight: torch.Tensor) -> Sequence[Sequence[torch.Tensor]]:
-        """For each rank, the matrices (one per group) whose spectrum sets it under the energy and VBMF rules."""
+    def rank_spectra(self, spec: Spec, state: Any) -> Sequence[Sequence[Spectrum]]:
+        """For each rank, the spectra (one per group) that set it under the energy and VBMF rules."""
 
     def build(self, spec: Spec, state: Any, ranks: Ranks, bias: torch.Tensor | None, like: torch.Tensor) -> nn.Module:
         """The decomposed module at ``ranks``, on ``like``'s device and dtype."""

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..factorize.cp import cp_conv_kernel, max_cp_rank
+from ..factorize.svd import matrix_spectrum
 from .base import Decomposer, combined_error, conv, group_slices, leading_pad, register
 
 
@@ -63,7 +64,8 @@ class ConvCP(Decomposer):
                 horizontal.weight[block].copy_(f.horizontal.T[:, None, None, :])
                 last.weight[g * tg : (g + 1) * tg].copy_(f.out[:, :, None, None])
 
-    def rank_matrices(self, spec, weight):
-        blocks = group_slices(spec, weight)
+    def rank_spectra(self, spec, state):
+        blocks = state[0]
         # One rank, estimated from both channel unfoldings (the larger estimate wins).
-        return [[b.reshape(b.shape[0], -1) for b in blocks] + [b.transpose(0, 1).reshape(b.shape[1], -1) for b in blocks]]
+        unfoldings = [b.reshape(b.shape[0], -1) for b in blocks] + [b.transpose(0, 1).reshape(b.shape[1], -1) for b in blocks]
+        return [[matrix_spectrum(u) for u in unfoldings]]

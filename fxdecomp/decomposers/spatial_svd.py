@@ -57,5 +57,5 @@ class ConvSpatialSVD(Decomposer):
                 vertical.weight[g * r : (g + 1) * r].copy_(left.T.reshape(r, s, kh, 1))
                 horizontal.weight[g * tg : (g + 1) * tg].copy_(right.reshape(r, t, 1, kw).transpose(0, 1))
 
-    def rank_matrices(self, spec, weight):
-        return [[spatial_matrix(b) for b in group_slices(spec, weight)]]
+    def rank_spectra(self, spec, state):
+        return [state[1]]

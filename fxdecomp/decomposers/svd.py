@@ -37,8 +37,8 @@ class LinearSVD(Decomposer):
             module[0].weight.copy_(right)
             module[1].weight.copy_(left)
 
-    def rank_matrices(self, spec, weight):
-        return [[weight.detach()]]
+    def rank_spectra(self, spec, state):
+        return [[state[1]]]
 
 
 def lowered(kernel: torch.Tensor) -> torch.Tensor:
@@ -80,5 +80,5 @@ class ConvSVD(Decomposer):
                 first.weight[g * r : (g + 1) * r].copy_(right.reshape(r, *block.shape[1:]))
                 second.weight[g * spec.out_per_group : (g + 1) * spec.out_per_group].copy_(left[:, :, None, None])
 
-    def rank_matrices(self, spec, weight):
-        return [[lowered(b) for b in group_slices(spec, weight)]]
+    def rank_spectra(self, spec, state):
+        return [state[1]]

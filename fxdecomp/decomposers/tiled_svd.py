@@ -67,8 +67,8 @@ class _Tiled(Decomposer):
         tiles, spectra = state
         return combined_error([s.relative_error(r) for s, r in zip(spectra, ranks)], [float(t.norm()) for t in tiles])
 
-    def rank_matrices(self, spec, weight):
-        return [[t] for t in self._tile_matrices(spec, weight)]
+    def rank_spectra(self, spec, state):
+        return [[s] for s in state[1]]
 
     def _padded_factors(self, state, ranks):
         """Per tile (a, b): left (tile_rows, R), right (R, tile_cols) with R = max(ranks), zero-padded."""

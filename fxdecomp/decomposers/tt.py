@@ -69,8 +69,8 @@ class ConvTT(Decomposer):
             horizontal.weight.copy_(g3.permute(2, 0, 1)[:, :, None, :])
             last.weight.copy_(g4[..., 0].T[:, :, None, None])
 
-    def rank_matrices(self, spec, weight):
-        return [[u] for u in _unfoldings(_conv_tensor(weight))]
+    def rank_spectra(self, spec, state):
+        return [[s] for s in state[1]]
 
 
 def balanced_factors(n: int, count: int) -> tuple[int, ...]:
@@ -143,5 +143,5 @@ class LinearTT(Decomposer):
                 matrix = core.reshape(left, out_modes[k], in_modes[k], right).permute(2, 3, 0, 1)
                 module.cores[step].copy_(matrix.reshape(in_modes[k] * right, left * out_modes[k]))
 
-    def rank_matrices(self, spec, weight):
-        return [[u] for u in _unfoldings(self._tensor(spec, weight))][::-1]
+    def rank_spectra(self, spec, state):
+        return [[s] for s in state[1]][::-1]

@@ -50,9 +50,6 @@ class ConvTucker2(Decomposer):
                 core_conv.weight[g * r_out : (g + 1) * r_out].copy_(core)
                 last.weight[g * tg : (g + 1) * tg].copy_(u_out[:, :, None, None])
 
-    def rank_matrices(self, spec, weight):
-        blocks = group_slices(spec, weight)
-        return [
-            [b.transpose(0, 1).reshape(b.shape[1], -1) for b in blocks],  # mode-1 (input) unfolding
-            [b.reshape(b.shape[0], -1) for b in blocks],  # mode-0 (output) unfolding
-        ]
+    def rank_spectra(self, spec, state):
+        tuckers = state[1]
+        return [[t.in_spectrum for t in tuckers], [t.out_spectrum for t in tuckers]]

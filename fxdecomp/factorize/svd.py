@@ -27,6 +27,11 @@ class Spectrum:
     energies: torch.Tensor
     basis: torch.Tensor  # columns: left singular vectors if side == "left", else right ones
     side: str
+    shape: tuple[int, int]  # of the matrix
+
+    @property
+    def singular_values(self) -> torch.Tensor:
+        return self.energies.sqrt()
 
     @property
     def total(self) -> float:
@@ -60,7 +65,7 @@ def matrix_spectrum(matrix: torch.Tensor, side: str | None = None) -> Spectrum:
     gram = m64 @ m64.T if side == "left" else m64.T @ m64
     energies, basis = torch.linalg.eigh(gram)
     order = torch.argsort(energies, descending=True)
-    return Spectrum(energies[order].clamp_min(0.0), basis[:, order], side)
+    return Spectrum(energies[order].clamp_min(0.0), basis[:, order], side, (rows, cols))
 
 
 def low_rank_factors(

@@ -1,0 +1,110 @@
+"""`compress`: trace a model, plan every layer's decomposition under one budget, rewrite, verify.
+
+Example::
+
+    import fxdecomp, torch
+    result = fxdecomp.compress(model, (torch.randn(1, 3, 224, 224),), budget=0.5)
+    result.graph_module          # the decomposed torch.fx.GraphModule
+    print(result.report())
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .budget import Budget
+from .cost import count_flops, count_params
+from .decomposers import all_methods
+from .errors import BudgetError, InvalidInputError, UnknownMethodError
+from .frontend import capture
+from .passes import PassContext, make_pass
+from .recipes import load_recipe
+from .result import CompressionResult
+
+
+def compress(
+    model: nn.Module,
+    example_inputs: tuple | torch.Tensor,
+    budget: float | Budget = 0.5,
+    methods: Sequence[str] | None = None,
+    calibration: Iterable | None = None,
+    exclude: Sequence[str] | str = (),
+    pipeline: str | os.PathLike | None = None,
+    *,
+    frontend: str = "auto",
+) -> CompressionResult:
+    """Decompose ``model``'s Conv2d and Linear layers so that it keeps ``budget`` of its FLOPs.
+
+    ``budget`` is a fraction in (0, 1] of the whole model's FLOPs (2 per multiply-add,
+    every op counted) or a `Budget` of FLOPs or parameters. ``methods`` restricts the
+    methods (None: all that apply); ``exclude`` holds qualified names or glob patterns
+    left alone; ``pipeline`` names a recipe in ``passes/`` or a path to one; ``frontend``
+    forces "fx" or "export". The input model and example inputs are never modified.
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    budget = Budget.parse(budget)
+    if budget.metric == "latency":
+        raise BudgetError("latency budgets are not available yet; use a FLOP or parameter budget")
+    example_inputs = _example_inputs(example_inputs)
+    recipe = load_recipe(pipeline)
+    methods = _methods(methods if methods is not None else recipe.methods)
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+
+    with torch.no_grad():
+        gm, frontend_used = capture(model, example_inputs, frontend)
+        context = PassContext(
+            example_inputs=example_inputs,
+            budget=budget,
+            methods=methods,
+            exclude=exclude,
+            calibration=calibration,
+            frontend=frontend_used,
+            reference=copy.deepcopy(gm),
+        )
+        seconds = {}
+        for step in recipe.steps:
+            start = time.perf_counter()
+            gm = make_pass(step.name, context, step.options)(gm).graph_module
+            seconds[step.name] = seconds.get(step.name, 0.0) + time.perf_counter() - start
+        flops_after = count_flops(gm, example_inputs)
+    return CompressionResult(
+        graph_module=gm,
+        decisions=list(context.plan.values()),
+        flops_before=context.flops_before or count_flops(context.reference, example_inputs),
+        flops_after=flops_after,
+        params_before=context.params_before or count_params(context.reference),
+        params_after=count_params(gm),
+        budget={budget.metric: budget.fraction},
+        output_error=context.output_error,
+        frontend=frontend_used,
+        pipeline=recipe.name,
+        pass_seconds=seconds,
+    )
+
+
+def _example_inputs(example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
+        raise InvalidInputError(
+            f"example_inputs must be a tensor or a non-empty tuple of tensors, got {type(example_inputs).__name__}"
+        )
+    # Private copies: a model that writes into its inputs must not change the caller's tensors.
+    return tuple(x.detach().clone() if isinstance(x, torch.Tensor) else copy.deepcopy(x) for x in example_inputs)
+
+
+def _methods(methods) -> tuple[str, ...] | None:
+    if methods is None:
+        return None
+    methods = (methods,) if isinstance(methods, str) else tuple(methods)
+    unknown = [m for m in methods if m not in all_methods()]
+    if unknown or not methods:
+        raise UnknownMethodError(f"unknown method(s) {unknown or methods}; known methods: {all_methods()}")
+    return methods

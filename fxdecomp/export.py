@@ -1,0 +1,318 @@
+"""Checked ONNX export: torch.onnx's dynamo exporter, a dynamic batch, an onnxruntime parity check.
+
+Example::
+
+    from fxdecomp.export import export_onnx
+    report = export_onnx(model, (torch.randn(1, 3, 224, 224),), "model.onnx")
+    report.max_abs_diff, report.inputs  # (TensorInfo(name='x', shape=('batch', 3, 224, 224), dtype='float32'),)
+
+The file is written atomically, and only once onnxruntime agrees with torch: on a
+`ParityError` the target path is left as it was. Each ONNX node is named after the
+module it comes from, ``<qualified name>/<op type>`` (e.g. ``features.3.0/Conv``).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import io
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from .benchmark import TensorInfo, io_info, make_feed, open_session
+from .errors import ExportError, InvalidInputError, ParityError
+
+__all__ = ["ExportReport", "TensorInfo", "export_onnx"]
+
+# Protobuf caps a file at 2 GB; above this many bytes of weights, write them to a side file.
+EXTERNAL_DATA_BYTES = 1_500_000_000
+_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What `export_onnx` wrote. The diffs are None when the parity check was skipped."""
+
+    path: str
+    opset: int
+    max_abs_diff: float | None
+    max_rel_diff: float | None
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    external_data: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def export_onnx(
+    module: nn.Module,
+    example_inputs: tuple | torch.Tensor,
+    path: str | os.PathLike,
+    *,
+    opset: int = 18,
+    dynamic_batch: bool = True,
+    external_data: bool | None = None,
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
+    check: bool = True,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+) -> ExportReport:
+    """Export ``module`` to ONNX at ``path`` and check it against torch in onnxruntime.
+
+    ``dynamic_batch`` makes dim 0 of every input and output symbolic. ``external_data``
+    (None: when the weights exceed ~1.5 GB) writes the weights to ``<path>.data``.
+    An output is accepted when ``|onnx - torch| <= atol + rtol * |torch|`` everywhere.
+    The module is exported in eval mode; its modes, parameters and hooks are left as they were.
+    """
+    args = _check_args(module, example_inputs, path, opset, rtol, atol, input_names)
+    target = Path(path)
+    if external_data is None:
+        external_data = _weight_bytes(module) > EXTERNAL_DATA_BYTES
+    with _eval_mode(module):
+        expected = _torch_outputs(module, args) if check else None
+        program = _export(module, args, opset, dynamic_batch, input_names, output_names)
+    model = program.model
+    actual_opset = model.opset_imports.get("", opset)
+    if actual_opset != opset:
+        raise ExportError(
+            f"opset {opset} was asked for, but the exporter could only produce opset {actual_opset} "
+            f"(it translates at opset >= 18 and converting down failed); pass opset={actual_opset} or higher"
+        )
+    name_nodes_after_modules(model)
+
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        staged = scratch / target.name
+        program.save(staged, external_data=bool(external_data))
+        data = scratch / f"{target.name}.data"  # the exporter's side file, referenced by this relative name
+        session = open_session(staged, threads=max(1, torch.get_num_threads()))
+        diffs = _compare(session, args, expected, rtol, atol) if expected is not None else (None, None)
+        report = ExportReport(
+            str(target),
+            actual_opset,
+            *diffs,
+            io_info(session.get_inputs()),
+            io_info(session.get_outputs()),
+            data.exists(),
+        )
+        del session
+        if data.exists():
+            os.replace(data, target.parent / data.name)
+        os.replace(staged, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return report
+
+
+# ---- inputs and module state ---------------------------------------------------------------
+
+
+def _check_args(module, example_inputs, path, opset, rtol, atol, input_names) -> tuple[torch.Tensor, ...]:
+    if not isinstance(module, nn.Module):
+        raise InvalidInputError(f"export_onnx needs an nn.Module, got {type(module).__name__}")
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    if not isinstance(args, (tuple, list)) or not all(isinstance(a, torch.Tensor) for a in args):
+        raise InvalidInputError("example_inputs must be a tensor or a tuple of tensors (the module's positional inputs)")
+    if not isinstance(opset, int) or isinstance(opset, bool) or opset < 7:
+        raise InvalidInputError(f"opset must be an int >= 7 (18 or more recommended), got {opset!r}")
+    for name, tol in (("rtol", rtol), ("atol", atol)):
+        if not (isinstance(tol, (int, float)) and tol >= 0):
+            raise InvalidInputError(f"{name} must be a number >= 0, got {tol!r}")
+    if input_names is not None and len(input_names) != len(args):
+        raise InvalidInputError(f"input_names has {len(input_names)} names for {len(args)} example inputs")
+    target = Path(path)
+    if target.is_dir():
+        raise InvalidInputError(f"{str(target)!r} is a directory; give a file path such as model.onnx")
+    if not target.parent.is_dir():
+        raise InvalidInputError(f"directory {str(target.parent)!r} does not exist; create it first")
+    return tuple(args)
+
+
+def _weight_bytes(module: nn.Module) -> int:
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode inside; afterwards every submodule's own flag back (not one flag for all)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _torch_outputs(module: nn.Module, args: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    try:
+        with torch.no_grad():
+            out = module(*args)
+    except Exception as exc:
+        shapes = ", ".join(f"{a.dtype}{list(a.shape)}" for a in args)
+        raise InvalidInputError(f"the module fails on the example inputs ({shapes}): {exc}") from exc
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+# ---- the exporter ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter: its progress prints, warnings and torch / onnxscript log records."""
+    names = ["torch", "onnxscript", "onnx_ir"]
+    names += [n for n in list(logging.root.manager.loggerDict) if n.split(".")[0] in ("torch", "onnxscript", "onnx_ir")]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _dynamic_shapes(args: tuple[torch.Tensor, ...]) -> tuple:
+    sizes = {a.shape[0] for a in args if a.dim() > 0}
+    shared = torch.export.Dim("batch")
+    dims = [shared if len(sizes) == 1 else torch.export.Dim(f"batch_{i}") for i in range(len(args))]
+    return tuple({0: d} if a.dim() > 0 else None for a, d in zip(args, dims))
+
+
+def _export(module, args, opset, dynamic_batch, input_names, output_names):
+    dynamic_shapes = None
+    export_args = args
+    if dynamic_batch and args:
+        dynamic_shapes = _dynamic_shapes(args)
+        # torch.export specialises size-1 dims: at batch 1 some ops (circular padding) fail with
+        # "Constraints violated (batch)". Capture at batch 2; the check below runs the user's batch.
+        if all(a.dim() > 0 and a.shape[0] == 1 for a in args):
+            export_args = tuple(torch.cat([a, a]) for a in args)
+    try:
+        with _quiet():
+            return torch.onnx.export(
+                module,
+                export_args,
+                None,
+                dynamo=True,
+                verbose=False,
+                opset_version=opset,
+                dynamic_shapes=dynamic_shapes,
+                input_names=list(input_names) if input_names is not None else None,
+                output_names=list(output_names) if output_names is not None else None,
+            )
+    except Exception as exc:
+        raise ExportError(_export_failure(module, exc, opset, dynamic_batch)) from exc
+
+
+def _export_failure(module: nn.Module, exc: Exception, opset: int, dynamic_batch: bool) -> str:
+    from torch.onnx._internal.exporter._errors import ConversionError, TorchExportError
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    summary = text.split("## Exception summary", 1)[-1].split("(Refer to the full stack trace", 1)[0]
+    summary_line = " ".join(line.strip() for line in summary.splitlines() if line.strip())
+    summary_line = summary_line[:600] or type(exc).__name__
+    if isinstance(exc, TorchExportError):
+        fix = (
+            "torch.export could not capture the forward: make it traceable (no data-dependent Python "
+            "control flow, no untraceable calls)"
+        )
+        if dynamic_batch:
+            fix += "; if the model fixes its batch size, pass dynamic_batch=False"
+    elif isinstance(exc, ConversionError):
+        fix = f"an operator has no ONNX translation at opset {opset}: try a newer opset, or replace the operator"
+    else:
+        fix = "see the chained exception for the exporter's own report"
+    return f"ONNX export of {type(module).__name__} failed: {summary_line}. Fix: {fix}"
+
+
+def name_nodes_after_modules(model) -> None:
+    """Rename each node of an onnx_ir model to ``<module qualified name>/<op type>``, unique.
+
+    The dynamo exporter records the module path in the ``pkg.torch.onnx.name_scopes``
+    metadata (['', 'features', 'features.3', 'features.3.0', 'conv2d_4']); its own
+    names (``node_Conv_27``) do not say where a node came from. Nodes at the top
+    level are named by op type alone; nodes without the metadata keep their names.
+    """
+    taken: set[str] = set()
+    for node in model.graph.all_nodes():
+        base = node.name or node.op_type
+        raw = node.metadata_props.get(_SCOPES_KEY)
+        if raw:
+            try:
+                scopes = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                scopes = []
+            path = scopes[-2] if len(scopes) >= 3 else ""
+            base = f"{path}/{node.op_type}" if path else node.op_type
+        name, k = base, 0
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        node.name = name
+
+
+# ---- parity ------------------------------------------------------------------------------
+
+
+def _compare(session, args, expected: list[torch.Tensor], rtol: float, atol: float) -> tuple[float, float]:
+    """(max abs diff, max rel diff) of onnxruntime against torch; ParityError beyond tolerance.
+
+    The relative difference is taken where torch's value is non-zero.
+    """
+    got = session.run(None, make_feed(session, args))
+    names = [o.name for o in session.get_outputs()]
+    if len(got) != len(expected):
+        raise ParityError(f"the ONNX model has {len(got)} outputs ({names}) but torch returns {len(expected)} tensors")
+    worst_abs = worst_rel = 0.0
+    bad: list[str] = []
+    for name, out, ref in zip(names, got, expected):
+        a = np.asarray(out, dtype=np.float64)
+        b = ref.detach().cpu().to(torch.float64).numpy()
+        if a.shape != b.shape:
+            bad.append(f"{name}: shape {list(a.shape)} vs torch {list(b.shape)}")
+            continue
+        diff = np.abs(a - b)
+        diff[np.isnan(a) & np.isnan(b)] = 0.0
+        diff[(a == b) & np.isinf(a)] = 0.0  # matching infinities
+        diff = np.nan_to_num(diff, nan=math.inf)
+        outside = int(np.count_nonzero(~(diff <= atol + rtol * np.abs(b))))
+        nonzero = b != 0
+        rel = float(np.max(diff[nonzero] / np.abs(b[nonzero]))) if nonzero.any() else 0.0
+        largest = float(diff.max()) if diff.size else 0.0
+        worst_abs, worst_rel = max(worst_abs, largest), max(worst_rel, rel)
+        if outside:
+            bad.append(
+                f"{name}: {outside} of {diff.size} elements differ, max abs diff {largest:.3g}, max rel diff {rel:.3g}"
+            )
+    if bad:
+        error = ParityError(
+            f"onnxruntime disagrees with torch beyond atol={atol:g}, rtol={rtol:g}: {'; '.join(bad)}. "
+            "Look for ops whose ONNX translation differs (padding, rounding, integer division), "
+            "or loosen rtol/atol if the difference is float noise; check=False writes the file anyway"
+        )
+        error.max_abs_diff, error.max_rel_diff = worst_abs, worst_rel
+        raise error
+    return worst_abs, worst_rel

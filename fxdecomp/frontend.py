@@ -1,0 +1,110 @@
+"""Capture a model as a GraphModule: torch.fx first, torch.export (non-strict) where fx cannot trace.
+
+Conv2d and Linear modules, subclasses included, stay leaves of the fx graph so
+that each is one ``call_module`` node. torch.export graphs hold aten-level
+``linear`` / ``conv2d`` calls on ``get_attr`` weights instead; both forms are
+candidates for the rewrite (see `fxdecomp.passes.candidates`).
+
+Example::
+
+    gm, frontend = capture(model, (torch.randn(1, 3, 32, 32),))   # frontend: "fx" or "export"
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import fx, nn
+
+from .errors import InvalidInputError, TraceError
+
+log = logging.getLogger(__name__)
+
+
+class LayerLeafTracer(fx.Tracer):
+    """The default tracer, with every Conv2d and Linear (subclasses too) kept as a leaf."""
+
+    def __init__(self, leaf_types: tuple[type, ...] = ()):
+        super().__init__()
+        self.leaf_types = (nn.Conv2d, nn.Linear, *leaf_types)
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, self.leaf_types) or super().is_leaf_module(module, qualified_name)
+
+
+def fx_trace(model: nn.Module) -> fx.GraphModule:
+    tracer = LayerLeafTracer()
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def export_trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    program = torch.export.export(model, example_inputs, strict=False)
+    return program.module()
+
+
+def capture(model: nn.Module, example_inputs: tuple, frontend: str = "auto") -> tuple[fx.GraphModule, str]:
+    """Trace a private copy of ``model``; returns (graph module, "fx" or "export")."""
+    model = copy.deepcopy(model).eval()
+    check_runs(model, example_inputs)
+    if frontend not in ("auto", "fx", "export"):
+        raise InvalidInputError(f"unknown frontend {frontend!r}; use 'auto', 'fx' or 'export'")
+    fx_error = None
+    if frontend in ("auto", "fx"):
+        try:
+            gm = fx_trace(model)
+            gm(*example_inputs)  # fx can trace graphs that do not run (e.g. data-dependent shapes)
+            return gm, "fx"
+        except Exception as exc:
+            fx_error = exc
+            log.info("torch.fx cannot trace %s (%s); trying torch.export", type(model).__name__, exc)
+            if frontend == "fx":
+                raise TraceError(_trace_message(model, fx_error, None)) from exc
+    try:
+        return export_trace(model, example_inputs), "export"
+    except Exception as exc:
+        raise TraceError(_trace_message(model, fx_error, exc)) from exc
+
+
+def check_runs(model: nn.Module, example_inputs: tuple) -> None:
+    """Run the model once (no grad) to check that the example inputs fit it."""
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    except Exception as exc:
+        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
+        raise InvalidInputError(
+            f"the example inputs (shapes {shapes}) do not fit {type(model).__name__}: {exc}. "
+            "Pass a tuple of tensors that the model's forward accepts"
+        ) from exc
+
+
+def _trace_message(model: nn.Module, fx_error: Exception | None, export_error: Exception | None) -> str:
+    culprit = _first_untraceable(model) if fx_error is not None else None
+    parts = [f"cannot capture {type(model).__name__}"]
+    if fx_error is not None:
+        where = f" in module {culprit!r}" if culprit else ""
+        parts.append(f"torch.fx failed{where}: {fx_error}")
+    if export_error is not None:
+        parts.append(f"torch.export failed: {str(export_error).splitlines()[0] if str(export_error) else export_error}")
+    hint = (
+        f"mark {culprit!r} a leaf or exclude it, or make its forward traceable"
+        if culprit
+        else "make the forward traceable by torch.fx or torch.export, or decompose its layers with decompose_layer"
+    )
+    return "; ".join(parts) + f". Way out: {hint}"
+
+
+def _first_untraceable(model: nn.Module) -> str | None:
+    """The deepest submodule that torch.fx cannot trace on its own (a best guess)."""
+    failing = []
+    for name, module in model.named_modules():
+        if not name or isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        try:
+            LayerLeafTracer().trace(module)
+        except Exception:
+            failing.append(name)
+    return max(failing, key=lambda name: name.count("."), default=None)

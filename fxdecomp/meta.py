@@ -1,0 +1,47 @@
+"""The ``node.meta`` keys fxdecomp writes, each defined once, and the frozen records they hold.
+
+Analyses only write these keys; only the rewrite pass changes the graph.
+
+Example::
+
+    node.meta[FLOPS]            # NodeCost(flops=..., params=...)
+    node.meta[DECOMPOSED_FROM]  # Provenance(original="features.3", method="tucker2", ranks=(16, 32), stage=1)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SHAPE = "fxdecomp.shape"  # tuple[int, ...] of the node's (first) tensor output
+FLOPS = "fxdecomp.flops"  # NodeCost of the original layer at this call site
+CANDIDATE = "fxdecomp.candidate"  # str: the candidate's name (see passes.base.Candidate)
+RANK = "fxdecomp.rank"  # RankEstimate per method
+DECISION = "fxdecomp.decision"  # Decision (result.py) chosen by the planner
+DECOMPOSED_FROM = "fxdecomp.decomposed_from"  # Provenance on nodes built by the rewrite
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """FLOPs (2 per multiply-add) and parameters of one call of a layer."""
+
+    flops: int
+    params: int
+
+
+@dataclass(frozen=True)
+class RankEstimate:
+    """Ranks suggested by the VBMF and energy rules for one method of one layer."""
+
+    method: str
+    max_ranks: tuple[int, ...]
+    vbmf: tuple[int, ...]
+    energy_90: tuple[int, ...]
+    energy_99: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Provenance:
+    original: str
+    method: str
+    ranks: tuple[int, ...]
+    stage: int

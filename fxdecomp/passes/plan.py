@@ -1,0 +1,153 @@
+"""The plan pass: one global choice of method and ranks per candidate under the budget.
+
+For every candidate it lists the options (keep, or each allowed method on a grid
+of ranks), each with its cost (FLOPs, 2 per multiply-add, over every call; or
+parameters) and damage (the squared predicted relative error), drops options
+that are not cheaper than the layer, and solves the multiple-choice knapsack
+(`fxdecomp.planner`). The whole model's cost counts, undecomposable ops included.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.fx.passes.infra.pass_base import PassResult
+
+from .. import meta
+from ..cost import FLOPS_PER_MAC, count_params, module_macs
+from ..decomposers import all_methods, methods_for
+from ..errors import BudgetError, UnknownMethodError
+from ..planner import Infeasible, Option, solve_mckp
+from ..result import Decision
+from .analysis import factorization
+from .base import Candidate, Pass, log, register_pass
+
+# A decomposition must buy something: at equal damage, keeping the layer wins.
+TIE_BREAK = 1e-12
+
+
+@dataclass(frozen=True)
+class Choice:
+    method: str
+    ranks: tuple[int, ...]
+    flops: int
+    params: int
+    error: float
+
+
+def rank_grid(maxima: tuple[int, ...], steps: int, round_to: int) -> list[tuple[int, ...]]:
+    """Ranks proportional to each maximum, on a grid dense at low ranks, rounded up to ``round_to``."""
+    fractions = np.unique(np.concatenate([np.geomspace(1 / 64, 1, steps // 2), np.linspace(1 / steps, 1, steps)]))
+    grid = []
+    for f in fractions:
+        ranks = tuple(min(m, max(round_to, math.ceil(math.ceil(f * m) / round_to) * round_to)) for m in maxima)
+        if ranks not in grid:
+            grid.append(ranks)
+    return grid
+
+
+@register_pass
+class PlanPass(Pass):
+    name = "plan"
+
+    @dataclass(frozen=True)
+    class Options:
+        grid: int = 24  # rank grid points per method
+        cp_grid: int = 6  # CP needs an ALS run per rank: a coarser grid
+        round_to: int = 1  # round ranks up to a multiple (8 or 16 suit SIMD kernels)
+        max_front: int = 50_000  # Pareto front size beyond which the solver thins it (see planner)
+
+    def run(self, gm):
+        ctx = self.context
+        methods = self._allowed_methods()
+        metric = ctx.budget.metric if ctx.budget.metric in ("flops", "params") else "flops"
+        total = ctx.flops_before if metric == "flops" else ctx.params_before
+        groups, planned, fixed = [], [], total
+        decisions: dict[str, Decision] = {}
+        for candidate in ctx.candidates.values():
+            keep = self._keep(candidate)
+            fixed -= keep.flops if metric == "flops" else keep.params
+            choices = [] if candidate.excluded else self._choices(candidate, methods)
+            if not choices:
+                decisions[candidate.name] = self._decision(candidate, keep, "excluded" if candidate.excluded else "no cheaper option")
+                fixed += keep.flops if metric == "flops" else keep.params
+                continue
+            options = [keep, *choices]
+            groups.append([Option(o.flops if metric == "flops" else o.params, o.error**2 + (i > 0) * TIE_BREAK) for i, o in enumerate(options)])
+            planned.append((candidate, options))
+        capacity = ctx.budget.fraction * total - fixed
+        try:
+            plan = solve_mckp(groups, capacity, max_front=self.options.max_front)
+        except Infeasible as exc:
+            smallest = (exc.smallest + fixed) / total
+            raise BudgetError(
+                f"a {metric} budget of {ctx.budget.fraction:g} cannot be reached: the smallest reachable is "
+                f"{smallest:.4f} of the model's {metric} (layers that cannot be decomposed keep their cost); "
+                f"ask for at least {math.ceil(smallest * 1000) / 1000:g}",
+                smallest_reachable=smallest,
+            ) from None
+        for (candidate, options), index in zip(planned, plan):
+            decisions[candidate.name] = self._decision(candidate, options[index], "budget" if index == 0 else "")
+        ctx.plan = {c.name: decisions[c.name] for c in ctx.candidates.values()}
+        for candidate in ctx.candidates.values():
+            for site in candidate.sites:
+                site.node.meta[meta.DECISION] = ctx.plan[candidate.name]
+        if not ctx.candidates:
+            warnings.warn("fxdecomp: the model has no Conv2d or Linear layer to decompose; it is returned unchanged", stacklevel=2)
+        elif all(c.excluded for c in ctx.candidates.values()):
+            warnings.warn("fxdecomp: `exclude` matches every candidate layer; the model is returned unchanged", stacklevel=2)
+        return PassResult(gm, False)
+
+    def _allowed_methods(self) -> tuple[str, ...]:
+        known = all_methods()
+        methods = tuple(self.context.methods) if self.context.methods is not None else tuple(known)
+        unknown = [m for m in methods if m not in known]
+        if unknown:
+            raise UnknownMethodError(f"unknown method(s) {unknown}; known methods: {known}")
+        return methods
+
+    def _keep(self, candidate: Candidate) -> Choice:
+        flops = sum(site.node.meta[meta.FLOPS].flops for site in candidate.sites)
+        return Choice("keep", (), flops, count_params(candidate.layer), 0.0)
+
+    def _choices(self, candidate: Candidate, methods: tuple[str, ...]) -> list[Choice]:
+        keep = self._keep(candidate)
+        by_params = self.context.budget.metric == "params"
+        choices = []
+        for method in methods:
+            if method not in methods_for(candidate.kind):
+                continue
+            decomposer, state = factorization(self.context, candidate, method)
+            if state is None:
+                continue
+            steps = self.options.cp_grid if method == "cp" else self.options.grid
+            for ranks in rank_grid(decomposer.max_ranks(candidate.spec), steps, self.options.round_to):
+                with torch.device("meta"):
+                    structure = decomposer.structure(candidate.spec, ranks)
+                flops = sum(module_macs(structure, s.input_shape) for s in candidate.sites) * FLOPS_PER_MAC
+                params = count_params(structure)
+                if (params >= keep.params) if by_params else (flops >= keep.flops):
+                    continue  # never chosen: costs at least as much as the layer
+                choices.append(Choice(method, ranks, flops, params, decomposer.error(candidate.spec, state, ranks)))
+        log.debug("%s: %d options", candidate.name, len(choices))
+        return choices
+
+    def _decision(self, candidate: Candidate, choice: Choice, reason: str) -> Decision:
+        keep = self._keep(candidate)
+        return Decision(
+            name=candidate.name,
+            op=candidate.kind,
+            method=choice.method,
+            ranks=choice.ranks,
+            flops_before=keep.flops,
+            flops_after=choice.flops,
+            params_before=keep.params,
+            params_after=choice.params,
+            error=choice.error,
+            calls=len(candidate.sites),
+            reason=reason if choice.method == "keep" else "",
+        )

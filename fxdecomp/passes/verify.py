@@ -1,0 +1,35 @@
+"""The verify pass: the rewritten graph still runs, keeps the output shapes, and its error is recorded."""
+
+from __future__ import annotations
+
+import torch
+from torch.fx.passes.infra.pass_base import PassResult
+from torch.utils._pytree import tree_leaves
+
+from ..errors import FxDecompError
+from .base import Pass, register_pass
+
+
+def output_error(reference, candidate, example_inputs) -> float:
+    """Largest relative L2 error over the tensor outputs of ``candidate`` against ``reference``."""
+    with torch.no_grad():
+        expected = [t for t in tree_leaves(reference(*example_inputs)) if isinstance(t, torch.Tensor)]
+        actual = [t for t in tree_leaves(candidate(*example_inputs)) if isinstance(t, torch.Tensor)]
+    if len(expected) != len(actual) or any(a.shape != e.shape for a, e in zip(actual, expected)):
+        raise FxDecompError(
+            "the rewritten model's outputs do not match the original's in number or shape; this is a bug in "
+            "fxdecomp: please report it, and exclude the layer named in the decisions to work around it"
+        )
+    errors = [float((a.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30)) for a, e in zip(actual, expected) if e.is_floating_point()]
+    return max(errors, default=0.0)
+
+
+@register_pass
+class VerifyPass(Pass):
+    name = "verify"
+
+    def run(self, gm):
+        ctx = self.context
+        if ctx.reference is not None:
+            ctx.output_error = output_error(ctx.reference, gm, ctx.example_inputs)
+        return PassResult(gm, False)
