@@ -7,11 +7,13 @@ Example::
     small = fxdecomp.decompose_layer(layer, "tucker2", (16, 16))
 """
 
+from .benchmark import LatencyStats, benchmark_onnx
 from .budget import Budget
 from .compress import compress
 from .cost import count_flops
 from .decompose import decompose_layer
 from .decomposers import all_methods, methods_for
+from .export import ExportReport, export_onnx
 from .errors import (
     BudgetError,
     ExportError,
@@ -29,6 +31,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Budget",
     "BudgetError",
+    "ExportReport",
+    "LatencyStats",
     "ExportError",
     "FxDecompError",
     "InvalidInputError",
@@ -38,8 +42,10 @@ __all__ = [
     "UnknownMethodError",
     "UnsupportedLayerError",
     "all_methods",
+    "benchmark_onnx",
     "compress",
     "count_flops",
     "decompose_layer",
+    "export_onnx",
     "methods_for",
 ]

@@ -104,10 +104,12 @@ def count_flops(module: nn.Module, example_inputs: tuple | torch.Tensor) -> int:
     analysis.uncalled_modules_warnings(False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        was_training = module.training
-        module.eval()
+        modes = {m: m.training for m in module.modules()}
+        for m in modes:
+            m.training = False  # set directly: torch.export's modules refuse .eval()
         try:
             macs = analysis.total()
         finally:
-            module.train(was_training)
+            for m, mode in modes.items():
+                m.training = mode
     return int(macs) * FLOPS_PER_MAC

@@ -35,9 +35,9 @@ class RewritePass(Pass):
             module = decomposer.build(candidate.spec, state, decision.ranks, bias, layer.weight)
             module.train(layer.training)
             path = _install_path(gm, candidate)
-            _set_submodule(gm, path, module)
             for site in candidate.sites:
                 _replace_site(gm, site.node, site.input_node, path, module, decision)
+            _set_submodule(gm, path, module)  # after the old get_attr nodes are gone: it may replace their owner
             modified = True
         if modified:
             gm.graph.eliminate_dead_code()
@@ -52,12 +52,15 @@ def _replace_site(gm: fx.GraphModule, node: fx.Node, value: fx.Node, path: str, 
     stages = [f"{path}.{i}" for i in range(len(module))] if isinstance(module, nn.Sequential) else [path]
     with gm.graph.inserting_before(node):
         for index, target in enumerate(stages):
-            value = gm.graph.call_module(target, (value,))
+            value = gm.graph.create_node("call_module", target, (value,))  # installed right after
             value.meta[meta.DECOMPOSED_FROM] = meta.Provenance(decision.name, decision.method, decision.ranks, index)
             if meta.SHAPE in node.meta and index == len(stages) - 1:
                 value.meta[meta.SHAPE] = node.meta[meta.SHAPE]
     node.replace_all_uses_with(value)
+    inputs = node.all_input_nodes
     gm.graph.erase_node(node)
+    for unused in (n for n in inputs if n.op == "get_attr" and not n.users):
+        gm.graph.erase_node(unused)
 
 
 def _install_path(gm: fx.GraphModule, candidate: Candidate) -> str:
