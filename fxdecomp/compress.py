@@ -13,7 +13,8 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,6 +39,7 @@ def compress(
     pipeline: str | os.PathLike | None = None,
     *,
     frontend: str = "auto",
+    plan: Mapping[str, Any] | Sequence[Any] | None = None,
 ) -> CompressionResult:
     """Decompose ``model``'s Conv2d and Linear layers so that it keeps ``budget`` of its FLOPs.
 
@@ -45,7 +47,10 @@ def compress(
     every op counted) or a `Budget` of FLOPs or parameters. ``methods`` restricts the
     methods (None: all that apply); ``exclude`` holds qualified names or glob patterns
     left alone; ``pipeline`` names a recipe in ``passes/`` or a path to one; ``frontend``
-    forces "fx" or "export". The input model and example inputs are never modified.
+    forces "fx" or "export". ``plan`` re-applies saved decisions (``result.decisions``,
+    ``result.to_dict()`` or its "decisions" list, or a mapping name -> (method, ranks))
+    instead of searching: same structure, no budget. The input model and example
+    inputs are never modified.
     """
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -67,6 +72,7 @@ def compress(
             calibration=calibration,
             frontend=frontend_used,
             reference=copy.deepcopy(gm),
+            fixed_plan=_fixed_plan(plan),
         )
         seconds = {}
         for step in recipe.steps:
@@ -87,6 +93,30 @@ def compress(
         pipeline=recipe.name,
         pass_seconds=seconds,
     )
+
+
+def _fixed_plan(plan) -> dict[str, tuple[str, tuple[int, ...]]] | None:
+    """Normalise a saved plan to name -> (method, ranks)."""
+    if plan is None:
+        return None
+    if isinstance(plan, Mapping) and "decisions" in plan:
+        plan = plan["decisions"]
+    entries = plan.items() if isinstance(plan, Mapping) else [(_field(d, "name"), d) for d in plan]
+    fixed = {}
+    for name, entry in entries:
+        if isinstance(entry, (tuple, list)) and len(entry) == 2:
+            method, ranks = entry
+        else:
+            method, ranks = _field(entry, "method"), _field(entry, "ranks")
+        fixed[str(name)] = (str(method), tuple(int(r) for r in ranks))
+    return fixed
+
+
+def _field(entry, key):
+    try:
+        return entry[key] if isinstance(entry, Mapping) else getattr(entry, key)
+    except (KeyError, AttributeError):
+        raise InvalidInputError(f"a plan entry lacks {key!r}: {entry!r}; give result.decisions or result.to_dict()") from None
 
 
 def _example_inputs(example_inputs) -> tuple:

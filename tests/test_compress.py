@@ -213,3 +213,16 @@ def test_minilm_through_torch_export(minilm):
     assert actual.shape == expected.shape
     cosine = torch.nn.functional.cosine_similarity(actual.mean(1), expected.mean(1)).min()
     assert cosine > 0.5
+
+
+def test_saved_plan_reapplies_the_same_structure():
+    torch.manual_seed(0)
+    model, x = VGG().eval(), torch.randn(2, 3, 16, 16)
+    first = fxdecomp.compress(model, (x,), budget=0.5, methods=FAST_METHODS)
+    saved = json.loads(json.dumps(first.to_dict()))
+    again = fxdecomp.compress(model, (x,), plan=saved)
+    assert [(d.name, d.method, d.ranks) for d in again.decisions] == [(d.name, d.method, d.ranks) for d in first.decisions]
+    for (k1, v1), (k2, v2) in zip(first.graph_module.state_dict().items(), again.graph_module.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)
+    with pytest.raises(InvalidInputError, match="does not have"):
+        fxdecomp.compress(model, (x,), plan={"nonesuch": ("svd", (2,))})

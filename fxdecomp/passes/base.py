@@ -74,6 +74,7 @@ class PassContext:
     flops_before: int = 0
     params_before: int = 0
     plan: dict[str, Any] = field(default_factory=dict)  # candidate name -> Decision
+    fixed_plan: dict[str, tuple[str, tuple[int, ...]]] | None = None  # name -> (method, ranks): apply, don't solve
     output_error: float | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 

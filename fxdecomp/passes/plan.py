@@ -20,7 +20,8 @@ from torch.fx.passes.infra.pass_base import PassResult
 from .. import meta
 from ..cost import FLOPS_PER_MAC, count_params, module_macs
 from ..decomposers import all_methods, methods_for
-from ..errors import BudgetError, UnknownMethodError
+from ..errors import BudgetError, InvalidInputError, UnknownMethodError
+from ..ranks import resolve_ranks
 from ..planner import Infeasible, Option, solve_mckp
 from ..result import Decision
 from .analysis import factorization
@@ -63,6 +64,8 @@ class PlanPass(Pass):
 
     def run(self, gm):
         ctx = self.context
+        if ctx.fixed_plan is not None:
+            return self._apply_fixed(gm)
         methods = self._allowed_methods()
         metric = ctx.budget.metric if ctx.budget.metric in ("flops", "params") else "flops"
         total = ctx.flops_before if metric == "flops" else ctx.params_before
@@ -100,6 +103,32 @@ class PlanPass(Pass):
             warnings.warn("fxdecomp: the model has no Conv2d or Linear layer to decompose; it is returned unchanged", stacklevel=2)
         elif all(c.excluded for c in ctx.candidates.values()):
             warnings.warn("fxdecomp: `exclude` matches every candidate layer; the model is returned unchanged", stacklevel=2)
+        return PassResult(gm, False)
+
+    def _apply_fixed(self, gm):
+        """Re-apply a saved plan: same methods and ranks, no search; names must match the model's layers."""
+        ctx = self.context
+        unknown = sorted(set(ctx.fixed_plan) - set(ctx.candidates))
+        if unknown:
+            raise InvalidInputError(
+                f"the plan names layers this model does not have: {unknown}; known layers: {sorted(ctx.candidates)}"
+            )
+        for candidate in ctx.candidates.values():
+            keep = self._keep(candidate)
+            method, ranks = ctx.fixed_plan.get(candidate.name, ("keep", ()))
+            choice = keep
+            if method != "keep":
+                decomposer, state = factorization(ctx, candidate, method)
+                if state is None:
+                    raise InvalidInputError(f"the plan's method {method!r} does not apply to layer {candidate.name!r}")
+                ranks = resolve_ranks(tuple(ranks), decomposer, candidate.spec, state)
+                with torch.device("meta"):
+                    structure = decomposer.structure(candidate.spec, ranks)
+                flops = sum(module_macs(structure, s.input_shape) for s in candidate.sites) * FLOPS_PER_MAC
+                choice = Choice(method, ranks, flops, count_params(structure), decomposer.error(candidate.spec, state, ranks))
+            ctx.plan[candidate.name] = self._decision(candidate, choice, "plan")
+            for site in candidate.sites:
+                site.node.meta[meta.DECISION] = ctx.plan[candidate.name]
         return PassResult(gm, False)
 
     def _allowed_methods(self) -> tuple[str, ...]:
