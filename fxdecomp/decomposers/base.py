@@ -62,6 +62,10 @@ class Decomposer(ABC):
         """Relative Frobenius error of the layer's weight at ``ranks``."""
 
     @abstractmethod
+    def reconstruct(self, spec: Spec, state: Any, ranks: Ranks) -> torch.Tensor:
+        """The dense weight (the layer's shape, float64) that the factors at ``ranks`` amount to."""
+
+    @abstractmethod
     def load(self, module: nn.Module, spec: Spec, state: Any, ranks: Ranks) -> None:
         """Copy the factors at ``ranks`` into ``module`` (made by `structure`); the bias is set by `build`."""
 

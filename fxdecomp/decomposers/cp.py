@@ -52,6 +52,9 @@ class ConvCP(Decomposer):
         factors = self._factors(state, ranks[0])
         return combined_error([f.relative_error for f in factors], [float(b.norm()) for b in state[0]])
 
+    def reconstruct(self, spec, state, ranks):
+        return torch.cat([f.reconstruct().double() for f in self._factors(state, ranks[0])])
+
     def load(self, module, spec, state, ranks):
         (r,) = ranks
         first, vertical, horizontal, last = list(module)[-4:]

@@ -45,6 +45,14 @@ class ConvSpatialSVD(Decomposer):
         blocks, spectra = state
         return combined_error([s.relative_error(ranks[0]) for s in spectra], [float(b.norm()) for b in blocks])
 
+    def reconstruct(self, spec, state, ranks):
+        blocks = []
+        for block, spectrum in zip(*state):
+            t, s, kh, kw = block.shape
+            left, right = low_rank_factors(spatial_matrix(block).double(), ranks[0], spectrum)
+            blocks.append((left @ right).reshape(s, kh, t, kw).permute(2, 0, 1, 3))
+        return torch.cat(blocks)
+
     def load(self, module, spec, state, ranks):
         (r,) = ranks
         vertical, horizontal = module[-2], module[-1]

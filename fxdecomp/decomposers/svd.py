@@ -31,6 +31,10 @@ class LinearSVD(Decomposer):
     def error(self, spec, state, ranks):
         return state[1].relative_error(ranks[0])
 
+    def reconstruct(self, spec, state, ranks):
+        left, right = low_rank_factors(state[0].double(), ranks[0], state[1])
+        return left @ right
+
     def load(self, module, spec, state, ranks):
         left, right = low_rank_factors(state[0], ranks[0], state[1])
         with torch.no_grad():
@@ -70,6 +74,13 @@ class ConvSVD(Decomposer):
     def error(self, spec, state, ranks):
         blocks, spectra = state
         return combined_error([s.relative_error(ranks[0]) for s in spectra], [float(b.norm()) for b in blocks])
+
+    def reconstruct(self, spec, state, ranks):
+        blocks = []
+        for block, spectrum in zip(*state):
+            left, right = low_rank_factors(lowered(block).double(), ranks[0], spectrum)
+            blocks.append((left @ right).reshape(block.shape))
+        return torch.cat(blocks)
 
     def load(self, module, spec, state, ranks):
         (r,) = ranks

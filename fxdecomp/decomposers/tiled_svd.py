@@ -70,6 +70,17 @@ class _Tiled(Decomposer):
     def rank_spectra(self, spec, state):
         return [[s] for s in state[1]]
 
+    def reconstruct(self, spec, state, ranks):
+        rows, cols = self.tiles
+        tiles = [left.double() @ right.double() for left, right in self._padded_factors(state, ranks)]
+        matrix = torch.cat([torch.cat(tiles[a * cols : (a + 1) * cols], dim=1) for a in range(rows)], dim=0)
+        if spec.kind == "linear":
+            return matrix
+        # Conv tiles hold (S/cols, kh, kw) column blocks: undo the per-block flattening.
+        kh, kw = spec.kernel_size
+        blocks = matrix.reshape(spec.out_channels, cols, -1).reshape(spec.out_channels, cols, spec.in_channels // cols, kh, kw)
+        return blocks.reshape(spec.out_channels, spec.in_channels, kh, kw)
+
     def _padded_factors(self, state, ranks):
         """Per tile (a, b): left (tile_rows, R), right (R, tile_cols) with R = max(ranks), zero-padded."""
         width = max(ranks)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import InvalidInputError
 from ..factorize.svd import matrix_spectrum
-from ..factorize.tt import tt_error_bound, tt_max_ranks, tt_svd
+from ..factorize.tt import tt_error_bound, tt_max_ranks, tt_reconstruct, tt_svd
 from ..layers import TTLinear
 from .base import Decomposer, conv, leading_pad, refuse_groups, register
 
@@ -59,6 +59,9 @@ class ConvTT(Decomposer):
 
     def error(self, spec, state, ranks):
         return tt_error_bound(state[1], ranks)
+
+    def reconstruct(self, spec, state, ranks):
+        return tt_reconstruct(tt_svd(state[0], ranks)).permute(3, 0, 1, 2)
 
     def load(self, module, spec, state, ranks):
         g1, g2, g3, g4 = tt_svd(state[0], ranks)  # (1,S,r1) (r1,kh,r2) (r2,kw,r3) (r3,T,1)
@@ -132,6 +135,12 @@ class LinearTT(Decomposer):
 
     def error(self, spec, state, ranks):
         return tt_error_bound(state[1], ranks[::-1])
+
+    def reconstruct(self, spec, state, ranks):
+        in_modes, out_modes = self._modes(spec)
+        d = len(in_modes)
+        tensor = tt_reconstruct(tt_svd(state[0], ranks[::-1])).reshape([x for pair in zip(out_modes, in_modes) for x in pair])
+        return tensor.permute(*range(0, 2 * d, 2), *range(1, 2 * d, 2)).reshape(spec.out_features, spec.in_features)
 
     def load(self, module, spec, state, ranks):
         in_modes, out_modes = self._modes(spec)

@@ -39,6 +39,9 @@ class ConvTucker2(Decomposer):
         blocks, tuckers = state
         return combined_error([t.relative_error(*ranks) for t in tuckers], [float(b.norm()) for b in blocks])
 
+    def reconstruct(self, spec, state, ranks):
+        return torch.cat([torch.einsum("ta,abij,sb->tsij", u_out, core, u_in) for core, u_in, u_out in (t.factors(*ranks) for t in state[1])])
+
     def load(self, module, spec, state, ranks):
         r_in, r_out = ranks
         first, core_conv, last = module[-3], module[-2], module[-1]

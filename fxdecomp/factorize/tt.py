@@ -43,8 +43,12 @@ def tt_svd(tensor: torch.Tensor, ranks: Sequence[int]) -> list[torch.Tensor]:
     previous = 1
     for k, rank in enumerate(ranks):
         matrix = rest.reshape(previous * shape[k], -1)
-        rank = min(rank, *matrix.shape)
         left, rest = low_rank_factors(matrix, rank)
+        # A bond wider than the unfolding allows (after a narrow previous bond) gets zero padding,
+        # so every core has exactly the requested shape.
+        missing = rank - left.shape[1]
+        left = torch.nn.functional.pad(left, (0, missing))
+        rest = torch.nn.functional.pad(rest, (0, 0, 0, missing))
         cores.append(left.reshape(previous, shape[k], rank))
         previous = rank
     cores.append(rest.reshape(previous, shape[-1], 1))
