@@ -23,7 +23,7 @@ from .budget import Budget
 from .cost import count_flops, count_params
 from .decomposers import all_methods
 from .errors import BudgetError, InvalidInputError, UnknownMethodError
-from .frontend import capture
+from .frontend import capture_with_source
 from .passes import PassContext, make_pass
 from .recipes import load_recipe
 from .result import CompressionResult
@@ -63,7 +63,7 @@ def compress(
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
 
     with torch.no_grad():
-        gm, frontend_used = capture(model, example_inputs, frontend)
+        gm, frontend_used, source = capture_with_source(model, example_inputs, frontend)
         context = PassContext(
             example_inputs=example_inputs,
             budget=budget,
@@ -73,6 +73,7 @@ def compress(
             frontend=frontend_used,
             reference=copy.deepcopy(gm),
             fixed_plan=_fixed_plan(plan),
+            source_model=source,
         )
         seconds = {}
         for step in recipe.steps:

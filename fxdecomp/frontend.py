@@ -47,6 +47,14 @@ def export_trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
 
 def capture(model: nn.Module, example_inputs: tuple, frontend: str = "auto") -> tuple[fx.GraphModule, str]:
     """Trace a private copy of ``model``; returns (graph module, "fx" or "export")."""
+    gm, used, _ = capture_with_source(model, example_inputs, frontend)
+    return gm, used
+
+
+def capture_with_source(
+    model: nn.Module, example_inputs: tuple, frontend: str = "auto"
+) -> tuple[fx.GraphModule, str, nn.Module]:
+    """Like `capture`, also returning the private eval-mode copy of ``model`` that was traced."""
     model = copy.deepcopy(model).eval()
     check_runs(model, example_inputs)
     if frontend not in ("auto", "fx", "export"):
@@ -56,14 +64,14 @@ def capture(model: nn.Module, example_inputs: tuple, frontend: str = "auto") -> 
         try:
             gm = fx_trace(model)
             gm(*example_inputs)  # fx can trace graphs that do not run (e.g. data-dependent shapes)
-            return gm, "fx"
+            return gm, "fx", model
         except Exception as exc:
             fx_error = exc
             log.info("torch.fx cannot trace %s (%s); trying torch.export", type(model).__name__, exc)
             if frontend == "fx":
                 raise TraceError(_trace_message(model, fx_error, None)) from exc
     try:
-        return export_trace(model, example_inputs), "export"
+        return export_trace(model, example_inputs), "export", model
     except Exception as exc:
         raise TraceError(_trace_message(model, fx_error, exc)) from exc
 

@@ -41,6 +41,7 @@ class Decomposer(ABC):
     kind: ClassVar[str]  # "conv2d" or "linear"
     method: ClassVar[str]
     options: ClassVar[tuple[str, ...]] = ()  # keyword options the constructor accepts
+    data_aware: ClassVar[bool] = False  # fits its factors to calibration data (factorize_whitened)
 
     def check(self, spec: Spec) -> None:
         """Raise UnsupportedLayerError naming the attribute this method cannot keep."""
@@ -56,6 +57,10 @@ class Decomposer(ABC):
     @abstractmethod
     def factorize(self, spec: Spec, weight: torch.Tensor) -> Any:
         """The rank-independent, expensive part (spectra, bases); handed back to `error` and `load`."""
+
+    def factorize_whitened(self, spec: Spec, weight: torch.Tensor, grams: Sequence[torch.Tensor]) -> Any:
+        """Like `factorize`, fitted to inputs with Gram matrices ``grams`` (one per group); see data_aware."""
+        raise NotImplementedError
 
     @abstractmethod
     def error(self, spec: Spec, state: Any, ranks: Ranks) -> float:

@@ -2,7 +2,9 @@
 
 Linear(S->T)  ->  Linear(S->r, no bias) -> Linear(r->T, bias)
 Conv(S->T)    ->  Conv(S->r, kh x kw, stride, padding, dilation) -> Conv 1x1 (r->T, bias)
-Grouped convs are factorised group by group (r per group).
+Grouped convs are factorised group by group (r per group). With calibration data
+both are data-aware: the whitened SVD (`fxdecomp.calibration.whitened_spectrum`)
+minimises the output error on the data instead of the weight error.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..calibration import whitened_spectrum
 from ..factorize.svd import low_rank_factors, matrix_spectrum
 from .base import Decomposer, combined_error, conv, group_slices, leading_pad, register
 
@@ -17,6 +20,7 @@ from .base import Decomposer, combined_error, conv, group_slices, leading_pad, r
 @register
 class LinearSVD(Decomposer):
     kind, method = "linear", "svd"
+    data_aware = True
 
     def max_ranks(self, spec):
         return (min(spec.in_features, spec.out_features),)
@@ -27,6 +31,9 @@ class LinearSVD(Decomposer):
 
     def factorize(self, spec, weight):
         return weight.detach(), matrix_spectrum(weight)
+
+    def factorize_whitened(self, spec, weight, grams):
+        return weight.detach(), whitened_spectrum(weight, grams[0])
 
     def error(self, spec, state, ranks):
         return state[1].relative_error(ranks[0])
@@ -53,6 +60,7 @@ def lowered(kernel: torch.Tensor) -> torch.Tensor:
 @register
 class ConvSVD(Decomposer):
     kind, method = "conv2d", "svd"
+    data_aware = True
 
     def max_ranks(self, spec):
         return (min(spec.out_per_group, spec.in_per_group * spec.kernel_area),)
@@ -70,6 +78,10 @@ class ConvSVD(Decomposer):
     def factorize(self, spec, weight):
         blocks = group_slices(spec, weight)
         return blocks, [matrix_spectrum(lowered(b)) for b in blocks]
+
+    def factorize_whitened(self, spec, weight, grams):
+        blocks = group_slices(spec, weight)
+        return blocks, [whitened_spectrum(lowered(b), g) for b, g in zip(blocks, grams)]
 
     def error(self, spec, state, ranks):
         blocks, spectra = state

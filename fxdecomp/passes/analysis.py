@@ -17,6 +17,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from .. import meta
+from ..calibration import OutputErrorMeter
 from ..cost import FLOPS_PER_MAC, count_flops, count_params, spec_macs
 from ..decomposers import get_decomposer, methods_for
 from ..errors import FxDecompError
@@ -234,16 +235,47 @@ class RankEstimatePass(Pass):
 
 
 def factorization(ctx, candidate: Candidate, method: str):
-    """(decomposer, state) for a candidate and method, computed once per compress call; state None if n/a."""
-    key = (candidate.name, method)
+    """(decomposer, state) for a candidate and method, computed once per compress call; state None if n/a.
+
+    With calibration data, data-aware decomposers (svd) factorise the whitened weight.
+    """
+    gram = ctx.grams.get(candidate.name)
+    key = (candidate.name, method, gram is not None)
     if key not in ctx.states:
         decomposer = get_decomposer(candidate.kind, method) if method in methods_for(candidate.kind) else None
         state = None
         if decomposer is not None:
+            weight = candidate.layer.weight.detach()
             try:
                 decomposer.check(candidate.spec)
-                state = decomposer.factorize(candidate.spec, candidate.layer.weight.detach())
+                if gram is not None and decomposer.data_aware:
+                    grams = [gram.matrix(g) for g in range(gram.groups)]
+                    state = decomposer.factorize_whitened(candidate.spec, weight, grams)
+                else:
+                    state = decomposer.factorize(candidate.spec, weight)
             except FxDecompError as exc:
                 log.info("%s: %s does not apply (%s)", candidate.name, method, exc)
         ctx.states[key] = (decomposer, state)
     return ctx.states[key]
+
+
+def predicted_error(ctx, candidate: Candidate, method: str, ranks: tuple[int, ...]) -> float:
+    """The layer's predicted relative output error: on the calibration data when there is some, else of the weight."""
+    decomposer, state = factorization(ctx, candidate, method)
+    gram = ctx.grams.get(candidate.name)
+    if gram is None or decomposer.data_aware:
+        return decomposer.error(candidate.spec, state, ranks)
+    weight_blocks = weight_matrices(candidate.spec, candidate.layer.weight.detach())
+    meter = ctx.error_meters.get(candidate.name)
+    if meter is None:
+        meter = OutputErrorMeter([gram.matrix(g) for g in range(gram.groups)], weight_blocks)
+        ctx.error_meters[candidate.name] = meter
+    dense = decomposer.reconstruct(candidate.spec, state, ranks)
+    return meter.relative_error(weight_blocks, weight_matrices(candidate.spec, dense))
+
+
+def weight_matrices(spec, weight: torch.Tensor) -> list[torch.Tensor]:
+    """The weight as one matrix per group: (out, in) for Linear, the lowered (T/g, S/g*kh*kw) for Conv2d."""
+    if spec.kind == "linear":
+        return [weight]
+    return [block.reshape(block.shape[0], -1) for block in weight.split(spec.out_per_group, dim=0)]

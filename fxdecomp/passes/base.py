@@ -76,6 +76,9 @@ class PassContext:
     plan: dict[str, Any] = field(default_factory=dict)  # candidate name -> Decision
     fixed_plan: dict[str, tuple[str, tuple[int, ...]]] | None = None  # name -> (method, ranks): apply, don't solve
     output_error: float | None = None
+    source_model: nn.Module | None = None  # the private copy that was captured (never the user's model)
+    grams: dict[str, Any] = field(default_factory=dict)  # candidate name -> GramAccumulator (calibration)
+    error_meters: dict[str, Any] = field(default_factory=dict)  # candidate name -> OutputErrorMeter
     extras: dict[str, Any] = field(default_factory=dict)
 
 

@@ -24,7 +24,7 @@ from ..errors import BudgetError, InvalidInputError, UnknownMethodError
 from ..ranks import resolve_ranks
 from ..planner import Infeasible, Option, solve_mckp
 from ..result import Decision
-from .analysis import factorization
+from .analysis import factorization, predicted_error
 from .base import Candidate, Pass, log, register_pass
 
 # A decomposition must buy something: at equal damage, keeping the layer wins.
@@ -125,7 +125,7 @@ class PlanPass(Pass):
                 with torch.device("meta"):
                     structure = decomposer.structure(candidate.spec, ranks)
                 flops = sum(module_macs(structure, s.input_shape) for s in candidate.sites) * FLOPS_PER_MAC
-                choice = Choice(method, ranks, flops, count_params(structure), decomposer.error(candidate.spec, state, ranks))
+                choice = Choice(method, ranks, flops, count_params(structure), predicted_error(ctx, candidate, method, ranks))
             ctx.plan[candidate.name] = self._decision(candidate, choice, "plan")
             for site in candidate.sites:
                 site.node.meta[meta.DECISION] = ctx.plan[candidate.name]
@@ -161,7 +161,7 @@ class PlanPass(Pass):
                 params = count_params(structure)
                 if (params >= keep.params) if by_params else (flops >= keep.flops):
                     continue  # never chosen: costs at least as much as the layer
-                choices.append(Choice(method, ranks, flops, params, decomposer.error(candidate.spec, state, ranks)))
+                choices.append(Choice(method, ranks, flops, params, predicted_error(self.context, candidate, method, ranks)))
         log.debug("%s: %d options", candidate.name, len(choices))
         return choices
 

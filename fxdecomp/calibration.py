@@ -1,0 +1,120 @@
+"""Activation statistics for data-aware decomposition: the Gram matrix of each layer's inputs.
+
+For a Linear layer the Gram matrix is sum x x^T over its input vectors; for a
+Conv2d it is the same over the unfolded input patches (im2col columns, after the
+layer's own padding), one matrix per group. With G the Gram matrix, a weight
+error dW costs ||dW X||^2 = tr(dW G dW^T) on the layer's outputs, so:
+
+- `whitened_spectrum`: the SVD that minimises the output error (not the weight
+  error) is the projection onto the leading eigenvectors of W G W^T; its
+  truncation error *is* the relative output error on the calibration data.
+- `OutputErrorMeter`: the relative output error of any dense reconstruction,
+  from a low-rank sketch of G (exact when the sketch keeps every eigenvalue).
+
+Memory is one d x d float64 matrix per layer (d = in_features or S*kh*kw/groups),
+whatever the number of batches; no activation is stored.
+
+Example::
+
+    gram = GramAccumulator.for_spec(spec)
+    for x in layer_inputs: gram.update(x)
+    spectrum = whitened_spectrum(weight_matrix, gram.matrix(0))
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .factorize.svd import Spectrum
+from .layer_spec import ConvSpec, LinearSpec, pad_input
+
+# Relative ridge added to a Gram matrix (times its mean diagonal): keeps a
+# rank-deficient Gram (fewer samples than dimensions) from fitting the
+# calibration batches only, as GPTQ's 1 % dampening does.
+DAMPING = 0.01
+
+
+class GramAccumulator:
+    """Running float64 Gram matrices of one layer's inputs (one per group)."""
+
+    def __init__(self, spec: ConvSpec | LinearSpec):
+        self.spec = spec
+        if isinstance(spec, LinearSpec):
+            self.groups, dim = 1, spec.in_features
+        else:
+            self.groups, dim = spec.groups, spec.in_per_group * spec.kernel_area
+        self.sum = torch.zeros(self.groups, dim, dim, dtype=torch.float64)
+        self.count = 0
+
+    @classmethod
+    def for_spec(cls, spec: ConvSpec | LinearSpec) -> "GramAccumulator":
+        return cls(spec)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Add a batch of the layer's inputs (any batch size)."""
+        rows = self._rows(x.detach())
+        for g in range(self.groups):
+            block = rows[g].to(torch.float64)
+            self.sum[g].addmm_(block.T, block)
+        self.count += rows.shape[1]
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(groups, samples, dim) input rows."""
+        spec = self.spec
+        if isinstance(spec, LinearSpec):
+            return x.reshape(1, -1, spec.in_features)
+        patches = F.unfold(pad_input(x, spec.pads, spec.padding_mode), spec.kernel_size, spec.dilation, 0, spec.stride)
+        n, _, positions = patches.shape  # (N, S*kh*kw, L), channel-major: group g is a contiguous slice
+        patches = patches.reshape(n, self.groups, -1, positions).permute(1, 0, 3, 2)
+        return patches.reshape(self.groups, n * positions, -1)
+
+    def matrix(self, group: int = 0, damping: float = DAMPING) -> torch.Tensor:
+        """The group's mean Gram matrix, damped (see DAMPING)."""
+        gram = self.sum[group] / max(self.count, 1)
+        ridge = damping * float(gram.diagonal().mean()) if gram.numel() else 0.0
+        return gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype)
+
+
+def whitened_spectrum(matrix: torch.Tensor, gram: torch.Tensor) -> Spectrum:
+    """The spectrum of W L (G = L L^T) from its left side: eigh of W G W^T.
+
+    Its basis projects W onto the output subspace that matters on the data, so
+    `fxdecomp.factorize.svd.low_rank_factors(W, r, spectrum)` gives the whitened
+    SVD factors, and ``spectrum.relative_error(r)`` is the relative output error.
+    """
+    w = matrix.detach().to(torch.float64)
+    energies, basis = torch.linalg.eigh(w @ gram @ w.T)
+    order = torch.argsort(energies, descending=True)
+    return Spectrum(energies[order].clamp_min(0.0), basis[:, order], "left", tuple(w.shape))
+
+
+class OutputErrorMeter:
+    """Relative output error tr(dW G dW^T) / tr(W G W^T) of reconstructions of one layer's weight.
+
+    G is replaced by its top-``sketch`` eigenpairs plus the mean of the rest on
+    the remaining directions, so each measurement costs O(out * dim * sketch).
+    """
+
+    def __init__(self, grams: list[torch.Tensor], weight_blocks: list[torch.Tensor], sketch: int = 128):
+        self.factors = []
+        for gram in grams:
+            energies, basis = torch.linalg.eigh(gram)
+            keep = min(sketch, len(energies))
+            top, rest = energies[-keep:].clamp_min(0.0), energies[:-keep].clamp_min(0.0)
+            floor = float(rest.mean()) if len(rest) else 0.0
+            self.factors.append((basis[:, -keep:] * (top - floor).sqrt(), floor))
+        self.norms = [self._energy(b.to(torch.float64), g) for g, b in enumerate(weight_blocks)]
+
+    def _energy(self, matrix: torch.Tensor, group: int) -> float:
+        scaled, floor = self.factors[group]
+        return float((matrix @ scaled).pow(2).sum() + floor * matrix.pow(2).sum())
+
+    def relative_error(self, weight_blocks: list[torch.Tensor], reconstructed_blocks: list[torch.Tensor]) -> float:
+        error = sum(
+            self._energy(w.to(torch.float64) - r.to(torch.float64), g)
+            for g, (w, r) in enumerate(zip(weight_blocks, reconstructed_blocks))
+        )
+        total = sum(self.norms)
+        return (max(error, 0.0) / total) ** 0.5 if total > 0 else 0.0

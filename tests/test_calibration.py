@@ -1,0 +1,100 @@
+"""Calibration: Gram accumulation, whitened SVD, output-error measurement, and compress(calibration=...)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxdecomp
+from fxdecomp.calibration import GramAccumulator, OutputErrorMeter, whitened_spectrum
+from fxdecomp.factorize.svd import low_rank_factors, matrix_spectrum
+from fxdecomp.layer_spec import layer_spec, pad_input
+
+from .models import VGG
+
+
+def test_linear_gram_equals_dense_computation():
+    gram = GramAccumulator(layer_spec(nn.Linear(6, 3)))
+    batches = [torch.randn(4, 5, 6), torch.randn(7, 6)]
+    for b in batches:
+        gram.update(b)
+    rows = torch.cat([b.reshape(-1, 6) for b in batches]).double()
+    torch.testing.assert_close(gram.sum[0], rows.T @ rows)
+    assert gram.count == 27
+
+
+@pytest.mark.parametrize("groups, mode", [(1, "zeros"), (2, "reflect")])
+def test_conv_gram_equals_dense_computation(groups, mode):
+    layer = nn.Conv2d(4, 6, (3, 2), stride=2, padding=1, dilation=(1, 2), groups=groups, padding_mode=mode)
+    spec = layer_spec(layer)
+    gram = GramAccumulator(spec)
+    x = torch.randn(3, 4, 9, 10)
+    gram.update(x[:1])
+    gram.update(x[1:])
+    patches = F.unfold(pad_input(x, spec.pads, mode), (3, 2), dilation=(1, 2), stride=2).double()  # (N, 4*6, L)
+    per_group = 4 // groups * 6
+    for g in range(groups):
+        rows = patches[:, g * per_group : (g + 1) * per_group].permute(0, 2, 1).reshape(-1, per_group)
+        torch.testing.assert_close(gram.sum[g], rows.T @ rows)
+    # The patch rows are what the lowered weight multiplies: they reproduce the conv.
+    lowered = layer.weight.detach().double()[: 6 // groups].reshape(6 // groups, -1)
+    rows0 = patches[:, :per_group].permute(0, 2, 1).reshape(-1, per_group)
+    out = (rows0 @ lowered.T).reshape(3, -1, 6 // groups).permute(0, 2, 1)
+    expected = (layer(x) - layer.bias[:, None, None]).detach().double()[:, : 6 // groups].reshape(3, 6 // groups, -1)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_memory_does_not_grow_with_batches():
+    gram = GramAccumulator(layer_spec(nn.Linear(32, 8)))
+    gram.update(torch.randn(4, 32))
+    size = gram.sum.numel()
+    for _ in range(50):
+        gram.update(torch.randn(16, 32))
+    assert gram.sum.numel() == size and gram.count == 4 + 50 * 16
+    assert not any(isinstance(v, list) for v in vars(gram).values())
+
+
+def _anisotropic(n, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(1, -2, d)
+    return torch.randn(n, d, generator=g) * scales @ torch.linalg.qr(torch.randn(d, d, generator=g))[0]
+
+
+def test_whitened_svd_output_error_is_at_most_plain_svd_at_every_rank():
+    torch.manual_seed(0)
+    weight, x = torch.randn(24, 40).double(), _anisotropic(2000, 40).double()
+    gram = x.T @ x / len(x)
+    white, plain = whitened_spectrum(weight, gram), matrix_spectrum(weight)
+    reference = x @ weight.T
+    for rank in range(1, 25):
+        errors = []
+        for spectrum in (white, plain):
+            left, right = low_rank_factors(weight, rank, spectrum)
+            errors.append(float((x @ (left @ right).T - reference).norm() / reference.norm()))
+        assert errors[0] <= errors[1] + 1e-9
+        # The whitened truncation error is the output error on the data.
+        assert white.relative_error(rank) == pytest.approx(errors[0], abs=1e-6)
+    assert white.relative_error(6) < 0.5 * plain.relative_error(6)
+
+
+def test_output_error_meter_is_exact_with_a_full_sketch():
+    weight, x = torch.randn(10, 12).double(), _anisotropic(500, 12).double()
+    approx = weight + 0.1 * torch.randn(10, 12).double()
+    meter = OutputErrorMeter([x.T @ x], [weight], sketch=12)
+    expected = float((x @ (approx - weight).T).norm() / (x @ weight.T).norm())
+    assert meter.relative_error([weight], [approx]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_compress_with_calibration_uses_the_data():
+    torch.manual_seed(0)
+    model, x = VGG().eval(), torch.randn(2, 3, 16, 16)
+    batches = (torch.randn(n, 3, 16, 16) * torch.tensor([3.0, 0.1, 1.0])[:, None, None] for n in (5, 3, 8))
+    calibrated = fxdecomp.compress(model, (x,), budget=0.5, methods=["svd", "tucker2"], calibration=((b,) for b in batches))
+    plain = fxdecomp.compress(model, (x,), budget=0.5, methods=["svd", "tucker2"])
+    assert calibrated.flops_after <= 0.5 * calibrated.flops_before
+    assert [d.error for d in calibrated.decisions] != [d.error for d in plain.decisions]
+
+
+def test_empty_calibration_is_an_error():
+    with pytest.raises(fxdecomp.InvalidInputError, match="no batch"):
+        fxdecomp.compress(VGG(), (torch.randn(1, 3, 16, 16),), budget=0.5, calibration=[])
