@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -40,6 +40,7 @@ def compress(
     *,
     frontend: str = "auto",
     plan: Mapping[str, Any] | Sequence[Any] | None = None,
+    sensitivity: Callable[[nn.Module], float] | None = None,
 ) -> CompressionResult:
     """Decompose ``model``'s Conv2d and Linear layers so that it keeps ``budget`` of its FLOPs.
 
@@ -47,7 +48,10 @@ def compress(
     every op counted) or a `Budget` of FLOPs or parameters. ``methods`` restricts the
     methods (None: all that apply); ``exclude`` holds qualified names or glob patterns
     left alone; ``pipeline`` names a recipe in ``passes/`` or a path to one; ``frontend``
-    forces "fx" or "export". ``plan`` re-applies saved decisions (``result.decisions``,
+    forces "fx" or "export". ``sensitivity`` is
+    a callback scoring a model (higher is better, e.g. validation accuracy): each
+    candidate option is scored with only that layer decomposed, and the planner
+    minimises the summed score drops instead of the predicted errors. ``plan`` re-applies saved decisions (``result.decisions``,
     ``result.to_dict()`` or its "decisions" list, or a mapping name -> (method, ranks))
     instead of searching: same structure, no budget. The input model and example
     inputs are never modified.
@@ -70,6 +74,7 @@ def compress(
             methods=methods,
             exclude=exclude,
             calibration=calibration,
+            sensitivity=sensitivity,
             frontend=frontend_used,
             reference=copy.deepcopy(gm),
             fixed_plan=_fixed_plan(plan),

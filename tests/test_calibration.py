@@ -98,3 +98,21 @@ def test_compress_with_calibration_uses_the_data():
 def test_empty_calibration_is_an_error():
     with pytest.raises(fxdecomp.InvalidInputError, match="no batch"):
         fxdecomp.compress(VGG(), (torch.randn(1, 3, 16, 16),), budget=0.5, calibration=[])
+
+
+def test_sensitivity_callback_steers_the_plan():
+    torch.manual_seed(0)
+    model, x = VGG().eval(), torch.randn(2, 3, 16, 16)
+    blind = fxdecomp.compress(model, (x,), budget=0.5, methods=["svd"])
+    protected = min((d for d in blind.decisions if d.decomposed), key=lambda d: d.flops_before).name
+    calls = []
+
+    def score(module):
+        """A user's metric that collapses whenever the protected layer is decomposed."""
+        calls.append(1)
+        return -100.0 if f"{protected}.weight" not in module.state_dict() else 0.0
+
+    result = fxdecomp.compress(model, (x,), budget=0.5, methods=["svd"], sensitivity=score)
+    assert result.flops_after <= 0.5 * result.flops_before
+    assert not next(d for d in result.decisions if d.name == protected).decomposed
+    assert len(calls) > len(result.decisions)  # the baseline, then one call per scored option

@@ -66,6 +66,7 @@ class PassContext:
     methods: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
     calibration: Any = None
+    sensitivity: Any = None  # callable(module) -> score, higher is better
     progress: bool = False
     frontend: str = "fx"
     reference: fx.GraphModule | None = None  # the captured graph before any rewrite

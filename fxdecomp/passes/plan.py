@@ -9,6 +9,8 @@ that are not cheaper than the layer, and solves the multiple-choice knapsack
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -26,6 +28,11 @@ from ..planner import Infeasible, Option, solve_mckp
 from ..result import Decision
 from .analysis import factorization, predicted_error
 from .base import Candidate, Pass, log, register_pass
+from .rewrite import rewrite_graph
+
+
+def _damage(choice: Choice) -> float:
+    return choice.damage if choice.damage is not None else choice.error**2
 
 # A decomposition must buy something: at equal damage, keeping the layer wins.
 TIE_BREAK = 1e-12
@@ -38,6 +45,7 @@ class Choice:
     flops: int
     params: int
     error: float
+    damage: float | None = None  # measured by the sensitivity callback; None: error ** 2
 
 
 def rank_grid(maxima: tuple[int, ...], steps: int, round_to: int) -> list[tuple[int, ...]]:
@@ -59,6 +67,7 @@ class PlanPass(Pass):
     class Options:
         grid: int = 24  # rank grid points per method
         cp_grid: int = 6  # CP needs an ALS run per rank: a coarser grid
+        sensitivity_grid: int = 6  # ranks per method scored by the sensitivity callback
         round_to: int = 1  # round ranks up to a multiple (8 or 16 suit SIMD kernels)
         max_front: int = 50_000  # Pareto front size beyond which the solver thins it (see planner)
 
@@ -80,7 +89,7 @@ class PlanPass(Pass):
                 fixed += keep.flops if metric == "flops" else keep.params
                 continue
             options = [keep, *choices]
-            groups.append([Option(o.flops if metric == "flops" else o.params, o.error**2 + (i > 0) * TIE_BREAK) for i, o in enumerate(options)])
+            groups.append([Option(o.flops if metric == "flops" else o.params, _damage(o) + (i > 0) * TIE_BREAK) for i, o in enumerate(options)])
             planned.append((candidate, options))
         capacity = ctx.budget.fraction * total - fixed
         try:
@@ -154,6 +163,8 @@ class PlanPass(Pass):
             if state is None:
                 continue
             steps = self.options.cp_grid if method == "cp" else self.options.grid
+            if self.context.sensitivity is not None:
+                steps = min(steps, self.options.sensitivity_grid)
             for ranks in rank_grid(decomposer.max_ranks(candidate.spec), steps, self.options.round_to):
                 with torch.device("meta"):
                     structure = decomposer.structure(candidate.spec, ranks)
@@ -161,9 +172,21 @@ class PlanPass(Pass):
                 params = count_params(structure)
                 if (params >= keep.params) if by_params else (flops >= keep.flops):
                     continue  # never chosen: costs at least as much as the layer
-                choices.append(Choice(method, ranks, flops, params, predicted_error(self.context, candidate, method, ranks)))
+                choice = Choice(method, ranks, flops, params, predicted_error(self.context, candidate, method, ranks))
+                if self.context.sensitivity is not None:
+                    choice = dataclasses.replace(choice, damage=self._score_drop(candidate, choice))
+                choices.append(choice)
         log.debug("%s: %d options", candidate.name, len(choices))
         return choices
+
+    def _score_drop(self, candidate: Candidate, choice: Choice) -> float:
+        """How much the user's score falls when only this layer is decomposed this way (never below 0)."""
+        ctx = self.context
+        if "baseline_score" not in ctx.extras:
+            ctx.extras["baseline_score"] = float(ctx.sensitivity(ctx.reference))
+        variant = copy.deepcopy(ctx.reference)
+        rewrite_graph(variant, ctx, {candidate.name: self._decision(candidate, choice, "")})
+        return max(0.0, ctx.extras["baseline_score"] - float(ctx.sensitivity(variant)))
 
     def _decision(self, candidate: Candidate, choice: Choice, reason: str) -> Decision:
         keep = self._keep(candidate)

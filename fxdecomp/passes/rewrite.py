@@ -23,29 +23,38 @@ class RewritePass(Pass):
     name = "rewrite"
 
     def run(self, gm):
-        ctx = self.context
-        modified = False
-        for candidate in ctx.candidates.values():
-            decision = ctx.plan.get(candidate.name)
-            if decision is None or not decision.decomposed:
-                continue
-            decomposer, state = factorization(ctx, candidate, decision.method)
-            layer = candidate.layer
-            bias = layer.bias.detach() if layer.bias is not None else None
-            module = decomposer.build(candidate.spec, state, decision.ranks, bias, layer.weight)
-            module.train(layer.training)
-            path = _install_path(gm, candidate)
-            for site in candidate.sites:
-                _replace_site(gm, site.node, site.input_node, path, module, decision)
-            _set_submodule(gm, path, module)  # after the old get_attr nodes are gone: it may replace their owner
-            modified = True
-        if modified:
-            gm.graph.eliminate_dead_code()
-            _drop_unused_attributes(gm)
-            gm.delete_all_unused_submodules()
-            gm.graph.lint()
-            gm.recompile()
-        return PassResult(gm, modified)
+        return PassResult(gm, rewrite_graph(gm, self.context, self.context.plan))
+
+
+def rewrite_graph(gm: fx.GraphModule, ctx, plan: dict) -> bool:
+    """Apply the decomposed decisions of ``plan`` (name -> Decision) to ``gm`` in place.
+
+    Call sites are found by node name, so ``gm`` may be a copy of the analysed graph.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    modified = False
+    for candidate in ctx.candidates.values():
+        decision = plan.get(candidate.name)
+        if decision is None or not decision.decomposed:
+            continue
+        decomposer, state = factorization(ctx, candidate, decision.method)
+        layer = candidate.layer
+        bias = layer.bias.detach() if layer.bias is not None else None
+        module = decomposer.build(candidate.spec, state, decision.ranks, bias, layer.weight)
+        module.train(layer.training)
+        sites = [(nodes[s.node.name], nodes[s.input_node.name]) for s in candidate.sites]
+        path = _install_path(gm, candidate, {node for node, _ in sites})
+        for node, value in sites:
+            _replace_site(gm, node, value, path, module, decision)
+        _set_submodule(gm, path, module)  # after the old get_attr nodes are gone: it may replace their owner
+        modified = True
+    if modified:
+        gm.graph.eliminate_dead_code()
+        _drop_unused_attributes(gm)
+        gm.delete_all_unused_submodules()
+        gm.graph.lint()
+        gm.recompile()
+    return modified
 
 
 def _replace_site(gm: fx.GraphModule, node: fx.Node, value: fx.Node, path: str, module: nn.Module, decision) -> None:
@@ -63,11 +72,10 @@ def _replace_site(gm: fx.GraphModule, node: fx.Node, value: fx.Node, path: str, 
         gm.graph.erase_node(unused)
 
 
-def _install_path(gm: fx.GraphModule, candidate: Candidate) -> str:
+def _install_path(gm: fx.GraphModule, candidate: Candidate, site_nodes: set[fx.Node]) -> str:
     if candidate.form == "module":
         return candidate.target
     owner, _, attribute = candidate.target.rpartition(".")
-    site_nodes = {site.node for site in candidate.sites}
     still_read = {
         n.target
         for n in gm.graph.nodes

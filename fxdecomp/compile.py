@@ -1,0 +1,199 @@
+"""fxdecomp next to torch.compile: compress, then compile; and a dynamo backend named ``"fxdecomp"``.
+
+Example::
+
+    import fxdecomp, torch
+    fast = fxdecomp.compile(model, (x,), budget=0.5)          # torch.compile(compressed), inductor
+    fast(x); fast.compression.report()                        # the CompressionResult
+    fast, result = compile_with_result(model, (x,), budget=0.5, mode="max-autotune")
+
+    # or as a backend (inference only, static shapes, weights frozen at compile time):
+    with torch.no_grad():
+        torch.compile(model, backend="fxdecomp", dynamic=False, options={"budget": 0.5})(x)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .budget import Budget
+from .compress import compress
+from .errors import InvalidInputError
+from .result import CompressionResult
+
+__all__ = ["BACKEND_OPTIONS", "compile", "compile_with_result", "fxdecomp_backend"]
+
+
+def compile_with_result(
+    model: nn.Module,
+    example_inputs: tuple | torch.Tensor,
+    budget: float | Budget = 0.5,
+    *,
+    methods: Sequence[str] | None = None,
+    calibration: Iterable | None = None,
+    exclude: Sequence[str] | str = (),
+    pipeline: str | os.PathLike | None = None,
+    plan: Any = None,
+    **compile_kwargs: Any,
+) -> tuple[Callable, CompressionResult]:
+    """(``torch.compile(result.graph_module, **compile_kwargs)``, result) of ``compress(model, ...)``."""
+    result = compress(
+        model, example_inputs, budget, methods=methods, calibration=calibration, exclude=exclude, pipeline=pipeline, plan=plan
+    )
+    return torch.compile(result.graph_module, **compile_kwargs), result
+
+
+def compile(  # noqa: A001  (fxdecomp.compile, after torch.compile)
+    model: nn.Module,
+    example_inputs: tuple | torch.Tensor,
+    budget: float | Budget = 0.5,
+    **kwargs: Any,
+) -> Callable:
+    """Compress ``model`` under ``budget``, then ``torch.compile`` the result.
+
+    Keyword arguments of `compress` (methods, calibration, exclude, pipeline, plan) go to
+    it; the others (backend, mode, fullgraph, dynamic, options) go to torch.compile. The
+    CompressionResult is the returned callable's ``compression`` attribute.
+    """
+    compiled, result = compile_with_result(model, example_inputs, budget, **kwargs)
+    # OptimizedModule forwards attribute writes to the wrapped module; keep this one on the wrapper.
+    if isinstance(compiled, nn.Module):
+        nn.Module.__setattr__(compiled, "compression", result)
+    else:
+        compiled.compression = result
+    return compiled
+
+
+# ---- the dynamo backend ---------------------------------------------------------------------
+
+BACKEND_OPTIONS = ("budget", "methods", "exclude", "pipeline", "backend")
+# One plan per set of weights and graph: a recompile (a new input shape) decomposes the same way.
+_PLANS: dict[tuple, tuple[list[weakref.ref], list]] = {}
+
+
+def fxdecomp_backend(gm: fx.GraphModule, example_inputs: list, options: Mapping[str, Any] | None = None, mode: str | None = None):
+    """Dynamo backend: decompose the captured graph under a budget, then hand it to another backend.
+
+    ``options``: ``budget`` (default 0.5, of this graph's FLOPs), ``methods``, ``exclude``,
+    ``pipeline``, and ``backend`` (the one that compiles the result, default "inductor").
+
+    It is sound only under conditions it checks, raising InvalidInputError otherwise:
+    inference (no gradient needed for a parameter), static shapes (``dynamic=False``), and
+    weights that do not change after compiling (each call checks that the parameters are
+    the same tensors, not written to since). With graph breaks, each graph is compressed on
+    its own; pass ``fullgraph=True`` for one budget over the whole model.
+    """
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(BACKEND_OPTIONS))
+    if unknown or mode is not None:
+        raise InvalidInputError(
+            f"the fxdecomp backend takes options {list(BACKEND_OPTIONS)}"
+            + (f", not {unknown}" if unknown else "")
+            + (f"; mode={mode!r} is not supported (use fxdecomp.compile(model, ..., mode=...))" if mode is not None else "")
+        )
+    params = [i for i, x in enumerate(example_inputs) if isinstance(x, nn.Parameter)]
+    if torch.is_grad_enabled() and any(example_inputs[i].requires_grad for i in params):
+        raise InvalidInputError(
+            "the fxdecomp backend is for inference: its factors are computed once from the weights, so "
+            "gradients would not reach them; run the model under torch.no_grad() or torch.inference_mode()"
+        )
+    if any(not isinstance(x, torch.Tensor) or isinstance(x, torch._subclasses.FakeTensor) for x in example_inputs):
+        raise InvalidInputError(
+            "the fxdecomp backend needs static shapes and real example tensors; call torch.compile(..., dynamic=False)"
+        )
+    frozen = _freeze(gm, example_inputs, params)
+    user_inputs = [x for i, x in enumerate(example_inputs) if i not in set(params)]
+    key = (tuple(id(example_inputs[i]) for i in params), frozen.code)
+    saved = _PLANS.get(key)
+    plan = saved[1] if saved and all(ref() is example_inputs[i] for ref, i in zip(saved[0], params)) else None
+    result = compress(
+        frozen,
+        tuple(user_inputs),
+        options.get("budget", 0.5),
+        methods=options.get("methods"),
+        exclude=options.get("exclude", ()),
+        pipeline=options.get("pipeline"),
+        plan=plan,
+    )
+    _PLANS[key] = ([weakref.ref(example_inputs[i]) for i in params], result.decisions)
+    backend = torch._dynamo.lookup_backend(options.get("backend", "inductor"))
+    compiled = backend(result.graph_module, user_inputs)
+    checks = [(i, example_inputs[i], example_inputs[i]._version) for i in params]
+    keep = [i for i in range(len(example_inputs)) if i not in set(params)]
+
+    def run(*args):
+        for i, tensor, version in checks:
+            if args[i] is not tensor or args[i]._version != version:
+                raise InvalidInputError(
+                    "the fxdecomp backend froze the weights when it compiled, and a parameter has changed since "
+                    "(replaced or written to); call torch._dynamo.reset() and compile again"
+                )
+        return compiled(*(args[i] for i in keep))
+
+    run.compression = result
+    return run
+
+
+def _freeze(gm: fx.GraphModule, example_inputs: list, params: list[int]) -> fx.GraphModule:
+    """A copy of ``gm`` with the parameter placeholders turned into attributes (get_attr) holding their values."""
+    root = nn.Module()
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    param_nodes = {placeholders[i]: example_inputs[i] for i in params}
+    taken: set[str] = set()
+    for node in gm.graph.nodes:
+        if node in param_nodes:
+            target = _unique(_source_path(node), taken)
+            _set_tensor(root, target, param_nodes[node])
+            env[node] = graph.get_attr(target)
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    for name, module in gm.named_children():
+        root.add_module(name, module)
+    return fx.GraphModule(root, graph, "FrozenGraph")
+
+
+def _source_path(node: fx.Node) -> str:
+    """The parameter's qualified name in the user's model (``features.0.weight``), or the placeholder's name."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    name = getattr(source, "name", "")
+    name = name() if callable(name) else str(name)  # a method in older torch, a property in newer
+    keys = re.findall(r"\['([^'\]]+)'\]", name)
+    if len(keys) >= 2 and keys[0] == "self":
+        path = ".".join(keys[1:])
+        if all(part.isidentifier() or part.isdigit() for part in path.split(".")):
+            return path
+    return node.name
+
+
+def _unique(target: str, taken: set[str]) -> str:
+    name, k = target, 0
+    while name in taken:
+        k += 1
+        name = f"{target}_{k}"
+    taken.add(name)
+    return name
+
+
+def _set_tensor(root: nn.Module, target: str, value: torch.Tensor) -> None:
+    *path, leaf = target.split(".")
+    module = root
+    for part in path:
+        if not hasattr(module, part):
+            module.add_module(part, nn.Module())
+        module = getattr(module, part)
+    module.register_buffer(leaf, value.detach())
+
+
+try:
+    torch._dynamo.register_backend(fxdecomp_backend, name="fxdecomp")
+except AssertionError:  # already registered (the module was reloaded)
+    pass

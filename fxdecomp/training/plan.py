@@ -1,0 +1,69 @@
+"""Plans for training: saved decisions normalised, and each planned layer found in the model.
+
+A plan is what `fxdecomp.compress` decided: ``result`` itself, ``result.decisions``,
+``result.to_dict()`` (or its "decisions" list), or a mapping name -> (method, ranks).
+Names are qualified module names; layers the planner saw as functional calls
+(``F.linear(x, self.w)``) have no module holding their weight and are refused here.
+
+Example::
+
+    plan = normalize_plan(fxdecomp.compress(model, (x,), budget=0.5))
+    layers = planned_layers(model, plan)   # {"features.3": (Conv2d, "tucker2", (16, 32)), ...}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from ..compress import _fixed_plan
+from ..decomposers import get_decomposer
+from ..errors import InvalidInputError, UnsupportedLayerError
+from ..layer_spec import layer_spec
+from ..ranks import resolve_ranks
+from ..result import CompressionResult
+
+Plan = dict[str, tuple[str, tuple[int, ...]]]
+PlanLike = CompressionResult | Mapping[str, Any] | Sequence[Any]
+
+
+def normalize_plan(plan: PlanLike) -> Plan:
+    """name -> (method, ranks) for every entry of ``plan``, kept layers included (method "keep")."""
+    if isinstance(plan, CompressionResult):
+        plan = plan.decisions
+    if not isinstance(plan, (Mapping, Sequence)) or isinstance(plan, (str, bytes)):
+        raise InvalidInputError(
+            f"cannot read a plan from {type(plan).__name__}; give result.decisions, result.to_dict() "
+            "or a mapping name -> (method, ranks)"
+        )
+    return _fixed_plan(plan)
+
+
+def planned_layers(model: nn.Module, plan: Plan) -> dict[str, tuple[nn.Module, str, tuple[int, ...]]]:
+    """name -> (the model's layer, method, ranks) for every decomposed entry, checked against the layer."""
+    modules = dict(model.named_modules())
+    params = {name for name, _ in model.named_parameters()}
+    found = {}
+    for name, (method, ranks) in plan.items():
+        layer = modules.get(name)
+        functional = not isinstance(layer, (nn.Conv2d, nn.Linear)) and (
+            layer is not None or any(p == name or p.startswith(name + ".") for p in params)
+        )
+        if layer is None and not functional:
+            known = sorted(n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear)))
+            raise InvalidInputError(f"the plan names a layer this model does not have: {name!r}; its layers: {known}")
+        if method == "keep":
+            continue
+        if functional:
+            raise UnsupportedLayerError(
+                f"plan entry {name!r} is a functional call (its weight is not held by an nn.Conv2d or nn.Linear "
+                "module); DeepTwist and factorized training support module layers only: exclude it when planning "
+                f"(compress(..., exclude=[{name!r}])) or drop it from the plan"
+            )
+        spec = layer_spec(layer)
+        decomposer = get_decomposer(spec.kind, method)
+        decomposer.check(spec)
+        found[name] = (layer, method, resolve_ranks(tuple(ranks), decomposer, spec, None))
+    return found
