@@ -25,6 +25,7 @@ from .decomposers import all_methods
 from .errors import BudgetError, InvalidInputError, UnknownMethodError
 from .frontend import capture_with_source
 from .passes import PassContext, make_pass
+from .progress import stderr_is_terminal
 from .recipes import load_recipe
 from .result import CompressionResult
 
@@ -41,6 +42,7 @@ def compress(
     frontend: str = "auto",
     plan: Mapping[str, Any] | Sequence[Any] | None = None,
     sensitivity: Callable[[nn.Module], float] | None = None,
+    progress: bool | None = None,
 ) -> CompressionResult:
     """Decompose ``model``'s Conv2d and Linear layers so that it keeps ``budget`` of its FLOPs.
 
@@ -51,7 +53,8 @@ def compress(
     forces "fx" or "export". ``sensitivity`` is
     a callback scoring a model (higher is better, e.g. validation accuracy): each
     candidate option is scored with only that layer decomposed, and the planner
-    minimises the summed score drops instead of the predicted errors. ``plan`` re-applies saved decisions (``result.decisions``,
+    minimises the summed score drops instead of the predicted errors. ``progress`` shows per-layer
+    progress on stderr (default: when stderr is a terminal). ``plan`` re-applies saved decisions (``result.decisions``,
     ``result.to_dict()`` or its "decisions" list, or a mapping name -> (method, ranks))
     instead of searching: same structure, no budget. The input model and example
     inputs are never modified.
@@ -75,6 +78,7 @@ def compress(
             exclude=exclude,
             calibration=calibration,
             sensitivity=sensitivity,
+            progress=stderr_is_terminal() if progress is None else bool(progress),
             frontend=frontend_used,
             reference=copy.deepcopy(gm),
             fixed_plan=_fixed_plan(plan),

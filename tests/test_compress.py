@@ -226,3 +226,12 @@ def test_saved_plan_reapplies_the_same_structure():
         assert k1 == k2 and torch.equal(v1, v2)
     with pytest.raises(InvalidInputError, match="does not have"):
         fxdecomp.compress(model, (x,), plan={"nonesuch": ("svd", (2,))})
+
+
+def test_excluding_every_layer_is_a_noop_with_warning_at_any_budget():
+    torch.manual_seed(0)
+    model, x = VGG().eval(), torch.randn(2, 3, 16, 16)
+    with pytest.warns(UserWarning, match="every candidate layer excluded"):
+        result = fxdecomp.compress(model, (x,), budget=0.3, exclude="*")
+    assert all(d.method == "keep" and d.reason == "excluded" for d in result.decisions)
+    assert result.flops_after == result.flops_before

@@ -9,7 +9,6 @@ stderr when asked.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +17,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from ..calibration import GramAccumulator
 from ..errors import InvalidInputError
+from ..progress import Progress
 from .base import Pass, log, register_pass
 
 
@@ -49,19 +49,17 @@ class CalibratePass(Pass):
         grams = {name: GramAccumulator(c.spec) for name, c in ctx.candidates.items() if not c.excluded}
         observe = self._hooks(grams) if ctx.frontend == "export" else self._interpreter(gm, grams)
         batches = 0
-        with torch.no_grad():
+        progress = Progress("calibration batch", None, ctx.progress)
+        with torch.no_grad(), progress:
             for batch in ctx.calibration:
                 inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
                 if not all(isinstance(x, torch.Tensor) for x in inputs):
                     raise InvalidInputError("calibration must yield input tuples (or single tensors) like example_inputs")
                 observe(tuple(inputs))
                 batches += 1
-                if ctx.progress:
-                    print(f"\rfxdecomp: calibrating, batch {batches}", end="", file=sys.stderr, flush=True)
+                progress.step()
                 if self.options.max_batches and batches >= self.options.max_batches:
                     break
-        if ctx.progress:
-            print(file=sys.stderr)
         if batches == 0:
             raise InvalidInputError("calibration yielded no batch; pass an iterable of input tuples")
         ctx.grams = {name: g for name, g in grams.items() if g.count}

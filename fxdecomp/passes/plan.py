@@ -25,6 +25,7 @@ from ..decomposers import all_methods, methods_for
 from ..errors import BudgetError, InvalidInputError, UnknownMethodError
 from ..ranks import resolve_ranks
 from ..planner import Infeasible, Option, solve_mckp
+from ..progress import Progress
 from ..result import Decision
 from .analysis import factorization, predicted_error
 from .base import Candidate, Pass, log, register_pass
@@ -80,7 +81,9 @@ class PlanPass(Pass):
         total = ctx.flops_before if metric == "flops" else ctx.params_before
         groups, planned, fixed = [], [], total
         decisions: dict[str, Decision] = {}
+        progress = Progress("planning layer", len(ctx.candidates), ctx.progress)
         for candidate in ctx.candidates.values():
+            progress.step(candidate.name)
             keep = self._keep(candidate)
             fixed -= keep.flops if metric == "flops" else keep.params
             choices = [] if candidate.excluded else self._choices(candidate, methods)
@@ -91,7 +94,14 @@ class PlanPass(Pass):
             options = [keep, *choices]
             groups.append([Option(o.flops if metric == "flops" else o.params, _damage(o) + (i > 0) * TIE_BREAK) for i, o in enumerate(options)])
             planned.append((candidate, options))
-        capacity = ctx.budget.fraction * total - fixed
+        progress.__exit__()
+        if not ctx.candidates or all(c.excluded for c in ctx.candidates.values()):
+            why = "has no Conv2d or Linear layer to decompose" if not ctx.candidates else "has every candidate layer excluded"
+            warnings.warn(f"fxdecomp: the model {why}; it is returned unchanged", stacklevel=2)
+            groups, planned = [], []
+            capacity = 0.0
+        else:
+            capacity = ctx.budget.fraction * total - fixed
         try:
             plan = solve_mckp(groups, capacity, max_front=self.options.max_front)
         except Infeasible as exc:
@@ -108,10 +118,6 @@ class PlanPass(Pass):
         for candidate in ctx.candidates.values():
             for site in candidate.sites:
                 site.node.meta[meta.DECISION] = ctx.plan[candidate.name]
-        if not ctx.candidates:
-            warnings.warn("fxdecomp: the model has no Conv2d or Linear layer to decompose; it is returned unchanged", stacklevel=2)
-        elif all(c.excluded for c in ctx.candidates.values()):
-            warnings.warn("fxdecomp: `exclude` matches every candidate layer; the model is returned unchanged", stacklevel=2)
         return PassResult(gm, False)
 
     def _apply_fixed(self, gm):
