@@ -10,10 +10,12 @@ Example::
 from .benchmark import LatencyStats, benchmark_onnx
 from .budget import Budget
 from .compress import compress
+from .compile import compile, compile_with_result
 from .cost import count_flops
 from .decompose import decompose_layer
 from .decomposers import all_methods, methods_for
 from .export import ExportReport, export_onnx
+from .inspect import LayerInfo, inspect_model
 from .errors import (
     BudgetError,
     ExportError,
@@ -33,6 +35,7 @@ __all__ = [
     "BudgetError",
     "ExportReport",
     "LatencyStats",
+    "LayerInfo",
     "ExportError",
     "FxDecompError",
     "InvalidInputError",
@@ -43,9 +46,12 @@ __all__ = [
     "UnsupportedLayerError",
     "all_methods",
     "benchmark_onnx",
+    "compile",
+    "compile_with_result",
     "compress",
     "count_flops",
     "decompose_layer",
     "export_onnx",
+    "inspect_model",
     "methods_for",
 ]

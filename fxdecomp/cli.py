@@ -185,21 +185,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    def command(name: str, help: str, example: str, run: Callable) -> argparse.ArgumentParser:
+    def command(name: str, help: str, example: str, run: Callable, note: str = "") -> argparse.ArgumentParser:
         sub = commands.add_parser(
             name, help=help, description=help, parents=[common],
-            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=f"{note}example:\n  {example}",
         )  # fmt: skip
         sub.set_defaults(run=run)
         return sub
 
     sub = command(
         "compress", "decompose a model's Conv2d and Linear layers under one budget and write the artifacts",
-        "fxdecomp compress mypkg.models:resnet18 --weights r18.pt --input-shape 1,3,224,224 --budget 0.5 "
-        "--out small.pt --onnx small.onnx --report report.html --plan plan.json\n\n"
-        "load --out with: torch.load('small.pt', weights_only=False) (needs fxdecomp importable); it is a "
-        "torch.fx.GraphModule",
+        "fxdecomp compress mypkg.models:resnet18 --weights r18.pt --input-shape 1,3,224,224 --budget 0.5 \\\n"
+        "      --out small.pt --onnx small.onnx --report report.html --plan plan.json",
         _cmd_compress,
+        note="--out is a torch.fx.GraphModule saved whole; load it with\n"
+        "  gm = torch.load('small.pt', weights_only=False)   # needs fxdecomp importable; trusted files only\n\n",
     )  # fmt: skip
     _model_args(sub)
     _input_args(sub)
@@ -457,7 +457,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     rows = [
         ["FLOPs (2 x MACs)", _num(flops[0]), _num(flops[1]), f"{reduction:.2f}x fewer"],
         ["parameters", _num(params[0]), _num(params[1]), f"{params[0] / max(params[1], 1):.2f}x fewer"],
-        ["median latency (ms)", f"{latency.a.median_ms:.3f}", f"{latency.b.median_ms:.3f}", f"{speedup:.2f}x faster"],
+        ["median latency (ms)", f"{latency.a.median_ms:.3f}", f"{latency.b.median_ms:.3f}", _speed(speedup)],
         ["p10-p90 (ms)", _spread(latency.a), _spread(latency.b), ""],
     ]
     print(format_table(["", "original", "compressed", "ratio"], rows, numeric={1, 2}))
@@ -512,14 +512,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         speedup = latency.a.median_ms / latency.b.median_ms
         print(
             f"fxdecomp demo: DigitsCNN on scikit-learn's digits ({len(train.labels)} train / {len(test.labels)} test "
-            f"images, 16x16); trained {args.epochs} epochs in {train_seconds:.1f} s, compressed to "
+            f"images, 16x16); trained {args.epochs} epochs in {train_seconds:.1f} s, compressed to a budget of "
             f"{_budget_text(result.budget)} in {compress_seconds:.1f} s, no fine-tuning.\n"
         )
         rows = [
             ["test accuracy", f"{acc[0]:.1%}", f"{acc[1]:.1%}", f"{(acc[1] - acc[0]) * 100:+.1f} points"],
             ["FLOPs (2 x MACs)", _num(result.flops_before), _num(result.flops_after), f"{result.flops_ratio:.1%}"],
             ["parameters", _num(result.params_before), _num(result.params_after), f"{result.params_ratio:.1%}"],
-            ["median latency (ms)", f"{latency.a.median_ms:.3f}", f"{latency.b.median_ms:.3f}", f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"],
+            ["median latency (ms)", f"{latency.a.median_ms:.3f}", f"{latency.b.median_ms:.3f}", _speed(speedup)],
         ]
         print(format_table(["", "original", "compressed", "after/before"], rows, numeric={1, 2}))
         print(f"(latency: onnxruntime CPU, {args.threads} thread(s), batch 1, {latency.a.runs} interleaved runs)\n")
@@ -813,7 +813,7 @@ def summary_table(result, latency=None) -> str:
     if latency is not None:
         lines.append(
             f"Median onnxruntime latency {latency.a.median_ms:.3f} ms -> {latency.b.median_ms:.3f} ms "
-            f"({latency.a.median_ms / latency.b.median_ms:.2f}x faster, {latency.a.threads} thread(s))."
+            f"({_speed(latency.a.median_ms / latency.b.median_ms)}, {latency.a.threads} thread(s))."
         )
     return "\n".join(lines)
 
@@ -828,12 +828,17 @@ def _ranks(ranks: Sequence[int]) -> str:
     return ",".join(map(str, ranks)) if ranks else "-"
 
 
+def _speed(speedup: float) -> str:
+    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+
+
 def _spread(stats) -> str:
     return f"{stats.p10_ms:.3f}-{stats.p90_ms:.3f}"
 
 
 def _budget_text(budget: dict) -> str:
-    return ", ".join(f"{v:g} of its {k}" for k, v in budget.items())
+    names = {"flops": "FLOPs", "params": "parameters"}
+    return ", ".join(f"{v:g} of its {names.get(k, k)}" for k, v in budget.items())
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def compile(  # noqa: A001  (fxdecomp.compile, after torch.compile)
 
 BACKEND_OPTIONS = ("budget", "methods", "exclude", "pipeline", "backend")
 # One plan per set of weights and graph: a recompile (a new input shape) decomposes the same way.
-_PLANS: dict[tuple, tuple[list[weakref.ref], list]] = {}
+_PLANS: dict[tuple, tuple[list[weakref.ref], list]] = {}  # (weight ids, graph code) -> (weakrefs, decisions)
 
 
 def fxdecomp_backend(gm: fx.GraphModule, example_inputs: list, options: Mapping[str, Any] | None = None, mode: str | None = None):
@@ -99,7 +99,9 @@ def fxdecomp_backend(gm: fx.GraphModule, example_inputs: list, options: Mapping[
             + (f"; mode={mode!r} is not supported (use fxdecomp.compile(model, ..., mode=...))" if mode is not None else "")
         )
     params = [i for i, x in enumerate(example_inputs) if isinstance(x, nn.Parameter)]
-    if torch.is_grad_enabled() and any(example_inputs[i].requires_grad for i in params):
+    frozen, attr_params = _freeze(gm, example_inputs, params)
+    weights = [example_inputs[i] for i in params] + attr_params
+    if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
         raise InvalidInputError(
             "the fxdecomp backend is for inference: its factors are computed once from the weights, so "
             "gradients would not reach them; run the model under torch.no_grad() or torch.inference_mode()"
@@ -108,11 +110,7 @@ def fxdecomp_backend(gm: fx.GraphModule, example_inputs: list, options: Mapping[
         raise InvalidInputError(
             "the fxdecomp backend needs static shapes and real example tensors; call torch.compile(..., dynamic=False)"
         )
-    frozen = _freeze(gm, example_inputs, params)
     user_inputs = [x for i, x in enumerate(example_inputs) if i not in set(params)]
-    key = (tuple(id(example_inputs[i]) for i in params), frozen.code)
-    saved = _PLANS.get(key)
-    plan = saved[1] if saved and all(ref() is example_inputs[i] for ref, i in zip(saved[0], params)) else None
     result = compress(
         frozen,
         tuple(user_inputs),
@@ -120,45 +118,70 @@ def fxdecomp_backend(gm: fx.GraphModule, example_inputs: list, options: Mapping[
         methods=options.get("methods"),
         exclude=options.get("exclude", ()),
         pipeline=options.get("pipeline"),
-        plan=plan,
+        plan=_saved_plan(weights, frozen.code),
     )
-    _PLANS[key] = ([weakref.ref(example_inputs[i]) for i in params], result.decisions)
+    _save_plan(weights, frozen.code, result.decisions)
     backend = torch._dynamo.lookup_backend(options.get("backend", "inductor"))
     compiled = backend(result.graph_module, user_inputs)
-    checks = [(i, example_inputs[i], example_inputs[i]._version) for i in params]
+    placeholders = [(i, example_inputs[i]) for i in params]
+    versions = [(w, w._version) for w in weights]
     keep = [i for i in range(len(example_inputs)) if i not in set(params)]
 
     def run(*args):
-        for i, tensor, version in checks:
-            if args[i] is not tensor or args[i]._version != version:
-                raise InvalidInputError(
-                    "the fxdecomp backend froze the weights when it compiled, and a parameter has changed since "
-                    "(replaced or written to); call torch._dynamo.reset() and compile again"
-                )
+        if any(args[i] is not w for i, w in placeholders) or any(w._version != v for w, v in versions):
+            raise InvalidInputError(
+                "the fxdecomp backend froze the weights when it compiled, and a parameter has changed since "
+                "(replaced or written to); call torch._dynamo.reset() and compile again"
+            )
         return compiled(*(args[i] for i in keep))
 
     run.compression = result
     return run
 
 
-def _freeze(gm: fx.GraphModule, example_inputs: list, params: list[int]) -> fx.GraphModule:
-    """A copy of ``gm`` with the parameter placeholders turned into attributes (get_attr) holding their values."""
+def _saved_plan(weights: list[torch.Tensor], code: str) -> list | None:
+    entry = _PLANS.get((tuple(map(id, weights)), code))
+    if entry is not None and all(ref() is w for ref, w in zip(entry[0], weights)):
+        return entry[1]
+    return None
+
+
+def _save_plan(weights: list[torch.Tensor], code: str, decisions: list) -> None:
+    for key in [k for k, (refs, _) in _PLANS.items() if any(ref() is None for ref in refs)]:
+        del _PLANS[key]  # weights that are gone: ids may be reused
+    _PLANS[(tuple(map(id, weights)), code)] = ([weakref.ref(w) for w in weights], decisions)
+
+
+def _freeze(gm: fx.GraphModule, example_inputs: list, params: list[int]) -> tuple[fx.GraphModule, list[torch.Tensor]]:
+    """A copy of ``gm`` whose parameter placeholders are attributes (get_attr) holding their values.
+
+    Also returns the parameters that ``gm`` already held as attributes (when dynamo does
+    not lift them to inputs), which are frozen just the same.
+    """
     root = nn.Module()
+    for name, module in gm.named_children():
+        root.add_module(name, module)
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     param_nodes = {placeholders[i]: example_inputs[i] for i in params}
     taken: set[str] = set()
+    attr_params: list[torch.Tensor] = []
     for node in gm.graph.nodes:
         if node in param_nodes:
-            target = _unique(_source_path(node), taken)
+            target = _unique(_source_path(node), taken, root)
             _set_tensor(root, target, param_nodes[node])
             env[node] = graph.get_attr(target)
-        else:
-            env[node] = graph.node_copy(node, lambda n: env[n])
-    for name, module in gm.named_children():
-        root.add_module(name, module)
-    return fx.GraphModule(root, graph, "FrozenGraph")
+            continue
+        if node.op == "get_attr":
+            value = _get(gm, node.target)
+            if isinstance(value, torch.Tensor) and not _has(root, node.target):
+                _set_tensor(root, node.target, value)
+                if isinstance(value, nn.Parameter):
+                    attr_params.append(value)
+            taken.add(node.target)
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    return fx.GraphModule(root, graph, "FrozenGraph"), attr_params
 
 
 def _source_path(node: fx.Node) -> str:
@@ -174,13 +197,27 @@ def _source_path(node: fx.Node) -> str:
     return node.name
 
 
-def _unique(target: str, taken: set[str]) -> str:
+def _unique(target: str, taken: set[str], root: nn.Module) -> str:
     name, k = target, 0
-    while name in taken:
+    while name in taken or _has(root, name):
         k += 1
         name = f"{target}_{k}"
     taken.add(name)
     return name
+
+
+def _get(module: nn.Module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _has(module: nn.Module, target: str) -> bool:
+    try:
+        _get(module, target)
+    except AttributeError:
+        return False
+    return True
 
 
 def _set_tensor(root: nn.Module, target: str, value: torch.Tensor) -> None:
