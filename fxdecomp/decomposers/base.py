@@ -50,6 +50,10 @@ class Decomposer(ABC):
     def max_ranks(self, spec: Spec) -> Ranks:
         """The ranks at which the structure reproduces the layer exactly."""
 
+    def planning_max_ranks(self, spec: Spec) -> Ranks:
+        """The largest ranks the planner's grid explores (default: the maximum ranks)."""
+        return self.max_ranks(spec)
+
     @abstractmethod
     def structure(self, spec: Spec, ranks: Ranks) -> nn.Module:
         """The decomposed module with uninitialised weights (build it under torch.device('meta') for costs)."""

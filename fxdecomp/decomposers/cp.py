@@ -27,6 +27,11 @@ class ConvCP(Decomposer):
     def max_ranks(self, spec):
         return (max_cp_rank((spec.out_per_group, spec.in_per_group, *spec.kernel_size)),)
 
+    def planning_max_ranks(self, spec):
+        # Exact CP needs rank S*kh*kw, but ALS at ranks beyond the channel counts is slow and
+        # rarely worth it: the planner explores ranks up to min(T, S) per group.
+        return (min(spec.out_per_group, spec.in_per_group, self.max_ranks(spec)[0]),)
+
     def structure(self, spec, ranks):
         (r,) = ranks
         pads, (ph, pw) = leading_pad(spec)

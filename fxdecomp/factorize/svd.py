@@ -55,14 +55,19 @@ class Spectrum:
 
 
 def matrix_spectrum(matrix: torch.Tensor, side: str | None = None) -> Spectrum:
-    """Spectrum of a 2-D matrix via eigh of its Gram matrix (float64).
+    """Spectrum of a 2-D matrix via eigh (float64) of its Gram matrix.
 
     ``side`` picks the basis: "left" (rows x rows Gram), "right", or None for the smaller one.
+    Large float32 matrices get their Gram product in float32 (twice as fast; VGG-16's
+    4096 x 25088 classifier is 420 G multiply-adds): the eigenvectors stay orthonormal to
+    float64 precision, so factors still reproduce the matrix at full rank, and only
+    energies below ~1e-7 of the largest lose accuracy.
     """
-    m64 = matrix.detach().to(torch.float64)
-    rows, cols = m64.shape
+    rows, cols = matrix.shape
     side = side or ("left" if rows <= cols else "right")
-    gram = m64 @ m64.T if side == "left" else m64.T @ m64
+    large = matrix.dtype != torch.float64 and rows * cols * min(rows, cols) > 2**28
+    work = matrix.detach().to(torch.float32 if large else torch.float64)
+    gram = (work @ work.T if side == "left" else work.T @ work).to(torch.float64)
     energies, basis = torch.linalg.eigh(gram)
     order = torch.argsort(energies, descending=True)
     return Spectrum(energies[order].clamp_min(0.0), basis[:, order], side, (rows, cols))

@@ -171,7 +171,7 @@ class PlanPass(Pass):
             steps = self.options.cp_grid if method == "cp" else self.options.grid
             if self.context.sensitivity is not None:
                 steps = min(steps, self.options.sensitivity_grid)
-            for ranks in rank_grid(decomposer.max_ranks(candidate.spec), steps, self.options.round_to):
+            for ranks in rank_grid(decomposer.planning_max_ranks(candidate.spec), steps, self.options.round_to):
                 with torch.device("meta"):
                     structure = decomposer.structure(candidate.spec, ranks)
                 flops = sum(module_macs(structure, s.input_shape) for s in candidate.sites) * FLOPS_PER_MAC
