@@ -16,6 +16,7 @@ from .decompose import decompose_layer
 from .decomposers import all_methods, methods_for
 from .export import ExportReport, export_onnx
 from .inspect import LayerInfo, inspect_model
+from .training import DeepTwist, factorized_model, finetune
 from .errors import (
     BudgetError,
     ExportError,
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Budget",
+    "DeepTwist",
     "BudgetError",
     "ExportReport",
     "LatencyStats",
@@ -52,6 +54,8 @@ __all__ = [
     "count_flops",
     "decompose_layer",
     "export_onnx",
+    "factorized_model",
+    "finetune",
     "inspect_model",
     "methods_for",
 ]

@@ -81,7 +81,7 @@ def compress(
             progress=stderr_is_terminal() if progress is None else bool(progress),
             frontend=frontend_used,
             reference=copy.deepcopy(gm),
-            fixed_plan=_fixed_plan(plan),
+            fixed_plan=normalize_plan(plan),
             source_model=source,
         )
         seconds = {}
@@ -105,10 +105,17 @@ def compress(
     )
 
 
-def _fixed_plan(plan) -> dict[str, tuple[str, tuple[int, ...]]] | None:
-    """Normalise a saved plan to name -> (method, ranks)."""
+def normalize_plan(plan) -> dict[str, tuple[str, tuple[int, ...]]] | None:
+    """A saved plan (a result, its decisions, its to_dict(), or name -> (method, ranks)) as name -> (method, ranks)."""
     if plan is None:
         return None
+    if isinstance(plan, CompressionResult):
+        plan = plan.decisions
+    if not isinstance(plan, (Mapping, Sequence)) or isinstance(plan, (str, bytes)):
+        raise InvalidInputError(
+            f"cannot read a plan from {type(plan).__name__}; give result.decisions, result.to_dict() "
+            "or a mapping name -> (method, ranks)"
+        )
     if isinstance(plan, Mapping) and "decisions" in plan:
         plan = plan["decisions"]
     entries = plan.items() if isinstance(plan, Mapping) else [(_field(d, "name"), d) for d in plan]

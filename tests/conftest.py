@@ -1,7 +1,11 @@
 import os
 
-import torch
-from hypothesis import settings
+# Idle OpenMP threads sleep instead of spinning: on a loaded 2-core machine spinning
+# workers slowed steps 40x. Must be set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 # One thread: steady timings and no MKL stalls on the 2-core CI machines.
 torch.set_num_threads(int(os.environ.get("FXDECOMP_TEST_THREADS", "1")))

@@ -20,13 +20,14 @@ from .deeptwist import DeepTwist
 from .distill import Distiller, distillation_loss
 from .factorized import default_weight_variance, factorized_model, init_factors
 from .finetune import History, finetune
-from .plan import normalize_plan, planned_layers
-from .reconstruct import dense_weight, low_rank_weight
+from .plan import installed_module, normalize_plan, planned_layers
+from .reconstruct import LowRank, dense_weight, low_rank
 
 __all__ = [
     "DeepTwist",
     "Distiller",
     "History",
+    "LowRank",
     "default_weight_variance",
     "dense_weight",
     "distillation_loss",
@@ -34,7 +35,8 @@ __all__ = [
     "factorized_model",
     "finetune",
     "init_factors",
-    "low_rank_weight",
+    "installed_module",
+    "low_rank",
     "normalize_plan",
     "planned_layers",
 ]

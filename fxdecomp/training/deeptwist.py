@@ -2,8 +2,8 @@
 
 The model keeps its layers; every ``every`` optimizer steps (S_D) each planned
 weight is replaced, in place, by its low-rank reconstruction under the plan's
-method and ranks (the dense weight of ``decompose_layer(layer, method, ranks)``;
-biases unchanged). Between distortions the weights move freely, so training
+method and ranks: the factors composed back in closed form (`low_rank`, the same
+weight as ``decompose_layer(layer, method, ranks)`` computes with; biases unchanged). Between distortions the weights move freely, so training
 finds weights that stay accurate after the final decomposition. `finalize`
 distorts once more and returns the decomposed GraphModule, whose outputs equal
 the model's after that distortion.
@@ -32,8 +32,8 @@ from torch import fx, nn
 from ..compress import compress
 from ..errors import InvalidInputError
 from ..result import CompressionResult
-from .plan import Plan, PlanLike, normalize_plan, planned_layers
-from .reconstruct import low_rank_weight
+from .plan import Plan, PlanLike, installed_module, normalize_plan, planned_layers
+from .reconstruct import LowRank, low_rank
 
 
 class DeepTwist:
@@ -60,18 +60,18 @@ class DeepTwist:
         if not isinstance(model, nn.Module):
             raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model, self.every, self.example_inputs = model, every, example_inputs
-        self.result: CompressionResult | None = None
+        self.result: CompressionResult | None = None  # the latest compress result (planning, then finalize)
         if _is_plan(plan_or_budget):
             self.plan: Plan = normalize_plan(plan_or_budget)
         else:
             if example_inputs is None:
                 raise InvalidInputError("DeepTwist with a budget needs example_inputs to plan the decomposition")
-            planned = compress(model, example_inputs, plan_or_budget, methods=methods, **compress_options)
-            self.plan = normalize_plan(planned.decisions)
+            self.result = compress(model, example_inputs, plan_or_budget, methods=methods, **compress_options)
+            self.plan = normalize_plan(self.result.decisions)
         self.layers = planned_layers(model, self.plan)
         self.steps = 0
         self.distortions = 0
-        self._factors: dict[str, nn.Module] = {}
+        self._last: dict[str, LowRank] = {}
 
     def step(self) -> bool:
         """Count one optimizer step; distort when the count reaches a multiple of ``every``. True if it did."""
@@ -85,16 +85,16 @@ class DeepTwist:
     def distort(self) -> None:
         """Replace every planned weight by its low-rank reconstruction now (in place, same Parameter)."""
         for name, (layer, method, ranks) in self.layers.items():
-            weight, module = low_rank_weight(layer, method, ranks)
-            layer.weight.copy_(weight)
-            self._factors[name] = module
+            self._last[name] = approx = low_rank(layer, method, ranks)
+            layer.weight.copy_(approx.weight)
         self.distortions += 1
 
     def finalize(self, example_inputs: tuple | torch.Tensor | None = None) -> fx.GraphModule:
         """Distort once more and return the decomposed GraphModule (``self.result`` holds the full result).
 
-        The factors are those of this last distortion, so the GraphModule computes what the
-        distorted model computes (to float rounding), for every method, CP included.
+        The factors are those of this last distortion (not a new factorisation of the distorted
+        weights), so the GraphModule computes what the distorted model computes, to float
+        rounding, for every method, CP included.
         """
         example_inputs = example_inputs if example_inputs is not None else self.example_inputs
         if example_inputs is None:
@@ -103,9 +103,10 @@ class DeepTwist:
         self.result = compress(self.model, example_inputs, plan=self.plan)
         gm = self.result.graph_module
         with torch.no_grad():
-            for name, module in self._factors.items():
-                installed = gm.get_submodule(name)
-                installed.load_state_dict(module.state_dict())
+            for name, approx in self._last.items():
+                bias = self.layers[name][0].bias
+                module = approx.build(bias.detach() if bias is not None else None)
+                installed_module(gm, name).load_state_dict(module.state_dict())
         return gm
 
     def __repr__(self) -> str:

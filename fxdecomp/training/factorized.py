@@ -34,7 +34,7 @@ from torch import fx, nn
 from ..compress import compress
 from ..errors import InvalidInputError
 from ..layer_spec import ConvSpec, LinearSpec, layer_spec
-from .plan import PlanLike, normalize_plan, planned_layers
+from .plan import PlanLike, installed_module, normalize_plan, planned_layers
 from .reconstruct import dense_weight
 
 
@@ -52,7 +52,8 @@ def factorized_model(
 
     ``reinit_rest`` also resets every other layer that has ``reset_parameters`` (kept convs and
     linears, norms), so the whole model starts from scratch; parameters outside such layers keep
-    their values. The input model is never modified. The result is in eval mode, like `compress`'s.
+    their values. The input model is never modified. The result is in eval mode, like `compress`'s;
+    ``result.fxdecomp_result`` holds the `CompressionResult` whose plan it follows.
     """
     if (budget is None) == (plan is None):
         raise InvalidInputError("give exactly one of budget= (to plan) or plan= (to re-apply saved decisions)")
@@ -66,9 +67,9 @@ def factorized_model(
     layers = planned_layers(model, normalize_plan(result.decisions))
     generator = torch.Generator().manual_seed(seed)
     for name, (layer, _, _) in layers.items():
-        init_factors(gm.get_submodule(name), layer_spec(layer), generator)
+        init_factors(installed_module(gm, name), layer_spec(layer), generator)
     if reinit_rest:
-        _reset_others(gm, set(layers), seed)
+        _reset_others(gm, {_path(installed_module(gm, name), gm) for name in layers}, seed)
     gm.fxdecomp_result = result
     return gm
 
@@ -124,6 +125,10 @@ def _factor_fan_in(owner: nn.Module, p: torch.Tensor) -> int:
 
 def _uniform(shape, bound: float, generator: torch.Generator | None) -> torch.Tensor:
     return (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+
+
+def _path(module: nn.Module, gm: nn.Module) -> str:
+    return next(name for name, sub in gm.named_modules() if sub is module)
 
 
 def _reset_others(gm: nn.Module, decomposed: set[str], seed: int) -> None:

@@ -9,6 +9,7 @@ Example::
 
     plan = normalize_plan(fxdecomp.compress(model, (x,), budget=0.5))
     layers = planned_layers(model, plan)   # {"features.3": (Conv2d, "tucker2", (16, 32)), ...}
+    installed_module(result.graph_module, "features.3")   # the decomposed module compress put there
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from torch import nn
+from torch import fx, nn
 
-from ..compress import _fixed_plan
+from .. import meta
+from ..compress import normalize_plan  # noqa: F401  (re-exported)
 from ..decomposers import get_decomposer
 from ..errors import InvalidInputError, UnsupportedLayerError
 from ..layer_spec import layer_spec
@@ -27,18 +29,6 @@ from ..result import CompressionResult
 
 Plan = dict[str, tuple[str, tuple[int, ...]]]
 PlanLike = CompressionResult | Mapping[str, Any] | Sequence[Any]
-
-
-def normalize_plan(plan: PlanLike) -> Plan:
-    """name -> (method, ranks) for every entry of ``plan``, kept layers included (method "keep")."""
-    if isinstance(plan, CompressionResult):
-        plan = plan.decisions
-    if not isinstance(plan, (Mapping, Sequence)) or isinstance(plan, (str, bytes)):
-        raise InvalidInputError(
-            f"cannot read a plan from {type(plan).__name__}; give result.decisions, result.to_dict() "
-            "or a mapping name -> (method, ranks)"
-        )
-    return _fixed_plan(plan)
 
 
 def planned_layers(model: nn.Module, plan: Plan) -> dict[str, tuple[nn.Module, str, tuple[int, ...]]]:
@@ -67,3 +57,14 @@ def planned_layers(model: nn.Module, plan: Plan) -> dict[str, tuple[nn.Module, s
         decomposer.check(spec)
         found[name] = (layer, method, resolve_ranks(tuple(ranks), decomposer, spec, None))
     return found
+
+
+def installed_module(gm: fx.GraphModule, name: str) -> nn.Module:
+    """The decomposed module that `compress` installed for layer ``name`` (found by the rewrite's provenance)."""
+    targets = sorted(
+        {(n.meta[meta.DECOMPOSED_FROM].stage, n.target) for n in gm.graph.nodes if meta.DECOMPOSED_FROM in n.meta and n.meta[meta.DECOMPOSED_FROM].original == name}
+    )
+    if not targets:
+        raise InvalidInputError(f"layer {name!r} was not decomposed in this GraphModule")
+    path = targets[0][1] if len(targets) == 1 else targets[0][1].rpartition(".")[0]  # "x.0", "x.1" -> "x"
+    return gm.get_submodule(path)

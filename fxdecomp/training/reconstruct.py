@@ -1,36 +1,67 @@
 """Dense equivalents of decomposed layers: the weight a single Conv2d or Linear would need.
 
-Every decomposer builds a module that is linear in its input plus the layer's bias,
-with the layer's geometry (pads, stride, dilation, groups). Its dense weight is
-therefore its response to impulses, minus its response to zero: this reads the
-weight off whatever module the decomposer built (pad layers, channel shuffles and
-matmul layers included), so it equals decompose-then-reconstruct for every method.
+`low_rank` factorises a layer and composes the factors back in closed form
+(`Decomposer.reconstruct`, float64); its ``build`` gives the decomposed module
+made from the very same factors. `dense_weight` reads the weight off any built
+module instead: every decomposer builds a module that is linear in its input plus
+a bias, with the layer's geometry (pads, stride, dilation, groups), so its dense
+weight is its response to impulses minus its response to zero.
 
 Example::
 
     layer = nn.Conv2d(32, 64, 3, padding=1)
-    weight, module = low_rank_weight(layer, "tucker2", (8, 16))
-    # nn.Conv2d with ``weight`` and layer.bias computes what ``module`` computes
+    approx = low_rank(layer, "tucker2", (8, 16))
+    approx.weight                      # (64, 32, 3, 3): nn.Conv2d with it computes what approx.build() computes
+    dense_weight(approx.build(), layer_spec(layer))   # the same weight, read off the module
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..decompose import decompose_layer
-from ..layer_spec import ConvSpec, LinearSpec, layer_spec
+from ..decomposers import Decomposer, get_decomposer
+from ..layer_spec import ConvSpec, LinearSpec, check_finite, layer_spec
+from ..ranks import RankSpec, resolve_ranks
 
 # Impulse batches are cut so that one chunk's input holds at most this many elements.
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def low_rank_weight(layer: nn.Module, method: str, ranks: tuple[int, ...], **options) -> tuple[torch.Tensor, nn.Module]:
-    """(dense weight of ``layer`` decomposed with ``method`` at ``ranks``, the decomposed module)."""
-    module = decompose_layer(layer, method, tuple(ranks), **options)
-    return dense_weight(module, layer_spec(layer)).to(layer.weight.dtype), module
+@dataclass
+class LowRank:
+    """One layer's factorisation at given ranks: its dense weight, and the module of the same factors."""
+
+    weight: torch.Tensor  # the layer's shape, dtype and device
+    decomposer: Decomposer
+    spec: ConvSpec | LinearSpec
+    state: Any
+    ranks: tuple[int, ...]
+
+    def build(self, bias: torch.Tensor | None = None) -> nn.Module:
+        """The decomposed module whose factors compose to ``weight`` (bias on its last layer)."""
+        module = self.decomposer.build(self.spec, self.state, self.ranks, bias, self.weight)
+        module.fxdecomp_method, module.fxdecomp_ranks = self.decomposer.method, self.ranks
+        return module
+
+
+@torch.no_grad()
+def low_rank(layer: nn.Module, method: str, ranks: RankSpec, **options: Any) -> LowRank:
+    """Factorise ``layer``'s current weight with ``method`` at ``ranks`` (as `fxdecomp.decompose_layer` does)."""
+    spec = layer_spec(layer)
+    check_finite(type(layer).__name__, layer)
+    decomposer = get_decomposer(spec.kind, method, **options)
+    decomposer.check(spec)
+    weight = layer.weight.detach()
+    state = decomposer.factorize(spec, weight)
+    chosen = resolve_ranks(ranks, decomposer, spec, state)
+    dense = decomposer.reconstruct(spec, state, chosen).to(dtype=weight.dtype, device=weight.device)
+    return LowRank(dense, decomposer, spec, state, chosen)
 
 
 @torch.no_grad()
@@ -44,8 +75,6 @@ def dense_weight(module: nn.Module, spec: ConvSpec | LinearSpec) -> torch.Tensor
 
 
 def _float64_copy(module: nn.Module, device: torch.device) -> nn.Module:
-    import copy
-
     work = copy.deepcopy(module).eval()
     # float64 keeps the impulse response exact to well below float32 rounding (MPS has no float64).
     return work.to(torch.float64) if device.type != "mps" else work.float()
