@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .factorize.svd import Spectrum
+from .factorize.svd import Spectrum, spectrum_of_gram
 from .layer_spec import ConvSpec, LinearSpec, pad_input
 
 # Relative ridge added to a Gram matrix (times its mean diagonal): keeps a
@@ -85,9 +85,7 @@ def whitened_spectrum(matrix: torch.Tensor, gram: torch.Tensor) -> Spectrum:
     SVD factors, and ``spectrum.relative_error(r)`` is the relative output error.
     """
     w = matrix.detach().to(torch.float64)
-    energies, basis = torch.linalg.eigh(w @ gram @ w.T)
-    order = torch.argsort(energies, descending=True)
-    return Spectrum(energies[order].clamp_min(0.0), basis[:, order], "left", tuple(w.shape))
+    return spectrum_of_gram(w @ gram @ w.T, "left", tuple(w.shape))
 
 
 class OutputErrorMeter:
