@@ -35,6 +35,10 @@ class BudgetError(FxDecompError, ValueError):
         self.smallest_reachable = smallest_reachable
 
 
+class ResourceError(FxDecompError, MemoryError):
+    """A factorisation would need more memory than the machine has (the message gives the estimate)."""
+
+
 class TraceError(FxDecompError, RuntimeError):
     """Neither torch.fx nor torch.export could capture the model."""
 

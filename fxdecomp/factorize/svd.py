@@ -20,6 +20,8 @@ from functools import cached_property
 
 import torch
 
+from ..errors import ResourceError
+
 
 @dataclass(frozen=True, eq=False)
 class Spectrum:
@@ -77,10 +79,35 @@ def matrix_spectrum(matrix: torch.Tensor, side: str | None = None) -> Spectrum:
     """
     rows, cols = matrix.shape
     side = side or ("left" if rows <= cols else "right")
+    small = rows if side == "left" else cols
+    # A float64 copy, the Gram matrix and eigh's workspace (~3 Gram matrices).
+    check_memory(8 * (rows * cols + 4 * small * small), f"the spectrum of a {rows} x {cols} matrix")
     large = matrix.dtype != torch.float64 and rows * cols * min(rows, cols) > 2**28
     work = matrix.detach().to(torch.float32 if large else torch.float64)
     gram = (work @ work.T if side == "left" else work.T @ work).to(torch.float64)
     return spectrum_of_gram(gram, side, (rows, cols))
+
+
+def available_memory() -> int:
+    """Bytes the kernel says are available (MemAvailable), or a large number where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def check_memory(needed: int, what: str) -> None:
+    """Refuse, with the estimate, work that would not fit in the available memory."""
+    available = available_memory()
+    if needed > 0.8 * available:
+        raise ResourceError(
+            f"{what} needs about {needed / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB available; "
+            "exclude this layer, or use a method that splits it (tiled_svd, tt)"
+        )
 
 
 def spectrum_of_gram(gram: torch.Tensor, side: str, shape: tuple[int, int]) -> Spectrum:

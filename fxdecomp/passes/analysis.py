@@ -72,7 +72,7 @@ class FindCandidatesPass(Pass):
             if found is None:
                 continue
             form, target, layer, input_node = found
-            site = CallSite(node, input_node, node_shape(input_node))
+            site = CallSite.of(node, input_node, node_shape(input_node))
             if site.input_shape is None:
                 continue
             if target in by_target:

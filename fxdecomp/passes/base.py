@@ -34,6 +34,16 @@ class CallSite:
     node: fx.Node
     input_node: fx.Node
     input_shape: tuple[int, ...]
+    # Where the input sits in the call (args index or kwarg name): unlike ``input_node``,
+    # it stays valid after the rewrite of an earlier layer replaces the producer.
+    input_key: int | str = 0
+
+    @classmethod
+    def of(cls, node: fx.Node, input_node: fx.Node, input_shape: tuple[int, ...]) -> "CallSite":
+        key = next((i for i, arg in enumerate(node.args) if arg is input_node), None)
+        if key is None:
+            key = next(k for k, value in node.kwargs.items() if value is input_node)
+        return cls(node, input_node, input_shape, key)
 
 
 @dataclass

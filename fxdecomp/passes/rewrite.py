@@ -42,7 +42,7 @@ def rewrite_graph(gm: fx.GraphModule, ctx, plan: dict) -> bool:
         bias = layer.bias.detach() if layer.bias is not None else None
         module = decomposer.build(candidate.spec, state, decision.ranks, bias, layer.weight)
         module.train(layer.training)
-        sites = [(nodes[s.node.name], nodes[s.input_node.name]) for s in candidate.sites]
+        sites = [_current(nodes[s.node.name], s.input_key) for s in candidate.sites]
         path = _install_path(gm, candidate, {node for node, _ in sites})
         for node, value in sites:
             _replace_site(gm, node, value, path, module, decision)
@@ -55,6 +55,11 @@ def rewrite_graph(gm: fx.GraphModule, ctx, plan: dict) -> bool:
         gm.graph.lint()
         gm.recompile()
     return modified
+
+
+def _current(node: fx.Node, key: int | str) -> tuple[fx.Node, fx.Node]:
+    """(call node, its input as it is now): an earlier rewrite may have replaced the producer."""
+    return node, node.args[key] if isinstance(key, int) else node.kwargs[key]
 
 
 def _replace_site(gm: fx.GraphModule, node: fx.Node, value: fx.Node, path: str, module: nn.Module, decision) -> None:
