@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import math
+from functools import cached_property
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -69,6 +70,14 @@ class Decomposer(ABC):
     @abstractmethod
     def error(self, spec: Spec, state: Any, ranks: Ranks) -> float:
         """Relative Frobenius error of the layer's weight at ``ranks``."""
+
+    def estimate_error(self, spec: Spec, state: Any, ranks: Ranks) -> float:
+        """What the planner uses for `error`: the same, unless a method has a cheaper bound (CP)."""
+        return self.error(spec, state, ranks)
+
+    def estimate_reconstruct(self, spec: Spec, state: Any, ranks: Ranks) -> torch.Tensor:
+        """What the planner uses for `reconstruct` (to measure errors on calibration data)."""
+        return self.reconstruct(spec, state, ranks)
 
     @abstractmethod
     def reconstruct(self, spec: Spec, state: Any, ranks: Ranks) -> torch.Tensor:
@@ -150,9 +159,17 @@ def conv(in_ch: int, out_ch: int, kernel=(1, 1), stride=(1, 1), padding=(0, 0), 
     return nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias)
 
 
-def group_slices(spec: ConvSpec, weight: torch.Tensor) -> list[torch.Tensor]:
+class Blocks(list):
+    """Disjoint blocks of one weight (groups or tiles), with their Frobenius norms computed once."""
+
+    @cached_property
+    def norms(self) -> list[float]:
+        return [float(b.norm()) for b in self]
+
+
+def group_slices(spec: ConvSpec, weight: torch.Tensor) -> Blocks:
     """The kernel of each group, (T/g, S/g, kh, kw)."""
-    return list(weight.detach().split(spec.out_per_group, dim=0))
+    return Blocks(weight.detach().split(spec.out_per_group, dim=0))
 
 
 def refuse_groups(spec: ConvSpec, method: str) -> None:

@@ -85,7 +85,7 @@ class ConvSVD(Decomposer):
 
     def error(self, spec, state, ranks):
         blocks, spectra = state
-        return combined_error([s.relative_error(ranks[0]) for s in spectra], [float(b.norm()) for b in blocks])
+        return combined_error([s.relative_error(ranks[0]) for s in spectra], blocks.norms)
 
     def reconstruct(self, spec, state, ranks):
         blocks = []

@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import InvalidInputError, UnsupportedLayerError
 from ..factorize.svd import low_rank_factors, matrix_spectrum
 from ..layers import TiledLinear
-from .base import Decomposer, combined_error, conv, leading_pad, refuse_groups, register
+from .base import Blocks, Decomposer, combined_error, conv, leading_pad, refuse_groups, register
 
 
 class _Tiled(Decomposer):
@@ -43,11 +43,11 @@ class _Tiled(Decomposer):
         tile_rows, tile_cols = self._sizes(spec)
         rows, cols = self.tiles
         w = weight.detach()
-        return [
+        return Blocks(
             w[a * tile_rows : (a + 1) * tile_rows, b * tile_cols : (b + 1) * tile_cols].reshape(tile_rows, -1)
             for a in range(rows)
             for b in range(cols)
-        ]
+        )
 
     def check(self, spec):
         if spec.kind == "conv2d":
@@ -65,7 +65,7 @@ class _Tiled(Decomposer):
 
     def error(self, spec, state, ranks):
         tiles, spectra = state
-        return combined_error([s.relative_error(r) for s, r in zip(spectra, ranks)], [float(t.norm()) for t in tiles])
+        return combined_error([s.relative_error(r) for s, r in zip(spectra, ranks)], tiles.norms)
 
     def rank_spectra(self, spec, state):
         return [[s] for s in state[1]]

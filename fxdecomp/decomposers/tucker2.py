@@ -37,7 +37,7 @@ class ConvTucker2(Decomposer):
 
     def error(self, spec, state, ranks):
         blocks, tuckers = state
-        return combined_error([t.relative_error(*ranks) for t in tuckers], [float(b.norm()) for b in blocks])
+        return combined_error([t.relative_error(*ranks) for t in tuckers], blocks.norms)
 
     def reconstruct(self, spec, state, ranks):
         return torch.cat([torch.einsum("ta,abij,sb->tsij", u_out, core, u_in) for core, u_in, u_out in (t.factors(*ranks) for t in state[1])])

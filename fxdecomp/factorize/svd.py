@@ -113,7 +113,7 @@ def check_memory(needed: int, what: str) -> None:
 def spectrum_of_gram(gram: torch.Tensor, side: str, shape: tuple[int, int]) -> Spectrum:
     """The spectrum of a matrix from its (float64) Gram matrix on ``side``."""
     # Eigenvalues of large Grams in float32 (~2x faster): they only set errors and ranks.
-    values = torch.linalg.eigvalsh(gram.float() if len(gram) >= 1024 else gram).to(torch.float64)
+    values = torch.linalg.eigvalsh(gram.float() if len(gram) >= 512 else gram).to(torch.float64)
     return Spectrum(values.flip(0).clamp_min(0.0), gram, side, shape)
 
 

@@ -264,13 +264,13 @@ def predicted_error(ctx, candidate: Candidate, method: str, ranks: tuple[int, ..
     decomposer, state = factorization(ctx, candidate, method)
     gram = ctx.grams.get(candidate.name)
     if gram is None or decomposer.data_aware:
-        return decomposer.error(candidate.spec, state, ranks)
+        return decomposer.estimate_error(candidate.spec, state, ranks)
     weight_blocks = weight_matrices(candidate.spec, candidate.layer.weight.detach())
     meter = ctx.error_meters.get(candidate.name)
     if meter is None:
         meter = OutputErrorMeter([gram.matrix(g) for g in range(gram.groups)], weight_blocks)
         ctx.error_meters[candidate.name] = meter
-    dense = decomposer.reconstruct(candidate.spec, state, ranks)
+    dense = decomposer.estimate_reconstruct(candidate.spec, state, ranks)
     return meter.relative_error(weight_blocks, weight_matrices(candidate.spec, dense))
 
 

@@ -67,7 +67,7 @@ class PlanPass(Pass):
     @dataclass(frozen=True)
     class Options:
         grid: int = 24  # rank grid points per method
-        cp_grid: int = 6  # CP needs an ALS run per rank: a coarser grid
+        cp_grid: int = 4  # CP needs an ALS run per rank: a coarser grid
         sensitivity_grid: int = 6  # ranks per method scored by the sensitivity callback
         round_to: int = 1  # round ranks up to a multiple (8 or 16 suit SIMD kernels)
         max_front: int = 50_000  # Pareto front size beyond which the solver thins it (see planner)
