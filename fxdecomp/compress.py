@@ -22,7 +22,7 @@ from torch import nn
 from .budget import Budget
 from .cost import count_flops, count_params
 from .decomposers import all_methods
-from .errors import BudgetError, InvalidInputError, UnknownMethodError
+from .errors import InvalidInputError, UnknownMethodError
 from .frontend import capture_with_source
 from .passes import PassContext, make_pass
 from .progress import stderr_is_terminal
@@ -62,8 +62,6 @@ def compress(
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     budget = Budget.parse(budget)
-    if budget.metric == "latency":
-        raise BudgetError("latency budgets are not available yet; use a FLOP or parameter budget")
     example_inputs = _example_inputs(example_inputs)
     recipe = load_recipe(pipeline)
     methods = _methods(methods if methods is not None else recipe.methods)
@@ -102,6 +100,8 @@ def compress(
         frontend=frontend_used,
         pipeline=recipe.name,
         pass_seconds=seconds,
+        latency_before_ms=context.extras.get("latency_before_ms"),
+        latency_after_ms=context.extras.get("latency_after_ms"),
     )
 
 

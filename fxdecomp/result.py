@@ -54,6 +54,8 @@ class CompressionResult:
     frontend: str = "fx"
     pipeline: str = "default"
     pass_seconds: dict[str, float] = field(default_factory=dict)
+    latency_before_ms: float | None = None  # onnxruntime, measured for latency budgets
+    latency_after_ms: float | None = None
 
     @property
     def flops_ratio(self) -> float:
@@ -78,6 +80,8 @@ class CompressionResult:
             "frontend": self.frontend,
             "pipeline": self.pipeline,
             "pass_seconds": self.pass_seconds,
+            "latency_before_ms": self.latency_before_ms,
+            "latency_after_ms": self.latency_after_ms,
             "decisions": [asdict(d) | {"ranks": list(d.ranks)} for d in self.decisions],
         }
         return _finite(data)
@@ -88,7 +92,12 @@ class CompressionResult:
             f"Budget {self.budget}: FLOPs {_num(self.flops_before)} -> {_num(self.flops_after)} "
             f"({self.flops_ratio:.1%}), parameters {_num(self.params_before)} -> {_num(self.params_after)} "
             f"({self.params_ratio:.1%}); FLOPs = 2 x multiply-adds."
-            + (f" Output relative error on the example inputs: {self.output_error:.3g}." if self.output_error is not None else ""),
+            + (f" Output relative error on the example inputs: {self.output_error:.3g}." if self.output_error is not None else "")
+            + (
+                f" onnxruntime latency {self.latency_before_ms:.3g} ms -> {self.latency_after_ms:.3g} ms."
+                if self.latency_before_ms is not None and self.latency_after_ms is not None
+                else ""
+            ),
             "",
             "| layer | op | method | ranks | FLOPs before | FLOPs after | params before | params after | predicted error |",
             "|---|---|---|---|---:|---:|---:|---:|---:|",

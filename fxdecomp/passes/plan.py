@@ -24,6 +24,7 @@ from ..cost import FLOPS_PER_MAC, count_params, module_macs
 from ..decomposers import all_methods, methods_for
 from ..errors import BudgetError, InvalidInputError, UnknownMethodError
 from ..ranks import resolve_ranks
+from ..latency import LayerLatency, model_ms, preferred_rank_multiple
 from ..planner import Infeasible, Option, solve_mckp
 from ..progress import Progress
 from ..result import Decision
@@ -47,6 +48,10 @@ class Choice:
     params: int
     error: float
     damage: float | None = None  # measured by the sensitivity callback; None: error ** 2
+    latency_ms: float | None = None  # measured in onnxruntime (latency budgets, latency_filter)
+
+    def cost(self, metric: str) -> float:
+        return {"flops": self.flops, "params": self.params, "latency": self.latency_ms}[metric]
 
 
 def rank_grid(maxima: tuple[int, ...], steps: int, round_to: int) -> list[tuple[int, ...]]:
@@ -71,28 +76,34 @@ class PlanPass(Pass):
         sensitivity_grid: int = 6  # ranks per method scored by the sensitivity callback
         round_to: int = 1  # round ranks up to a multiple (8 or 16 suit SIMD kernels)
         max_front: int = 50_000  # Pareto front size beyond which the solver thins it (see planner)
+        latency_grid: int = 6  # ranks per method measured in onnxruntime (latency budgets)
+        latency_threads: int = 1  # onnxruntime intra-op threads of the target
+        latency_filter: bool = False  # drop options that measure no faster than their layer, whatever the budget
 
     def run(self, gm):
         ctx = self.context
         if ctx.fixed_plan is not None:
             return self._apply_fixed(gm)
         methods = self._allowed_methods()
-        metric = ctx.budget.metric if ctx.budget.metric in ("flops", "params") else "flops"
-        total = ctx.flops_before if metric == "flops" else ctx.params_before
+        metric = ctx.budget.metric
+        total = {"flops": ctx.flops_before, "params": ctx.params_before}.get(metric)
+        if metric == "latency":
+            total = model_ms(ctx.reference, ctx.example_inputs, threads=self.options.latency_threads)
+            ctx.extras["latency_before_ms"] = total
         groups, planned, fixed = [], [], total
         decisions: dict[str, Decision] = {}
         progress = Progress("planning layer", len(ctx.candidates), ctx.progress)
         for candidate in ctx.candidates.values():
             progress.step(candidate.name)
             keep = self._keep(candidate)
-            fixed -= keep.flops if metric == "flops" else keep.params
+            fixed -= keep.cost(metric)
             choices = [] if candidate.excluded else self._choices(candidate, methods)
             if not choices:
                 decisions[candidate.name] = self._decision(candidate, keep, "excluded" if candidate.excluded else "no cheaper option")
-                fixed += keep.flops if metric == "flops" else keep.params
+                fixed += keep.cost(metric)
                 continue
             options = [keep, *choices]
-            groups.append([Option(o.flops if metric == "flops" else o.params, _damage(o) + (i > 0) * TIE_BREAK) for i, o in enumerate(options)])
+            groups.append([Option(o.cost(metric), _damage(o) + (i > 0) * TIE_BREAK) for i, o in enumerate(options)])
             planned.append((candidate, options))
         progress.__exit__()
         if not ctx.candidates or all(c.excluded for c in ctx.candidates.values()):
@@ -156,11 +167,27 @@ class PlanPass(Pass):
 
     def _keep(self, candidate: Candidate) -> Choice:
         flops = sum(site.node.meta[meta.FLOPS].flops for site in candidate.sites)
-        return Choice("keep", (), flops, count_params(candidate.layer), 0.0)
+        latency = self._latency(candidate, None, ()) if self._measures_latency else None
+        return Choice("keep", (), flops, count_params(candidate.layer), 0.0, latency_ms=latency)
+
+    @property
+    def _measures_latency(self) -> bool:
+        return self.context.budget.metric == "latency" or self.options.latency_filter
+
+    def _latency(self, candidate: Candidate, method: str | None, ranks: tuple[int, ...]) -> float:
+        """The layer's (or an option's) onnxruntime latency over its call sites, cached on disk."""
+        ctx = self.context
+        if "layer_latency" not in ctx.extras:
+            ctx.extras["layer_latency"] = LayerLatency(threads=self.options.latency_threads)
+        shapes = [site.input_shape for site in candidate.sites]
+        return ctx.extras["layer_latency"].sites_ms(candidate.spec, shapes, method, ranks)
 
     def _choices(self, candidate: Candidate, methods: tuple[str, ...]) -> list[Choice]:
         keep = self._keep(candidate)
-        by_params = self.context.budget.metric == "params"
+        metric = self.context.budget.metric
+        round_to = self.options.round_to
+        if self._measures_latency:
+            round_to = max(round_to, preferred_rank_multiple(self.options.latency_threads))
         choices = []
         for method in methods:
             if method not in methods_for(candidate.kind):
@@ -171,14 +198,19 @@ class PlanPass(Pass):
             steps = self.options.cp_grid if method == "cp" else self.options.grid
             if self.context.sensitivity is not None:
                 steps = min(steps, self.options.sensitivity_grid)
-            for ranks in rank_grid(decomposer.planning_max_ranks(candidate.spec), steps, self.options.round_to):
+            if self._measures_latency:
+                steps = min(steps, self.options.latency_grid)
+            for ranks in rank_grid(decomposer.planning_max_ranks(candidate.spec), steps, round_to):
                 with torch.device("meta"):
                     structure = decomposer.structure(candidate.spec, ranks)
                 flops = sum(module_macs(structure, s.input_shape) for s in candidate.sites) * FLOPS_PER_MAC
                 params = count_params(structure)
-                if (params >= keep.params) if by_params else (flops >= keep.flops):
+                if (params >= keep.params) if metric == "params" else (flops >= keep.flops):
                     continue  # never chosen: costs at least as much as the layer
-                choice = Choice(method, ranks, flops, params, predicted_error(self.context, candidate, method, ranks))
+                latency = self._latency(candidate, method, ranks) if self._measures_latency else None
+                if latency is not None and latency >= keep.latency_ms:
+                    continue  # measured no faster than the layer it would replace
+                choice = Choice(method, ranks, flops, params, predicted_error(self.context, candidate, method, ranks), latency_ms=latency)
                 if self.context.sensitivity is not None:
                     choice = dataclasses.replace(choice, damage=self._score_drop(candidate, choice))
                 choices.append(choice)

@@ -32,4 +32,9 @@ class VerifyPass(Pass):
         ctx = self.context
         if ctx.reference is not None:
             ctx.output_error = output_error(ctx.reference, gm, ctx.example_inputs)
+        if ctx.budget.metric == "latency":
+            from ..latency import model_ms
+
+            threads = ctx.extras["layer_latency"].threads if "layer_latency" in ctx.extras else 1
+            ctx.extras["latency_after_ms"] = model_ms(gm, ctx.example_inputs, threads=threads)
         return PassResult(gm, False)
