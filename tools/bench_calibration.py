@@ -4,6 +4,8 @@
     compressed to a fraction of their FLOPs; mean cosine similarity of sentence
     embeddings (masked mean pooling) to the original's, on the shipped sentences
     (tools/data/sentences.txt): calibrate on one half, measure on the other.
+    A third column adds sensitivity mode: options scored by that cosine on the
+    calibration half (`compress(sensitivity=...)`).
 (b) A VGG-style CNN trained here on scikit-learn's digits, compressed to a
     fraction of its FLOPs; test accuracy, no fine-tuning.
 
@@ -62,6 +64,12 @@ def minilm_rows(fractions, methods):
 
     example = next(fixed_batches(calibration_half))
     reference = embed(bert, fixed_batches(evaluation_half))
+    calibration_reference = embed(bert, fixed_batches(calibration_half))
+
+    def score(module):
+        """Sensitivity mode: mean cosine to the original on the calibration half (never the evaluation half)."""
+        return float(torch.nn.functional.cosine_similarity(embed(module, fixed_batches(calibration_half)), calibration_reference).mean())
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         unchanged = fxdecomp.compress(bert, example, budget=1.0, methods=methods)
@@ -71,11 +79,13 @@ def minilm_rows(fractions, methods):
     for fraction in fractions:
         budget = (fixed + fraction * linear_flops) / unchanged.flops_before
         row = {"case": f"MiniLM, Linear FLOPs x{fraction}", "metric": "mean cosine"}
-        for label, calib in (("weight-only", None), ("calibrated", calibration)):
+        for label, calib, sensitivity in (("weight-only", None, None), ("calibrated", calibration, None), ("+ sensitivity", calibration, score)):
             start = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                result = fxdecomp.compress(bert, example, budget=budget, methods=methods, calibration=calib() if calib else None)
+                result = fxdecomp.compress(
+                    bert, example, budget=budget, methods=methods, calibration=calib() if calib else None, sensitivity=sensitivity
+                )
             cosine = torch.nn.functional.cosine_similarity(embed(result.graph_module, fixed_batches(evaluation_half)), reference)
             row[label] = float(cosine.mean())
             row[f"{label} s"] = time.perf_counter() - start
@@ -114,11 +124,12 @@ def main():
         rows += minilm_rows((0.8, 0.6), [m for m in methods if m in fxdecomp.methods_for("linear")])
     if args.only in (None, "digits"):
         rows += digits_rows((0.5, 0.3), methods)
-    print(f"{'case':34} {'metric':12} {'weight-only':>12} {'calibrated':>12} {'better':>7} {'time (s) w/c':>14}")
+    print(f"{'case':34} {'metric':12} {'weight-only':>12} {'calibrated':>12} {'better':>7} {'+ sensitivity':>14} {'time (s) w/c/s':>16}")
     for r in rows:
         better = "yes" if r["calibrated"] > r["weight-only"] else ("=" if r["calibrated"] == r["weight-only"] else "no")
-        times = f"{r.get('weight-only s', 0):.1f}/{r.get('calibrated s', 0):.1f}" if "calibrated s" in r else ""
-        print(f"{r['case']:34} {r['metric']:12} {r['weight-only']:12.4f} {r['calibrated']:12.4f} {better:>7} {times:>14}")
+        sensitivity = f"{r['+ sensitivity']:14.4f}" if "+ sensitivity" in r else f"{'-':>14}"
+        times = "/".join(f"{r[k]:.1f}" for k in ("weight-only s", "calibrated s", "+ sensitivity s") if k in r)
+        print(f"{r['case']:34} {r['metric']:12} {r['weight-only']:12.4f} {r['calibrated']:12.4f} {better:>7} {sensitivity} {times:>16}")
 
 
 if __name__ == "__main__":
