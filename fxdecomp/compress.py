@@ -62,7 +62,7 @@ def compress(
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     budget = Budget.parse(budget)
-    example_inputs = _example_inputs(example_inputs)
+    example_inputs = as_example_inputs(example_inputs)
     recipe = load_recipe(pipeline)
     methods = _methods(methods if methods is not None else recipe.methods)
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
@@ -136,7 +136,7 @@ def _field(entry, key):
         raise InvalidInputError(f"a plan entry lacks {key!r}: {entry!r}; give result.decisions or result.to_dict()") from None
 
 
-def _example_inputs(example_inputs) -> tuple:
+def as_example_inputs(example_inputs) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)) or not example_inputs:

@@ -18,6 +18,18 @@ from .layer_spec import check_finite, layer_spec
 from .ranks import RankSpec, resolve_ranks
 
 
+def factorize_layer(layer: nn.Module, method: str, ranks: RankSpec = "full", **options: Any):
+    """(spec, decomposer, state, ranks): the checked factorisation behind `decompose_layer`."""
+    if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+        raise UnsupportedLayerError(f"{type(layer).__name__} is not a Conv2d or Linear; fxdecomp decomposes only those")
+    spec = layer_spec(layer)
+    check_finite(type(layer).__name__, layer)
+    decomposer = get_decomposer(spec.kind, method, **options)
+    decomposer.check(spec)
+    state = decomposer.factorize(spec, layer.weight.detach())
+    return spec, decomposer, state, resolve_ranks(ranks, decomposer, spec, state)
+
+
 def decompose_layer(layer: nn.Module, method: str, ranks: RankSpec = "full", **options: Any) -> nn.Module:
     """Decompose ``layer`` with ``method`` at ``ranks``; the layer itself is left untouched.
 
@@ -27,15 +39,8 @@ def decompose_layer(layer: nn.Module, method: str, ranks: RankSpec = "full", **o
     ``modes=((8, 8, 8), (4, 4, 4))`` for Linear tt, ``max_iter``/``tol``/``seed`` for cp).
     The result has the layer's dtype, device and training mode.
     """
-    if not isinstance(layer, (nn.Conv2d, nn.Linear)):
-        raise UnsupportedLayerError(f"{type(layer).__name__} is not a Conv2d or Linear; fxdecomp decomposes only those")
-    spec = layer_spec(layer)
-    check_finite(type(layer).__name__, layer)
-    decomposer = get_decomposer(spec.kind, method, **options)
-    decomposer.check(spec)
+    spec, decomposer, state, chosen = factorize_layer(layer, method, ranks, **options)
     weight = layer.weight.detach()
-    state = decomposer.factorize(spec, weight)
-    chosen = resolve_ranks(ranks, decomposer, spec, state)
     module = decomposer.build(spec, state, chosen, layer.bias.detach() if layer.bias is not None else None, weight)
     module.train(layer.training)
     module.fxdecomp_method, module.fxdecomp_ranks = method, chosen

@@ -23,6 +23,7 @@ from torch import nn
 
 from . import meta
 from .budget import Budget
+from .compress import as_example_inputs
 from .decomposers import all_methods
 from .errors import InvalidInputError, UnknownMethodError
 from .frontend import capture
@@ -92,7 +93,7 @@ def inspect_model(
     """
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    inputs = _inputs(example_inputs)
+    inputs = as_example_inputs(example_inputs)
     methods = tuple(methods)
     unknown = [m for m in methods if m not in all_methods()]
     if unknown:
@@ -153,13 +154,3 @@ def _energy_at(fraction: float, spectra_per_rank, max_ranks: tuple[int, ...]) ->
         energy.append(kept / total if total > 0 else 1.0)
     return EnergyAt(fraction, ranks, tuple(energy))
 
-
-def _inputs(example_inputs) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
-        raise InvalidInputError(
-            f"example_inputs must be a tensor or a non-empty tuple of tensors, got {type(example_inputs).__name__}"
-        )
-    # Private copies: a forward that writes into its inputs must not change the caller's tensors.
-    return tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x for x in example_inputs)

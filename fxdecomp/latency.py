@@ -398,12 +398,20 @@ def model_ms(
     *,
     runs: int = 20,
     warmup: int = 5,
+    statistic: str = "median",
 ) -> float:
-    """Median onnxruntime latency (ms) of a whole model: exported (static batch, no parity check), then timed."""
+    """onnxruntime latency (ms) of a whole model: exported (static batch, no parity check), then timed.
+
+    ``statistic`` ("median", "p10" or "min") should match the `LayerLatency` whose
+    layer times are set against this total.
+    """
+    if statistic not in STATISTICS:
+        raise InvalidInputError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
     from .export import export_onnx
 
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     with tempfile.TemporaryDirectory(prefix="fxdecomp-model-") as scratch:
         path = Path(scratch) / "model.onnx"
         export_onnx(module, args, path, check=False, dynamic_batch=False)
-        return benchmark_onnx(path, args, threads=threads, runs=runs, warmup=warmup).median_ms
+        stats = benchmark_onnx(path, args, threads=threads, runs=runs, warmup=warmup)
+    return float(getattr(stats, f"{statistic}_ms"))

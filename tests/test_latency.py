@@ -257,3 +257,6 @@ def test_model_ms_times_a_whole_model():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
     ms = model_ms(model, (torch.randn(1, 3, 8, 8),), threads=1, runs=3, warmup=1)
     assert math.isfinite(ms) and ms > 0
+    assert 0 < model_ms(model, torch.randn(1, 3, 8, 8), runs=3, warmup=1, statistic="min") < math.inf
+    with pytest.raises(InvalidInputError, match="statistic"):
+        model_ms(model, (torch.randn(1, 3, 8, 8),), statistic="mean")

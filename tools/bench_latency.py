@@ -6,18 +6,22 @@ and report speed-up and efficiency = speed-up / FLOP reduction (1.0: latency
 falls as much as FLOPs; the target is >= 0.85). Then the latency-budget mode:
 ``compress(..., budget=fxdecomp.Budget(latency=F))`` and the measured latency
 ratio against F (target: within 10 %); reported as pending while compress
-refuses latency budgets.
+refuses latency budgets. A "predicted ms" column checks the additive model a
+latency planner uses: the measured original, minus each replaced layer's time
+alone, plus its replacement's (`fxdecomp.latency.LayerLatency`).
 
 Weights come from `tools/zoo.py`: torchvision's definitions, seeded, with k^-0.7
 spectra so the plan has something to keep. Ranks are rounded to
 `fxdecomp.latency.preferred_rank_multiple()` (16 on AVX-512, 8 on AVX2) unless
-``--round-to`` says otherwise: the plan pass of ``--pipeline`` gets that option.
+``--round-to`` says otherwise: the plan pass of ``--pipeline`` gets that option,
+``latency_threads`` (latency budgets are planned per thread count) and, with
+``--latency-filter``, ``latency_filter`` for the FLOP budgets too.
 
 Usage::
 
-    python tools/bench_latency.py                                  # everything: ~15-30 minutes on 2 cores
+    python tools/bench_latency.py                                  # everything: ~5 minutes on a free core
     python tools/bench_latency.py --models vgg16 --budgets 0.5 --threads 1 --no-latency-budget
-    python tools/bench_latency.py --methods svd tucker2 --round-to 16 --json out/latency.json
+    python tools/bench_latency.py --methods all --round-to 8 --json out/latency.json
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ from fxdecomp.passes.plan import PlanPass  # noqa: E402
 from fxdecomp.recipes import load_recipe  # noqa: E402
 from tools.zoo import build  # noqa: E402
 
+# The methods whose onnxruntime latency follows their FLOPs (tools/study_rank_multiples.py): cp's depthwise
+# convs at 64-128 channels and high resolution run slower than the layer they replace.
+LATENCY_METHODS = ("svd", "spatial_svd", "tucker2")
 EFFICIENCY_TARGET = 0.85
 LATENCY_TOLERANCE = 0.10
 
@@ -175,12 +182,12 @@ def run_model(name: str, args, scratch: Path, rows: list[Row]) -> None:
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(args.seed))
     original = scratch / f"{name}.onnx"
     export_onnx(model, (x,), original, dynamic_batch=False)
-    plan_threads_known = "threads" in {f.name for f in dataclasses.fields(PlanPass.Options)}
     shapes = layer_inputs(model, x)
     timers = {t: LayerLatency(threads=t, cache_dir=args.cache_dir) for t in args.threads}
 
     for fraction in args.budgets:
-        recipe = write_recipe(args.pipeline, {"round_to": args.round_to}, scratch / f"recipe-{name}-{fraction}.toml")
+        options = {"round_to": args.round_to, "latency_filter": args.latency_filter, "latency_threads": args.threads[0]}
+        recipe = write_recipe(args.pipeline, options, scratch / f"recipe-{name}-{fraction}.toml")
         path = scratch / f"{name}-flops{fraction}.onnx"
         result, seconds = compress_and_export(model, x, fraction, args, recipe, path)
         print(f"  {name} flops={fraction}: compress {seconds:.1f} s, FLOPs kept {result.flops_ratio:.3f}, {method_mix(result)}", flush=True)
@@ -192,9 +199,9 @@ def run_model(name: str, args, scratch: Path, rows: list[Row]) -> None:
             print("   ", format_row(rows[-1]), flush=True)
 
     for fraction in args.latency_budgets:
-        # A latency plan is made for one thread count: one compress per count if the plan pass takes `threads`.
+        # A latency plan is made for one thread count (the plan pass's latency_threads): one compress per count.
         for threads in args.threads:
-            options = {"round_to": args.round_to, **({"threads": threads} if plan_threads_known else {})}
+            options = {"round_to": args.round_to, "latency_threads": threads}
             recipe = write_recipe(args.pipeline, options, scratch / f"recipe-{name}-lat{fraction}-{threads}.toml")
             path = scratch / f"{name}-latency{fraction}-{threads}.onnx"
             try:
@@ -204,7 +211,10 @@ def run_model(name: str, args, scratch: Path, rows: list[Row]) -> None:
                     rows.append(Row(name, "latency", fraction, threads, note="pending"))
                     print(f"  {name} latency={fraction}: pending ({exc})", flush=True)
                     break
-                raise
+                smallest = getattr(exc, "smallest_reachable", None)
+                rows.append(Row(name, "latency", fraction, threads, note=f"infeasible: smallest reachable {_f(smallest)}"))
+                print(f"  {name} latency={fraction} threads={threads}: {exc}", flush=True)
+                continue
             timing = compare_latency(original, path, (x,), threads=threads, rounds=args.rounds, warmup=args.warmup)
             predicted = predicted_ms(model, shapes, result, timers[threads], timing.a.median_ms) if args.predict else None
             rows.append(Row(name, "latency", fraction, threads, result.flops_ratio, result.params_ratio,
@@ -243,9 +253,14 @@ def main(argv=None) -> int:
     parser.add_argument("--latency-budgets", nargs="*", type=float, default=[0.5])
     parser.add_argument("--no-latency-budget", dest="latency_budgets", action="store_const", const=[])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--methods", nargs="+", default=None, help="allowed methods (default: the pipeline's)")
+    parser.add_argument(
+        "--methods", nargs="+", default=list(LATENCY_METHODS),
+        help=f"allowed methods (default: {' '.join(LATENCY_METHODS)}); 'all': every method (cp's ALS makes VGG's compress ~20 min)",
+    )
     parser.add_argument("--pipeline", default="default", help="base recipe: its plan pass gets --round-to")
     parser.add_argument("--round-to", type=int, default=None, help="rank multiple (default: preferred_rank_multiple())")
+    parser.add_argument("--latency-filter", action="store_true",
+                        help="FLOP budgets too drop options that measure no faster than their layer (plan option latency_filter)")
     parser.add_argument("--rounds", type=int, default=30, help="interleaved timed runs per model")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
@@ -255,6 +270,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", default=None, help="LayerLatency cache (default: $FXDECOMP_CACHE_DIR or ~/.cache/fxdecomp)")
     parser.add_argument("--keep", default=None, help="keep the ONNX files and recipes in this folder")
     args = parser.parse_args(argv)
+    if args.methods == ["all"]:
+        args.methods = None
     if args.round_to is None:
         args.round_to = preferred_rank_multiple()
     torch.set_num_threads(1)  # steady factorisations; onnxruntime gets its own thread counts

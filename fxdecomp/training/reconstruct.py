@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..decomposers import Decomposer, get_decomposer
-from ..layer_spec import ConvSpec, LinearSpec, check_finite, layer_spec
-from ..ranks import RankSpec, resolve_ranks
+from ..decompose import factorize_layer
+from ..decomposers import Decomposer
+from ..layer_spec import ConvSpec, LinearSpec
+from ..ranks import RankSpec
 
 # Impulse batches are cut so that one chunk's input holds at most this many elements.
 _CHUNK_ELEMENTS = 1 << 22
@@ -53,13 +54,8 @@ class LowRank:
 @torch.no_grad()
 def low_rank(layer: nn.Module, method: str, ranks: RankSpec, **options: Any) -> LowRank:
     """Factorise ``layer``'s current weight with ``method`` at ``ranks`` (as `fxdecomp.decompose_layer` does)."""
-    spec = layer_spec(layer)
-    check_finite(type(layer).__name__, layer)
-    decomposer = get_decomposer(spec.kind, method, **options)
-    decomposer.check(spec)
+    spec, decomposer, state, chosen = factorize_layer(layer, method, ranks, **options)
     weight = layer.weight.detach()
-    state = decomposer.factorize(spec, weight)
-    chosen = resolve_ranks(ranks, decomposer, spec, state)
     dense = decomposer.reconstruct(spec, state, chosen).to(dtype=weight.dtype, device=weight.device)
     return LowRank(dense, decomposer, spec, state, chosen)
 
