@@ -357,3 +357,17 @@ def test_unreachable_budget_hints_the_smallest_reachable(capsys):
     assert "cannot be reached" in error
     reachable = float(re.search(r"pass --budget ([\d.]+) or more", hint).group(1))
     assert main(["compress", FACTORY, "--input-shape", SHAPE, "--exclude", "features.*", "--budget", str(reachable), "-q"]) == 0
+
+
+def test_input_files_are_never_modified_whatever_happens(tmp_path, capsys):
+    torch.save(small_cnn(), tmp_path / "whole.pt")
+    torch.save(small_cnn().state_dict(), tmp_path / "weights.pt")
+    torch.save((torch.randn(1, 3, 16, 16),), tmp_path / "inputs.pt")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    ok = ["compress", str(tmp_path / "whole.pt"), "--inputs", str(tmp_path / "inputs.pt"), "--budget", "0.5", "-q",
+          "--out", str(tmp_path / "small.pt"), "--plan", str(tmp_path / "plan.json")]
+    assert main(ok) == 0
+    assert main(["compress", FACTORY, "--weights", str(tmp_path / "weights.pt"), "--input-shape", SHAPE, "--budget", "0.001", "-q"]) == 2
+    assert main(["compress", str(tmp_path / "whole.pt"), "--inputs", str(tmp_path / "inputs.pt"), "--out", str(tmp_path / "whole.pt"), "-q"]) == 2
+    capsys.readouterr()
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
