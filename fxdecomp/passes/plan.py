@@ -1,10 +1,11 @@
 """The plan pass: one global choice of method and ranks per candidate under the budget.
 
 For every candidate it lists the options (keep, or each allowed method on a grid
-of ranks), each with its cost (FLOPs, 2 per multiply-add, over every call; or
-parameters) and damage (the squared predicted relative error), drops options
-that are not cheaper than the layer, and solves the multiple-choice knapsack
-(`fxdecomp.planner`). The whole model's cost counts, undecomposable ops included.
+of ranks), each with its cost (FLOPs, 2 per multiply-add, over every call;
+parameters; or onnxruntime milliseconds measured per layer) and damage (the
+squared predicted relative error, or the score drop of a sensitivity callback),
+drops options that are not cheaper than the layer, and solves the multiple-choice
+knapsack (`fxdecomp.planner`). The whole model's cost counts, undecomposable ops included.
 """
 
 from __future__ import annotations
@@ -23,18 +24,14 @@ from .. import meta
 from ..cost import FLOPS_PER_MAC, count_params, module_macs
 from ..decomposers import all_methods, methods_for
 from ..errors import BudgetError, InvalidInputError, UnknownMethodError
-from ..ranks import resolve_ranks
 from ..latency import LayerLatency, model_ms, preferred_rank_multiple
 from ..planner import Infeasible, Option, solve_mckp
 from ..progress import Progress
+from ..ranks import resolve_ranks
 from ..result import Decision
 from .analysis import factorization, predicted_error
 from .base import Candidate, Pass, log, register_pass
 from .rewrite import rewrite_graph
-
-
-def _damage(choice: Choice) -> float:
-    return choice.damage if choice.damage is not None else choice.error**2
 
 # A decomposition must buy something: at equal damage, keeping the layer wins.
 TIE_BREAK = 1e-12
@@ -52,6 +49,9 @@ class Choice:
 
     def cost(self, metric: str) -> float:
         return {"flops": self.flops, "params": self.params, "latency": self.latency_ms}[metric]
+
+    def predicted_damage(self) -> float:
+        return self.damage if self.damage is not None else self.error**2
 
 
 def rank_grid(maxima: tuple[int, ...], steps: int, round_to: int) -> list[tuple[int, ...]]:
@@ -103,7 +103,7 @@ class PlanPass(Pass):
                 fixed += keep.cost(metric)
                 continue
             options = [keep, *choices]
-            groups.append([Option(o.cost(metric), _damage(o) + (i > 0) * TIE_BREAK) for i, o in enumerate(options)])
+            groups.append([Option(o.cost(metric), o.predicted_damage() + (i > 0) * TIE_BREAK) for i, o in enumerate(options)])
             planned.append((candidate, options))
         progress.__exit__()
         if not ctx.candidates or all(c.excluded for c in ctx.candidates.values()):
