@@ -204,9 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(sub)
     _input_args(sub)
     sub.add_argument("--budget", default="0.5", help="fraction of the model's FLOPs to keep (0.5), or params:F / flops:F (default 0.5)")
-    sub.add_argument("--methods", help="comma-separated methods to allow, e.g. svd,tucker2 (default: every method that applies)")
+    sub.add_argument("--methods", help="comma-separated methods to allow, e.g. svd,tucker2 (default: the recipe's; default recipe: svd,spatial_svd,tucker2)")
     sub.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="layer name or glob left alone (repeatable)")
-    sub.add_argument("--recipe", help="pass pipeline: a recipe name in passes/ (default, fast, hardware) or a .toml path")
+    sub.add_argument("--recipe", help="pass pipeline: a recipe name in passes/ (default, fast, hardware, thorough) or a .toml path")
     sub.add_argument("--calibration", metavar="FILE", help="torch.save'd list of input tuples: activation-aware planning")
     _output_args(sub)
     sub.add_argument("--latency", action="store_true", help="measure onnxruntime latency of the original and the result (summary, report)")
@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--out-dir", help="keep the artifacts here (ONNX files, report.html, plan.json); default: a temp dir")
     sub.add_argument("--budget", default="0.5", help="fraction of FLOPs to keep (default 0.5)")
     sub.add_argument("--epochs", type=_positive_int, default=5, help="training epochs (default 5, ~7 s on one core)")
-    sub.add_argument("--methods", help="comma-separated methods (default: all)")
+    sub.add_argument("--methods", help="comma-separated methods (default: the default recipe's)")
     return parser
 
 

@@ -23,30 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from fxdecomp.factorize.cp import cp_conv_kernel  # noqa: E402
+from tests.test_cp import trained_like  # noqa: E402  (the trained-like kernel the tests use)
 
 
 def gaussian_kernel(n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, n, 3, 3, generator=torch.Generator().manual_seed(seed))
-
-
-def trained_like_kernel(n: int, seed: int, kh: int = 3, kw: int = 3) -> torch.Tensor:
-    """Singular values s_k = 1/k on the lowered (N, N*kh*kw) matrix, plus a CP part with
-    weights 1/k, plus 5% Gaussian noise (by Frobenius norm)."""
-    g = torch.Generator().manual_seed(seed)
-    t = s = n
-    cols = s * kh * kw
-    m = min(t, cols)
-    u = torch.linalg.qr(torch.randn(t, m, generator=g, dtype=torch.float64)).Q
-    v = torch.linalg.qr(torch.randn(cols, m, generator=g, dtype=torch.float64)).Q
-    sv = 1.0 / torch.arange(1, m + 1, dtype=torch.float64)
-    lowered = ((u * sv) @ v.T).reshape(t, s, kh, kw)
-    r0 = min(t, s)
-    fs = [torch.randn(d, r0, generator=g, dtype=torch.float64) for d in (t, s, kh, kw)]
-    fs = [f / f.norm(dim=0) for f in fs]
-    w = 1.0 / torch.arange(1, r0 + 1, dtype=torch.float64)
-    cp = torch.einsum("tr,sr,ir,jr->tsij", fs[0] * w, fs[1], fs[2], fs[3])
-    noise = torch.randn(t, s, kh, kw, generator=g, dtype=torch.float64)
-    return (0.5 * lowered / lowered.norm() + 0.5 * cp / cp.norm() + 0.05 * noise / noise.norm()).float()
 
 
 def relative_error(kernel: torch.Tensor, approx: torch.Tensor) -> float:
@@ -109,8 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         for fraction in args.fractions:
             rank = max(1, int(round(fraction * n)))
             for kind in args.kinds:
-                make = gaussian_kernel if kind == "random" else trained_like_kernel
-                kernel = make(n, args.seed)
+                kernel = gaussian_kernel(n, args.seed) if kind == "random" else trained_like(n, n, 3, 3, args.seed)
                 ours_s, ours_err = run_ours(kernel, rank, args.seed, args.repeats)
                 if args.skip_parafac:
                     pf = "{:>9} {:>11} |".format("-", "-")
