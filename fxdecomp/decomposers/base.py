@@ -63,8 +63,18 @@ class Decomposer(ABC):
     def factorize(self, spec: Spec, weight: torch.Tensor) -> Any:
         """The rank-independent, expensive part (spectra, bases); handed back to `error` and `load`."""
 
-    def factorize_whitened(self, spec: Spec, weight: torch.Tensor, grams: Sequence[torch.Tensor]) -> Any:
-        """Like `factorize`, fitted to inputs with Gram matrices ``grams`` (one per group); see data_aware."""
+    def factorize_whitened(
+        self,
+        spec: Spec,
+        weight: torch.Tensor,
+        grams: Sequence[torch.Tensor],
+        output_weights: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> Any:
+        """Like `factorize`, fitted to inputs with Gram matrices ``grams`` (one per group); see data_aware.
+
+        ``output_weights`` (one per group: (H^(1/2), H^(-1/2)) of an output Gram matrix H, from
+        `fxdecomp.calibration.output_whitening`) weight the layer's output errors as the model's outputs see them.
+        """
         raise NotImplementedError
 
     @abstractmethod

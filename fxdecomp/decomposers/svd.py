@@ -4,7 +4,9 @@ Linear(S->T)  ->  Linear(S->r, no bias) -> Linear(r->T, bias)
 Conv(S->T)    ->  Conv(S->r, kh x kw, stride, padding, dilation) -> Conv 1x1 (r->T, bias)
 Grouped convs are factorised group by group (r per group). With calibration data
 both are data-aware: the whitened SVD (`fxdecomp.calibration.whitened_spectrum`)
-minimises the output error on the data instead of the weight error.
+minimises the output error on the data instead of the weight error; with output
+Gram matrices H too (given as ``output_weights``), it minimises ||H^(1/2) dW G^(1/2)||, the first-order change of
+the model's outputs (the SVD of H^(1/2) W G^(1/2); the left factor is mapped back by H^(-1/2)).
 """
 
 from __future__ import annotations
@@ -29,27 +31,46 @@ class LinearSVD(Decomposer):
         (r,) = ranks
         return nn.Sequential(nn.Linear(spec.in_features, r, bias=False), nn.Linear(r, spec.out_features, bias=spec.has_bias))
 
-    def factorize(self, spec, weight):
-        return weight.detach(), matrix_spectrum(weight)
+    # state: (the matrix factorised, its spectrum, H^(-1/2) or None); see `two_sided`.
 
-    def factorize_whitened(self, spec, weight, grams):
-        return weight.detach(), whitened_spectrum(weight, grams[0])
+    def factorize(self, spec, weight):
+        return weight.detach(), matrix_spectrum(weight), None
+
+    def factorize_whitened(self, spec, weight, grams, output_weights=None):
+        matrix, unweight = two_sided(weight, output_weights[0] if output_weights else None)
+        return matrix, whitened_spectrum(matrix, grams[0]), unweight
 
     def error(self, spec, state, ranks):
         return state[1].relative_error(ranks[0])
 
     def reconstruct(self, spec, state, ranks):
-        left, right = low_rank_factors(state[0].double(), ranks[0], state[1])
+        left, right = factors(state[0], ranks[0], state[1], state[2], torch.float64)
         return left @ right
 
     def load(self, module, spec, state, ranks):
-        left, right = low_rank_factors(state[0], ranks[0], state[1])
+        left, right = factors(state[0], ranks[0], state[1], state[2], module[0].weight.dtype)
         with torch.no_grad():
             module[0].weight.copy_(right)
             module[1].weight.copy_(left)
 
     def rank_spectra(self, spec, state):
         return [[state[1]]]
+
+
+def two_sided(matrix: torch.Tensor, output_weight) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(H^(1/2) W, H^(-1/2)) with an output weight (H^(1/2), H^(-1/2)); (W, None) without one."""
+    if output_weight is None:
+        return matrix.detach(), None
+    sqrt, inv_sqrt = output_weight
+    return sqrt @ matrix.detach().to(torch.float64), inv_sqrt
+
+
+def factors(matrix, rank, spectrum, unweight, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated-SVD factors of the layer's own weight from those of the (output-weighted) matrix."""
+    left, right = low_rank_factors(matrix.to(torch.float64), rank, spectrum)
+    if unweight is not None:
+        left = unweight @ left
+    return left.to(dtype), right.to(dtype)
 
 
 def lowered(kernel: torch.Tensor) -> torch.Tensor:
@@ -75,33 +96,42 @@ class ConvSVD(Decomposer):
             conv(g * r, spec.out_channels, groups=g, bias=spec.has_bias),
         )
 
+    # state: (kernel blocks, per group: the matrix factorised, its spectrum, H^(-1/2) or None).
+
     def factorize(self, spec, weight):
         blocks = group_slices(spec, weight)
-        return blocks, [matrix_spectrum(lowered(b)) for b in blocks]
+        return blocks, [(lowered(b), matrix_spectrum(lowered(b)), None) for b in blocks]
 
-    def factorize_whitened(self, spec, weight, grams):
+    def factorize_whitened(self, spec, weight, grams, output_weights=None):
         blocks = group_slices(spec, weight)
-        return blocks, [whitened_spectrum(lowered(b), g) for b, g in zip(blocks, grams)]
+        per_group = []
+        for g, (block, gram) in enumerate(zip(blocks, grams)):
+            matrix, unweight = two_sided(lowered(block), output_weights[g] if output_weights else None)
+            per_group.append((matrix, whitened_spectrum(matrix, gram), unweight))
+        return blocks, per_group
 
     def error(self, spec, state, ranks):
-        blocks, spectra = state
-        return combined_error([s.relative_error(ranks[0]) for s in spectra], blocks.norms)
+        blocks, per_group = state
+        spectra = [spectrum for _, spectrum, _ in per_group]
+        # Each group's share of the error is its share of the energy that its spectrum measures.
+        norms = [s.total**0.5 for s in spectra]
+        return combined_error([s.relative_error(ranks[0]) for s in spectra], norms)
 
     def reconstruct(self, spec, state, ranks):
         blocks = []
-        for block, spectrum in zip(*state):
-            left, right = low_rank_factors(lowered(block).double(), ranks[0], spectrum)
+        for block, (matrix, spectrum, unweight) in zip(*state):
+            left, right = factors(matrix, ranks[0], spectrum, unweight, torch.float64)
             blocks.append((left @ right).reshape(block.shape))
         return torch.cat(blocks)
 
     def load(self, module, spec, state, ranks):
         (r,) = ranks
         first, second = module[-2], module[-1]
-        for g, (block, spectrum) in enumerate(zip(*state)):
-            left, right = low_rank_factors(lowered(block), r, spectrum)
+        for g, (block, (matrix, spectrum, unweight)) in enumerate(zip(*state)):
+            left, right = factors(matrix, r, spectrum, unweight, first.weight.dtype)
             with torch.no_grad():
                 first.weight[g * r : (g + 1) * r].copy_(right.reshape(r, *block.shape[1:]))
                 second.weight[g * spec.out_per_group : (g + 1) * spec.out_per_group].copy_(left[:, :, None, None])
 
     def rank_spectra(self, spec, state):
-        return [state[1]]
+        return [[spectrum for _, spectrum, _ in state[1]]]

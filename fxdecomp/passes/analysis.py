@@ -17,7 +17,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from .. import meta
-from ..calibration import OutputErrorMeter
+from ..calibration import OutputErrorMeter, output_energy, output_whitening
 from ..cost import FLOPS_PER_MAC, count_flops, count_params, spec_macs
 from ..decomposers import get_decomposer, methods_for
 from ..errors import FxDecompError
@@ -237,7 +237,8 @@ class RankEstimatePass(Pass):
 def factorization(ctx, candidate: Candidate, method: str):
     """(decomposer, state) for a candidate and method, computed once per compress call; state None if n/a.
 
-    With calibration data, data-aware decomposers (svd) factorise the whitened weight.
+    With calibration data, data-aware decomposers (svd) factorise the whitened weight
+    (on both sides when the calibration was output-aware).
     """
     gram = ctx.grams.get(candidate.name)
     key = (candidate.name, method, gram is not None)
@@ -249,8 +250,9 @@ def factorization(ctx, candidate: Candidate, method: str):
             try:
                 decomposer.check(candidate.spec)
                 if gram is not None and decomposer.data_aware:
-                    grams = [gram.matrix(g) for g in range(gram.groups)]
-                    state = decomposer.factorize_whitened(candidate.spec, weight, grams)
+                    state = decomposer.factorize_whitened(
+                        candidate.spec, weight, _gram_matrices(gram), output_weights(ctx, candidate)
+                    )
                 else:
                     state = decomposer.factorize(candidate.spec, weight)
             except FxDecompError as exc:
@@ -259,8 +261,30 @@ def factorization(ctx, candidate: Candidate, method: str):
     return ctx.states[key]
 
 
+def _gram_matrices(gram) -> list[torch.Tensor]:
+    return [gram.matrix(g) for g in range(gram.groups)]
+
+
+def _output_gram_matrices(ctx, candidate: Candidate) -> list[torch.Tensor] | None:
+    output_gram = ctx.output_grams.get(candidate.name)
+    return _gram_matrices(output_gram) if output_gram is not None else None
+
+
+def output_weights(ctx, candidate: Candidate) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """(H^(1/2), H^(-1/2)) per group of the candidate's output Gram matrices, computed once; None without."""
+    cache = ctx.extras.setdefault("output_weights", {})
+    if candidate.name not in cache:
+        output_grams = _output_gram_matrices(ctx, candidate)
+        cache[candidate.name] = [output_whitening(h) for h in output_grams] if output_grams else None
+    return cache[candidate.name]
+
+
 def predicted_error(ctx, candidate: Candidate, method: str, ranks: tuple[int, ...]) -> float:
-    """The layer's predicted relative output error: on the calibration data when there is some, else of the weight."""
+    """The layer's predicted relative output error: on the calibration data when there is some, else of the weight.
+
+    With output-aware calibration the error is relative to `output_energy` (the
+    layer's output energy as the model's outputs see it), for every method.
+    """
     decomposer, state = factorization(ctx, candidate, method)
     gram = ctx.grams.get(candidate.name)
     if gram is None or decomposer.data_aware:
@@ -268,10 +292,29 @@ def predicted_error(ctx, candidate: Candidate, method: str, ranks: tuple[int, ..
     weight_blocks = weight_matrices(candidate.spec, candidate.layer.weight.detach())
     meter = ctx.error_meters.get(candidate.name)
     if meter is None:
-        meter = OutputErrorMeter([gram.matrix(g) for g in range(gram.groups)], weight_blocks)
+        weights = output_weights(ctx, candidate)
+        meter = OutputErrorMeter(_gram_matrices(gram), weight_blocks, output_sqrt=[w[0] for w in weights] if weights else None)
         ctx.error_meters[candidate.name] = meter
     dense = decomposer.estimate_reconstruct(candidate.spec, state, ranks)
     return meter.relative_error(weight_blocks, weight_matrices(candidate.spec, dense))
+
+
+def output_energies(ctx) -> dict[str, float]:
+    """Per candidate with output-aware calibration: tr(W G W^T H), what its relative errors are relative to.
+
+    A relative error e of layer l then changes the model's outputs by about
+    e^2 * energy_l (relative squared change, summed over the outputs), so the
+    planner can add damages across layers. Empty without output-aware calibration.
+    """
+    if "output_energies" not in ctx.extras:
+        energies = {}
+        for name, candidate in ctx.candidates.items():
+            output_grams = _output_gram_matrices(ctx, candidate)
+            if output_grams is not None and name in ctx.grams:
+                blocks = weight_matrices(candidate.spec, candidate.layer.weight.detach())
+                energies[name] = output_energy(blocks, _gram_matrices(ctx.grams[name]), output_grams)
+        ctx.extras["output_energies"] = energies
+    return ctx.extras["output_energies"]
 
 
 def weight_matrices(spec, weight: torch.Tensor) -> list[torch.Tensor]:

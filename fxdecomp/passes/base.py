@@ -89,6 +89,7 @@ class PassContext:
     output_error: float | None = None
     source_model: nn.Module | None = None  # the private copy that was captured (never the user's model)
     grams: dict[str, Any] = field(default_factory=dict)  # candidate name -> GramAccumulator (calibration)
+    output_grams: dict[str, Any] = field(default_factory=dict)  # candidate name -> OutputGramAccumulator
     error_meters: dict[str, Any] = field(default_factory=dict)  # candidate name -> OutputErrorMeter
     extras: dict[str, Any] = field(default_factory=dict)
 

@@ -1,37 +1,73 @@
-"""The calibrate pass: stream calibration batches once and keep each candidate's input Gram matrix.
+"""The calibrate pass: stream calibration batches once and keep each candidate's Gram matrices.
+
+Per candidate it keeps the Gram matrix of the layer's inputs and, when
+``output_aware`` (the default), the Gram matrix of random projections of the
+gradient that reaches the layer's outputs from the model's outputs (a few
+backward passes per batch; see `fxdecomp.calibration`). The second one puts every
+layer's error in one unit, the relative change of the model's outputs, so the
+planner can compare layers; a model that cannot be differentiated falls back to
+input Gram matrices alone, with a warning.
 
 fx graphs are run by an Interpreter that reads each candidate's input as it
 passes; torch.export graphs fix the batch size, so their candidates are
-observed with forward hooks on the matching modules of a private copy of the
-model instead. Memory is bounded (one Gram matrix per layer); progress goes to
+observed with hooks on the matching modules of a private copy of the model
+instead. Memory is bounded (two Gram matrices per layer); progress goes to
 stderr when asked.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ..calibration import GramAccumulator
+from ..calibration import GramAccumulator, OutputGramAccumulator
 from ..errors import InvalidInputError
 from ..progress import Progress
 from .base import Pass, log, register_pass
 
 
+class _Taps:
+    """Zero tensors added to the candidates' outputs during one forward pass: their gradients are the outputs'."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.taps: list[tuple[OutputGramAccumulator, torch.Tensor]] = []
+
+    def tap(self, output: torch.Tensor, gram: OutputGramAccumulator | None) -> torch.Tensor:
+        if not self.enabled or gram is None or not output.is_floating_point():
+            return output
+        probe = torch.zeros_like(output, requires_grad=True)
+        self.taps.append((gram, probe))
+        return output + probe
+
+
+def output_tensors(outputs) -> list[torch.Tensor]:
+    """The floating-point tensors of a model's outputs (tensors, tuples, lists, dicts, ModelOutput)."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs] if outputs.is_floating_point() else []
+    if isinstance(outputs, Mapping):
+        outputs = list(outputs.values())
+    if isinstance(outputs, (tuple, list)):
+        return [t for item in outputs for t in output_tensors(item)]
+    return []
+
+
 class _GramInterpreter(fx.Interpreter):
-    def __init__(self, gm, grams_by_node):
+    def __init__(self, gm, inputs_by_node, outputs_by_node, taps: _Taps):
         super().__init__(gm)
-        self.grams_by_node = grams_by_node
+        self.inputs_by_node, self.outputs_by_node, self.taps = inputs_by_node, outputs_by_node, taps
 
     def run_node(self, node):
-        entry = self.grams_by_node.get(node)
+        entry = self.inputs_by_node.get(node)
         if entry is not None:
             gram, input_node = entry
             gram.update(self.env[input_node])
-        return super().run_node(node)
+        return self.taps.tap(super().run_node(node), self.outputs_by_node.get(node))
 
 
 @register_pass
@@ -41,21 +77,32 @@ class CalibratePass(Pass):
     @dataclass(frozen=True)
     class Options:
         max_batches: int = 0  # 0: all of them
+        output_aware: bool = True  # also the Gram matrices of output gradients (backward passes)
+        probes: int = 4  # random output projections (backward passes) per batch
+        seed: int = 0  # of the random projections: the result is deterministic
 
     def run(self, gm):
         ctx = self.context
         if ctx.calibration is None:
             return PassResult(gm, False)
-        grams = {name: GramAccumulator(c.spec) for name, c in ctx.candidates.items() if not c.excluded}
-        observe = self._hooks(grams) if ctx.frontend == "export" else self._interpreter(gm, grams)
+        active = [name for name, c in ctx.candidates.items() if not c.excluded]
+        grams = {name: GramAccumulator(ctx.candidates[name].spec) for name in active}
+        output_grams = {name: OutputGramAccumulator(ctx.candidates[name].spec) for name in active}
+        self.generator = torch.Generator().manual_seed(self.options.seed)
+        self.differentiable = self.options.output_aware and self.options.probes > 0
+        taps = _Taps(self.differentiable)
+        if ctx.frontend == "export":
+            forward = self._hooks(grams, output_grams, taps)
+        else:
+            forward = self._interpreter(gm, grams, output_grams, taps)
         batches = 0
         progress = Progress("calibration batch", None, ctx.progress)
-        with torch.no_grad(), progress:
+        with progress:
             for batch in ctx.calibration:
                 inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
                 if not all(isinstance(x, torch.Tensor) for x in inputs):
                     raise InvalidInputError("calibration must yield input tuples (or single tensors) like example_inputs")
-                observe(tuple(inputs))
+                self._observe(forward, tuple(inputs), taps, output_grams)
                 batches += 1
                 progress.step()
                 if self.options.max_batches and batches >= self.options.max_batches:
@@ -63,20 +110,62 @@ class CalibratePass(Pass):
         if batches == 0:
             raise InvalidInputError("calibration yielded no batch; pass an iterable of input tuples")
         ctx.grams = {name: g for name, g in grams.items() if g.count}
-        log.info("calibrated %d layers on %d batches", len(ctx.grams), batches)
+        if self.differentiable:
+            # Layers no gradient reached (detached or integer outputs only) keep input-only errors.
+            ctx.output_grams = {name: g for name, g in output_grams.items() if g.count and g.updates and name in ctx.grams}
+        log.info("calibrated %d layers on %d batches (output-aware: %s)", len(ctx.grams), batches, self.differentiable)
         return PassResult(gm, False)
 
-    def _interpreter(self, gm, grams):
-        by_node = {
-            site.node: (grams[name], site.input_node)
-            for name, candidate in self.context.candidates.items()
-            if name in grams
-            for site in candidate.sites
-        }
-        interpreter = _GramInterpreter(gm, by_node)
+    def _observe(self, forward, inputs, taps: _Taps, output_grams) -> None:
+        """One forward pass (input Gram matrices), then the probes' backward passes (output Gram matrices)."""
+        if not self.differentiable:
+            with torch.no_grad():
+                forward(inputs)
+            return
+        taps.taps.clear()
+        try:
+            with torch.enable_grad():
+                outputs = output_tensors(forward(inputs))
+                self._probe(outputs, taps, output_grams)
+        except RuntimeError as exc:  # in-place ops on saved tensors, non-differentiable custom ops, ...
+            warnings.warn(
+                f"fxdecomp: the model cannot be differentiated for output-aware calibration ({exc}); "
+                "layer errors are measured on their own outputs instead",
+                stacklevel=4,
+            )
+            self.differentiable = taps.enabled = False
+        finally:
+            taps.taps.clear()
+
+    def _probe(self, outputs: list[torch.Tensor], taps: _Taps, output_grams) -> None:
+        outputs = [t for t in outputs if t.requires_grad]
+        if not outputs or not taps.taps:
+            return
+        probes = [p for _, p in taps.taps]
+        for k in range(self.options.probes):
+            # Each output counts by its relative change: v . y / ||y|| with v standard normal.
+            projection = sum(
+                (torch.randn(t.shape, generator=self.generator, dtype=t.dtype) * t).sum() / t.detach().norm().clamp_min(1e-30)
+                for t in outputs
+            )
+            gradients = torch.autograd.grad(projection, probes, retain_graph=k + 1 < self.options.probes, allow_unused=True)
+            for (gram, _), gradient in zip(taps.taps, gradients):
+                if gradient is not None:
+                    gram.update(gradient)
+            for gram in output_grams.values():
+                gram.end_probe()
+
+    def _interpreter(self, gm, grams, output_grams, taps):
+        inputs_by_node, outputs_by_node = {}, {}
+        for name, candidate in self.context.candidates.items():
+            if name in grams:
+                for site in candidate.sites:
+                    inputs_by_node[site.node] = (grams[name], site.input_node)
+                    outputs_by_node[site.node] = output_grams[name]
+        interpreter = _GramInterpreter(gm, inputs_by_node, outputs_by_node, taps)
         return lambda inputs: interpreter.run(*inputs)
 
-    def _hooks(self, grams):
+    def _hooks(self, grams, output_grams, taps):
         model = self.context.source_model
         modules = dict(model.named_modules())
         for name, gram in grams.items():
@@ -86,4 +175,5 @@ class CalibratePass(Pass):
                 log.info("%s: no module to observe; its error stays weight-only", name)
                 continue
             module.register_forward_pre_hook(lambda _m, args, gram=gram: gram.update(args[0]))
+            module.register_forward_hook(lambda _m, _args, out, g=output_grams[name]: taps.tap(out, g))
         return lambda inputs: model(*inputs)

@@ -3,7 +3,9 @@
 For every candidate it lists the options (keep, or each allowed method on a grid
 of ranks), each with its cost (FLOPs, 2 per multiply-add, over every call;
 parameters; or onnxruntime milliseconds measured per layer) and damage (the
-squared predicted relative error, or the score drop of a sensitivity callback),
+squared predicted relative error; with output-aware calibration, that times the
+layer's output energy as the model's outputs see it, so damages of different
+layers are in one unit; or the score drop of a sensitivity callback),
 drops options that are not cheaper than the layer, and solves the multiple-choice
 knapsack (`fxdecomp.planner`). The whole model's cost counts, undecomposable ops included.
 """
@@ -29,7 +31,7 @@ from ..planner import Infeasible, Option, solve_mckp
 from ..progress import Progress
 from ..ranks import resolve_ranks
 from ..result import Decision
-from .analysis import factorization, predicted_error
+from .analysis import factorization, output_energies, predicted_error
 from .base import Candidate, Pass, log, register_pass
 from .rewrite import rewrite_graph
 
@@ -210,12 +212,22 @@ class PlanPass(Pass):
                 latency = self._latency(candidate, method, ranks) if self._measures_latency else None
                 if latency is not None and latency >= keep.latency_ms:
                     continue  # measured no faster than the layer it would replace
-                choice = Choice(method, ranks, flops, params, predicted_error(self.context, candidate, method, ranks), latency_ms=latency)
+                error = predicted_error(self.context, candidate, method, ranks)
+                choice = Choice(method, ranks, flops, params, error, damage=self._output_damage(candidate, error), latency_ms=latency)
                 if self.context.sensitivity is not None:
                     choice = dataclasses.replace(choice, damage=self._score_drop(candidate, choice))
                 choices.append(choice)
         log.debug("%s: %d options", candidate.name, len(choices))
         return choices
+
+    def _output_damage(self, candidate: Candidate, error: float) -> float | None:
+        """error^2 in the unit of the model's outputs (output-aware calibration), else None (error^2)."""
+        energies = output_energies(self.context)
+        if not energies:
+            return None
+        # A layer the calibration could not observe counts like an average one.
+        energy = energies.get(candidate.name, sum(energies.values()) / len(energies))
+        return error**2 * energy
 
     def _score_drop(self, candidate: Candidate, choice: Choice) -> float:
         """How much the user's score falls when only this layer is decomposed this way (never below 0)."""
