@@ -16,6 +16,7 @@ from .decompose import decompose_layer
 from .decomposers import all_methods, methods_for
 from .export import ExportReport, export_onnx
 from .inspect import LayerInfo, inspect_model
+from .recipes import Recipe, load_recipe
 from .training import DeepTwist, factorized_model, finetune
 from .errors import (
     BudgetError,
@@ -43,6 +44,7 @@ __all__ = [
     "FxDecompError",
     "InvalidInputError",
     "ParityError",
+    "Recipe",
     "RecipeError",
     "ResourceError",
     "TraceError",
@@ -58,6 +60,7 @@ __all__ = [
     "export_onnx",
     "factorized_model",
     "finetune",
+    "load_recipe",
     "inspect_model",
     "methods_for",
 ]

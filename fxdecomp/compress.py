@@ -26,7 +26,7 @@ from .errors import InvalidInputError, UnknownMethodError
 from .frontend import capture_with_source
 from .passes import PassContext, make_pass
 from .progress import stderr_is_terminal
-from .recipes import load_recipe
+from .recipes import Recipe, load_recipe
 from .result import CompressionResult
 
 
@@ -37,7 +37,7 @@ def compress(
     methods: Sequence[str] | None = None,
     calibration: Iterable | None = None,
     exclude: Sequence[str] | str = (),
-    pipeline: str | os.PathLike | None = None,
+    pipeline: str | os.PathLike | Recipe | None = None,
     *,
     frontend: str = "auto",
     plan: Mapping[str, Any] | Sequence[Any] | None = None,
@@ -49,7 +49,8 @@ def compress(
     ``budget`` is a fraction in (0, 1] of the whole model's FLOPs (2 per multiply-add,
     every op counted) or a `Budget` of FLOPs or parameters. ``methods`` restricts the
     methods (None: all that apply); ``exclude`` holds qualified names or glob patterns
-    left alone; ``pipeline`` names a recipe in ``passes/`` or a path to one; ``frontend``
+    left alone; ``pipeline`` names a recipe in ``passes/``, a path to one, or is a `Recipe`
+    (``load_recipe("hardware").with_options(plan={"round_to": 8})``); ``frontend``
     forces "fx" or "export". ``sensitivity`` is
     a callback scoring a model (higher is better, e.g. validation accuracy): each
     candidate option is scored with only that layer decomposed, and the planner

@@ -9,6 +9,8 @@ Example::
 
     recipe = load_recipe("fast")
     [step.name for step in recipe.steps]   # ['shape_prop', 'find_candidates', ...]
+    tuned = load_recipe("hardware").with_options(plan={"min_efficiency": 0.95})
+    fxdecomp.compress(model, x, budget=0.5, pipeline=tuned)
 """
 
 from __future__ import annotations
@@ -41,13 +43,34 @@ class Recipe:
     steps: tuple[Step, ...]
     methods: tuple[str, ...] | None = None
 
+    def with_options(self, **options_by_pass: dict[str, Any]) -> "Recipe":
+        """A copy with options merged into the named passes, e.g. ``with_options(plan={"round_to": 8})``."""
+        names = {step.name for step in self.steps}
+        for name, options in options_by_pass.items():
+            if name not in names:
+                raise RecipeError(f"recipe {self.name!r} has no pass {name!r}; its passes: {[s.name for s in self.steps]}")
+            _check_options(self.name, name, options)
+        steps = tuple(Step(s.name, {**s.options, **options_by_pass.get(s.name, {})}) for s in self.steps)
+        return dataclasses.replace(self, steps=steps)
+
+
+def _check_options(recipe: str, name: str, options: dict[str, Any]) -> None:
+    known = {f.name for f in dataclasses.fields(_PASSES[name].Options)}
+    if set(options) - known:
+        raise RecipeError(
+            f"recipe {recipe}: pass {name!r} has no option(s) {sorted(set(options) - known)}; "
+            f"its options are {sorted(known) or 'none'}"
+        )
+
 
 def available_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.toml")) if RECIPE_DIR.is_dir() else []
 
 
-def load_recipe(recipe: str | os.PathLike | None) -> Recipe:
-    """A recipe by name (in ``passes/``) or by path to a .toml file; None is ``"default"``."""
+def load_recipe(recipe: str | os.PathLike | Recipe | None) -> Recipe:
+    """A recipe by name (in ``passes/``) or by path to a .toml file; None is ``"default"``; a Recipe is returned as is."""
+    if isinstance(recipe, Recipe):
+        return recipe
     recipe = "default" if recipe is None else recipe
     path = Path(recipe)
     if not (path.suffix == ".toml" and path.is_file()):
@@ -70,12 +93,7 @@ def load_recipe(recipe: str | os.PathLike | None) -> Recipe:
                 f"recipe {path.name}: unknown pass {name!r}" + (f" or key(s) {sorted(extra)}" if extra else "")
                 + f"; known passes: {known_passes()}"
             )
-        known = {f.name for f in dataclasses.fields(_PASSES[name].Options)}
-        if set(options) - known:
-            raise RecipeError(
-                f"recipe {path.name}: pass {name!r} has no option(s) {sorted(set(options) - known)}; "
-                f"its options are {sorted(known) or 'none'}"
-            )
+        _check_options(path.name, name, options)
         steps.append(Step(name, dict(options)))
     if not steps:
         raise RecipeError(f"recipe {path.name} lists no passes; add [[pass]] tables naming some of {known_passes()}")

@@ -158,6 +158,21 @@ def test_bad_arguments():
         fxdecomp.compress(model, (torch.randn(1, 5, 16, 16),))
 
 
+def test_recipe_options_from_python():
+    recipe = fxdecomp.load_recipe("default")
+    tuned = recipe.with_options(plan={"grid": 6, "round_to": 4})
+    assert dict(next(s for s in tuned.steps if s.name == "plan").options)["round_to"] == 4
+    assert dict(next(s for s in recipe.steps if s.name == "plan").options)["round_to"] == 1  # the original is unchanged
+    model, x = VGG(), torch.randn(1, 3, 16, 16)
+    result = fxdecomp.compress(model, (x,), budget=0.5, methods=["svd"], pipeline=tuned)
+    ranks = [r for d in result.decisions if d.decomposed for r in d.ranks]
+    assert ranks and all(r % 4 == 0 for r in ranks)
+    with pytest.raises(RecipeError, match="no option"):
+        recipe.with_options(plan={"gird": 6})
+    with pytest.raises(RecipeError, match="no pass 'planner'"):
+        recipe.with_options(planner={"grid": 6})
+
+
 def test_no_candidate_is_a_noop_with_warning():
     model, x = nn.Sequential(nn.ReLU(), nn.Flatten()), torch.randn(2, 3, 4, 4)
     with pytest.warns(UserWarning, match="no Conv2d or Linear"):
