@@ -17,3 +17,124 @@ def test_latency_budget_plans_on_measurements(tmp_path, monkeypatch):
     assert any(d.decomposed for d in result.decisions)
     assert (tmp_path / "latency.json").exists()
     assert '"latency_before_ms"' in json.dumps(result.to_dict())
+
+
+class _MemoryBoundTimer:
+    """Synthetic per-layer latency: 1 ms per M multiply-adds plus 0.1 ms per k weights (weights are read per run)."""
+
+    threads = 1
+
+    def __init__(self, threads=1, **_):
+        self.threads = threads
+
+    def sites_ms(self, spec, shapes, method=None, ranks=(), options=None):
+        from fxdecomp.cost import count_params, module_macs
+        from fxdecomp.decomposers import get_decomposer
+        from fxdecomp.latency import original_module
+
+        with torch.device("meta"):
+            if method is None:
+                module = original_module(spec)
+            else:
+                module = get_decomposer(spec.kind, method).structure(spec, ranks)
+        macs = sum(module_macs(module, shape) for shape in shapes)
+        return macs / 1e6 + count_params(module) / 1e4
+
+
+def test_min_efficiency_makes_a_flop_plan_follow_latency(monkeypatch):
+    """A memory-bound classifier: negligible FLOPs, most of the latency. FLOPs alone leave it; min_efficiency does not."""
+    import fxdecomp
+    import fxdecomp.passes.plan as plan_module
+    from fxdecomp.layer_spec import layer_spec
+    from tests.models import VGG
+
+    torch.manual_seed(0)
+    model, x = VGG(widths=(32, "M", 64, "M", 64)).eval(), torch.randn(1, 3, 16, 16)
+    input_shapes = {}
+    def record(module, inputs, _output):
+        input_shapes.setdefault(module, tuple(inputs[0].shape))
+
+    hooks = [m.register_forward_hook(record) for m in model.modules()]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    timer = _MemoryBoundTimer()
+    layers_ms = sum(
+        timer.sites_ms(layer_spec(m), [input_shapes[m]]) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+    )
+    monkeypatch.setattr(plan_module, "LayerLatency", _MemoryBoundTimer)
+    monkeypatch.setattr(plan_module, "model_ms", lambda *a, **k: layers_ms + 1.0)
+    monkeypatch.setattr("fxdecomp.latency.model_ms", lambda *a, **k: 1.0)  # the verify pass's timing
+
+    def compress(min_efficiency):
+        recipe = _recipe_with({"min_efficiency": min_efficiency, "round_to": 1})
+        return fxdecomp.compress(model, (x,), budget=0.5, methods=["svd"], pipeline=recipe)
+
+    flops_only, following = compress(0.0), compress(0.95)
+    assert not any(d.decomposed for d in flops_only.decisions if d.op == "linear")
+    assert any(d.decomposed for d in following.decisions if d.op == "linear")
+    assert following.flops_after <= 0.5 * following.flops_before
+    assert following.latency_before_ms == layers_ms + 1.0
+
+    def predicted_efficiency(result):
+        saved = sum(
+            timer.sites_ms(layer_spec(m), [input_shapes[m]]) - timer.sites_ms(layer_spec(m), [input_shapes[m]], d.method, d.ranks)
+            for name, m in model.named_modules()
+            for d in result.decisions
+            if d.name == name and d.decomposed
+        )
+        total = layers_ms + 1.0
+        return total / (total - saved) * result.flops_ratio
+
+    assert predicted_efficiency(flops_only) < 0.95 <= predicted_efficiency(following)
+
+
+def _recipe_with(plan_options):
+    import fxdecomp
+
+    return fxdecomp.load_recipe("default").with_options(plan=plan_options)
+
+
+def _leaf_ms(module, x):
+    """_MemoryBoundTimer's figure for a whole model: every Conv2d / Linear call, plus 1 ms for the rest."""
+    from fxdecomp.cost import count_params, module_macs
+
+    total = [1.0]
+
+    def add(layer, inputs, _output):
+        total[0] += module_macs(layer, tuple(inputs[0].shape)) / 1e6 + count_params(layer) / 1e4
+
+    hooks = [m.register_forward_hook(add) for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        module(x)
+    for hook in hooks:
+        hook.remove()
+    return total[0]
+
+
+def test_a_latency_plan_that_measures_slower_than_predicted_is_replanned(monkeypatch):
+    """The compressed model runs 25 % slower than its layers timed alone: one re-plan brings it back to the budget."""
+    import fxdecomp
+    import fxdecomp.passes.plan as plan_module
+    from tests.models import VGG
+
+    torch.manual_seed(0)
+    model, x = VGG(widths=(32, "M", 64, "M", 64)).eval(), torch.randn(1, 3, 16, 16)
+    original_ms = _leaf_ms(model, x)
+
+    def measured(module, inputs, threads=1, **_):
+        ms = _leaf_ms(module, inputs[0])
+        return ms if abs(ms - original_ms) < 1e-9 else 1.25 * ms
+
+    monkeypatch.setattr(plan_module, "LayerLatency", _MemoryBoundTimer)
+    monkeypatch.setattr(plan_module, "model_ms", measured)
+    monkeypatch.setattr("fxdecomp.latency.model_ms", measured)
+
+    def compress(tolerance):
+        recipe = _recipe_with({"replan_tolerance": tolerance, "round_to": 1})
+        return fxdecomp.compress(model, (x,), budget=fxdecomp.Budget(latency=0.6), methods=["svd"], pipeline=recipe)
+
+    once, replanned = compress(0.0), compress(0.03)
+    assert once.latency_after_ms / once.latency_before_ms > 0.6 * 1.1
+    assert replanned.latency_after_ms / replanned.latency_before_ms <= 0.6 * 1.03

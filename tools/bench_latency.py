@@ -14,7 +14,9 @@ Weights come from `tools/zoo.py`: torchvision's definitions, seeded, with k^-0.7
 spectra so the plan has something to keep. Ranks are rounded to
 `fxdecomp.latency.preferred_rank_multiple()` (16 on AVX-512, 8 on AVX2) unless
 ``--round-to`` says otherwise: the plan pass of ``--pipeline`` gets that option,
-``latency_threads`` (latency budgets are planned per thread count) and, with
+``latency_threads`` (plans are made per thread count), ``min_efficiency``
+(``--min-efficiency``, default 0.9: FLOP plans timed in onnxruntime and pushed
+to a predicted efficiency of at least that; 0 turns it off) and, with
 ``--latency-filter``, ``latency_filter`` for the FLOP budgets too.
 
 Usage::
@@ -48,7 +50,6 @@ from fxdecomp.errors import BudgetError  # noqa: E402
 from fxdecomp.export import export_onnx  # noqa: E402
 from fxdecomp.latency import LayerLatency, cpu_model, preferred_rank_multiple  # noqa: E402
 from fxdecomp.layer_spec import layer_spec  # noqa: E402
-from fxdecomp.passes.plan import PlanPass  # noqa: E402
 from fxdecomp.recipes import load_recipe  # noqa: E402
 from tools.zoo import build  # noqa: E402
 
@@ -100,36 +101,6 @@ class Row:
                 "latency_kept": self.latency_kept, "verdict": self.verdict}
 
 
-def toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} to TOML")
-
-
-def write_recipe(base: str, plan_options: dict, path: Path) -> Path:
-    """``base`` recipe with ``plan_options`` merged into its plan pass (only options the pass knows)."""
-    recipe = load_recipe(base)
-    known = {f.name for f in dataclasses.fields(PlanPass.Options)}
-    lines = [f'description = "{recipe.name} with plan options {sorted(plan_options)} (tools/bench_latency.py)"']
-    if recipe.methods is not None:
-        lines.append(f"methods = {toml_value(list(recipe.methods))}")
-    for step in recipe.steps:
-        options = dict(step.options)
-        if step.name == "plan":
-            options.update({k: v for k, v in plan_options.items() if k in known})
-        lines += ["", "[[pass]]", f'name = "{step.name}"']
-        if options:
-            lines.append("options = { " + ", ".join(f"{k} = {toml_value(v)}" for k, v in options.items()) + " }")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def method_mix(result) -> str:
     counts = collections.Counter(d.method for d in result.decisions)
     return " ".join(f"{m}:{n}" for m, n in sorted(counts.items()))
@@ -167,11 +138,11 @@ def predicted_ms(model, shapes, result, timer: LayerLatency, original_ms: float)
     return original_ms + delta
 
 
-def compress_and_export(model, x, budget, args, recipe: Path, path: Path):
+def compress_and_export(model, x, budget, args, recipe, path: Path):
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = fxdecomp.compress(model, (x,), budget=budget, methods=args.methods, pipeline=str(recipe))
+        result = fxdecomp.compress(model, (x,), budget=budget, methods=args.methods, pipeline=recipe)
     seconds = time.perf_counter() - start
     export_onnx(result.graph_module, (x,), path, dynamic_batch=False, rtol=1e-2, atol=1e-3)
     return result, seconds
@@ -186,23 +157,23 @@ def run_model(name: str, args, scratch: Path, rows: list[Row]) -> None:
     timers = {t: LayerLatency(threads=t, cache_dir=args.cache_dir) for t in args.threads}
 
     for fraction in args.budgets:
-        options = {"round_to": args.round_to, "latency_filter": args.latency_filter, "latency_threads": args.threads[0]}
-        recipe = write_recipe(args.pipeline, options, scratch / f"recipe-{name}-{fraction}.toml")
-        path = scratch / f"{name}-flops{fraction}.onnx"
-        result, seconds = compress_and_export(model, x, fraction, args, recipe, path)
-        print(f"  {name} flops={fraction}: compress {seconds:.1f} s, FLOPs kept {result.flops_ratio:.3f}, {method_mix(result)}", flush=True)
-        for threads in args.threads:
-            timing = compare_latency(original, path, (x,), threads=threads, rounds=args.rounds, warmup=args.warmup)
-            predicted = predicted_ms(model, shapes, result, timers[threads], timing.a.median_ms) if args.predict else None
-            rows.append(Row(name, "flops", fraction, threads, result.flops_ratio, result.params_ratio,
-                            timing.a.median_ms, timing.b.median_ms, seconds, predicted, method_mix(result)))
-            print("   ", format_row(rows[-1]), flush=True)
-
+        # With min_efficiency the plan depends on the thread count it is timed at: one compress per count.
+        plan_threads = args.threads if args.min_efficiency > 0 else args.threads[:1]
+        for plan_thread in plan_threads:
+            options = {"round_to": args.round_to, "latency_filter": args.latency_filter, "latency_threads": plan_thread,
+                       "min_efficiency": args.min_efficiency}
+            recipe = load_recipe(args.pipeline).with_options(plan=options)
+            path = scratch / f"{name}-flops{fraction}-{plan_thread}.onnx"
+            result, seconds = compress_and_export(model, x, fraction, args, recipe, path)
+            print(f"  {name} flops={fraction} (planned for {plan_thread} thread(s)): compress {seconds:.1f} s, "
+                  f"FLOPs kept {result.flops_ratio:.3f}, {method_mix(result)}", flush=True)
+            timed = [plan_thread] if args.min_efficiency > 0 else args.threads
+            time_flop_plan(name, fraction, result, seconds, path, original, shapes, timers, timed, model, x, args, rows)
     for fraction in args.latency_budgets:
         # A latency plan is made for one thread count (the plan pass's latency_threads): one compress per count.
         for threads in args.threads:
             options = {"round_to": args.round_to, "latency_threads": threads}
-            recipe = write_recipe(args.pipeline, options, scratch / f"recipe-{name}-lat{fraction}-{threads}.toml")
+            recipe = load_recipe(args.pipeline).with_options(plan=options)
             path = scratch / f"{name}-latency{fraction}-{threads}.onnx"
             try:
                 result, seconds = compress_and_export(model, x, fxdecomp.Budget(latency=fraction), args, recipe, path)
@@ -220,6 +191,15 @@ def run_model(name: str, args, scratch: Path, rows: list[Row]) -> None:
             rows.append(Row(name, "latency", fraction, threads, result.flops_ratio, result.params_ratio,
                             timing.a.median_ms, timing.b.median_ms, seconds, predicted, method_mix(result)))
             print("   ", format_row(rows[-1]), flush=True)
+
+
+def time_flop_plan(name, fraction, result, seconds, path, original, shapes, timers, threads_list, model, x, args, rows):
+    for threads in threads_list:
+        timing = compare_latency(original, path, (x,), threads=threads, rounds=args.rounds, warmup=args.warmup)
+        predicted = predicted_ms(model, shapes, result, timers[threads], timing.a.median_ms) if args.predict else None
+        rows.append(Row(name, "flops", fraction, threads, result.flops_ratio, result.params_ratio,
+                        timing.a.median_ms, timing.b.median_ms, seconds, predicted, method_mix(result)))
+        print("   ", format_row(rows[-1]), flush=True)
 
 
 HEADER = ("| model | budget | threads | FLOPs kept | params kept | original ms | compressed ms | predicted ms | speed-up "
@@ -261,6 +241,8 @@ def main(argv=None) -> int:
     parser.add_argument("--round-to", type=int, default=None, help="rank multiple (default: preferred_rank_multiple())")
     parser.add_argument("--latency-filter", action="store_true",
                         help="FLOP budgets too drop options that measure no faster than their layer (plan option latency_filter)")
+    parser.add_argument("--min-efficiency", type=float, default=0.9,
+                        help="plan option min_efficiency for the FLOP budgets (0: plan on FLOPs alone)")
     parser.add_argument("--rounds", type=int, default=30, help="interleaved timed runs per model")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)

@@ -8,6 +8,15 @@ layer's output energy as the model's outputs see it, so damages of different
 layers are in one unit; or the score drop of a sensitivity callback),
 drops options that are not cheaper than the layer, and solves the multiple-choice
 knapsack (`fxdecomp.planner`). The whole model's cost counts, undecomposable ops included.
+
+With ``min_efficiency`` a FLOP (or parameter) plan is also made to turn into
+latency: every option is timed in onnxruntime, and if the plan's predicted
+efficiency (speed-up / FLOP reduction, from the measured model minus the
+replaced layers plus their replacements) falls short, a price on latency is
+added to the damage and raised (bisection on the Lagrange multiplier) until it
+does not. Layers whose latency is out of proportion to their FLOPs, such as
+VGG-16's memory-bound classifier, are then decomposed too; the FLOP budget
+still holds exactly.
 """
 
 from __future__ import annotations
@@ -81,6 +90,8 @@ class PlanPass(Pass):
         latency_grid: int = 6  # ranks per method measured in onnxruntime (latency budgets)
         latency_threads: int = 1  # onnxruntime intra-op threads of the target
         latency_filter: bool = False  # drop options that measure no faster than their layer, whatever the budget
+        min_efficiency: float = 0.0  # FLOP / parameter budgets: predicted speed-up / FLOP reduction to reach (0: off)
+        replan_tolerance: float = 0.03  # latency budgets: re-plan once if the measured plan misses by more (0: never)
 
     def run(self, gm):
         ctx = self.context
@@ -89,9 +100,10 @@ class PlanPass(Pass):
         methods = self._allowed_methods()
         metric = ctx.budget.metric
         total = {"flops": ctx.flops_before, "params": ctx.params_before}.get(metric)
+        if metric == "latency" or self._follows_latency:
+            ctx.extras["latency_before_ms"] = model_ms(ctx.reference, ctx.example_inputs, threads=self.options.latency_threads)
         if metric == "latency":
-            total = model_ms(ctx.reference, ctx.example_inputs, threads=self.options.latency_threads)
-            ctx.extras["latency_before_ms"] = total
+            total = ctx.extras["latency_before_ms"]
         groups, planned, fixed = [], [], total
         decisions: dict[str, Decision] = {}
         progress = Progress("planning layer", len(ctx.candidates), ctx.progress)
@@ -117,6 +129,10 @@ class PlanPass(Pass):
             capacity = ctx.budget.fraction * total - fixed
         try:
             plan = solve_mckp(groups, capacity, max_front=self.options.max_front)
+            if self._follows_latency and planned:
+                plan = self._follow_latency(groups, planned, plan, capacity)
+            if metric == "latency" and planned and self.options.replan_tolerance > 0:
+                plan = self._replan_on_measurement(groups, planned, plan, fixed, total)
         except Infeasible as exc:
             smallest = (exc.smallest + fixed) / total
             raise BudgetError(
@@ -173,8 +189,89 @@ class PlanPass(Pass):
         return Choice("keep", (), flops, count_params(candidate.layer), 0.0, latency_ms=latency)
 
     @property
+    def _follows_latency(self) -> bool:
+        return self.options.min_efficiency > 0 and self.context.budget.metric != "latency"
+
+    @property
     def _measures_latency(self) -> bool:
-        return self.context.budget.metric == "latency" or self.options.latency_filter
+        return self.context.budget.metric == "latency" or self.options.latency_filter or self._follows_latency
+
+    def _replan_on_measurement(self, groups, planned, plan: list[int], fixed: float, total: float) -> list[int]:
+        """Time the planned model once; if it misses the latency budget by more than the tolerance, re-plan.
+
+        Layers timed alone do not add up exactly to the model (fusion, caches): the
+        measured / predicted ratio rescales the capacity for one more solve.
+        """
+        ctx = self.context
+        predicted = fixed + sum(options[i].latency_ms for (_, options), i in zip(planned, plan))
+        measured = self._measure(planned, plan)
+        target = ctx.budget.fraction * total
+        log.info("latency plan: predicted %.3g ms, measured %.3g ms, budget %.3g ms", predicted, measured, target)
+        if abs(measured - target) <= self.options.replan_tolerance * target or predicted <= 0:
+            return plan
+        scale = measured / predicted
+        try:  # the layers' share is what the ratio corrects: fixed + options = target / scale
+            replanned = solve_mckp(groups, target / scale - fixed, max_front=self.options.max_front)
+        except Infeasible:
+            return plan
+        ctx.extras["latency_replanned"] = {"predicted_ms": predicted, "measured_ms": measured, "scale": scale}
+        return replanned
+
+    def _measure(self, planned, plan: list[int]) -> float:
+        """onnxruntime latency of the reference with the planned options applied."""
+        ctx = self.context
+        decisions = {c.name: self._decision(c, options[i], "") for (c, options), i in zip(planned, plan) if i > 0}
+        variant = copy.deepcopy(ctx.reference)
+        rewrite_graph(variant, ctx, decisions)
+        return model_ms(variant, ctx.example_inputs, threads=self.options.latency_threads)
+
+    def _follow_latency(self, groups, planned, plan: list[int], capacity: float) -> list[int]:
+        """The least-damage plan under the budget whose predicted efficiency reaches min_efficiency.
+
+        Minimises damage + price * (predicted latency change / model latency) for the
+        smallest price that reaches the target (bisection; the plan's latency falls as
+        the price rises). If no price reaches it, the fastest plan found is kept, with a warning.
+        """
+        ctx, target = self.context, self.options.min_efficiency
+        model_ms_before, flops_before = ctx.extras["latency_before_ms"], ctx.flops_before
+        candidate_flops = sum(options[0].flops for _, options in planned)
+
+        def efficiency(indices: list[int]) -> float:
+            saved_ms = sum(options[0].latency_ms - options[i].latency_ms for (_, options), i in zip(planned, indices))
+            flops = flops_before - candidate_flops + sum(options[i].flops for (_, options), i in zip(planned, indices))
+            return (model_ms_before / max(model_ms_before - saved_ms, 1e-9)) * (flops / flops_before)
+
+        def solve(price: float) -> list[int]:
+            priced = [
+                [Option(o.cost, o.damage + price * (choice.latency_ms - options[0].latency_ms) / model_ms_before) for o, choice in zip(group, options)]
+                for group, (_, options) in zip(groups, planned)
+            ]
+            return solve_mckp(priced, capacity, max_front=self.options.max_front)
+
+        if efficiency(plan) >= target:
+            return plan
+        low, high = 0.0, 1e-3
+        fastest = solve(high)
+        while efficiency(fastest) < target and high < 1e6:
+            low, high = high, high * 8
+            fastest = solve(high)
+        if efficiency(fastest) < target:
+            warnings.warn(
+                f"fxdecomp: no plan under this budget is predicted to reach efficiency {target:g}; "
+                f"the fastest found reaches {efficiency(fastest):.3f}",
+                stacklevel=2,
+            )
+            return fastest
+        for _ in range(12):  # in log space once the bracket is above zero
+            middle = (low + high) / 2 if low == 0.0 else (low * high) ** 0.5
+            indices = solve(middle)
+            if efficiency(indices) >= target:
+                high, fastest = middle, indices
+            else:
+                low = middle
+        log.info("latency price %.3g: predicted efficiency %.3f", high, efficiency(fastest))
+        ctx.extras["predicted_efficiency"] = efficiency(fastest)
+        return fastest
 
     def _latency(self, candidate: Candidate, method: str | None, ranks: tuple[int, ...]) -> float:
         """The layer's (or an option's) onnxruntime latency over its call sites, cached on disk."""

@@ -32,7 +32,7 @@ class VerifyPass(Pass):
         ctx = self.context
         if ctx.reference is not None:
             ctx.output_error = output_error(ctx.reference, gm, ctx.example_inputs)
-        if ctx.budget.metric == "latency":
+        if "latency_before_ms" in ctx.extras:  # latency budgets, and plans made to follow latency
             from ..latency import model_ms
 
             threads = ctx.extras["layer_latency"].threads if "layer_latency" in ctx.extras else 1
