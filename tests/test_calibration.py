@@ -178,24 +178,16 @@ class TwoBranches(nn.Module):
         return torch.cat([0.01 * self.quiet(x), self.loud(x)], dim=-1)
 
 
-def _recipe(tmp_path, output_aware):
-    recipe = tmp_path / f"calibrate_{output_aware}.toml"
-    passes = ["shape_prop", "find_candidates", "annotate_cost", "calibrate", "plan", "rewrite", "verify"]
-    lines = ['methods = ["svd"]']
-    for name in passes:
-        lines += ["[[pass]]", f'name = "{name}"']
-        if name == "calibrate":
-            lines.append(f"options = {{ output_aware = {str(output_aware).lower()} }}")
-    recipe.write_text("\n".join(lines) + "\n")
-    return recipe
+def _recipe(output_aware):
+    return fxdecomp.load_recipe("default").with_options(calibrate={"output_aware": output_aware})
 
 
-def test_output_aware_calibration_spends_the_budget_where_the_output_does_not_care(tmp_path):
+def test_output_aware_calibration_spends_the_budget_where_the_output_does_not_care():
     torch.manual_seed(0)
     model, x = TwoBranches().eval(), torch.randn(8, 32)
     batches = [(torch.randn(16, 32),) for _ in range(4)]
-    aware = fxdecomp.compress(model, (x,), budget=0.5, calibration=batches, pipeline=_recipe(tmp_path, True))
-    blind = fxdecomp.compress(model, (x,), budget=0.5, calibration=batches, pipeline=_recipe(tmp_path, False))
+    aware = fxdecomp.compress(model, (x,), budget=0.5, methods=["svd"], calibration=batches, pipeline=_recipe(True))
+    blind = fxdecomp.compress(model, (x,), budget=0.5, methods=["svd"], calibration=batches, pipeline=_recipe(False))
     aware_ranks, blind_ranks = ({d.name: (d.ranks[0] if d.decomposed else 32) for d in r.decisions} for r in (aware, blind))
     assert blind_ranks["quiet"] == blind_ranks["loud"]  # twins: the same error, the same rank
     assert aware_ranks["quiet"] < aware_ranks["loud"]

@@ -196,7 +196,7 @@ def test_plan_from_compress_and_from_a_budget():
 
 
 def test_deeptwist_refuses_bad_input():
-    model, x = VGG(), torch.randn(2, 3, 16, 16)
+    model = VGG()
     for every in (0, -3, 1.5, True):
         with pytest.raises(InvalidInputError, match="every"):
             DeepTwist(model, {"features.0": ("svd", (2,))}, every=every)

@@ -128,7 +128,7 @@ class LinearTiledSVD(_Tiled):
         return TiledLinear(spec.in_features, spec.out_features, self.tiles, max(ranks), bias=spec.has_bias)
 
     def load(self, module, spec, state, ranks):
-        width, (rows, cols) = max(ranks), self.tiles
+        width, (_, cols) = max(ranks), self.tiles
         for index, (left, right) in enumerate(self._padded_factors(state, ranks)):
             a, b = divmod(index, cols)
             with torch.no_grad():

@@ -18,12 +18,12 @@ stderr when asked.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
+from torch.utils._pytree import tree_leaves
 
 from ..calibration import GramAccumulator, OutputGramAccumulator
 from ..errors import InvalidInputError
@@ -47,14 +47,8 @@ class _Taps:
 
 
 def output_tensors(outputs) -> list[torch.Tensor]:
-    """The floating-point tensors of a model's outputs (tensors, tuples, lists, dicts, ModelOutput)."""
-    if isinstance(outputs, torch.Tensor):
-        return [outputs] if outputs.is_floating_point() else []
-    if isinstance(outputs, Mapping):
-        outputs = list(outputs.values())
-    if isinstance(outputs, (tuple, list)):
-        return [t for item in outputs for t in output_tensors(item)]
-    return []
+    """The floating-point tensors of a model's outputs (any pytree: tuples, dicts, ModelOutput)."""
+    return [t for t in tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 class _GramInterpreter(fx.Interpreter):
