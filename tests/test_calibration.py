@@ -101,6 +101,15 @@ def test_empty_calibration_is_an_error():
         fxdecomp.compress(VGG(), (torch.randn(1, 3, 16, 16),), budget=0.5, calibration=[])
 
 
+@pytest.mark.parametrize("output_aware", [True, False])
+def test_a_calibration_batch_that_does_not_fit_is_named(output_aware):
+    model, x = VGG().eval(), torch.randn(1, 3, 16, 16)
+    batches = [(torch.randn(2, 3, 16, 16),), (torch.randn(2, 5, 16, 16),)]
+    with pytest.raises(fxdecomp.InvalidInputError, match="calibration batch 1 does not run"):
+        fxdecomp.compress(model, (x,), budget=0.5, calibration=batches, pipeline=_recipe(output_aware))
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_sensitivity_callback_steers_the_plan():
     torch.manual_seed(0)
     model, x = VGG().eval(), torch.randn(2, 3, 16, 16)

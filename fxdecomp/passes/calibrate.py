@@ -84,7 +84,7 @@ class CalibratePass(Pass):
         output_grams = {name: OutputGramAccumulator(ctx.candidates[name].spec) for name in active}
         self.generator = torch.Generator().manual_seed(self.options.seed)
         self.differentiable = self.options.output_aware and self.options.probes > 0
-        taps = _Taps(self.differentiable)
+        self.taps = taps = _Taps(self.differentiable)
         if ctx.frontend == "export":
             forward = self._hooks(grams, output_grams, taps)
         else:
@@ -96,7 +96,7 @@ class CalibratePass(Pass):
                 inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
                 if not all(isinstance(x, torch.Tensor) for x in inputs):
                     raise InvalidInputError("calibration must yield input tuples (or single tensors) like example_inputs")
-                self._observe(forward, tuple(inputs), taps, output_grams)
+                self._observe(forward, tuple(inputs), batches, output_grams)
                 batches += 1
                 progress.step()
                 if self.options.max_batches and batches >= self.options.max_batches:
@@ -110,26 +110,45 @@ class CalibratePass(Pass):
         log.info("calibrated %d layers on %d batches (output-aware: %s)", len(ctx.grams), batches, self.differentiable)
         return PassResult(gm, False)
 
-    def _observe(self, forward, inputs, taps: _Taps, output_grams) -> None:
+    def _observe(self, forward, inputs, index: int, output_grams) -> None:
         """One forward pass (input Gram matrices), then the probes' backward passes (output Gram matrices)."""
-        if not self.differentiable:
+        taps = self.taps
+        if self.differentiable:
+            taps.taps.clear()
+            try:
+                with torch.enable_grad():
+                    try:
+                        outputs = output_tensors(forward(inputs))
+                    except RuntimeError as exc:
+                        self._run(forward, inputs, index)  # a bad batch raises here; else only autograd failed
+                        return self._stop_differentiating(exc)
+                    try:
+                        self._probe(outputs, taps, output_grams)
+                    except RuntimeError as exc:  # in-place ops on saved tensors, ops without a backward, ...
+                        self._stop_differentiating(exc)
+            finally:
+                taps.taps.clear()
+        else:
+            self._run(forward, inputs, index)
+
+    @staticmethod
+    def _run(forward, inputs, index: int) -> None:
+        try:
             with torch.no_grad():
                 forward(inputs)
-            return
-        taps.taps.clear()
-        try:
-            with torch.enable_grad():
-                outputs = output_tensors(forward(inputs))
-                self._probe(outputs, taps, output_grams)
-        except RuntimeError as exc:  # in-place ops on saved tensors, non-differentiable custom ops, ...
-            warnings.warn(
-                f"fxdecomp: the model cannot be differentiated for output-aware calibration ({exc}); "
-                "layer errors are measured on their own outputs instead",
-                stacklevel=4,
-            )
-            self.differentiable = taps.enabled = False
-        finally:
-            taps.taps.clear()
+        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+            raise InvalidInputError(
+                f"calibration batch {index} does not run through the model ({type(exc).__name__}: {exc}); "
+                "calibration must yield input tuples shaped like example_inputs"
+            ) from exc
+
+    def _stop_differentiating(self, exc: Exception) -> None:
+        warnings.warn(
+            f"fxdecomp: the model cannot be differentiated for output-aware calibration ({exc}); "
+            "layer errors are measured on their own outputs instead",
+            stacklevel=5,
+        )
+        self.differentiable = self.taps.enabled = False
 
     def _probe(self, outputs: list[torch.Tensor], taps: _Taps, output_grams) -> None:
         outputs = [t for t in outputs if t.requires_grad]

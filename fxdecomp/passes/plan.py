@@ -214,7 +214,115 @@ class PlanPass(Pass):
             replanned = solve_mckp(groups, target / scale - fixed, max_front=self.options.max_front)
         except Infeasible:
             return plan
-        ctx.extras["latency_replanned"] = {"predicted_ms": predicted, "measured_ms": measured, "scale": scale}
+        log.info("latency plan re-made with the layers' times scaled by %.3f", scale)
+        return replanned
+
+    def _measure(self, planned, plan: list[int]) -> float:
+        """onnxruntime latency of the reference with the planned options applied."""
+        ctx = self.context
+        decisions = {c.name: self._decision(c, options[i], "") for (c, options), i in zip(planned, plan) if i > 0}
+        variant = copy.deepcopy(ctx.reference)
+        rewrite_graph(variant, ctx, decisions)
+        return model_ms(variant, ctx.example_inputs, threads=self.options.latency_threads)
+
+    def _follow_latency(self, groups, planned, plan: list[int], capacity: float) -> list[int]:
+        """The least-damage plan under the budget predicted to run at min_efficiency of its FLOP reduction.
+
+        The FLOP-only plan keeps a fraction f of the FLOPs; the target is a predicted
+        latency of at most f / min_efficiency of the model's. The plan minimising
+        damage + price * latency / model latency is found for the smallest price that
+        meets it (its latency falls as the price rises: bisection). If no price meets
+        it, the plan with the best predicted efficiency is kept, with a warning.
+        """
+        ctx, target = self.context, self.options.min_efficiency
+        model_ms_before, flops_before = ctx.extras["latency_before_ms"], ctx.flops_before
+        fixed_flops = flops_before - sum(options[0].flops for _, options in planned)
+
+        def latency(indices: list[int]) -> float:
+            return model_ms_before - sum(options[0].latency_ms - options[i].latency_ms for (_, options), i in zip(planned, indices))
+
+        def efficiency(indices: list[int]) -> float:
+            flops = fixed_flops + sum(options[i].flops for (_, options), i in zip(planned, indices))
+            return model_ms_before / max(latency(indices), 1e-9) * flops / flops_before
+
+        def solve(price: float) -> list[int]:
+            # Each option's own time (not its change) is priced: the same optimum, and no negative damage.
+            priced = [
+                [Option(o.cost, o.damage + price * choice.latency_ms / model_ms_before) for o, choice in zip(group, options)]
+                for group, (_, options) in zip(groups, planned)
+            ]
+            return solve_mckp(priced, capacity, max_front=self.options.max_front)
+
+        kept_flops = (fixed_flops + sum(options[i].flops for (_, options), i in zip(planned, plan))) / flops_before
+        goal_ms = model_ms_before * kept_flops / target
+        if latency(plan) <= goal_ms:
+            return plan
+        damage = sum(group[i].damage for group, i in zip(groups, plan))
+        low, high, tried = 0.0, max(damage, 1e-6) * 1e-3, [plan]
+        while True:  # a geometric ladder of prices up to one that meets the goal
+            tried.append(solve(high))
+            if latency(tried[-1]) <= goal_ms:
+                break
+            if high > max(damage, 1e-6) * 1e6:
+                best = max(tried, key=efficiency)
+                warnings.warn(
+                    f"fxdecomp: no plan under this budget is predicted to reach efficiency {target:g}; "
+                    f"keeping the best predicted, {efficiency(best):.3f}",
+                    stacklevel=2,
+                )
+                return best
+            low, high = high, high * 4
+        meets = tried[-1]
+        for _ in range(10):
+            middle = (low * high) ** 0.5 if low > 0 else high / 2
+            indices = solve(middle)
+            if latency(indices) <= goal_ms:
+                high, meets = middle, indices
+            else:
+                low = middle
+        log.info("latency price %.3g: predicted latency %.3g ms (goal %.3g), efficiency %.3f", high, latency(meets), goal_ms, efficiency(meets))
+        return meets
+
+    def _allowed_methods(self) -> tuple[str, ...]:
+        known = all_methods()
+        methods = tuple(self.context.methods) if self.context.methods is not None else tuple(known)
+        unknown = [m for m in methods if m not in known]
+        if unknown:
+            raise UnknownMethodError(f"unknown method(s) {unknown}; known methods: {known}")
+        return methods
+
+    def _keep(self, candidate: Candidate) -> Choice:
+        flops = sum(site.node.meta[meta.FLOPS].flops for site in candidate.sites)
+        latency = self._latency(candidate, None, ()) if self._measures_latency else None
+        return Choice("keep", (), flops, count_params(candidate.layer), 0.0, latency_ms=latency)
+
+    @property
+    def _follows_latency(self) -> bool:
+        return self.options.min_efficiency > 0 and self.context.budget.metric != "latency"
+
+    @property
+    def _measures_latency(self) -> bool:
+        return self.context.budget.metric == "latency" or self.options.latency_filter or self._follows_latency
+
+    def _replan_on_measurement(self, groups, planned, plan: list[int], fixed: float, total: float) -> list[int]:
+        """Time the planned model once; if it misses the latency budget by more than the tolerance, re-plan.
+
+        Layers timed alone do not add up exactly to the model (fusion, caches): the
+        measured / predicted ratio rescales the capacity for one more solve.
+        """
+        ctx = self.context
+        predicted = fixed + sum(options[i].latency_ms for (_, options), i in zip(planned, plan))
+        measured = self._measure(planned, plan)
+        target = ctx.budget.fraction * total
+        log.info("latency plan: predicted %.3g ms, measured %.3g ms, budget %.3g ms", predicted, measured, target)
+        if abs(measured - target) <= self.options.replan_tolerance * target or predicted <= 0:
+            return plan
+        scale = measured / predicted
+        try:  # the layers' share is what the ratio corrects: fixed + options = target / scale
+            replanned = solve_mckp(groups, target / scale - fixed, max_front=self.options.max_front)
+        except Infeasible:
+            return plan
+        log.info("latency plan re-made with the layers' times scaled by %.3f", scale)
         return replanned
 
     def _measure(self, planned, plan: list[int]) -> float:
@@ -242,8 +350,9 @@ class PlanPass(Pass):
             return (model_ms_before / max(model_ms_before - saved_ms, 1e-9)) * (flops / flops_before)
 
         def solve(price: float) -> list[int]:
+            # Each option's own time (not its change) is priced: the same optimum, and no negative damage.
             priced = [
-                [Option(o.cost, o.damage + price * (choice.latency_ms - options[0].latency_ms) / model_ms_before) for o, choice in zip(group, options)]
+                [Option(o.cost, o.damage + price * choice.latency_ms / model_ms_before) for o, choice in zip(group, options)]
                 for group, (_, options) in zip(groups, planned)
             ]
             return solve_mckp(priced, capacity, max_front=self.options.max_front)
@@ -270,7 +379,6 @@ class PlanPass(Pass):
             else:
                 low = middle
         log.info("latency price %.3g: predicted efficiency %.3f", high, efficiency(fastest))
-        ctx.extras["predicted_efficiency"] = efficiency(fastest)
         return fastest
 
     def _latency(self, candidate: Candidate, method: str | None, ranks: tuple[int, ...]) -> float:
