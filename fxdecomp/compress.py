@@ -47,11 +47,14 @@ def compress(
     """Decompose ``model``'s Conv2d and Linear layers so that it keeps ``budget`` of its FLOPs.
 
     ``budget`` is a fraction in (0, 1] of the whole model's FLOPs (2 per multiply-add,
-    every op counted) or a `Budget` of FLOPs or parameters. ``methods`` restricts the
-    methods (None: all that apply); ``exclude`` holds qualified names or glob patterns
+    every op counted) or a `Budget` of FLOPs, parameters or onnxruntime latency. ``methods``
+    restricts the methods (None: the recipe's); ``exclude`` holds qualified names or glob patterns
     left alone; ``pipeline`` names a recipe in ``passes/``, a path to one, or is a `Recipe`
     (``load_recipe("hardware").with_options(plan={"round_to": 8})``); ``frontend``
-    forces "fx" or "export". ``sensitivity`` is
+    forces "fx" or "export". ``calibration`` is an iterable of input tuples: the
+    calibrate pass keeps each layer's input Gram matrix and the Gram matrix of the
+    gradients reaching its outputs, so that options are planned on the first-order
+    change of the model's outputs (see `fxdecomp.calibration`). ``sensitivity`` is
     a callback scoring a model (higher is better, e.g. validation accuracy): each
     candidate option is scored with only that layer decomposed, and the planner
     minimises the summed score drops instead of the predicted errors. ``progress`` shows per-layer
