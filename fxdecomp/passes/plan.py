@@ -12,11 +12,11 @@ knapsack (`fxdecomp.planner`). The whole model's cost counts, undecomposable ops
 With ``min_efficiency`` a FLOP (or parameter) plan is also made to turn into
 latency: every option is timed in onnxruntime, and if the plan's predicted
 efficiency (speed-up / FLOP reduction, from the measured model minus the
-replaced layers plus their replacements) falls short, a price on latency is
-added to the damage and raised (bisection on the Lagrange multiplier) until it
-does not. Layers whose latency is out of proportion to their FLOPs, such as
-VGG-16's memory-bound classifier, are then decomposed too; the FLOP budget
-still holds exactly.
+replaced layers plus their replacements) falls short, the efficiency
+constraint (linear in the options) is priced into the damage and the price
+raised (bisection on the Lagrange multiplier) until it holds. Layers whose
+latency is out of proportion to their FLOPs, such as VGG-16's memory-bound
+classifier, are then decomposed too; the FLOP budget still holds.
 """
 
 from __future__ import annotations
@@ -174,6 +174,115 @@ class PlanPass(Pass):
             for site in candidate.sites:
                 site.node.meta[meta.DECISION] = ctx.plan[candidate.name]
         return PassResult(gm, False)
+
+    def _allowed_methods(self) -> tuple[str, ...]:
+        known = all_methods()
+        methods = tuple(self.context.methods) if self.context.methods is not None else tuple(known)
+        unknown = [m for m in methods if m not in known]
+        if unknown:
+            raise UnknownMethodError(f"unknown method(s) {unknown}; known methods: {known}")
+        return methods
+
+    def _keep(self, candidate: Candidate) -> Choice:
+        flops = sum(site.node.meta[meta.FLOPS].flops for site in candidate.sites)
+        latency = self._latency(candidate, None, ()) if self._measures_latency else None
+        return Choice("keep", (), flops, count_params(candidate.layer), 0.0, latency_ms=latency)
+
+    @property
+    def _follows_latency(self) -> bool:
+        return self.options.min_efficiency > 0 and self.context.budget.metric != "latency"
+
+    @property
+    def _measures_latency(self) -> bool:
+        return self.context.budget.metric == "latency" or self.options.latency_filter or self._follows_latency
+
+    def _replan_on_measurement(self, groups, planned, plan: list[int], fixed: float, total: float) -> list[int]:
+        """Time the planned model once; if it misses the latency budget by more than the tolerance, re-plan.
+
+        Layers timed alone do not add up exactly to the model (fusion, caches): the
+        measured / predicted ratio rescales the capacity for one more solve.
+        """
+        ctx = self.context
+        predicted = fixed + sum(options[i].latency_ms for (_, options), i in zip(planned, plan))
+        measured = self._measure(planned, plan)
+        target = ctx.budget.fraction * total
+        log.info("latency plan: predicted %.3g ms, measured %.3g ms, budget %.3g ms", predicted, measured, target)
+        if abs(measured - target) <= self.options.replan_tolerance * target or predicted <= 0:
+            return plan
+        scale = measured / predicted
+        try:  # the layers' share is what the ratio corrects: fixed + options = target / scale
+            replanned = solve_mckp(groups, target / scale - fixed, max_front=self.options.max_front)
+        except Infeasible:
+            return plan
+        log.info("latency plan re-made with the layers' times scaled by %.3f", scale)
+        return replanned
+
+    def _measure(self, planned, plan: list[int]) -> float:
+        """onnxruntime latency of the reference with the planned options applied."""
+        ctx = self.context
+        decisions = {c.name: self._decision(c, options[i], "") for (c, options), i in zip(planned, plan) if i > 0}
+        variant = copy.deepcopy(ctx.reference)
+        rewrite_graph(variant, ctx, decisions)
+        return model_ms(variant, ctx.example_inputs, threads=self.options.latency_threads)
+
+    def _follow_latency(self, groups, planned, plan: list[int], capacity: float) -> list[int]:
+        """The least-damage plan under the budget predicted to reach min_efficiency.
+
+        Predicted efficiency (L0 / L) * (F / F0) >= e is the linear constraint
+        L / L0 - F / (e F0) <= 0 on the chosen options. The plan minimising
+        damage + price * (that sum) is found for the smallest price that meets it
+        (it falls as the price rises: bisection). Options whose latency falls with
+        their FLOPs are barely priced; those that save latency without FLOPs (a
+        memory-bound classifier) are favoured, and those that save FLOPs but not
+        latency are penalised. If no price meets it, the plan with the best
+        predicted efficiency is kept, with a warning.
+        """
+        ctx, target = self.context, self.options.min_efficiency
+        model_ms_before, flops_before = ctx.extras["latency_before_ms"], ctx.flops_before
+        fixed_flops = flops_before - sum(options[0].flops for _, options in planned)
+
+        def slack(choice: Choice) -> float:
+            return choice.latency_ms / model_ms_before - choice.flops / (target * flops_before)
+
+        def efficiency(indices: list[int]) -> float:
+            saved_ms = sum(options[0].latency_ms - options[i].latency_ms for (_, options), i in zip(planned, indices))
+            flops = fixed_flops + sum(options[i].flops for (_, options), i in zip(planned, indices))
+            return model_ms_before / max(model_ms_before - saved_ms, 1e-9) * flops / flops_before
+
+        def solve(price: float) -> list[int]:
+            priced = []
+            for group, (_, options) in zip(groups, planned):
+                floor = min(slack(choice) for choice in options)  # a constant per group keeps damages >= 0
+                priced.append([Option(o.cost, o.damage + price * (slack(c) - floor)) for o, c in zip(group, options)])
+            return solve_mckp(priced, capacity, max_front=self.options.max_front)
+
+        if efficiency(plan) >= target:
+            return plan
+        scale = max(sum(group[i].damage for group, i in zip(groups, plan)), 1e-6)
+        low, high, tried = 0.0, scale * 1e-3, [plan]
+        while True:  # a geometric ladder of prices up to one that meets the target
+            tried.append(solve(high))
+            if efficiency(tried[-1]) >= target:
+                break
+            if high > scale * 1e6:
+                best = max(tried, key=efficiency)
+                warnings.warn(
+                    f"fxdecomp: no plan under this budget is predicted to reach efficiency {target:g}; "
+                    f"keeping the best predicted, {efficiency(best):.3f}",
+                    stacklevel=2,
+                )
+                return best
+            low, high = high, high * 4
+        meets = tried[-1]
+        for _ in range(10):
+            middle = (low * high) ** 0.5 if low > 0 else high / 2
+            indices = solve(middle)
+            if efficiency(indices) >= target:
+                high, meets = middle, indices
+            else:
+                low = middle
+        log.info("latency price %.3g: predicted efficiency %.3f", high, efficiency(meets))
+        return meets
 
     def _allowed_methods(self) -> tuple[str, ...]:
         known = all_methods()
