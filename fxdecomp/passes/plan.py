@@ -12,11 +12,11 @@ knapsack (`fxdecomp.planner`). The whole model's cost counts, undecomposable ops
 With ``min_efficiency`` a FLOP (or parameter) plan is also made to turn into
 latency: every option is timed in onnxruntime, and if the plan's predicted
 efficiency (speed-up / FLOP reduction, from the measured model minus the
-replaced layers plus their replacements) falls short, the efficiency
-constraint (linear in the options) is priced into the damage and the price
-raised (bisection on the Lagrange multiplier) until it holds. Layers whose
-latency is out of proportion to their FLOPs, such as VGG-16's memory-bound
-classifier, are then decomposed too; the FLOP budget still holds.
+replaced layers plus their replacements) falls short, the plan is repaired one
+layer switch at a time, the switch that buys the most efficiency per unit of
+damage first, until it holds (`PlanPass._follow_latency`). Layers whose latency is out of proportion to
+their FLOPs, such as VGG-16's memory-bound classifier, are then decomposed
+too; the FLOP budget still holds.
 """
 
 from __future__ import annotations
@@ -174,6 +174,230 @@ class PlanPass(Pass):
             for site in candidate.sites:
                 site.node.meta[meta.DECISION] = ctx.plan[candidate.name]
         return PassResult(gm, False)
+
+    def _allowed_methods(self) -> tuple[str, ...]:
+        known = all_methods()
+        methods = tuple(self.context.methods) if self.context.methods is not None else tuple(known)
+        unknown = [m for m in methods if m not in known]
+        if unknown:
+            raise UnknownMethodError(f"unknown method(s) {unknown}; known methods: {known}")
+        return methods
+
+    def _keep(self, candidate: Candidate) -> Choice:
+        flops = sum(site.node.meta[meta.FLOPS].flops for site in candidate.sites)
+        latency = self._latency(candidate, None, ()) if self._measures_latency else None
+        return Choice("keep", (), flops, count_params(candidate.layer), 0.0, latency_ms=latency)
+
+    @property
+    def _follows_latency(self) -> bool:
+        return self.options.min_efficiency > 0 and self.context.budget.metric != "latency"
+
+    @property
+    def _measures_latency(self) -> bool:
+        return self.context.budget.metric == "latency" or self.options.latency_filter or self._follows_latency
+
+    def _replan_on_measurement(self, groups, planned, plan: list[int], fixed: float, total: float) -> list[int]:
+        """Time the planned model once; if it misses the latency budget by more than the tolerance, re-plan.
+
+        Layers timed alone do not add up exactly to the model (fusion, caches): the
+        measured / predicted ratio rescales the capacity for one more solve.
+        """
+        ctx = self.context
+        predicted = fixed + sum(options[i].latency_ms for (_, options), i in zip(planned, plan))
+        measured = self._measure(planned, plan)
+        target = ctx.budget.fraction * total
+        log.info("latency plan: predicted %.3g ms, measured %.3g ms, budget %.3g ms", predicted, measured, target)
+        if abs(measured - target) <= self.options.replan_tolerance * target or predicted <= 0:
+            return plan
+        scale = measured / predicted
+        try:  # the layers' share is what the ratio corrects: fixed + options = target / scale
+            replanned = solve_mckp(groups, target / scale - fixed, max_front=self.options.max_front)
+        except Infeasible:
+            return plan
+        log.info("latency plan re-made with the layers' times scaled by %.3f", scale)
+        return replanned
+
+    def _measure(self, planned, plan: list[int]) -> float:
+        """onnxruntime latency of the reference with the planned options applied."""
+        ctx = self.context
+        decisions = {c.name: self._decision(c, options[i], "") for (c, options), i in zip(planned, plan) if i > 0}
+        variant = copy.deepcopy(ctx.reference)
+        rewrite_graph(variant, ctx, decisions)
+        return model_ms(variant, ctx.example_inputs, threads=self.options.latency_threads)
+
+    def _follow_latency(self, groups, planned, plan: list[int], capacity: float) -> list[int]:
+        """Repair the FLOP plan until its predicted efficiency reaches min_efficiency, at the least damage.
+
+        Greedy repair: switch one layer's option at a time, within the budget, taking
+        the switch that raises the predicted efficiency (L0 / L) * (F / F0) most per
+        unit of damage (switches that raise it and lower the damage first), until it
+        reaches the target. A memory-bound classifier, which saves latency without
+        FLOPs, goes first; cutting convs further, which lowers latency and FLOPs
+        alike, does not help and is not chosen. Then spend what is left: switches
+        that lower the damage while the budget and the target both hold. Small steps
+        from the FLOP plan keep the FLOPs at the budget (a Lagrangian price on the
+        constraint jumps, on this discrete problem, to far cheaper plans). If no
+        switch reaches the target, the most efficient plan found is kept, with a warning.
+        """
+        ctx, target = self.context, self.options.min_efficiency
+        model_ms_before, flops_before = ctx.extras["latency_before_ms"], ctx.flops_before
+        fixed_flops = flops_before - sum(options[0].flops for _, options in planned)
+
+        def efficiency(saved_ms: float, flops: float) -> float:
+            return model_ms_before / max(model_ms_before - saved_ms, 1e-9) * flops / flops_before
+
+        def totals(indices: list[int]) -> tuple[float, float, float]:
+            """(ms saved, FLOPs, budget cost) of a plan."""
+            saved = sum(options[0].latency_ms - options[i].latency_ms for (_, options), i in zip(planned, indices))
+            flops = fixed_flops + sum(options[i].flops for (_, options), i in zip(planned, indices))
+            return saved, flops, sum(group[i].cost for group, i in zip(groups, indices))
+
+        def switches(indices: list[int]):
+            """(layer, option, extra damage, efficiency after) for every single-layer switch within the budget."""
+            saved, flops, cost = totals(indices)
+            for k, (group, (_, options)) in enumerate(zip(groups, planned)):
+                now = options[indices[k]]
+                for j, choice in enumerate(options):
+                    if j != indices[k] and cost + group[j].cost - group[indices[k]].cost <= capacity:
+                        after = efficiency(saved + now.latency_ms - choice.latency_ms, flops + choice.flops - now.flops)
+                        yield k, j, group[j].damage - group[indices[k]].damage, after
+
+        state = list(plan)
+        current = efficiency(*totals(state)[:2])
+        start = current
+        while current < target:
+            moves = [(damage / (after - current), k, j, after) for k, j, damage, after in switches(state) if after > current + 1e-12]
+            if not moves:
+                warnings.warn(
+                    f"fxdecomp: no plan under this budget is predicted to reach efficiency {target:g}; "
+                    f"keeping the most efficient found, {current:.3f}",
+                    stacklevel=2,
+                )
+                return state
+            _, k, j, current = min(moves)
+            state[k] = j
+        while True:  # spend what is left on damage, keeping the target
+            moves = [(damage, k, j, after) for k, j, damage, after in switches(state) if damage < 0 and after >= target]
+            if not moves:
+                break
+            _, k, j, current = min(moves)
+            state[k] = j
+        log.info("latency-following plan: predicted efficiency %.3f (FLOP plan: %.3f)", current, start)
+        return state
+
+    def _allowed_methods(self) -> tuple[str, ...]:
+        known = all_methods()
+        methods = tuple(self.context.methods) if self.context.methods is not None else tuple(known)
+        unknown = [m for m in methods if m not in known]
+        if unknown:
+            raise UnknownMethodError(f"unknown method(s) {unknown}; known methods: {known}")
+        return methods
+
+    def _keep(self, candidate: Candidate) -> Choice:
+        flops = sum(site.node.meta[meta.FLOPS].flops for site in candidate.sites)
+        latency = self._latency(candidate, None, ()) if self._measures_latency else None
+        return Choice("keep", (), flops, count_params(candidate.layer), 0.0, latency_ms=latency)
+
+    @property
+    def _follows_latency(self) -> bool:
+        return self.options.min_efficiency > 0 and self.context.budget.metric != "latency"
+
+    @property
+    def _measures_latency(self) -> bool:
+        return self.context.budget.metric == "latency" or self.options.latency_filter or self._follows_latency
+
+    def _replan_on_measurement(self, groups, planned, plan: list[int], fixed: float, total: float) -> list[int]:
+        """Time the planned model once; if it misses the latency budget by more than the tolerance, re-plan.
+
+        Layers timed alone do not add up exactly to the model (fusion, caches): the
+        measured / predicted ratio rescales the capacity for one more solve.
+        """
+        ctx = self.context
+        predicted = fixed + sum(options[i].latency_ms for (_, options), i in zip(planned, plan))
+        measured = self._measure(planned, plan)
+        target = ctx.budget.fraction * total
+        log.info("latency plan: predicted %.3g ms, measured %.3g ms, budget %.3g ms", predicted, measured, target)
+        if abs(measured - target) <= self.options.replan_tolerance * target or predicted <= 0:
+            return plan
+        scale = measured / predicted
+        try:  # the layers' share is what the ratio corrects: fixed + options = target / scale
+            replanned = solve_mckp(groups, target / scale - fixed, max_front=self.options.max_front)
+        except Infeasible:
+            return plan
+        log.info("latency plan re-made with the layers' times scaled by %.3f", scale)
+        return replanned
+
+    def _measure(self, planned, plan: list[int]) -> float:
+        """onnxruntime latency of the reference with the planned options applied."""
+        ctx = self.context
+        decisions = {c.name: self._decision(c, options[i], "") for (c, options), i in zip(planned, plan) if i > 0}
+        variant = copy.deepcopy(ctx.reference)
+        rewrite_graph(variant, ctx, decisions)
+        return model_ms(variant, ctx.example_inputs, threads=self.options.latency_threads)
+
+    def _follow_latency(self, groups, planned, plan: list[int], capacity: float) -> list[int]:
+        """Repair the FLOP plan until its predicted efficiency reaches min_efficiency, at the least damage.
+
+        Predicted efficiency (L0 / L) * (F / F0) >= e is the linear constraint
+        sum(L_i / L0 - F_i / (e F0)) <= const over the chosen options. Greedy
+        repair: switch one layer's option at a time, the switch that buys the most
+        of that constraint per unit of damage, within the budget, until it holds
+        (a memory-bound classifier, which saves latency without FLOPs, goes
+        first). Then spend what is left: switches that lower the damage while
+        both the budget and the target hold. Small steps from the FLOP plan keep
+        the FLOPs near the budget, which a Lagrangian price on the constraint does
+        not: on this discrete problem its solutions can jump to far cheaper plans.
+        If no switch reaches the target, the most efficient plan found is kept, with a warning.
+        """
+        ctx, target = self.context, self.options.min_efficiency
+        model_ms_before, flops_before = ctx.extras["latency_before_ms"], ctx.flops_before
+        fixed_flops = flops_before - sum(options[0].flops for _, options in planned)
+
+        def slack(choice: Choice) -> float:
+            return choice.latency_ms / model_ms_before - choice.flops / (target * flops_before)
+
+        def efficiency(indices: list[int]) -> float:
+            saved_ms = sum(options[0].latency_ms - options[i].latency_ms for (_, options), i in zip(planned, indices))
+            flops = fixed_flops + sum(options[i].flops for (_, options), i in zip(planned, indices))
+            return model_ms_before / max(model_ms_before - saved_ms, 1e-9) * flops / flops_before
+
+        def switches(indices: list[int]):
+            """(layer, option, extra cost, extra damage, extra slack) for every single-layer switch within the budget."""
+            spare = capacity - sum(group[i].cost for group, i in zip(groups, indices))
+            for k, (group, (_, options)) in enumerate(zip(groups, planned)):
+                now = indices[k]
+                for j in range(len(group)):
+                    extra_cost = group[j].cost - group[now].cost
+                    if j != now and extra_cost <= spare:
+                        yield k, j, group[j].damage - group[now].damage, slack(options[j]) - slack(options[now])
+
+        state = list(plan)
+        if efficiency(state) >= target:
+            return plan
+        while efficiency(state) < target:
+            moves = [(damage / -gain, k, j) for k, j, damage, gain in switches(state) if gain < 0]
+            if not moves:
+                warnings.warn(
+                    f"fxdecomp: no plan under this budget is predicted to reach efficiency {target:g}; "
+                    f"keeping the most efficient found, {efficiency(state):.3f}",
+                    stacklevel=2,
+                )
+                return state
+            _, k, j = min(moves)
+            state[k] = j
+        while True:  # spend what is left on damage, keeping the target
+            moves = []
+            for k, j, damage, _ in switches(state):
+                if damage < 0:
+                    trial = state[:k] + [j] + state[k + 1 :]
+                    if efficiency(trial) >= target:
+                        moves.append((damage, k, j))
+            if not moves:
+                break
+            _, k, j = min(moves)
+            state[k] = j
+        log.info("latency-following plan: predicted efficiency %.3f (FLOP plan: %.3f)", efficiency(state), efficiency(plan))
+        return state
 
     def _allowed_methods(self) -> tuple[str, ...]:
         known = all_methods()
