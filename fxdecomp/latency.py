@@ -49,7 +49,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from .benchmark import benchmark_onnx
+from .benchmark import benchmark_onnx, session_options
 from .decomposers import get_decomposer
 from .errors import InvalidInputError, UnsupportedLayerError
 from .layer_spec import ConvSpec, LinearSpec, pad_module
@@ -84,16 +84,6 @@ def _cpu_flags() -> set[str]:
             if line.startswith("flags"):
                 return set(line.split(":", 1)[1].split())
     return set()
-
-
-def _session_options(threads: int) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    return options
 
 
 def preferred_rank_multiple(threads: int = 1) -> int:
@@ -249,6 +239,8 @@ class LayerLatency:
                 "ranks": list(ranks),
                 "options": _jsonable(options),
                 "threads": self.threads,
+                # Times taken with spinning threads (before fxdecomp 0.1's session_options) do not match.
+                **({"spinning": False} if self.threads > 1 else {}),
                 "onnxruntime": ort.__version__,
                 "cpu": cpu_model(),
                 "protocol": PROTOCOL,
@@ -280,7 +272,7 @@ class LayerLatency:
             payload, builder = module_to_onnx(module, shape, weights="random").SerializeToString(), "direct"
         except UnsupportedLayerError:
             payload, builder = _exported_bytes(module, shape), "export"
-        session = ort.InferenceSession(payload, _session_options(self.threads), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(payload, session_options(self.threads), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         feed = {name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
         for _ in range(self.warmup + 1):

@@ -75,6 +75,7 @@ def test_min_efficiency_makes_a_flop_plan_follow_latency(monkeypatch):
     assert not any(d.decomposed for d in flops_only.decisions if d.op == "linear")
     assert any(d.decomposed for d in following.decisions if d.op == "linear")
     assert following.flops_after <= 0.5 * following.flops_before
+    assert following.flops_ratio >= 0.9 * flops_only.flops_ratio  # repaired, not collapsed to a far cheaper plan
     assert following.latency_before_ms == layers_ms + 1.0
 
     def predicted_efficiency(result):
