@@ -17,10 +17,12 @@ outputs (`OutputGramAccumulator`, Hutchinson-style probes: E[g g^T] = J^T J).
 To first order a weight error dW then changes the model's outputs by
 tr(dW G dW^T H) (a Kronecker-factored, K-FAC-like approximation), so errors of
 different layers are in the same unit and add up; the two-sided whitened SVD
-(`whitened_spectrum` with ``output_gram``) minimises exactly that.
+(the SVD of H^(1/2) W G^(1/2), see `output_whitening` and `fxdecomp.decomposers.svd`)
+minimises exactly that.
 
 Memory is one d x d float64 matrix per layer (d = in_features or S*kh*kw/groups),
-whatever the number of batches; no activation is stored.
+plus one out x out for the output side, whatever the number of batches; no
+activation is stored.
 
 Example::
 
@@ -92,8 +94,8 @@ class OutputGramAccumulator(GramAccumulator):
     """Running float64 Gram matrices of the gradients reaching one layer's outputs, averaged per probe.
 
     Each `update` adds one probe's gradient (the layer's output shape) for one call
-    of the layer; `probes` counts the probes, so the mean is per backward pass
-    (the layer's calls and output positions add up within a probe).
+    of the layer; `end_probe` counts the probes (``count``), so the mean is per
+    backward pass (the layer's calls and output positions add up within a probe).
     """
 
     def __init__(self, spec: ConvSpec | LinearSpec):
@@ -153,6 +155,8 @@ def output_energy(weight_blocks: list[torch.Tensor], grams: list[torch.Tensor], 
 
 class OutputErrorMeter:
     """Relative output error tr(dW G dW^T) / tr(W G W^T) of reconstructions of one layer's weight.
+
+    With ``output_sqrt`` (H^(1/2) per group) it is tr(dW G dW^T H) / tr(W G W^T H) instead.
 
     G is replaced by its top-``sketch`` eigenpairs plus the mean of the rest on
     the remaining directions, so each measurement costs O(out * dim * sketch).

@@ -239,8 +239,8 @@ class LayerLatency:
                 "ranks": list(ranks),
                 "options": _jsonable(options),
                 "threads": self.threads,
-                # Times taken with spinning threads (before fxdecomp 0.1's session_options) do not match.
-                **({"spinning": False} if self.threads > 1 else {}),
+                # Threads spin within a run only (benchmark.session_options): older times do not match.
+                **({"spinning": "within-run"} if self.threads > 1 else {}),
                 "onnxruntime": ort.__version__,
                 "cpu": cpu_model(),
                 "protocol": PROTOCOL,
