@@ -1,6 +1,7 @@
 """Budget(latency=...): the planner plans on onnxruntime measurements of each layer and option."""
 
 import json
+import warnings
 
 import torch
 
@@ -139,3 +140,32 @@ def test_a_latency_plan_that_measures_slower_than_predicted_is_replanned(monkeyp
     once, replanned = compress(0.0), compress(0.03)
     assert once.latency_after_ms / once.latency_before_ms > 0.6 * 1.1
     assert replanned.latency_after_ms / replanned.latency_before_ms <= 0.6 * 1.03
+
+
+def test_min_efficiency_corrects_its_prediction_with_a_measurement(monkeypatch):
+    """The planned model runs 25 % slower than its layers timed alone: measuring it makes the plan reach the target anyway."""
+    import fxdecomp
+    import fxdecomp.passes.plan as plan_module
+    from tests.models import VGG
+
+    torch.manual_seed(0)
+    model, x = VGG(widths=(32, "M", 64, "M", 64)).eval(), torch.randn(1, 3, 16, 16)
+    original_ms = _leaf_ms(model, x)
+
+    def measured(module, inputs, threads=1, **_):
+        ms = _leaf_ms(module, inputs[0])
+        return ms if abs(ms - original_ms) < 1e-9 else 1.25 * ms
+
+    monkeypatch.setattr(plan_module, "LayerLatency", _MemoryBoundTimer)
+    monkeypatch.setattr(plan_module, "model_ms", measured)
+    monkeypatch.setattr("fxdecomp.latency.model_ms", measured)
+
+    def measured_efficiency(rounds):
+        recipe = _recipe_with({"min_efficiency": 0.8, "measure_rounds": rounds, "round_to": 1})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = fxdecomp.compress(model, (x,), budget=0.5, methods=["svd"], pipeline=recipe)
+        assert result.flops_after <= 0.5 * result.flops_before
+        return result.latency_before_ms / result.latency_after_ms * result.flops_ratio
+
+    assert measured_efficiency(0) < 0.8 <= measured_efficiency(2)

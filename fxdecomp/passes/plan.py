@@ -91,7 +91,8 @@ class PlanPass(Pass):
         latency_threads: int = 1  # onnxruntime intra-op threads of the target
         latency_filter: bool = False  # drop options that measure no faster than their layer, whatever the budget
         min_efficiency: float = 0.0  # FLOP / parameter budgets: predicted speed-up / FLOP reduction to reach (0: off)
-        replan_tolerance: float = 0.03  # latency budgets: re-plan once if the measured plan misses by more (0: never)
+        replan_tolerance: float = 0.03  # latency budgets: re-plan if the measured plan misses by more (0: never)
+        measure_rounds: int = 2  # latency budgets and min_efficiency: plans timed whole to correct the layer sum
 
     def run(self, gm):
         ctx = self.context
@@ -197,28 +198,32 @@ class PlanPass(Pass):
         return self.context.budget.metric == "latency" or self.options.latency_filter or self._follows_latency
 
     def _replan_on_measurement(self, groups, planned, plan: list[int], fixed: float, total: float) -> list[int]:
-        """Time the planned model once; if it misses the latency budget by more than the tolerance, re-plan.
+        """Time the planned model; while it misses the latency budget by more than the tolerance, re-plan.
 
         Layers timed alone do not add up exactly to the model (fusion, caches): the
-        measured / predicted ratio rescales the capacity for one more solve.
+        measured / predicted ratio rescales the capacity for the next solve, up to
+        ``measure_rounds`` times.
         """
         ctx = self.context
-        predicted = fixed + sum(options[i].latency_ms for (_, options), i in zip(planned, plan))
-        measured = self._measure(planned, plan)
         target = ctx.budget.fraction * total
-        log.info("latency plan: predicted %.3g ms, measured %.3g ms, budget %.3g ms", predicted, measured, target)
-        if abs(measured - target) <= self.options.replan_tolerance * target or predicted <= 0:
-            return plan
-        scale = measured / predicted
-        if not 0.5 <= scale <= 2.0:  # a disturbed measurement, not a model error: keep the plan
-            log.warning("latency plan measured %.3g ms against %.3g ms predicted; not re-planned", measured, predicted)
-            return plan
-        try:  # the layers' share is what the ratio corrects: fixed + options = target / scale
-            replanned = solve_mckp(groups, target / scale - fixed, max_front=self.options.max_front)
-        except Infeasible:
-            return plan
-        log.info("latency plan re-made with the layers' times scaled by %.3f", scale)
-        return replanned
+        scale = 1.0  # measured / predicted, accumulated
+        for _ in range(max(self.options.measure_rounds, 1)):
+            predicted = fixed + sum(options[i].latency_ms for (_, options), i in zip(planned, plan))
+            measured = self._measure(planned, plan)
+            log.info("latency plan: predicted %.3g ms, measured %.3g ms, budget %.3g ms", predicted, measured, target)
+            if abs(measured - target) <= self.options.replan_tolerance * target or predicted <= 0:
+                break
+            ratio = measured / predicted
+            if not 0.5 <= ratio <= 2.0:  # a disturbed measurement, not a model error: keep the plan
+                log.warning("latency plan measured %.3g ms against %.3g ms predicted; not re-planned", measured, predicted)
+                break
+            scale *= ratio
+            try:  # the layers' share is what the ratio corrects: fixed + options = target / scale
+                plan = solve_mckp(groups, target / scale - fixed, max_front=self.options.max_front)
+            except Infeasible:
+                break
+            log.info("latency plan re-made with the layers' times scaled by %.3f", scale)
+        return plan
 
     def _measure(self, planned, plan: list[int]) -> float:
         """onnxruntime latency of the reference with the planned options applied."""
@@ -241,13 +246,20 @@ class PlanPass(Pass):
         from the FLOP plan keep the FLOPs at the budget (a Lagrangian price on the
         constraint jumps, on this discrete problem, to far cheaper plans). If no
         switch reaches the target, the most efficient plan found is kept, with a warning.
+
+        Layers timed alone do not add up exactly to the model (at 2 threads VGG-16's
+        plan ran 37 % slower than predicted): the planned model is timed, the
+        prediction rescaled by measured / predicted, and the repair repeated on
+        the rescaled figures, up to ``measure_rounds`` times.
         """
         ctx, target = self.context, self.options.min_efficiency
         model_ms_before, flops_before = ctx.extras["latency_before_ms"], ctx.flops_before
         fixed_flops = flops_before - sum(options[0].flops for _, options in planned)
 
+        correction = 1.0  # measured / predicted latency of the last plan timed
+
         def efficiency(saved_ms: float, flops: float) -> float:
-            return model_ms_before / max(model_ms_before - saved_ms, 1e-9) * flops / flops_before
+            return model_ms_before / max(correction * (model_ms_before - saved_ms), 1e-9) * flops / flops_before
 
         def totals(indices: list[int]) -> tuple[float, float, float]:
             """(ms saved, FLOPs, budget cost) of a plan."""
@@ -266,27 +278,41 @@ class PlanPass(Pass):
                         yield k, j, group[j].damage - group[indices[k]].damage, after
 
         state = list(plan)
-        current = efficiency(*totals(state)[:2])
-        start = current
+        start = efficiency(*totals(state)[:2])
+        for round_ in range(max(self.options.measure_rounds, 0) + 1):
+            state, _ = self._repair(state, switches, efficiency(*totals(state)[:2]), target)
+            if round_ == self.options.measure_rounds:
+                break
+            ratio = self._measure(planned, state) / max(model_ms_before - totals(state)[0], 1e-9)
+            if not 0.5 <= ratio <= 2.0 or abs(ratio - correction) <= 0.03 * correction:
+                break  # a disturbed measurement, or the prediction already holds
+            correction = ratio  # measured / summed layer times: the efficiency below is now the measured one
+            if efficiency(*totals(state)[:2]) >= target:
+                break
+        log.info("latency-following plan: predicted efficiency %.3f (FLOP plan: %.3f)", efficiency(*totals(state)[:2]), start)
+        return state
+
+    @staticmethod
+    def _repair(state: list[int], switches, current: float, target: float) -> tuple[list[int], float]:
+        """Greedy switches up to the target efficiency, then damage-lowering ones that keep it (see _follow_latency)."""
+        state = list(state)
         while current < target:
             moves = [(damage / (after - current), k, j, after) for k, j, damage, after in switches(state) if after > current + 1e-12]
             if not moves:
                 warnings.warn(
                     f"fxdecomp: no plan under this budget is predicted to reach efficiency {target:g}; "
                     f"keeping the most efficient found, {current:.3f}",
-                    stacklevel=2,
+                    stacklevel=4,
                 )
-                return state
+                return state, current
             _, k, j, current = min(moves)
             state[k] = j
         while True:  # spend what is left on damage, keeping the target
             moves = [(damage, k, j, after) for k, j, damage, after in switches(state) if damage < 0 and after >= target]
             if not moves:
-                break
+                return state, current
             _, k, j, current = min(moves)
             state[k] = j
-        log.info("latency-following plan: predicted efficiency %.3f (FLOP plan: %.3f)", current, start)
-        return state
 
     def _latency(self, candidate: Candidate, method: str | None, ranks: tuple[int, ...]) -> float:
         """The layer's (or an option's) onnxruntime latency over its call sites, cached on disk."""
