@@ -226,12 +226,19 @@ class PlanPass(Pass):
         return plan
 
     def _measure(self, planned, plan: list[int]) -> float:
-        """onnxruntime latency of the reference with the planned options applied."""
+        """onnxruntime latency of the reference with the planned options applied, in units of the first timing.
+
+        The reference is timed again just before: the ratio of the two, times the
+        model latency measured when planning began, cancels the machine's drift
+        (on 2 shared cores one model's median moves by ~5 % from minute to minute).
+        """
         ctx = self.context
         decisions = {c.name: self._decision(c, options[i], "") for (c, options), i in zip(planned, plan) if i > 0}
         variant = copy.deepcopy(ctx.reference)
         rewrite_graph(variant, ctx, decisions)
-        return model_ms(variant, ctx.example_inputs, threads=self.options.latency_threads)
+        reference_ms = model_ms(ctx.reference, ctx.example_inputs, threads=self.options.latency_threads)
+        variant_ms = model_ms(variant, ctx.example_inputs, threads=self.options.latency_threads)
+        return variant_ms / reference_ms * ctx.extras["latency_before_ms"]
 
     def _follow_latency(self, groups, planned, plan: list[int], capacity: float) -> list[int]:
         """Repair the FLOP plan until its predicted efficiency reaches min_efficiency, at the least damage.
