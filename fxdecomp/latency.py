@@ -407,3 +407,19 @@ def model_ms(
         export_onnx(module, args, path, check=False, dynamic_batch=False)
         stats = benchmark_onnx(path, args, threads=threads, runs=runs, warmup=warmup)
     return float(getattr(stats, f"{statistic}_ms"))
+
+
+def compare_models_ms(
+    module_a: nn.Module, module_b: nn.Module, example_inputs: tuple | torch.Tensor, threads: int = 1, *, rounds: int = 20
+) -> tuple[float, float]:
+    """Median onnxruntime latencies (ms) of two whole models, timed interleaved so machine drift hits both alike."""
+    from .benchmark import compare_latency
+    from .export import export_onnx
+
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    with tempfile.TemporaryDirectory(prefix="fxdecomp-models-") as scratch:
+        paths = [Path(scratch) / f"{name}.onnx" for name in ("a", "b")]
+        for module, path in zip((module_a, module_b), paths):
+            export_onnx(module, args, path, check=False, dynamic_batch=False)
+        comparison = compare_latency(paths[0], paths[1], args, threads=threads, rounds=rounds, warmup=3)
+    return comparison.a.median_ms, comparison.b.median_ms

@@ -14,7 +14,7 @@ from torch import nn
 import fxdecomp
 from fxdecomp.errors import InvalidInputError, UnsupportedLayerError
 from fxdecomp.export import export_onnx
-from fxdecomp.latency import LayerLatency, default_cache_dir, model_ms, original_module, preferred_rank_multiple
+from fxdecomp.latency import LayerLatency, compare_models_ms, default_cache_dir, model_ms, original_module, preferred_rank_multiple
 from fxdecomp.layer_spec import layer_spec
 from fxdecomp.onnx_layers import module_to_onnx
 
@@ -260,3 +260,9 @@ def test_model_ms_times_a_whole_model():
     assert 0 < model_ms(model, torch.randn(1, 3, 8, 8), runs=3, warmup=1, statistic="min") < math.inf
     with pytest.raises(InvalidInputError, match="statistic"):
         model_ms(model, (torch.randn(1, 3, 8, 8),), statistic="mean")
+
+
+def test_compare_models_ms_times_two_models_interleaved():
+    small, large = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 256, 3)
+    small_ms, large_ms = compare_models_ms(small, large, (torch.randn(1, 3, 64, 64),), rounds=5)
+    assert 0 < small_ms < large_ms < math.inf

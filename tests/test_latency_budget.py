@@ -66,6 +66,7 @@ def test_min_efficiency_makes_a_flop_plan_follow_latency(monkeypatch):
     )
     monkeypatch.setattr(plan_module, "LayerLatency", _MemoryBoundTimer)
     monkeypatch.setattr(plan_module, "model_ms", lambda *a, **k: layers_ms + 1.0)
+    monkeypatch.setattr(plan_module, "compare_models_ms", lambda *a, **k: (layers_ms + 1.0, layers_ms + 1.0))
     monkeypatch.setattr("fxdecomp.latency.model_ms", lambda *a, **k: 1.0)  # the verify pass's timing
 
     def compress(min_efficiency):
@@ -131,6 +132,7 @@ def test_a_latency_plan_that_measures_slower_than_predicted_is_replanned(monkeyp
 
     monkeypatch.setattr(plan_module, "LayerLatency", _MemoryBoundTimer)
     monkeypatch.setattr(plan_module, "model_ms", measured)
+    monkeypatch.setattr(plan_module, "compare_models_ms", lambda a, b, inputs, threads=1, **_: (measured(a, inputs), measured(b, inputs)))
     monkeypatch.setattr("fxdecomp.latency.model_ms", measured)
 
     def compress(tolerance):
@@ -158,6 +160,7 @@ def test_min_efficiency_corrects_its_prediction_with_a_measurement(monkeypatch):
 
     monkeypatch.setattr(plan_module, "LayerLatency", _MemoryBoundTimer)
     monkeypatch.setattr(plan_module, "model_ms", measured)
+    monkeypatch.setattr(plan_module, "compare_models_ms", lambda a, b, inputs, threads=1, **_: (measured(a, inputs), measured(b, inputs)))
     monkeypatch.setattr("fxdecomp.latency.model_ms", measured)
 
     def measured_efficiency(rounds):

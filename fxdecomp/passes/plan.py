@@ -35,7 +35,7 @@ from .. import meta
 from ..cost import FLOPS_PER_MAC, count_params, module_macs
 from ..decomposers import all_methods, methods_for
 from ..errors import BudgetError, InvalidInputError, UnknownMethodError
-from ..latency import LayerLatency, model_ms, preferred_rank_multiple
+from ..latency import LayerLatency, compare_models_ms, model_ms, preferred_rank_multiple
 from ..planner import Infeasible, Option, solve_mckp
 from ..progress import Progress
 from ..ranks import resolve_ranks
@@ -228,16 +228,15 @@ class PlanPass(Pass):
     def _measure(self, planned, plan: list[int]) -> float:
         """onnxruntime latency of the reference with the planned options applied, in units of the first timing.
 
-        The reference is timed again just before: the ratio of the two, times the
-        model latency measured when planning began, cancels the machine's drift
-        (on 2 shared cores one model's median moves by ~5 % from minute to minute).
+        The reference is timed again, interleaved with it: the ratio of the two, times
+        the model latency measured when planning began, cancels the machine's drift
+        (on 2 shared cores one model's median moves by 5-10 % from minute to minute).
         """
         ctx = self.context
         decisions = {c.name: self._decision(c, options[i], "") for (c, options), i in zip(planned, plan) if i > 0}
         variant = copy.deepcopy(ctx.reference)
         rewrite_graph(variant, ctx, decisions)
-        reference_ms = model_ms(ctx.reference, ctx.example_inputs, threads=self.options.latency_threads)
-        variant_ms = model_ms(variant, ctx.example_inputs, threads=self.options.latency_threads)
+        reference_ms, variant_ms = compare_models_ms(ctx.reference, variant, ctx.example_inputs, self.options.latency_threads)
         return variant_ms / reference_ms * ctx.extras["latency_before_ms"]
 
     def _follow_latency(self, groups, planned, plan: list[int], capacity: float) -> list[int]:
