@@ -201,12 +201,11 @@ class PlanPass(Pass):
         """Time the planned model; while it misses the latency budget by more than the tolerance, re-plan.
 
         Layers timed alone do not add up exactly to the model (fusion, caches): the
-        measured / predicted ratio rescales the capacity for the next solve, up to
-        ``measure_rounds`` times.
+        measured / predicted ratio of the last plan rescales the layer times for the
+        next solve, up to ``measure_rounds`` times.
         """
         ctx = self.context
         target = ctx.budget.fraction * total
-        scale = 1.0  # measured / predicted, accumulated
         for _ in range(max(self.options.measure_rounds, 1)):
             predicted = fixed + sum(options[i].latency_ms for (_, options), i in zip(planned, plan))
             measured = self._measure(planned, plan)
@@ -217,7 +216,7 @@ class PlanPass(Pass):
             if not 0.5 <= ratio <= 2.0:  # a disturbed measurement, not a model error: keep the plan
                 log.warning("latency plan measured %.3g ms against %.3g ms predicted; not re-planned", measured, predicted)
                 break
-            scale *= ratio
+            scale = ratio  # measured / summed layer times of this plan: the correction for the next solve
             try:  # the layers' share is what the ratio corrects: fixed + options = target / scale
                 plan = solve_mckp(groups, target / scale - fixed, max_front=self.options.max_front)
             except Infeasible:
