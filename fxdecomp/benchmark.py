@@ -104,10 +104,9 @@ def session_options(threads: int, optimization: str = "all") -> ort.SessionOptio
 
     Spinning threads (onnxruntime's default) hold their cores after each run: with
     two sessions alive, as in an interleaved comparison, the idle one's threads
-    take the cores the running one needs (ResNet-50, 2 threads on 2 cores,
-    interleaved: 37-42 ms). Never spinning costs a wake-up per op (20.0 ms);
-    spinning within a run and stopping after it keeps the speed of one session
-    alone (19.1 ms against 18.7 ms).
+    take the cores the running one needs. `tools/study_spinning.py` (ResNet-50,
+    2 threads on 2 cores, interleaved): spinning 40-41 ms, never spinning (a
+    wake-up per op) 20.1 ms, spinning within a run and stopping after it 19.3-19.6 ms.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = _LEVELS[optimization]

@@ -49,7 +49,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from .benchmark import benchmark_onnx, session_options
+from .benchmark import benchmark_onnx, compare_latency, session_options
 from .decomposers import get_decomposer
 from .errors import InvalidInputError, UnsupportedLayerError
 from .layer_spec import ConvSpec, LinearSpec, pad_module
@@ -413,7 +413,6 @@ def compare_models_ms(
     module_a: nn.Module, module_b: nn.Module, example_inputs: tuple | torch.Tensor, threads: int = 1, *, rounds: int = 20
 ) -> tuple[float, float]:
     """Median onnxruntime latencies (ms) of two whole models, timed interleaved so machine drift hits both alike."""
-    from .benchmark import compare_latency
     from .export import export_onnx
 
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)

@@ -3,6 +3,7 @@
 import json
 import warnings
 
+import pytest
 import torch
 
 def test_latency_budget_plans_on_measurements(tmp_path, monkeypatch):
@@ -116,9 +117,9 @@ def _leaf_ms(module, x):
     return total[0]
 
 
-def test_a_latency_plan_that_measures_slower_than_predicted_is_replanned(monkeypatch):
-    """The compressed model runs 25 % slower than its layers timed alone: one re-plan brings it back to the budget."""
-    import fxdecomp
+@pytest.fixture
+def slower_than_its_layers(monkeypatch):
+    """(model, x) whose decomposed variants run 25 % slower, whole, than _MemoryBoundTimer's layer sum predicts."""
     import fxdecomp.passes.plan as plan_module
     from tests.models import VGG
 
@@ -134,6 +135,14 @@ def test_a_latency_plan_that_measures_slower_than_predicted_is_replanned(monkeyp
     monkeypatch.setattr(plan_module, "model_ms", measured)
     monkeypatch.setattr(plan_module, "compare_models_ms", lambda a, b, inputs, threads=1, **_: (measured(a, inputs), measured(b, inputs)))
     monkeypatch.setattr("fxdecomp.latency.model_ms", measured)
+    return model, x
+
+
+def test_a_latency_plan_that_measures_slower_than_predicted_is_replanned(slower_than_its_layers):
+    """The compressed model runs 25 % slower than its layers timed alone: one re-plan brings it back to the budget."""
+    import fxdecomp
+
+    model, x = slower_than_its_layers
 
     def compress(tolerance):
         recipe = _recipe_with({"replan_tolerance": tolerance, "round_to": 1})
@@ -144,24 +153,11 @@ def test_a_latency_plan_that_measures_slower_than_predicted_is_replanned(monkeyp
     assert replanned.latency_after_ms / replanned.latency_before_ms <= 0.6 * 1.03
 
 
-def test_min_efficiency_corrects_its_prediction_with_a_measurement(monkeypatch):
+def test_min_efficiency_corrects_its_prediction_with_a_measurement(slower_than_its_layers):
     """The planned model runs 25 % slower than its layers timed alone: measuring it makes the plan reach the target anyway."""
     import fxdecomp
-    import fxdecomp.passes.plan as plan_module
-    from tests.models import VGG
 
-    torch.manual_seed(0)
-    model, x = VGG(widths=(32, "M", 64, "M", 64)).eval(), torch.randn(1, 3, 16, 16)
-    original_ms = _leaf_ms(model, x)
-
-    def measured(module, inputs, threads=1, **_):
-        ms = _leaf_ms(module, inputs[0])
-        return ms if abs(ms - original_ms) < 1e-9 else 1.25 * ms
-
-    monkeypatch.setattr(plan_module, "LayerLatency", _MemoryBoundTimer)
-    monkeypatch.setattr(plan_module, "model_ms", measured)
-    monkeypatch.setattr(plan_module, "compare_models_ms", lambda a, b, inputs, threads=1, **_: (measured(a, inputs), measured(b, inputs)))
-    monkeypatch.setattr("fxdecomp.latency.model_ms", measured)
+    model, x = slower_than_its_layers
 
     def measured_efficiency(rounds):
         recipe = _recipe_with({"min_efficiency": 0.8, "measure_rounds": rounds, "round_to": 1})

@@ -21,7 +21,7 @@ to a predicted efficiency of at least that; 0 turns it off) and, with
 
 Usage::
 
-    python tools/bench_latency.py                                  # everything: ~5 minutes on a free core
+    python tools/bench_latency.py                                  # everything: ~25 minutes (onnxruntime timings cached on disk after)
     python tools/bench_latency.py --models vgg16 --budgets 0.5 --threads 1 --no-latency-budget
     python tools/bench_latency.py --methods all --round-to 8 --json out/latency.json
 """

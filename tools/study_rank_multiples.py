@@ -43,6 +43,12 @@ ALL_METHODS = ("svd", "spatial_svd", "tucker2", "cp", "tt", "tiled_svd")
 FRACTIONS = (1 / 8, 1 / 4, 1 / 2)
 
 
+def square_convs(shapes):
+    """(channels, spec, input shape) of a 3x3 'same' conv C -> C for each (C, size) in ``shapes``."""
+    for channels, size in shapes:
+        yield channels, layer_spec(nn.Conv2d(channels, channels, 3, padding=1)), (1, channels, size, size)
+
+
 def ranks_for(method: str, r: int) -> tuple[int, ...]:
     """Ranks of ``method`` for a C->C 3x3 conv at 'rank r' (every bond r; tiled: r/2 per tile of 2x2)."""
     return {"tucker2": (r, r), "tt": (r, r, r), "tiled_svd": (max(1, r // 2),) * 4}.get(method, (r,))
@@ -82,9 +88,7 @@ def break_even(timer: LayerLatency, shapes) -> None:
         "(FLOP ratio < 1 only) | slower than the layer from FLOP ratio |"
     )
     print("|---|---|---|---|")
-    for channels, size in shapes:
-        spec = layer_spec(nn.Conv2d(channels, channels, 3, padding=1))
-        shape = (1, channels, size, size)
+    for channels, spec, shape in square_convs(shapes):
         original = timer.layer_ms(spec, shape)
         for method in ALL_METHODS:
             decomposer = get_decomposer(spec.kind, method, **options_for(method))
@@ -103,7 +107,7 @@ def break_even(timer: LayerLatency, shapes) -> None:
                 if latency >= 1.0 and slower_from is None:
                     slower_from = flops
             slower = "-" if slower_from is None else f"{slower_from:.2f}"
-            print(f"| {channels}->{channels} @{size} | {method} | {' '.join(cells)} | {slower} |")
+            print(f"| {channels}->{channels} @{shape[-1]} | {method} | {' '.join(cells)} | {slower} |")
 
 
 def main(argv=None) -> int:
@@ -136,9 +140,7 @@ def main(argv=None) -> int:
     print(header)
     print("|" + "---|" * (3 + len(OFFSETS)))
     penalties: dict[str, list[float]] = {"+1..+3": [], "-3..-1": [], "+-8": []}
-    for channels, size in shapes:
-        spec = layer_spec(nn.Conv2d(channels, channels, 3, padding=1))
-        shape = (1, channels, size, size)
+    for channels, spec, shape in square_convs(shapes):
         for base in bases:
             r = channels // base
             for method in SWEEP_METHODS:
@@ -148,7 +150,7 @@ def main(argv=None) -> int:
                 penalties["-3..-1"] += [rel[d] for d in (-3, -2, -1)]
                 penalties["+-8"] += [rel[d] for d in (-8, 8)]
                 cells = " | ".join(f"{rel[d]:.2f}" if d else f"1.00 ({times[0]:.2f})" for d in OFFSETS)
-                print(f"| {channels}->{channels} @{size} | {method} | {r} | {cells} |")
+                print(f"| {channels}->{channels} @{shape[-1]} | {method} | {r} | {cells} |")
     print()
     for name, values in penalties.items():
         values = sorted(values)
@@ -157,9 +159,7 @@ def main(argv=None) -> int:
     print("\n## 2. Every method at ranks C/8, C/4, C/2 against the original layer")
     print("| layer | original ms | method | rank | FLOP ratio | latency ratio | efficiency |")
     print("|---|---|---|---|---|---|---|")
-    for channels, size in shapes:
-        spec = layer_spec(nn.Conv2d(channels, channels, 3, padding=1))
-        shape = (1, channels, size, size)
+    for channels, spec, shape in square_convs(shapes):
         original = timer.layer_ms(spec, shape)
         for method in ALL_METHODS:
             for fraction in FRACTIONS:
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
                 flops = flop_ratio(spec, shape, method, ranks)
                 slower = " **slower**" if ms > original else ""
                 print(
-                    f"| {channels}->{channels} @{size} | {original:.2f} | {method} | {ranks} | {flops:.3f} | "
+                    f"| {channels}->{channels} @{shape[-1]} | {original:.2f} | {method} | {ranks} | {flops:.3f} | "
                     f"{ms / original:.3f}{slower} | {flops / (ms / original):.2f} |"
                 )
     break_even(timer, shapes)
