@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -24,8 +23,10 @@ from .cost import count_flops, count_params
 from .decomposers import all_methods
 from .errors import InvalidInputError, UnknownMethodError
 from .frontend import capture_with_source
-from .passes import PassContext, make_pass
+from .passes import PassManager
+from .planning.replay import normalize_plan
 from .progress import stderr_is_terminal
+from .records import PassContext, Request, Verification
 from .recipes import Recipe, load_recipe
 from .result import CompressionResult
 
@@ -73,7 +74,7 @@ def compress(
 
     with torch.no_grad():
         gm, frontend_used, source = capture_with_source(model, example_inputs, frontend)
-        context = PassContext(
+        request = Request(
             example_inputs=example_inputs,
             budget=budget,
             methods=methods,
@@ -82,62 +83,29 @@ def compress(
             sensitivity=sensitivity,
             progress=stderr_is_terminal() if progress is None else bool(progress),
             frontend=frontend_used,
-            reference=copy.deepcopy(gm),
             fixed_plan=normalize_plan(plan),
-            source_model=source,
         )
-        seconds = {}
-        for step in recipe.steps:
-            start = time.perf_counter()
-            gm = make_pass(step.name, context, step.options)(gm).graph_module
-            seconds[step.name] = seconds.get(step.name, 0.0) + time.perf_counter() - start
+        context = PassContext(request, reference=copy.deepcopy(gm), source_model=source)
+        run = PassManager.from_steps(((s.name, s.options) for s in recipe.steps), context, f"recipe {recipe.name!r}")(gm)
+        gm = run.graph_module
         flops_after = count_flops(gm, example_inputs)
+    cost = context.cost if context.has("cost") else None
+    verification = context.verification if context.has("verification") else Verification(None)
     return CompressionResult(
         graph_module=gm,
-        decisions=list(context.plan.values()),
-        flops_before=context.flops_before or count_flops(context.reference, example_inputs),
+        decisions=list(context.plan.decisions.values()) if context.has("plan") else [],
+        flops_before=cost.flops if cost else count_flops(context.reference, example_inputs),
         flops_after=flops_after,
-        params_before=context.params_before or count_params(context.reference),
+        params_before=cost.params if cost else count_params(context.reference),
         params_after=count_params(gm),
         budget={budget.metric: budget.fraction},
-        output_error=context.output_error,
+        output_error=verification.output_error,
         frontend=frontend_used,
         pipeline=recipe.name,
-        pass_seconds=seconds,
-        latency_before_ms=context.extras.get("latency_before_ms"),
-        latency_after_ms=context.extras.get("latency_after_ms"),
+        pass_seconds=run.seconds,
+        latency_before_ms=context.latency.before_ms,
+        latency_after_ms=verification.latency_after_ms,
     )
-
-
-def normalize_plan(plan) -> dict[str, tuple[str, tuple[int, ...]]] | None:
-    """A saved plan (a result, its decisions, its to_dict(), or name -> (method, ranks)) as name -> (method, ranks)."""
-    if plan is None:
-        return None
-    if isinstance(plan, CompressionResult):
-        plan = plan.decisions
-    if not isinstance(plan, (Mapping, Sequence)) or isinstance(plan, (str, bytes)):
-        raise InvalidInputError(
-            f"cannot read a plan from {type(plan).__name__}; give result.decisions, result.to_dict() "
-            "or a mapping name -> (method, ranks)"
-        )
-    if isinstance(plan, Mapping) and "decisions" in plan:
-        plan = plan["decisions"]
-    entries = plan.items() if isinstance(plan, Mapping) else [(_field(d, "name"), d) for d in plan]
-    fixed = {}
-    for name, entry in entries:
-        if isinstance(entry, (tuple, list)) and len(entry) == 2:
-            method, ranks = entry
-        else:
-            method, ranks = _field(entry, "method"), _field(entry, "ranks")
-        fixed[str(name)] = (str(method), tuple(int(r) for r in ranks))
-    return fixed
-
-
-def _field(entry, key):
-    try:
-        return entry[key] if isinstance(entry, Mapping) else getattr(entry, key)
-    except (KeyError, AttributeError):
-        raise InvalidInputError(f"a plan entry lacks {key!r}: {entry!r}; give result.decisions or result.to_dict()") from None
 
 
 def as_example_inputs(example_inputs) -> tuple:

@@ -44,7 +44,11 @@ class TraceError(FxDecompError, RuntimeError):
 
 
 class RecipeError(FxDecompError, ValueError):
-    """A pass recipe names an unknown pass or option, or cannot be found."""
+    """A pass recipe names an unknown pass or option, cannot be found, or runs a pass before what it requires."""
+
+
+class RegistrationError(FxDecompError, ValueError):
+    """A pass or decomposer registered under a name that is already taken."""
 
 
 class ExportError(FxDecompError, RuntimeError):

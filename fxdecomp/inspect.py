@@ -1,7 +1,7 @@
 """Look before you cut: every candidate layer's FLOPs, parameters and rank estimates, nothing rewritten.
 
-Runs only the analysis passes (shape_prop, find_candidates, annotate_cost,
-estimate_ranks) on a captured copy of the model.
+Runs the analysis-only recipe (`ANALYSIS_RECIPE`: shape_prop, find_candidates,
+annotate_cost, estimate_ranks) through the pass manager on a captured copy of the model.
 
 Example::
 
@@ -22,17 +22,23 @@ import torch
 from torch import nn
 
 from . import meta
-from .budget import Budget
 from .compress import as_example_inputs
 from .decomposers import all_methods
 from .errors import InvalidInputError, UnknownMethodError
 from .frontend import capture
-from .passes import PassContext, make_pass
-from .passes.analysis import factorization
+from .passes import PassManager
+from .planning.factors import factorization
+from .recipes import Recipe, Step
+from .records import PassContext, Request
 
-__all__ = ["RANK_FRACTIONS", "EnergyAt", "LayerInfo", "MethodEstimate", "inspect_model"]
+__all__ = ["ANALYSIS_RECIPE", "RANK_FRACTIONS", "EnergyAt", "LayerInfo", "MethodEstimate", "inspect_model"]
 
 ANALYSIS_PASSES = ("shape_prop", "find_candidates", "annotate_cost", "estimate_ranks")
+ANALYSIS_RECIPE = Recipe(
+    "inspect",
+    "analysis only: shapes, candidates, FLOPs and parameters, rank estimates; nothing planned or rewritten",
+    tuple(Step(name) for name in ANALYSIS_PASSES),
+)
 RANK_FRACTIONS = (0.25, 0.5)  # where the spectrum's kept energy is reported
 
 
@@ -100,21 +106,16 @@ def inspect_model(
         raise UnknownMethodError(f"unknown method(s) {unknown}; known methods: {all_methods()}")
     with torch.no_grad():
         gm, frontend = capture(model, inputs)
-        context = PassContext(
-            example_inputs=inputs,
-            budget=Budget(flops=1.0),
-            exclude=(exclude,) if isinstance(exclude, str) else tuple(exclude),
-            frontend=frontend,
-        )
-        for name in ANALYSIS_PASSES:
-            options = {"methods": methods} if name == "estimate_ranks" else {}
-            gm = make_pass(name, context, options)(gm).graph_module
+        request = Request(inputs, exclude=(exclude,) if isinstance(exclude, str) else tuple(exclude), frontend=frontend)
+        context = PassContext(request)
+        recipe = ANALYSIS_RECIPE.with_options(estimate_ranks={"methods": methods})
+        PassManager.from_steps(((s.name, s.options) for s in recipe.steps), context, "inspect")(gm)
         return [_layer_info(context, candidate) for candidate in context.candidates.values()]
 
 
 def _layer_info(context: PassContext, candidate) -> LayerInfo:
     costs = [site.node.meta[meta.FLOPS] for site in candidate.sites]
-    ranks: dict[str, meta.RankEstimate] = candidate.sites[0].node.meta.get(meta.RANK, {})
+    ranks: dict[str, meta.RankEstimate] = context.rank_estimates.by_candidate.get(candidate.name, {})
     estimates = []
     for method, estimate in ranks.items():
         decomposer, state = factorization(context, candidate, method)

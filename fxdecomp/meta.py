@@ -1,6 +1,7 @@
 """The ``node.meta`` keys fxdecomp writes, each defined once, and the frozen records they hold.
 
-Analyses only write these keys; only the rewrite pass changes the graph.
+Analyses only write these keys; only the rewrite pass changes the graph. Decisions are
+not here: they live in the plan record (`fxdecomp.records.Plan`).
 
 Example::
 
@@ -14,9 +15,8 @@ from dataclasses import dataclass
 
 SHAPE = "fxdecomp.shape"  # tuple[int, ...] of the node's (first) tensor output
 FLOPS = "fxdecomp.flops"  # NodeCost of the original layer at this call site
-CANDIDATE = "fxdecomp.candidate"  # str: the candidate's name (see passes.base.Candidate)
+CANDIDATE = "fxdecomp.candidate"  # str: the candidate's name (see graph.candidates.Candidate)
 RANK = "fxdecomp.rank"  # RankEstimate per method
-DECISION = "fxdecomp.decision"  # Decision (result.py) chosen by the planner
 DECOMPOSED_FROM = "fxdecomp.decomposed_from"  # Provenance on nodes built by the rewrite
 
 

@@ -2,8 +2,9 @@
 
 Recipes live in the repository's ``passes/`` folder and load by name
 (``"default"``, ``"fast"``, ``"hardware"``) or by path. A recipe names only
-registered passes and their known options; anything else is a `RecipeError`
-listing what is known.
+registered passes and their known options, in an order where every pass comes
+after the passes providing the records it requires; anything else is a
+`RecipeError` listing what is known.
 
 Example::
 
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RecipeError
-from .passes import known_passes
+from .passes import check_order, known_passes
 from .passes.base import _PASSES
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "passes"
@@ -97,5 +98,6 @@ def load_recipe(recipe: str | os.PathLike | Recipe | None) -> Recipe:
         steps.append(Step(name, dict(options)))
     if not steps:
         raise RecipeError(f"recipe {path.name} lists no passes; add [[pass]] tables naming some of {known_passes()}")
+    check_order([step.name for step in steps], recipe=f"recipe {path.name}")
     methods = tuple(data["methods"]) if "methods" in data else None
     return Recipe(path.stem, data.get("description", ""), tuple(steps), methods)

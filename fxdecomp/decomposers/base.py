@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..factorize.svd import Spectrum
-from ..errors import InvalidInputError, UnknownMethodError, UnsupportedLayerError
+from ..errors import InvalidInputError, RegistrationError, UnknownMethodError, UnsupportedLayerError
 from ..layer_spec import ConvSpec, LinearSpec, pad_module
 
 Spec = ConvSpec | LinearSpec
@@ -118,7 +118,16 @@ class Decomposer(ABC):
 
 
 def register(cls: type[Decomposer]) -> type[Decomposer]:
-    """Class decorator: make ``cls`` the decomposer for (cls.kind, cls.method)."""
+    """Class decorator: make ``cls`` the decomposer for (cls.kind, cls.method).
+
+    Raises `RegistrationError` if that (kind, method) already has a decomposer.
+    """
+    taken = _REGISTRY.get((cls.kind, cls.method))
+    if taken is not None:
+        raise RegistrationError(
+            f"a decomposer for ({cls.kind!r}, {cls.method!r}) is already registered ({taken.__module__}.{taken.__qualname__}); "
+            f"give {cls.__qualname__} another method name"
+        )
     _REGISTRY[(cls.kind, cls.method)] = cls
     return cls
 

@@ -1,6 +1,20 @@
-"""The passes of the pipeline, registered by name for the recipes in ``passes/``."""
+"""The passes of the pipeline, registered by name for the recipes in ``passes/``, and the pass manager."""
 
 from . import analysis, calibrate, plan, rewrite, verify  # noqa: F401  (registration)
-from .base import CallSite, Candidate, Pass, PassContext, known_passes, make_pass, register_pass
+from .base import CallSite, Candidate, Pass, PassContext, known_passes, make_pass, pass_class, register_pass
+from .manager import ManagerResult, PassManager, StepRecord, check_order
 
-__all__ = ["CallSite", "Candidate", "Pass", "PassContext", "known_passes", "make_pass", "register_pass"]
+__all__ = [
+    "CallSite",
+    "Candidate",
+    "ManagerResult",
+    "Pass",
+    "PassContext",
+    "PassManager",
+    "StepRecord",
+    "check_order",
+    "known_passes",
+    "make_pass",
+    "pass_class",
+    "register_pass",
+]

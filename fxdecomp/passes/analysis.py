@@ -1,7 +1,9 @@
 """Analysis passes: shapes, candidate layers, FLOPs and parameters, rank estimates.
 
-They write ``node.meta`` (keys in `fxdecomp.meta`) and the pass context; none
-changes the graph.
+They write ``node.meta`` (keys in `fxdecomp.meta`) and their records in the pass
+context (`fxdecomp.records`); none changes the graph. The factorisation cache
+and the damage model they used to hold are in `fxdecomp.planning.factors` and
+`fxdecomp.planning.damage` (re-exported here for old imports).
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from .. import meta
-from ..calibration import OutputErrorMeter, output_energy, output_whitening
 from ..cost import FLOPS_PER_MAC, count_flops, count_params, spec_macs
-from ..decomposers import get_decomposer, methods_for
 from ..errors import FxDecompError
 from ..layer_spec import check_finite, layer_spec
+from ..planning.damage import output_energies, predicted_error, weight_matrices  # noqa: F401  (re-exported)
+from ..planning.factors import factorization, output_weights  # noqa: F401  (re-exported)
 from ..ranks import rule_ranks, vbmf_rank_of_spectrum
+from ..records import NodeShapes, RankEstimates
 from .base import CallSite, Candidate, Pass, log, register_pass
 
 aten = torch.ops.aten
@@ -44,6 +47,7 @@ class ShapePass(Pass):
     """Record every node's output shape (ShapeProp, or torch.export's own metadata)."""
 
     name = "shape_prop"
+    provides = ("shapes",)
 
     def run(self, gm):
         if not all("val" in n.meta for n in gm.graph.nodes if n.op not in ("output", "placeholder")):
@@ -55,6 +59,7 @@ class ShapePass(Pass):
             shape = getattr(value, "shape", None)
             if shape is not None:
                 node.meta[meta.SHAPE] = tuple(int(d) for d in shape)
+        self.context.provide("shapes", NodeShapes({n.name: n.meta[meta.SHAPE] for n in gm.graph.nodes if meta.SHAPE in n.meta}))
         return PassResult(gm, False)
 
 
@@ -63,6 +68,8 @@ class FindCandidatesPass(Pass):
     """Every Conv2d / Linear call (module or functional, on a parameter) becomes a candidate."""
 
     name = "find_candidates"
+    requires = ("shapes",)
+    provides = ("candidates",)
 
     def run(self, gm):
         ctx = self.context
@@ -183,6 +190,8 @@ class CostPass(Pass):
     """FLOPs of the whole model (fvcore) and of each candidate call (the cost model), cross-checked."""
 
     name = "annotate_cost"
+    requires = ("candidates",)
+    provides = ("cost",)
 
     def run(self, gm):
         ctx = self.context
@@ -207,6 +216,8 @@ class RankEstimatePass(Pass):
     """VBMF and energy rank estimates per candidate and method (from the cached factorisations)."""
 
     name = "estimate_ranks"
+    requires = ("candidates",)
+    provides = ("rank_estimates",)
 
     @dataclass(frozen=True)
     class Options:
@@ -214,6 +225,7 @@ class RankEstimatePass(Pass):
 
     def run(self, gm):
         ctx = self.context
+        by_candidate = {}
         for candidate in ctx.candidates.values():
             estimates = {}
             for method in self.options.methods:
@@ -231,94 +243,6 @@ class RankEstimatePass(Pass):
                 )
             for site in candidate.sites:
                 site.node.meta[meta.RANK] = estimates
+            by_candidate[candidate.name] = estimates
+        ctx.provide("rank_estimates", RankEstimates(by_candidate))
         return PassResult(gm, False)
-
-
-def factorization(ctx, candidate: Candidate, method: str):
-    """(decomposer, state) for a candidate and method, computed once per compress call; state None if n/a.
-
-    With calibration data, data-aware decomposers (svd) factorise the whitened weight
-    (on both sides when the calibration was output-aware).
-    """
-    gram = ctx.grams.get(candidate.name)
-    key = (candidate.name, method, gram is not None)
-    if key not in ctx.states:
-        decomposer = get_decomposer(candidate.kind, method) if method in methods_for(candidate.kind) else None
-        state = None
-        if decomposer is not None:
-            weight = candidate.layer.weight.detach()
-            try:
-                decomposer.check(candidate.spec)
-                if gram is not None and decomposer.data_aware:
-                    state = decomposer.factorize_whitened(
-                        candidate.spec, weight, _gram_matrices(gram), output_weights(ctx, candidate)
-                    )
-                else:
-                    state = decomposer.factorize(candidate.spec, weight)
-            except FxDecompError as exc:
-                log.info("%s: %s does not apply (%s)", candidate.name, method, exc)
-        ctx.states[key] = (decomposer, state)
-    return ctx.states[key]
-
-
-def _gram_matrices(gram) -> list[torch.Tensor]:
-    return [gram.matrix(g) for g in range(gram.groups)]
-
-
-def _output_gram_matrices(ctx, candidate: Candidate) -> list[torch.Tensor] | None:
-    output_gram = ctx.output_grams.get(candidate.name)
-    return _gram_matrices(output_gram) if output_gram is not None else None
-
-
-def output_weights(ctx, candidate: Candidate) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """(H^(1/2), H^(-1/2)) per group of the candidate's output Gram matrices, computed once; None without."""
-    cache = ctx.extras.setdefault("output_weights", {})
-    if candidate.name not in cache:
-        output_grams = _output_gram_matrices(ctx, candidate)
-        cache[candidate.name] = [output_whitening(h) for h in output_grams] if output_grams else None
-    return cache[candidate.name]
-
-
-def predicted_error(ctx, candidate: Candidate, method: str, ranks: tuple[int, ...]) -> float:
-    """The layer's predicted relative output error: on the calibration data when there is some, else of the weight.
-
-    With output-aware calibration the error is relative to `output_energy` (the
-    layer's output energy as the model's outputs see it), for every method.
-    """
-    decomposer, state = factorization(ctx, candidate, method)
-    gram = ctx.grams.get(candidate.name)
-    if gram is None or decomposer.data_aware:
-        return decomposer.estimate_error(candidate.spec, state, ranks)
-    weight_blocks = weight_matrices(candidate.spec, candidate.layer.weight.detach())
-    meter = ctx.error_meters.get(candidate.name)
-    if meter is None:
-        weights = output_weights(ctx, candidate)
-        meter = OutputErrorMeter(_gram_matrices(gram), weight_blocks, output_sqrt=[w[0] for w in weights] if weights else None)
-        ctx.error_meters[candidate.name] = meter
-    dense = decomposer.estimate_reconstruct(candidate.spec, state, ranks)
-    return meter.relative_error(weight_blocks, weight_matrices(candidate.spec, dense))
-
-
-def output_energies(ctx) -> dict[str, float]:
-    """Per candidate with output-aware calibration: tr(W G W^T H), what its relative errors are relative to.
-
-    A relative error e of layer l then changes the model's outputs by about
-    e^2 * energy_l (relative squared change, summed over the outputs), so the
-    planner can add damages across layers. Empty without output-aware calibration.
-    """
-    if "output_energies" not in ctx.extras:
-        energies = {}
-        for name, candidate in ctx.candidates.items():
-            output_grams = _output_gram_matrices(ctx, candidate)
-            if output_grams is not None and name in ctx.grams:
-                blocks = weight_matrices(candidate.spec, candidate.layer.weight.detach())
-                energies[name] = output_energy(blocks, _gram_matrices(ctx.grams[name]), output_grams)
-        ctx.extras["output_energies"] = energies
-    return ctx.extras["output_energies"]
-
-
-def weight_matrices(spec, weight: torch.Tensor) -> list[torch.Tensor]:
-    """The weight as one matrix per group: (out, in) for Linear, the lowered (T/g, S/g*kh*kw) for Conv2d."""
-    if spec.kind == "linear":
-        return [weight]
-    return [block.reshape(block.shape[0], -1) for block in weight.split(spec.out_per_group, dim=0)]

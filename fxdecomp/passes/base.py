@@ -1,14 +1,18 @@
-"""Pass infrastructure: the shared context, the pass registry, and the candidate record.
+"""Pass infrastructure: the pass base class and the pass registry.
 
 A pass is a callable ``GraphModule -> PassResult(graph_module, modified)`` (the
 torch.fx pass-infra shape), built from the `PassContext` and its recipe options.
-Analyses only write ``node.meta`` and the context; only the rewrite changes the graph.
+It names the records (`fxdecomp.records.RECORDS`) it ``requires`` and the ones it
+``provides``; the pass manager (`fxdecomp.passes.manager`) checks a recipe's
+order against them before running. Analyses only write their records (and
+``node.meta``); only the rewrite changes the graph.
 
 Example::
 
     @register_pass
     class ShapePass(Pass):
         name = "shape_prop"
+        provides = ("shapes",)
         def run(self, gm): ...
 """
 
@@ -16,91 +20,29 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from torch import fx, nn
+from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ..budget import Budget
-from ..errors import RecipeError
-from ..layer_spec import ConvSpec, LinearSpec
+from ..errors import RecipeError, RegistrationError
+from ..graph.candidates import CallSite, Candidate
+from ..records import RECORDS, PassContext
+
+__all__ = ["CallSite", "Candidate", "Pass", "PassContext", "known_passes", "make_pass", "pass_class", "register_pass"]
 
 log = logging.getLogger("fxdecomp")
-
-
-@dataclass
-class CallSite:
-    node: fx.Node
-    input_node: fx.Node
-    input_shape: tuple[int, ...]
-    # Where the input sits in the call (args index or kwarg name): unlike ``input_node``,
-    # it stays valid after the rewrite of an earlier layer replaces the producer.
-    input_key: int | str = 0
-
-    @classmethod
-    def of(cls, node: fx.Node, input_node: fx.Node, input_shape: tuple[int, ...]) -> "CallSite":
-        key = next((i for i, arg in enumerate(node.args) if arg is input_node), None)
-        if key is None:
-            key = next(k for k, value in node.kwargs.items() if value is input_node)
-        return cls(node, input_node, input_shape, key)
-
-
-@dataclass
-class Candidate:
-    """One decomposable layer: a Conv2d/Linear module, or a functional call on a parameter.
-
-    ``layer`` is the module holding the weights (the original one, or an equivalent
-    built from the functional call); a module called twice is one candidate with two sites.
-    """
-
-    name: str
-    layer: nn.Module
-    spec: ConvSpec | LinearSpec
-    sites: list[CallSite]
-    form: str  # "module" or "function"
-    target: str  # call_module target, or the weight's get_attr target
-    excluded: bool = False
-
-    @property
-    def kind(self) -> str:
-        return self.spec.kind
-
-
-@dataclass
-class PassContext:
-    """What the passes of one `compress` call share."""
-
-    example_inputs: tuple
-    budget: Budget
-    methods: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] = ()
-    calibration: Any = None
-    sensitivity: Any = None  # callable(module) -> score, higher is better
-    progress: bool = False
-    frontend: str = "fx"
-    reference: fx.GraphModule | None = None  # the captured graph before any rewrite
-    candidates: dict[str, Candidate] = field(default_factory=dict)
-    states: dict[tuple[str, str], Any] = field(default_factory=dict)  # (candidate, method) -> factorisation
-    flops_before: int = 0
-    params_before: int = 0
-    plan: dict[str, Any] = field(default_factory=dict)  # candidate name -> Decision
-    fixed_plan: dict[str, tuple[str, tuple[int, ...]]] | None = None  # name -> (method, ranks): apply, don't solve
-    output_error: float | None = None
-    source_model: nn.Module | None = None  # the private copy that was captured (never the user's model)
-    grams: dict[str, Any] = field(default_factory=dict)  # candidate name -> GramAccumulator (calibration)
-    output_grams: dict[str, Any] = field(default_factory=dict)  # candidate name -> OutputGramAccumulator
-    error_meters: dict[str, Any] = field(default_factory=dict)  # candidate name -> OutputErrorMeter
-    extras: dict[str, Any] = field(default_factory=dict)
-
 
 _PASSES: dict[str, type[Pass]] = {}
 
 
 class Pass:
-    """Base class: subclasses set ``name``, an ``Options`` dataclass, and implement `run`."""
+    """Base class: subclasses set ``name``, ``requires`` / ``provides`` (record names), an ``Options`` dataclass, and `run`."""
 
     name: ClassVar[str]
+    requires: ClassVar[tuple[str, ...]] = ()
+    provides: ClassVar[tuple[str, ...]] = ()
 
     @dataclass(frozen=True)
     class Options:
@@ -124,6 +66,19 @@ class Pass:
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: register ``cls`` under ``cls.name``.
+
+    Raises `RegistrationError` if the name is taken or a record it names is unknown.
+    """
+    taken = _PASSES.get(cls.name)
+    if taken is not None:
+        raise RegistrationError(
+            f"a pass named {cls.name!r} is already registered ({taken.__module__}.{taken.__qualname__}); "
+            f"give {cls.__qualname__} another name"
+        )
+    unknown = [r for r in (*cls.requires, *cls.provides) if r not in RECORDS]
+    if unknown:
+        raise RegistrationError(f"pass {cls.name!r} names unknown record(s) {unknown}; known records: {sorted(RECORDS)}")
     _PASSES[cls.name] = cls
     return cls
 
@@ -132,8 +87,13 @@ def known_passes() -> list[str]:
     return sorted(_PASSES)
 
 
-def make_pass(name: str, context: PassContext, options: dict[str, Any]) -> Pass:
+def pass_class(name: str) -> type[Pass]:
+    """The registered pass class ``name``; `RecipeError` listing the known passes otherwise."""
     cls = _PASSES.get(name)
     if cls is None:
         raise RecipeError(f"unknown pass {name!r}; known passes: {known_passes()}")
-    return cls(context, **options)
+    return cls
+
+
+def make_pass(name: str, context: PassContext, options: dict[str, Any]) -> Pass:
+    return pass_class(name)(context, **options)

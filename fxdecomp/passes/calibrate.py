@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_leaves
 from ..calibration import GramAccumulator, OutputGramAccumulator
 from ..errors import InvalidInputError
 from ..progress import Progress
+from ..records import CalibrationStats
 from .base import Pass, log, register_pass
 
 
@@ -67,6 +68,8 @@ class _GramInterpreter(fx.Interpreter):
 @register_pass
 class CalibratePass(Pass):
     name = "calibrate"
+    requires = ("candidates",)
+    provides = ("calibration",)
 
     @dataclass(frozen=True)
     class Options:
@@ -78,6 +81,7 @@ class CalibratePass(Pass):
     def run(self, gm):
         ctx = self.context
         if ctx.calibration is None:
+            ctx.provide("calibration", CalibrationStats())
             return PassResult(gm, False)
         active = [name for name, c in ctx.candidates.items() if not c.excluded]
         grams = {name: GramAccumulator(ctx.candidates[name].spec) for name in active}
@@ -103,10 +107,12 @@ class CalibratePass(Pass):
                     break
         if batches == 0:
             raise InvalidInputError("calibration yielded no batch; pass an iterable of input tuples")
-        ctx.grams = {name: g for name, g in grams.items() if g.count}
+        kept = {name: g for name, g in grams.items() if g.count}
+        kept_output = {}
         if self.differentiable:
             # Layers no gradient reached (detached or integer outputs only) keep input-only errors.
-            ctx.output_grams = {name: g for name, g in output_grams.items() if g.count and g.updates and name in ctx.grams}
+            kept_output = {name: g for name, g in output_grams.items() if g.count and g.updates and name in kept}
+        ctx.provide("calibration", CalibrationStats(kept, kept_output))
         log.info("calibrated %d layers on %d batches (output-aware: %s)", len(ctx.grams), batches, self.differentiable)
         return PassResult(gm, False)
 

@@ -1,111 +1,19 @@
-"""The rewrite pass: each decomposed candidate becomes real graph nodes of its factors.
-
-The decomposed module is installed where the layer was (``features.3`` becomes a
-Sequential whose children are ``features.3.0``, ``features.3.1``, ...), and each
-call site becomes a chain of ``call_module`` nodes, one per factor, carrying
-``fxdecomp.decomposed_from``. A layer called twice is decomposed once and both
-sites share the factors. Functional calls (``F.linear(x, self.w)``) get their
-module next to their weight, which is dropped once nothing reads it.
-"""
+"""The rewrite pass: applies the plan's decompositions to the graph (`fxdecomp.graph.rewrite.rewrite_graph`)."""
 
 from __future__ import annotations
 
-from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from .. import meta
-from .analysis import factorization
-from .base import Candidate, Pass, register_pass
+from ..graph.rewrite import rewrite_graph
+from .base import Pass, register_pass
+
+__all__ = ["RewritePass", "rewrite_graph"]
 
 
 @register_pass
 class RewritePass(Pass):
     name = "rewrite"
+    requires = ("candidates", "plan")
 
     def run(self, gm):
-        return PassResult(gm, rewrite_graph(gm, self.context, self.context.plan))
-
-
-def rewrite_graph(gm: fx.GraphModule, ctx, plan: dict) -> bool:
-    """Apply the decomposed decisions of ``plan`` (name -> Decision) to ``gm`` in place.
-
-    Call sites are found by node name, so ``gm`` may be a copy of the analysed graph.
-    """
-    nodes = {n.name: n for n in gm.graph.nodes}
-    modified = False
-    for candidate in ctx.candidates.values():
-        decision = plan.get(candidate.name)
-        if decision is None or not decision.decomposed:
-            continue
-        decomposer, state = factorization(ctx, candidate, decision.method)
-        layer = candidate.layer
-        bias = layer.bias.detach() if layer.bias is not None else None
-        module = decomposer.build(candidate.spec, state, decision.ranks, bias, layer.weight)
-        module.train(layer.training)
-        sites = [_current(nodes[s.node.name], s.input_key) for s in candidate.sites]
-        path = _install_path(gm, candidate, {node for node, _ in sites})
-        for node, value in sites:
-            _replace_site(gm, node, value, path, module, decision)
-        _set_submodule(gm, path, module)  # after the old get_attr nodes are gone: it may replace their owner
-        modified = True
-    if modified:
-        gm.graph.eliminate_dead_code()
-        _drop_unused_attributes(gm)
-        gm.delete_all_unused_submodules()
-        gm.graph.lint()
-        gm.recompile()
-    return modified
-
-
-def _current(node: fx.Node, key: int | str) -> tuple[fx.Node, fx.Node]:
-    """(call node, its input as it is now): an earlier rewrite may have replaced the producer."""
-    return node, node.args[key] if isinstance(key, int) else node.kwargs[key]
-
-
-def _replace_site(gm: fx.GraphModule, node: fx.Node, value: fx.Node, path: str, module: nn.Module, decision) -> None:
-    stages = [f"{path}.{i}" for i in range(len(module))] if isinstance(module, nn.Sequential) else [path]
-    with gm.graph.inserting_before(node):
-        for index, target in enumerate(stages):
-            value = gm.graph.create_node("call_module", target, (value,))  # installed right after
-            value.meta[meta.DECOMPOSED_FROM] = meta.Provenance(decision.name, decision.method, decision.ranks, index)
-            if meta.SHAPE in node.meta and index == len(stages) - 1:
-                value.meta[meta.SHAPE] = node.meta[meta.SHAPE]
-    node.replace_all_uses_with(value)
-    inputs = node.all_input_nodes
-    gm.graph.erase_node(node)
-    for unused in (n for n in inputs if n.op == "get_attr" and not n.users):
-        gm.graph.erase_node(unused)
-
-
-def _install_path(gm: fx.GraphModule, candidate: Candidate, site_nodes: set[fx.Node]) -> str:
-    if candidate.form == "module":
-        return candidate.target
-    owner, _, attribute = candidate.target.rpartition(".")
-    still_read = {
-        n.target
-        for n in gm.graph.nodes
-        if n.op == "call_module" or (n.op == "get_attr" and any(user not in site_nodes for user in n.users))
-    }
-    if owner and not any(t == owner or t.startswith(owner + ".") for t in still_read):
-        return owner  # nothing else reads the weight's owner: the decomposed module takes its place
-    return f"{owner}.{attribute}_lowrank" if owner else f"{attribute}_lowrank"
-
-
-def _set_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = gm.get_submodule(parent_path) if parent_path else gm
-    if name in parent._parameters or name in parent._buffers:
-        delattr(parent, name)
-    setattr(parent, name, module)
-
-
-def _drop_unused_attributes(gm: fx.GraphModule) -> None:
-    """Delete parameters and buffers no node reads any more (the weights of decomposed functional calls)."""
-    read = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
-    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-        if any(name == t or name.startswith(t + ".") for t in read):
-            continue  # read by a get_attr, or owned by a called module whose forward reads it
-        owner_path, _, attribute = name.rpartition(".")
-        owner = gm.get_submodule(owner_path) if owner_path else gm
-        if attribute in owner._parameters or attribute in owner._buffers:
-            delattr(owner, attribute)
+        return PassResult(gm, rewrite_graph(gm, self.context, self.context.plan.decisions))

@@ -7,6 +7,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.utils._pytree import tree_leaves
 
 from ..errors import FxDecompError
+from ..records import Verification
 from .base import Pass, register_pass
 
 
@@ -27,14 +28,15 @@ def output_error(reference, candidate, example_inputs) -> float:
 @register_pass
 class VerifyPass(Pass):
     name = "verify"
+    provides = ("verification",)
 
     def run(self, gm):
         ctx = self.context
-        if ctx.reference is not None:
-            ctx.output_error = output_error(ctx.reference, gm, ctx.example_inputs)
-        if "latency_before_ms" in ctx.extras:  # latency budgets, and plans made to follow latency
+        error = output_error(ctx.reference, gm, ctx.example_inputs) if ctx.reference is not None else None
+        latency_after_ms = None
+        if ctx.latency.before_ms is not None:  # latency budgets, and plans made to follow latency
             from ..latency import model_ms
 
-            threads = ctx.extras["layer_latency"].threads if "layer_latency" in ctx.extras else 1
-            ctx.extras["latency_after_ms"] = model_ms(gm, ctx.example_inputs, threads=threads)
+            latency_after_ms = model_ms(gm, ctx.example_inputs, threads=ctx.latency.threads)
+        ctx.provide("verification", Verification(error, latency_after_ms))
         return PassResult(gm, False)

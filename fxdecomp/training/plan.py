@@ -20,7 +20,7 @@ from typing import Any
 from torch import fx, nn
 
 from .. import meta
-from ..compress import normalize_plan  # noqa: F401  (re-exported)
+from ..planning.replay import normalize_plan  # noqa: F401  (re-exported)
 from ..decomposers import get_decomposer
 from ..errors import InvalidInputError, UnsupportedLayerError
 from ..layer_spec import layer_spec

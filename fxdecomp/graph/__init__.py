@@ -1,0 +1,1 @@
+"""Graph-level building blocks shared by the passes: candidates and their call sites, the rewrite of a call site."""

@@ -1,0 +1,75 @@
+"""The damage model: a candidate option's predicted relative error, and its weight in the model's outputs.
+
+Weight-only by default (each decomposer's own error estimate); on calibration
+statistics the error is measured on the layer's inputs (and, output-aware, as
+the model's outputs see it; `fxdecomp.calibration`). The planner's damage is
+the error squared, times the layer's output energy when calibration is output-aware.
+
+Example::
+
+    error = predicted_error(ctx, candidate, "svd", (16,))
+    damage = output_damage(ctx, candidate, error)   # None: use error ** 2
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..calibration import OutputErrorMeter, output_energy
+from ..graph.candidates import Candidate
+from .factors import factorization, gram_matrices, output_gram_matrices, output_weights
+
+
+def predicted_error(ctx, candidate: Candidate, method: str, ranks: tuple[int, ...]) -> float:
+    """The layer's predicted relative output error: on the calibration data when there is some, else of the weight.
+
+    With output-aware calibration the error is relative to `output_energy` (the
+    layer's output energy as the model's outputs see it), for every method.
+    """
+    decomposer, state = factorization(ctx, candidate, method)
+    gram = ctx.grams.get(candidate.name)
+    if gram is None or decomposer.data_aware:
+        return decomposer.estimate_error(candidate.spec, state, ranks)
+    weight_blocks = weight_matrices(candidate.spec, candidate.layer.weight.detach())
+    meter = ctx.error_meters.get(candidate.name)
+    if meter is None:
+        weights = output_weights(ctx, candidate)
+        meter = OutputErrorMeter(gram_matrices(gram), weight_blocks, output_sqrt=[w[0] for w in weights] if weights else None)
+        ctx.error_meters[candidate.name] = meter
+    dense = decomposer.estimate_reconstruct(candidate.spec, state, ranks)
+    return meter.relative_error(weight_blocks, weight_matrices(candidate.spec, dense))
+
+
+def output_energies(ctx) -> dict[str, float]:
+    """Per candidate with output-aware calibration: tr(W G W^T H), what its relative errors are relative to.
+
+    A relative error e of layer l then changes the model's outputs by about
+    e^2 * energy_l (relative squared change, summed over the outputs), so the
+    planner can add damages across layers. Empty without output-aware calibration.
+    """
+    if ctx.factorizations.output_energies is None:
+        energies = {}
+        for name, candidate in ctx.candidates.items():
+            output_grams = output_gram_matrices(ctx, candidate)
+            if output_grams is not None and name in ctx.grams:
+                blocks = weight_matrices(candidate.spec, candidate.layer.weight.detach())
+                energies[name] = output_energy(blocks, gram_matrices(ctx.grams[name]), output_grams)
+        ctx.factorizations.output_energies = energies
+    return ctx.factorizations.output_energies
+
+
+def weight_matrices(spec, weight: torch.Tensor) -> list[torch.Tensor]:
+    """The weight as one matrix per group: (out, in) for Linear, the lowered (T/g, S/g*kh*kw) for Conv2d."""
+    if spec.kind == "linear":
+        return [weight]
+    return [block.reshape(block.shape[0], -1) for block in weight.split(spec.out_per_group, dim=0)]
+
+
+def output_damage(ctx, candidate: Candidate, error: float) -> float | None:
+    """error^2 in the unit of the model's outputs (output-aware calibration), else None (error^2)."""
+    energies = output_energies(ctx)
+    if not energies:
+        return None
+    # A layer the calibration could not observe counts like an average one.
+    energy = energies.get(candidate.name, sum(energies.values()) / len(energies))
+    return error**2 * energy

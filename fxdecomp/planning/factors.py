@@ -1,0 +1,68 @@
+"""The factorisation cache: each candidate's rank-independent factorisation, computed once per run.
+
+Every pass and planning step that needs a candidate's factors (rank estimates,
+the option grid, the rewrite) asks `factorization`, which keeps the answer in
+the context's `fxdecomp.records.Factorizations` cache.
+
+Example::
+
+    decomposer, state = factorization(ctx, candidate, "svd")   # state None: svd does not apply
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..calibration import output_whitening
+from ..decomposers import get_decomposer, methods_for
+from ..errors import FxDecompError
+from ..graph.candidates import Candidate
+
+log = logging.getLogger("fxdecomp")
+
+
+def factorization(ctx, candidate: Candidate, method: str):
+    """(decomposer, state) for a candidate and method, computed once per compress call; state None if n/a.
+
+    With calibration data, data-aware decomposers (svd) factorise the whitened weight
+    (on both sides when the calibration was output-aware).
+    """
+    gram = ctx.grams.get(candidate.name)
+    key = (candidate.name, method, gram is not None)
+    if key not in ctx.states:
+        decomposer = get_decomposer(candidate.kind, method) if method in methods_for(candidate.kind) else None
+        state = None
+        if decomposer is not None:
+            weight = candidate.layer.weight.detach()
+            try:
+                decomposer.check(candidate.spec)
+                if gram is not None and decomposer.data_aware:
+                    state = decomposer.factorize_whitened(
+                        candidate.spec, weight, gram_matrices(gram), output_weights(ctx, candidate)
+                    )
+                else:
+                    state = decomposer.factorize(candidate.spec, weight)
+            except FxDecompError as exc:
+                log.info("%s: %s does not apply (%s)", candidate.name, method, exc)
+        ctx.states[key] = (decomposer, state)
+    return ctx.states[key]
+
+
+def gram_matrices(gram) -> list[torch.Tensor]:
+    return [gram.matrix(g) for g in range(gram.groups)]
+
+
+def output_gram_matrices(ctx, candidate: Candidate) -> list[torch.Tensor] | None:
+    output_gram = ctx.output_grams.get(candidate.name)
+    return gram_matrices(output_gram) if output_gram is not None else None
+
+
+def output_weights(ctx, candidate: Candidate) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """(H^(1/2), H^(-1/2)) per group of the candidate's output Gram matrices, computed once; None without."""
+    cache = ctx.factorizations.output_weights
+    if candidate.name not in cache:
+        output_grams = output_gram_matrices(ctx, candidate)
+        cache[candidate.name] = [output_whitening(h) for h in output_grams] if output_grams else None
+    return cache[candidate.name]
