@@ -54,11 +54,13 @@ class ManagerResult:
         return totals
 
 
-def check_order(names: Sequence[str], available: Iterable[str] = (), recipe: str = "recipe") -> None:
-    """Raise `RecipeError` if a pass in ``names`` requires a record no earlier pass (nor ``available``) provides."""
+def check_order(passes: Sequence[str | type[Pass]], available: Iterable[str] = (), recipe: str = "recipe") -> None:
+    """Raise `RecipeError` if a pass (a registered name, or a class) requires a record no earlier pass
+    (nor ``available``) provides; the message names the pass, the record, and the passes that provide it."""
     have = set(available)
-    for name in names:
-        cls = pass_class(name)
+    for entry in passes:
+        cls = pass_class(entry) if isinstance(entry, str) else entry
+        name = cls.name
         missing = [r for r in cls.requires if r not in have]
         if missing:
             providers = sorted(n for n, c in _PASSES.items() if missing[0] in c.provides)
@@ -85,7 +87,7 @@ class PassManager:
         return cls([make_pass(step, context, options) for step, options in steps], context, name)
 
     def check(self) -> None:
-        check_order([p.name for p in self.passes], self.context.provided(), self.name)
+        check_order([type(p) for p in self.passes], self.context.provided(), self.name)
 
     def __call__(self, gm: fx.GraphModule) -> ManagerResult:
         self.check()
