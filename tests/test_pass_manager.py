@@ -207,3 +207,27 @@ def test_no_pass_imports_another_pass():
 
     planted = ast.parse("from .rewrite import rewrite_graph\nfrom fxdecomp.passes import plan\n")  # the check can fail
     assert _imported_pass_modules(planted, modules) == {"rewrite", "plan"}
+
+
+def test_verify_times_the_result_at_the_threads_the_plan_was_timed_at(monkeypatch):
+    """The thread count comes from the plan's latency record (its options), not from its per-layer timer."""
+    import fxdecomp.passes.plan as plan_module
+
+    from .test_latency_budget import _leaf_ms, _MemoryBoundTimer
+
+    model, x = _small()
+    threads_seen = []
+    monkeypatch.setattr(plan_module, "LayerLatency", _MemoryBoundTimer)
+    monkeypatch.setattr(plan_module, "model_ms", lambda module, inputs, threads=1, **_: _leaf_ms(module, inputs[0]))
+
+    def timed_after(module, inputs, threads=1, **_):
+        threads_seen.append(threads)
+        return _leaf_ms(module, inputs[0])
+
+    monkeypatch.setattr("fxdecomp.latency.model_ms", timed_after)
+    recipe = fxdecomp.load_recipe("default").with_options(plan={"latency_threads": 3, "replan_tolerance": 0.0})
+    result = fxdecomp.compress(model, (x,), budget=Budget(latency=0.9), methods=["svd"], pipeline=recipe)
+    assert threads_seen == [3]
+    assert result.latency_before_ms == pytest.approx(_leaf_ms(model, x))
+    assert result.latency_after_ms == pytest.approx(_leaf_ms(result.graph_module, x))
+    assert result.latency_after_ms < result.latency_before_ms
