@@ -133,8 +133,7 @@ class LazyCheckpoint:
                     return embedding
         raise InvalidInputError(f"the checkpoint {self.path} has no tensor {key!r} that the model needs")
 
-    @staticmethod
-    def release(module: nn.Module) -> None:
+    def release(self, module: nn.Module) -> None:
         """Send ``module``'s parameters back to the meta device (tied ones stay tied), freeing their memory."""
         released: dict[int, nn.Parameter] = {}
         for owner in module.modules():
@@ -145,7 +144,9 @@ class LazyCheckpoint:
                     owner._parameters[name] = released[id(param)]
 
     def close(self) -> None:
+        """Unmap the open shards (they reopen on the next read): mapped pages count in the process's RSS."""
         self._stack.close()
+        self._stack = ExitStack()
         self._handles.clear()
 
     def __enter__(self) -> "LazyCheckpoint":

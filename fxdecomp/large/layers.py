@@ -147,18 +147,37 @@ def solve(records: list[LayerRecord], fraction: float, total: int, scope: str) -
 
 
 def apply_option(
-    root: nn.Module, record: LayerRecord, linear: nn.Linear, option: LayerOption | None, gram: GramAccumulator | None
-) -> Decision:
-    """Swap the layer at ``record.name`` in ``root`` for its decomposition at the planned ranks; its decision.
+    root: nn.Module,
+    record: LayerRecord,
+    linear: nn.Linear,
+    option: LayerOption | None,
+    gram: GramAccumulator | None,
+    factorize: bool = True,
+) -> tuple[Decision, nn.Module | None]:
+    """Swap the layer at ``record.name`` in ``root`` for its decomposition at the planned ranks.
 
-    ``params_after`` of a tied layer counts the factors on top of the weight that stays.
+    Returns the decision and the new module (None when kept). With ``factorize=False``
+    the module has the planned structure but unset factors (another process sends
+    them, see `fxdecomp.large.distributed`). ``params_after`` of a tied layer counts
+    the factors on top of the weight that stays.
     """
     if option is None:
-        return Decision(record.name, "linear", "keep", (), record.flops, record.flops, record.params, record.params, 0.0, reason="budget")
-    spec, decomposer, state = _factorize(linear, gram)
-    bias = linear.bias.detach() if linear.bias is not None else None
-    module = decomposer.build(spec, state, option.ranks, bias, linear.weight)
+        decision = Decision(record.name, "linear", "keep", (), record.flops, record.flops, record.params, record.params, 0.0, reason="budget")
+        return decision, None
+    if factorize:
+        spec, decomposer, state = _factorize(linear, gram)
+        bias = linear.bias.detach() if linear.bias is not None else None
+        module = decomposer.build(spec, state, option.ranks, bias, linear.weight)
+    else:
+        spec, decomposer = layer_spec(linear), get_decomposer("linear", METHOD)
+        module = decomposer.structure(spec, option.ranks).to(linear.weight.dtype)
     parent, _, attribute = record.name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, attribute, module)
     params_after = option.params + (record.params if record.tied else 0)
-    return Decision(record.name, "linear", METHOD, option.ranks, record.flops, option.flops, record.params, params_after, option.error)
+    return Decision(record.name, "linear", METHOD, option.ranks, record.flops, option.flops, record.params, params_after, option.error), module
+
+
+def factorization_cost(linear: nn.Linear) -> float:
+    """Relative cost of the layer's SVD: in * out * min(in, out)."""
+    out_features, in_features = linear.weight.shape
+    return float(in_features) * out_features * min(in_features, out_features)

@@ -50,7 +50,8 @@ from ..progress import Progress
 from ..result import Decision
 from .blocks import BlockCall, BlockStack, capture_block_inputs, head_inputs, run_block
 from .checkpoint import LazyCheckpoint, ShardWriter, empty_model
-from .layers import LayerRecord, apply_option, layer_record, linears, observe, solve
+from .distributed import World
+from .layers import LayerRecord, apply_option, factorization_cost, layer_record, linears, observe, solve
 
 PLAN_FILE = "fxdecomp_plan.json"
 
@@ -90,6 +91,7 @@ def compress_sequential(
     exclude: Sequence[str] = (),
     scope: str = "model",
     grid: int = 24,
+    shard_bytes: int = 1 << 30,
     progress: bool = False,
 ) -> SequentialResult:
     """Compress the Linear layers of a stack-of-blocks model one block at a time (see the module doc).
@@ -102,7 +104,7 @@ def compress_sequential(
     which FLOPs are counted; ``calibration`` an iterable of such batches. ``budget``
     is a fraction of the FLOPs of the whole model (``scope="model"``, as in
     `fxdecomp.compress`) or of its candidate Linear layers (``scope="layers"``).
-    ``out`` also receives safetensors shards and the plan in memory mode.
+    ``out`` also receives safetensors shards (of at most ``shard_bytes``) and the plan in memory mode.
 
     Raises `BudgetError` for an unreachable budget (with the smallest reachable
     fraction), `InvalidInputError` for a model without a stack of blocks,
@@ -125,6 +127,10 @@ def compress_sequential(
     params_before, bytes_before = checkpoint.sizes() if lazy else _sizes(model)
     example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in calibration] if calibration is not None else []
+    world = World.current()
+    if batches and len(batches) < world.size:
+        raise InvalidInputError(f"{len(batches)} calibration batches for {world.size} processes: give at least one per process")
+    batches = world.share(batches)
     tied = _tied_parameters(model)
     head_layers = [(n, m) for n, m in linears(model, "", exclude) if not n.startswith(stack.path + ".")]
 
@@ -136,7 +142,8 @@ def compress_sequential(
 
     def unload(block: nn.Module) -> None:
         if lazy:
-            LazyCheckpoint.release(block)
+            checkpoint.release(block)
+            checkpoint.close()
 
     # 1. Statistics on the original blocks.
     records: list[LayerRecord] = []
@@ -156,23 +163,23 @@ def compress_sequential(
             flops += counter.get_total_flops()
             tuple_output = not isinstance(output, torch.Tensor)
             example_call = example_call.with_hidden(output if isinstance(output, torch.Tensor) else output[0])
-            grams = _grams(block, layers, calls)
+            grams = _grams(block, layers, calls, world)
             calls = [run_block(block, call) for call in calls]
-            records += [layer_record(n, m, shapes[n], grams.get(n), grid, id(m.weight) in tied) for n, m in layers]
+            records += _records(layers, shapes, grams, grid, tied, world)
             unload(block)
     shapes = {}
     with FlopCounterMode(display=False) as counter, observe(head_layers, shapes=shapes):
         head_inputs(model, stack, [example], [example_call.hidden], tuple_output)
     flops += counter.get_total_flops()
-    grams = _head_grams(model, stack, head_layers, batches, calls, tuple_output)
-    records += [layer_record(n, m, shapes[n], grams.get(n), grid, id(m.weight) in tied) for n, m in head_layers]
+    grams = _head_grams(model, stack, head_layers, batches, calls, tuple_output, world)
+    records += _records(head_layers, shapes, grams, grid, tied, world)
 
     # 2. One plan for every layer.
     chosen = dict(zip((r.name for r in records), solve(records, budget.fraction, flops, scope)))
     by_name = {r.name: r for r in records}
 
     # 3. Apply block by block, calibrated on the outputs of the compressed blocks before.
-    writer = ShardWriter(out) if out is not None else None
+    writer = ShardWriter(out, shard_bytes) if out is not None and world.rank == 0 else None
     decisions: dict[str, Decision] = {}
     calls = capture_block_inputs(model, stack, batches) if batches else []
     with Progress("compressing block", len(stack.blocks), progress) as report:
@@ -180,17 +187,15 @@ def compress_sequential(
             report.step(stack.name(index))
             block = load(index)
             layers = linears(block, stack.name(index), exclude)
-            grams = _grams(block, layers, calls)
-            for name, layer in layers:
-                decisions[name] = apply_option(model, by_name[name], layer, chosen[name], grams.get(name))
+            grams = _grams(block, layers, calls, world)
+            decisions.update(_apply(model, layers, by_name, chosen, grams, world))
             calls = [run_block(block, call) for call in calls]
             if writer is not None:
                 for key, tensor in block.state_dict(prefix=stack.name(index) + ".").items():
                     writer.add(key, tensor)
             unload(block)
-    grams = _head_grams(model, stack, head_layers, batches, calls, tuple_output)
-    for name, layer in head_layers:
-        decisions[name] = apply_option(model, by_name[name], layer, chosen[name], grams.get(name))
+    grams = _head_grams(model, stack, head_layers, batches, calls, tuple_output, world)
+    decisions.update(_apply(model, head_layers, by_name, chosen, grams, world))
 
     ordered = [decisions[r.name] for r in records]
     saved_params = sum(d.params_before - d.params_after for d in ordered)
@@ -200,6 +205,8 @@ def compress_sequential(
                 writer.add(key, tensor)
         writer.close()
         _write_plan(Path(out), model, stack, ordered)
+    if world.spread and out is not None:
+        torch.distributed.barrier()  # the files are complete when any process returns
     element = bytes_before / params_before if params_before else 4
     return SequentialResult(
         model=None if lazy else model,
@@ -215,21 +222,50 @@ def compress_sequential(
     )
 
 
-def _grams(block: nn.Module, layers, calls: list[BlockCall]) -> dict[str, GramAccumulator]:
+def _grams(block: nn.Module, layers, calls: list[BlockCall], world: World) -> dict[str, GramAccumulator]:
+    """Input Gram matrices of the block's layers on ``calls``, summed over the processes."""
     grams: dict[str, GramAccumulator] = {}
     if calls:
         with observe(layers, grams=grams), torch.no_grad():
             for call in calls:
                 block(*call.args, **call.kwargs)
+        world.sum_grams(grams)
     return grams
 
 
-def _head_grams(model, stack, head_layers, batches, calls, tuple_output) -> dict[str, GramAccumulator]:
+def _head_grams(model, stack, head_layers, batches, calls, tuple_output, world: World) -> dict[str, GramAccumulator]:
     grams: dict[str, GramAccumulator] = {}
     if calls:
         with observe(head_layers, grams=grams):
             head_inputs(model, stack, batches, [c.hidden for c in calls], tuple_output)
+        world.sum_grams(grams)
     return grams
+
+
+def _records(layers, shapes, grams, grid: int, tied: set[int], world: World) -> list[LayerRecord]:
+    """The layers' records, each factorized by one process (dealt by cost) and shared with all."""
+    owners = world.owners([factorization_cost(m) for _, m in layers])
+    local = {
+        name: layer_record(name, layer, shapes[name], grams.get(name), grid, id(layer.weight) in tied)
+        for (name, layer), owner in zip(layers, owners)
+        if owner == world.rank
+    }
+    shared = world.gather(local)
+    return [shared[name] for name, _ in layers]
+
+
+def _apply(model, layers, by_name, chosen, grams, world: World) -> dict[str, Decision]:
+    """Decompose the layers as planned, each factorized by one process and sent to the others."""
+    owners = world.owners([factorization_cost(m) for _, m in layers])
+    decisions, built = {}, []
+    for (name, layer), owner in zip(layers, owners):
+        decision, module = apply_option(model, by_name[name], layer, chosen[name], grams.get(name), owner == world.rank)
+        decisions[name] = decision
+        if module is not None:
+            built.append((module, owner))
+    for module, owner in built:
+        world.send_module(module, owner)
+    return decisions
 
 
 def _tied_parameters(model: nn.Module) -> set[int]:
