@@ -184,3 +184,31 @@ def test_a_checkpoint_is_held_one_block_at_a_time(tmp_path):
     compress_sequential(checkpoint, (tokens(),), budget=0.7, calibration=batches, out=tmp_path / "out")
     # Each block is read, used and released before the next is read; twice (statistics, then apply).
     assert checkpoint.reads == [outside + block] + [block] * 9 + [0]
+
+
+def test_perplexity_scores_every_token_once():
+    from torch.nn import functional as F
+
+    from fxdecomp.large.perplexity import perplexity
+
+    model = llama()
+    ids = tokens(1, 40, seed=3)[0]
+    with torch.no_grad():
+        whole = float(F.cross_entropy(model(ids[None]).logits[0, :-1], ids[1:]).exp())
+    assert perplexity(model, ids, window=64, stride=63) == pytest.approx(whole, rel=1e-5)
+
+    class Bigram(nn.Module):  # logits at a position depend on its token only: windows change nothing
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Embedding(VOCAB, VOCAB)
+
+        def forward(self, x):
+            return self.table(x)
+
+    bigram = Bigram()
+    with torch.no_grad():
+        exact = float(F.cross_entropy(bigram(ids)[:-1], ids[1:]).exp())
+    for window, stride in ((16, 15), (16, 4), (3, 1), (2, 1)):
+        assert perplexity(bigram, ids, window=window, stride=stride) == pytest.approx(exact, rel=1e-6)
+    with pytest.raises(InvalidInputError, match="stride"):
+        perplexity(bigram, ids, window=8, stride=8)
