@@ -62,7 +62,12 @@ class World:
         if not self.spread:
             return
         for gram in {id(g): g for g in grams.values()}.values():
-            dist.all_reduce(gram.sum)
+            if gram.sketches is not None:
+                for sketch in gram.sketches:
+                    dist.all_reduce(sketch.sketch)
+                    dist.all_reduce(sketch.trace)
+            else:
+                dist.all_reduce(gram.sum)
             count = torch.tensor([gram.count], dtype=torch.float64)
             dist.all_reduce(count)
             gram.count = int(count.item())
