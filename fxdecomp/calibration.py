@@ -22,7 +22,9 @@ minimises exactly that.
 
 Memory is one d x d float64 matrix per layer (d = in_features or S*kh*kw/groups),
 plus one out x out for the output side, whatever the number of batches; no
-activation is stored.
+activation is stored. Past `fxdecomp.sketch.MAX_DENSE_DIM` (16384) a Gram matrix
+is kept as a Nyström sketch of rank 256 instead (d x 256 numbers), whose
+`matrix` is a `fxdecomp.sketch.LowRankPSD` that every function here accepts.
 
 Example::
 
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 
 from .factorize.svd import Spectrum, spectrum_of_gram
 from .layer_spec import ConvSpec, LinearSpec, pad_input
+from .sketch import MAX_DENSE_DIM, LowRankPSD, NystromSketch
 
 # Relative ridge added to a Gram matrix (times its mean diagonal): keeps a
 # rank-deficient Gram (fewer samples than dimensions) from fitting the
@@ -48,11 +51,21 @@ DAMPING = 0.01
 class GramAccumulator:
     """Running float64 Gram matrices of one layer's inputs (one per group), averaged per input row."""
 
-    def __init__(self, spec: ConvSpec | LinearSpec):
+    def __init__(self, spec: ConvSpec | LinearSpec, max_dense_dim: int | None = None):
         self.spec = spec
         self.groups, dim = self._layout(spec)
-        self.sum = torch.zeros(self.groups, dim, dim, dtype=torch.float64)
+        limit = MAX_DENSE_DIM if max_dense_dim is None else max_dense_dim
+        # Past the limit: a sketch per group (see fxdecomp.sketch), never a dense dim x dim matrix.
+        self.sketches = [NystromSketch(dim, seed=g) for g in range(self.groups)] if dim > limit else None
+        self.sum = None if self.sketches else torch.zeros(self.groups, dim, dim, dtype=torch.float64)
         self.count = 0
+
+    def _add(self, group: int, block: torch.Tensor) -> None:
+        """Add rows (n, dim) of one group."""
+        if self.sketches is not None:
+            self.sketches[group].update(block)
+        else:
+            self.sum[group].addmm_(block.T, block)
 
     @staticmethod
     def _layout(spec: ConvSpec | LinearSpec) -> tuple[int, int]:
@@ -69,8 +82,7 @@ class GramAccumulator:
         """Add a batch of the layer's inputs (any batch size)."""
         rows = self._rows(x.detach())
         for g in range(self.groups):
-            block = rows[g].to(torch.float64)
-            self.sum[g].addmm_(block.T, block)
+            self._add(g, rows[g].to(torch.float64))
         self.count += rows.shape[1]
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,8 +95,10 @@ class GramAccumulator:
         patches = patches.reshape(n, self.groups, -1, positions).permute(1, 0, 3, 2)
         return patches.reshape(self.groups, n * positions, -1)
 
-    def matrix(self, group: int = 0, damping: float = DAMPING) -> torch.Tensor:
-        """The group's mean Gram matrix, damped (see DAMPING)."""
+    def matrix(self, group: int = 0, damping: float = DAMPING) -> torch.Tensor | LowRankPSD:
+        """The group's mean Gram matrix, damped (see DAMPING); a `LowRankPSD` past the dense limit."""
+        if self.sketches is not None:
+            return self.sketches[group].matrix(1.0 / max(self.count, 1), damping)
         gram = self.sum[group] / max(self.count, 1)
         ridge = damping * float(gram.diagonal().mean()) if gram.numel() else 0.0
         return gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype)
@@ -98,8 +112,8 @@ class OutputGramAccumulator(GramAccumulator):
     backward pass (the layer's calls and output positions add up within a probe).
     """
 
-    def __init__(self, spec: ConvSpec | LinearSpec):
-        super().__init__(spec)
+    def __init__(self, spec: ConvSpec | LinearSpec, max_dense_dim: int | None = None):
+        super().__init__(spec, max_dense_dim)
         self.updates = 0  # gradients received
 
     @staticmethod
@@ -116,16 +130,17 @@ class OutputGramAccumulator(GramAccumulator):
         else:  # (N, T, H, W) -> (groups, N*H*W, T/groups)
             rows = grad.movedim(1, -1).reshape(-1, self.groups, self.spec.out_per_group).transpose(0, 1)
         for g in range(self.groups):
-            block = rows[g].to(torch.float64)
-            self.sum[g].addmm_(block.T, block)
+            self._add(g, rows[g].to(torch.float64))
         self.updates += 1
 
     def end_probe(self) -> None:
         self.count += 1
 
 
-def output_whitening(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H^(1/2), H^(-1/2)) of a damped, symmetric positive definite output Gram matrix H."""
+def output_whitening(gram: torch.Tensor | LowRankPSD) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H^(1/2), H^(-1/2)) of a damped, symmetric positive definite output Gram matrix H (dense or `LowRankPSD`)."""
+    if isinstance(gram, LowRankPSD):
+        return gram.power(0.5), gram.power(-0.5)
     values, vectors = torch.linalg.eigh(gram.to(torch.float64))
     values = values.clamp_min(float(values.max()) * 1e-12)
     return (vectors * values.sqrt()) @ vectors.T, (vectors / values.sqrt()) @ vectors.T
@@ -174,6 +189,10 @@ class OutputErrorMeter:
         self.output_sqrt = [s.to(torch.float32) for s in output_sqrt] if output_sqrt else None
         self.factors = []
         for gram in grams:
+            if isinstance(gram, LowRankPSD):
+                top, basis, floor = gram.eigenpairs(sketch)
+                self.factors.append((basis * (top.clamp_min(floor) - floor).sqrt(), floor))
+                continue
             energies, basis = torch.linalg.eigh(gram)
             keep = min(sketch, len(energies))
             top, rest = energies[-keep:].clamp_min(0.0), energies[:-keep].clamp_min(0.0)

@@ -1,0 +1,246 @@
+"""Checkpoints read and written tensor by tensor, so that a model never has to sit whole in memory.
+
+A Hugging Face model directory holds ``config.json`` and either one
+``model.safetensors`` or ``model.safetensors.index.json`` with its shards.
+`LazyCheckpoint` opens such a directory and hands out single tensors on demand
+(safetensors memory-maps the shards, so a tensor costs its own bytes only while
+it is held); `LazyCheckpoint.materialize` fills a module built on the meta device
+(`empty_model`) with its tensors, and `release` sends it back to meta.
+`ShardWriter` writes tensors as they come into shards of bounded size plus the
+index that ``from_pretrained`` reads.
+
+Libraries: safetensors for the file format, accelerate's ``init_empty_weights``
+for the meta-device skeleton, transformers for the model classes.
+
+Example::
+
+    checkpoint = LazyCheckpoint("llama-dir")
+    model = empty_model(checkpoint)                      # parameters on the meta device
+    block = model.model.layers[0]
+    checkpoint.materialize(block, "model.layers.0")      # ~one block's bytes in memory
+    ...
+    checkpoint.release(block)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import InvalidInputError
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class LazyCheckpoint:
+    """A safetensors checkpoint directory, read one tensor at a time.
+
+    Raises `InvalidInputError` when the directory has no config.json or no safetensors weights.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        config = self.path / "config.json"
+        if not config.is_file():
+            raise InvalidInputError(f"{self.path} has no config.json; give a Hugging Face model directory (save_pretrained)")
+        self.config: dict[str, Any] = json.loads(config.read_text())
+        if (self.path / INDEX_FILE).is_file():
+            weight_map = json.loads((self.path / INDEX_FILE).read_text())["weight_map"]
+        elif (self.path / SINGLE_FILE).is_file():
+            with safe_open(self.path / SINGLE_FILE, framework="pt") as handle:
+                weight_map = {key: SINGLE_FILE for key in handle.keys()}
+        else:
+            raise InvalidInputError(
+                f"{self.path} holds no {SINGLE_FILE} or {INDEX_FILE}; save the model with "
+                "save_pretrained(..., safe_serialization=True)"
+            )
+        self.weight_map: dict[str, str] = dict(weight_map)
+        self._stack = ExitStack()
+        self._handles: dict[str, Any] = {}
+        self._safe_open = safe_open
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor, read from its shard (a fresh CPU tensor of the stored dtype)."""
+        try:
+            shard = self.weight_map[name]
+        except KeyError:
+            raise InvalidInputError(f"{name!r} is not in the checkpoint {self.path}") from None
+        if shard not in self._handles:
+            self._handles[shard] = self._stack.enter_context(self._safe_open(self.path / shard, framework="pt"))
+        return self._handles[shard].get_tensor(name)
+
+    def materialize(self, module: nn.Module, prefix: str = "", skip: str | None = None, dtype: torch.dtype | None = None) -> None:
+        """Load every meta parameter and meta persistent buffer of ``module`` from ``prefix.<name>``.
+
+        Tied parameters (one Parameter in several modules) are loaded once and stay
+        tied; submodules under ``skip`` (a path relative to ``module``) are left alone.
+        """
+        prefix = f"{prefix}." if prefix else ""
+        loaded: dict[int, nn.Parameter] = {}
+        for owner_name, owner in module.named_modules(remove_duplicate=False):
+            if skip is not None and (owner_name == skip or owner_name.startswith(skip + ".")):
+                continue
+            path = f"{prefix}{owner_name + '.' if owner_name else ''}"
+            for name, param in list(owner._parameters.items()):
+                if param is None or not param.is_meta:
+                    continue
+                if id(param) not in loaded:
+                    value = self.tensor(self._resolve(path + name))
+                    loaded[id(param)] = nn.Parameter(value.to(dtype) if dtype is not None else value, requires_grad=False)
+                owner._parameters[name] = loaded[id(param)]
+            for name, buffer in list(owner._buffers.items()):
+                if buffer is not None and buffer.is_meta and path + name in self.weight_map:
+                    owner._buffers[name] = self.tensor(path + name)
+
+    def sizes(self) -> tuple[int, int]:
+        """(elements, bytes) of every tensor in the checkpoint, read from the shard headers."""
+        elements = nbytes = 0
+        for name in self.weight_map:
+            shard = self.weight_map[name]
+            if shard not in self._handles:
+                self._handles[shard] = self._stack.enter_context(self._safe_open(self.path / shard, framework="pt"))
+            piece = self._handles[shard].get_slice(name)
+            count = math.prod(piece.get_shape())
+            elements += count
+            nbytes += count * _DTYPE_BYTES[piece.get_dtype()]
+        return elements, nbytes
+
+    def _resolve(self, key: str) -> str:
+        if key in self.weight_map:
+            return key
+        tied = self.config.get("tie_word_embeddings", False)
+        if tied and key.endswith("lm_head.weight"):
+            for embedding in ("model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight"):
+                if embedding in self.weight_map:
+                    return embedding
+        raise InvalidInputError(f"the checkpoint {self.path} has no tensor {key!r} that the model needs")
+
+    def release(self, module: nn.Module) -> None:
+        """Send ``module``'s parameters back to the meta device (tied ones stay tied), freeing their memory."""
+        released: dict[int, nn.Parameter] = {}
+        for owner in module.modules():
+            for name, param in list(owner._parameters.items()):
+                if param is not None and not param.is_meta:
+                    if id(param) not in released:
+                        released[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+                    owner._parameters[name] = released[id(param)]
+
+    def close(self) -> None:
+        """Unmap the open shards (they reopen on the next read): mapped pages count in the process's RSS."""
+        self._stack.close()
+        self._stack = ExitStack()
+        self._handles.clear()
+
+    def __enter__(self) -> "LazyCheckpoint":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def empty_model(checkpoint: LazyCheckpoint, dtype: torch.dtype | None = None) -> nn.Module:
+    """The checkpoint's model class built with every parameter on the meta device (buffers real).
+
+    Non-persistent buffers (rotary frequencies) are computed as usual, so a block
+    runs once its parameters are materialized. Raises `InvalidInputError` when
+    transformers does not know the config's model type.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(checkpoint.path)
+    except (ValueError, KeyError) as exc:
+        raise InvalidInputError(f"transformers cannot read {checkpoint.path / 'config.json'}: {exc}") from exc
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # from_config on the meta device leaves tied heads untied
+    return model.eval()
+
+
+class ShardWriter:
+    """Writes tensors into safetensors shards of at most ``max_shard_bytes`` and the index beside them.
+
+    Tensors are held only until their shard is full. ``close`` writes the last
+    shard and ``model.safetensors.index.json`` (or a single ``model.safetensors``
+    when everything fit in one shard), in the layout ``from_pretrained`` reads.
+    """
+
+    def __init__(self, path: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3, metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []
+        self._total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().contiguous().cpu()
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.clone() if tensor.untyped_storage().nbytes() != size else tensor
+        self._pending_bytes += size
+        self._total += size
+
+    def add_module(self, module: nn.Module, prefix: str) -> None:
+        """Every parameter and persistent buffer of ``module`` under ``prefix.`` (shared tensors once)."""
+        for name, tensor in module.state_dict(prefix=f"{prefix}." if prefix else "", keep_vars=False).items():
+            self.add(name, tensor)
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        index = len(self._shards)
+        save_file(self._pending, self.path / f"shard-{index:05d}.safetensors.tmp", metadata=self.metadata)
+        self._shards.append(list(self._pending))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        """Finish the files; returns the shard paths."""
+        if self._pending or not self._shards:
+            self._flush()
+        count = len(self._shards)
+        if count == 1:
+            os.replace(self.path / "shard-00000.safetensors.tmp", self.path / SINGLE_FILE)
+            return [self.path / SINGLE_FILE]
+        names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        weight_map = {}
+        for i, (name, keys) in enumerate(zip(names, self._shards)):
+            os.replace(self.path / f"shard-{i:05d}.safetensors.tmp", self.path / name)
+            weight_map.update({key: name for key in keys})
+        index = {"metadata": {"total_size": self._total}, "weight_map": weight_map}
+        (self.path / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        return [self.path / name for name in names]
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of distinct tensors (a tied tensor counts once)."""
+    seen, total = set(), 0
+    for tensor in tensors:
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)) if not tensor.is_meta else id(tensor)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total

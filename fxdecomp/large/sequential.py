@@ -1,0 +1,321 @@
+"""Large models, one block at a time: plan globally on streamed statistics, then compress block by block.
+
+For a model whose bulk is a stack of blocks (the decoder layers of a causal LM,
+the encoder layers of an encoder), `compress_sequential` never holds more than
+one block's working set beyond what it was given:
+
+1. **Statistics** (first streaming pass): the example batch and the calibration
+   batches run through the original blocks one at a time; for every Linear in a
+   block, its FLOPs on the example batch, the Gram matrix of its inputs on the
+   calibration batches (`fxdecomp.calibration.GramAccumulator`; layers that read
+   the same tensor share one), and from them the options of the plan: ranks on
+   the planner's grid with their cost and predicted error. The factorizations are
+   dropped once the options are known.
+2. **Plan**: one multiple-choice knapsack over every layer of every block
+   (`fxdecomp.planner.solve_mckp`), under the budget of the whole model's FLOPs
+   (or of the candidate layers' FLOPs, ``scope="layers"``).
+3. **Apply** (second streaming pass): each block is calibrated on the outputs of
+   the already compressed blocks before it, so that its factors see, and absorb,
+   the error that reaches them (the sequential scheme of GPTQ and SVD-LLM);
+   factorized at the planned ranks, its Linear modules replaced by the
+   decomposed ones, written out, freed.
+
+Without calibration both passes are weight-only, and the plan equals the one
+`fxdecomp.compress` makes with the default recipe on the same example inputs.
+With a `LazyCheckpoint` as the source, weights are read per block from the
+safetensors shards and the compressed model is written as shards plus the plan
+(`ShardWriter`), loadable with `load_compressed`. Calibration uses the input
+side only (output-side statistics would need the later blocks).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..budget import Budget
+from ..calibration import GramAccumulator
+from ..decomposers import get_decomposer
+from ..errors import BudgetError, InvalidInputError
+from ..layer_spec import layer_spec
+from ..progress import Progress
+from ..result import Decision
+from .blocks import BlockCall, BlockStack, capture_block_inputs, head_inputs, run_block
+from .checkpoint import LazyCheckpoint, ShardWriter, empty_model
+from .distributed import World
+from .layers import LayerRecord, apply_option, factorization_cost, layer_record, linears, observe, solve
+
+PLAN_FILE = "fxdecomp_plan.json"
+
+
+@dataclass
+class SequentialResult:
+    """What `compress_sequential` returns. FLOPs count 2 per multiply-add; parameters and bytes count tied tensors once."""
+
+    model: nn.Module | None  # the compressed model in its own class (None when it was written to disk only)
+    decisions: list[Decision]
+    flops_before: int
+    flops_after: int
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+    output_dir: str | None = None
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.flops_after / self.flops_before if self.flops_before else 1.0
+
+    def to_dict(self) -> dict:
+        data = {k: v for k, v in asdict(self).items() if k not in ("model", "decisions")}
+        data["decisions"] = [asdict(d) for d in self.decisions]
+        return data
+
+
+def compress_sequential(
+    source: nn.Module | LazyCheckpoint | str | Path,
+    example_inputs: tuple,
+    budget: float | Budget = 0.8,
+    calibration: Iterable[tuple] | None = None,
+    *,
+    out: str | Path | None = None,
+    exclude: Sequence[str] = (),
+    scope: str = "model",
+    grid: int = 24,
+    shard_bytes: int = 1 << 30,
+    progress: bool = False,
+) -> SequentialResult:
+    """Compress the Linear layers of a stack-of-blocks model one block at a time (see the module doc).
+
+    ``source`` is a model in memory (never modified; the result is a compressed
+    copy, so peak memory is about twice the model), or a Hugging Face model
+    directory / `LazyCheckpoint` read lazily (then ``out`` is required, the result
+    is written there, and peak memory is the modules outside the blocks plus one
+    block's working set). ``example_inputs`` is one batch (a tuple of tensors) on
+    which FLOPs are counted; ``calibration`` an iterable of such batches. ``budget``
+    is a fraction of the FLOPs of the whole model (``scope="model"``, as in
+    `fxdecomp.compress`) or of its candidate Linear layers (``scope="layers"``).
+    ``out`` also receives safetensors shards (of at most ``shard_bytes``) and the plan in memory mode.
+
+    Raises `BudgetError` for an unreachable budget (with the smallest reachable
+    fraction), `InvalidInputError` for a model without a stack of blocks,
+    batches that do not run, or a bad scope.
+    """
+    start = time.perf_counter()
+    budget = Budget.parse(budget)
+    if budget.metric != "flops":
+        raise BudgetError("compress_sequential plans FLOP budgets; give a float or Budget(flops=...)")
+    if scope not in ("model", "layers"):
+        raise InvalidInputError(f"scope must be 'model' or 'layers', got {scope!r}")
+    checkpoint = LazyCheckpoint(source) if isinstance(source, (str, Path)) else source
+    lazy = isinstance(checkpoint, LazyCheckpoint)
+    if lazy and out is None:
+        raise InvalidInputError("compressing a checkpoint directory writes the result to disk: give out=DIR")
+    model = empty_model(checkpoint) if lazy else copy.deepcopy(source).eval()
+    stack = BlockStack.of(model)
+    if lazy:
+        checkpoint.materialize(model, skip=stack.path)
+    params_before, bytes_before = checkpoint.sizes() if lazy else _sizes(model)
+    example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in calibration] if calibration is not None else []
+    world = World.current()
+    if batches and len(batches) < world.size:
+        raise InvalidInputError(f"{len(batches)} calibration batches for {world.size} processes: give at least one per process")
+    batches = world.share(batches)
+    tied = _tied_parameters(model)
+    head_layers = [(n, m) for n, m in linears(model, "", exclude) if not n.startswith(stack.path + ".")]
+
+    def load(index: int) -> nn.Module:
+        block = stack.blocks[index]
+        if lazy:
+            checkpoint.materialize(block, stack.name(index))
+        return block
+
+    def unload(block: nn.Module) -> None:
+        if lazy:
+            checkpoint.release(block)
+            checkpoint.close()
+
+    # 1. Statistics on the original blocks.
+    records: list[LayerRecord] = []
+    with FlopCounterMode(display=False) as counter:
+        example_call = capture_block_inputs(model, stack, [example])[0]
+    flops = counter.get_total_flops()
+    calls = capture_block_inputs(model, stack, batches) if batches else []
+    tuple_output = False
+    with Progress("statistics of block", len(stack.blocks), progress) as report:
+        for index in range(len(stack.blocks)):
+            report.step(stack.name(index))
+            block = load(index)
+            layers = linears(block, stack.name(index), exclude)
+            shapes: dict = {}
+            with FlopCounterMode(display=False) as counter, observe(layers, shapes=shapes), torch.no_grad():
+                output = block(*example_call.args, **example_call.kwargs)
+            flops += counter.get_total_flops()
+            tuple_output = not isinstance(output, torch.Tensor)
+            example_call = example_call.with_hidden(output if isinstance(output, torch.Tensor) else output[0])
+            grams = _grams(block, layers, calls, world)
+            calls = [run_block(block, call) for call in calls]
+            records += _records(layers, shapes, grams, grid, tied, world)
+            unload(block)
+    shapes = {}
+    with FlopCounterMode(display=False) as counter, observe(head_layers, shapes=shapes):
+        head_inputs(model, stack, [example], [example_call.hidden], tuple_output)
+    flops += counter.get_total_flops()
+    grams = _head_grams(model, stack, head_layers, batches, calls, tuple_output, world)
+    records += _records(head_layers, shapes, grams, grid, tied, world)
+
+    # 2. One plan for every layer.
+    chosen = dict(zip((r.name for r in records), solve(records, budget.fraction, flops, scope)))
+    by_name = {r.name: r for r in records}
+
+    # 3. Apply block by block, calibrated on the outputs of the compressed blocks before.
+    writer = ShardWriter(out, shard_bytes) if out is not None and world.rank == 0 else None
+    decisions: dict[str, Decision] = {}
+    calls = capture_block_inputs(model, stack, batches) if batches else []
+    with Progress("compressing block", len(stack.blocks), progress) as report:
+        for index in range(len(stack.blocks)):
+            report.step(stack.name(index))
+            block = load(index)
+            layers = linears(block, stack.name(index), exclude)
+            grams = _grams(block, layers, calls, world)
+            decisions.update(_apply(model, layers, by_name, chosen, grams, world))
+            calls = [run_block(block, call) for call in calls]
+            if writer is not None:
+                for key, tensor in block.state_dict(prefix=stack.name(index) + ".").items():
+                    writer.add(key, tensor)
+            unload(block)
+    grams = _head_grams(model, stack, head_layers, batches, calls, tuple_output, world)
+    decisions.update(_apply(model, head_layers, by_name, chosen, grams, world))
+
+    ordered = [decisions[r.name] for r in records]
+    saved_params = sum(d.params_before - d.params_after for d in ordered)
+    if writer is not None:
+        for key, tensor in model.state_dict().items():
+            if not key.startswith(stack.path + "."):
+                writer.add(key, tensor)
+        writer.close()
+        _write_plan(Path(out), model, stack, ordered)
+    if world.spread and out is not None:
+        torch.distributed.barrier()  # the files are complete when any process returns
+    element = bytes_before / params_before if params_before else 4
+    return SequentialResult(
+        model=None if lazy else model,
+        decisions=ordered,
+        flops_before=flops,
+        flops_after=flops - sum(d.flops_before - d.flops_after for d in ordered),
+        params_before=params_before,
+        params_after=params_before - saved_params,
+        bytes_before=bytes_before,
+        bytes_after=bytes_before - int(saved_params * element),
+        seconds=time.perf_counter() - start,
+        output_dir=str(out) if out is not None else None,
+    )
+
+
+def _grams(block: nn.Module, layers, calls: list[BlockCall], world: World) -> dict[str, GramAccumulator]:
+    """Input Gram matrices of the block's layers on ``calls``, summed over the processes."""
+    grams: dict[str, GramAccumulator] = {}
+    if calls:
+        with observe(layers, grams=grams), torch.no_grad():
+            for call in calls:
+                block(*call.args, **call.kwargs)
+        world.sum_grams(grams)
+    return grams
+
+
+def _head_grams(model, stack, head_layers, batches, calls, tuple_output, world: World) -> dict[str, GramAccumulator]:
+    grams: dict[str, GramAccumulator] = {}
+    if calls:
+        with observe(head_layers, grams=grams):
+            head_inputs(model, stack, batches, [c.hidden for c in calls], tuple_output)
+        world.sum_grams(grams)
+    return grams
+
+
+def _records(layers, shapes, grams, grid: int, tied: set[int], world: World) -> list[LayerRecord]:
+    """The layers' records, each factorized by one process (dealt by cost) and shared with all."""
+    owners = world.owners([factorization_cost(m) for _, m in layers])
+    local = {
+        name: layer_record(name, layer, shapes[name], grams.get(name), grid, id(layer.weight) in tied)
+        for (name, layer), owner in zip(layers, owners)
+        if owner == world.rank
+    }
+    shared = world.gather(local)
+    return [shared[name] for name, _ in layers]
+
+
+def _apply(model, layers, by_name, chosen, grams, world: World) -> dict[str, Decision]:
+    """Decompose the layers as planned, each factorized by one process and sent to the others."""
+    owners = world.owners([factorization_cost(m) for _, m in layers])
+    decisions, built = {}, []
+    for (name, layer), owner in zip(layers, owners):
+        decision, module = apply_option(model, by_name[name], layer, chosen[name], grams.get(name), owner == world.rank)
+        decisions[name] = decision
+        if module is not None:
+            built.append((module, owner))
+    for module, owner in built:
+        world.send_module(module, owner)
+    return decisions
+
+
+def _tied_parameters(model: nn.Module) -> set[int]:
+    """ids of parameters held by more than one module (tied embeddings and heads)."""
+    counts: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        counts[id(param)] = counts.get(id(param), 0) + 1
+    return {key for key, count in counts.items() if count > 1}
+
+
+def _sizes(model: nn.Module) -> tuple[int, int]:
+    """(parameters, bytes) of the model's distinct parameters."""
+    params = list(model.parameters())  # deduplicated by identity
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
+def _write_plan(out: Path, model: nn.Module, stack: BlockStack, decisions: list[Decision]) -> None:
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.to_json_file(out / "config.json")
+    plan = {
+        "format": "fxdecomp.sequential/1",
+        "model_class": type(model).__name__,
+        "blocks": stack.path,
+        "decisions": [asdict(d) for d in decisions],
+    }
+    (out / PLAN_FILE).write_text(json.dumps(plan, indent=1))
+
+
+def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """The compressed model written by `compress_sequential`, in its own transformers class.
+
+    Builds the model from ``config.json`` on the meta device, puts the planned
+    decomposed structures in place of the decomposed layers, and loads every
+    tensor from the shards. Raises `InvalidInputError` if the directory holds no plan.
+    """
+    path = Path(path)
+    if not (path / PLAN_FILE).is_file():
+        raise InvalidInputError(f"{path} holds no {PLAN_FILE}: it was not written by fxdecomp's sequential pipeline")
+    plan = json.loads((path / PLAN_FILE).read_text())
+    with LazyCheckpoint(path) as checkpoint:
+        model = empty_model(checkpoint, dtype)
+        for decision in plan["decisions"]:
+            if decision["method"] == "keep":
+                continue
+            layer = model.get_submodule(decision["name"])
+            decomposer = get_decomposer("linear", decision["method"])
+            with torch.device("meta"):
+                structure = decomposer.structure(layer_spec(layer), tuple(decision["ranks"]))
+            parent, _, attribute = decision["name"].rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attribute, structure)
+        checkpoint.materialize(model, dtype=dtype)
+    return model.eval()
