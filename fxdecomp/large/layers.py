@@ -23,11 +23,12 @@ from ..cost import FLOPS_PER_MAC, module_macs
 from ..decomposers import get_decomposer
 from ..errors import BudgetError
 from ..layer_spec import layer_spec
-from ..planner import Infeasible, Option, solve_mckp
+from ..planning.grid import rank_grid
+from ..planning.search import TIE_BREAK
+from ..planning.solver import Infeasible, Option, solve_mckp
 from ..result import Decision
 
 METHOD = "svd"
-TIE_BREAK = 1e-12  # at equal damage keeping the layer wins, as in the plan pass
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,6 @@ def layer_record(
     name: str, linear: nn.Linear, shapes: list[tuple[int, ...]], gram: GramAccumulator | None, grid: int, tied: bool
 ) -> LayerRecord:
     """The layer's cost and its options on the plan pass's rank grid (weight-only or whitened errors)."""
-    from ..passes.plan import rank_grid
-
     spec, decomposer, state = _factorize(linear, gram)
     keep_flops = sum(module_macs(linear, s) for s in shapes) * FLOPS_PER_MAC
     record = LayerRecord(name, keep_flops, sum(p.numel() for p in linear.parameters()), tied)
