@@ -251,9 +251,13 @@ class LayerLatency:
 
     def key(self, spec: Spec, input_shape: Sequence[int], method: str | None, ranks: Sequence[int], options: Mapping[str, Any]) -> str:
         """The cache key: what is timed (`structure_key`) and how (threads, provider, onnxruntime, CPU), canonical JSON."""
+        return self.key_for(structure_key(spec, input_shape, method, ranks, options))
+
+    def key_for(self, structure: Mapping[str, Any]) -> str:
+        """The cache key of a `structure_key` record (e.g. a latency table entry's, parsed) on this timer's setup."""
         return canonical(
             {
-                **structure_key(spec, input_shape, method, ranks, options),
+                **structure,
                 "threads": self.threads,
                 # Threads spin within a run only (timing.session_options): older times do not match.
                 **({"spinning": "within-run"} if self.threads > 1 else {}),

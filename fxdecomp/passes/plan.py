@@ -25,7 +25,8 @@ import copy
 import dataclasses
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +36,8 @@ from .. import meta
 from ..cost import FLOPS_PER_MAC, count_params, module_macs
 from ..decomposers import all_methods, methods_for
 from ..errors import BudgetError, InvalidInputError, UnknownMethodError
-from ..latency import LayerLatency, compare_models_ms, model_ms, preferred_rank_multiple
+from ..onnxrt import LatencyTable, LayerLatency, compare_models_ms, measured_rank_multiple, model_ms
+from ..onnxrt.table import LatencyTableError
 from ..planner import Infeasible, Option, solve_mckp
 from ..progress import Progress
 from ..ranks import resolve_ranks
@@ -63,6 +65,25 @@ class Choice:
 
     def predicted_damage(self) -> float:
         return self.damage if self.damage is not None else self.error**2
+
+
+def grid_options(decomposer, candidate: Candidate, steps: int, round_to: int):
+    """(ranks, meta structure, FLOPs over the call sites, parameters) at every point of one method's rank grid."""
+    for ranks in rank_grid(decomposer.planning_max_ranks(candidate.spec), steps, round_to):
+        with torch.device("meta"):
+            structure = decomposer.structure(candidate.spec, ranks)
+        flops = sum(module_macs(structure, s.input_shape) for s in candidate.sites) * FLOPS_PER_MAC
+        yield ranks, structure, flops, count_params(structure)
+
+
+def latency_timer(options) -> Any:
+    """Where a plan's latencies come from: the table measured on the device (``latency_table``), else timing here."""
+    if options.latency_table:
+        table = LatencyTable(options.latency_table)
+        threads = options.latency_threads if options.latency_threads != 1 else None
+        table.check_setup(options.provider or None, options.provider_options or None, threads)
+        return table
+    return LayerLatency(threads=options.latency_threads, provider=options.provider or None, provider_options=options.provider_options)
 
 
 def rank_grid(maxima: tuple[int, ...], steps: int, round_to: int) -> list[tuple[int, ...]]:
@@ -93,6 +114,9 @@ class PlanPass(Pass):
         min_efficiency: float = 0.0  # FLOP / parameter budgets: predicted speed-up / FLOP reduction to reach (0: off)
         replan_tolerance: float = 0.03  # latency budgets: re-plan if the measured plan misses by more (0: never)
         measure_rounds: int = 2  # latency budgets and min_efficiency: plans timed whole to correct the layer sum
+        provider: str = ""  # onnxruntime execution provider of latency timings ("": the CPU provider, or the table's)
+        provider_options: dict[str, Any] = field(default_factory=dict)  # that provider's options
+        latency_table: str = ""  # a table measured on the device (device_bench.py): plan on it instead of timing here
 
     def run(self, gm):
         ctx = self.context
@@ -102,7 +126,7 @@ class PlanPass(Pass):
         metric = ctx.budget.metric
         total = {"flops": ctx.flops_before, "params": ctx.params_before}.get(metric)
         if metric == "latency" or self._follows_latency:
-            ctx.extras["latency_before_ms"] = model_ms(ctx.reference, ctx.example_inputs, threads=self.options.latency_threads)
+            ctx.extras["latency_before_ms"] = self._model_ms_before()
         if metric == "latency":
             total = ctx.extras["latency_before_ms"]
         groups, planned, fixed = [], [], total
@@ -132,7 +156,7 @@ class PlanPass(Pass):
             plan = solve_mckp(groups, capacity, max_front=self.options.max_front)
             if self._follows_latency and planned:
                 plan = self._follow_latency(groups, planned, plan, capacity)
-            if metric == "latency" and planned and self.options.replan_tolerance > 0:
+            if metric == "latency" and planned and self.options.replan_tolerance > 0 and not self._from_table:
                 plan = self._replan_on_measurement(groups, planned, plan, fixed, total)
         except Infeasible as exc:
             smallest = (exc.smallest + fixed) / total
@@ -144,6 +168,9 @@ class PlanPass(Pass):
             ) from None
         for (candidate, options), index in zip(planned, plan):
             decisions[candidate.name] = self._decision(candidate, options[index], "budget" if index == 0 else "")
+        if self._from_table and "latency_before_ms" in ctx.extras:  # the device's latency, predicted from the table
+            saved = sum(options[0].latency_ms - options[i].latency_ms for (_, options), i in zip(planned, plan))
+            ctx.extras["latency_after_ms"] = ctx.extras["latency_before_ms"] - saved
         ctx.plan = {c.name: decisions[c.name] for c in ctx.candidates.values()}
         for candidate in ctx.candidates.values():
             for site in candidate.sites:
@@ -284,9 +311,10 @@ class PlanPass(Pass):
 
         state = list(plan)
         start = efficiency(*totals(state)[:2])
-        for round_ in range(max(self.options.measure_rounds, 0) + 1):
+        rounds = 0 if self._from_table else max(self.options.measure_rounds, 0)  # a table's device cannot be timed here
+        for round_ in range(rounds + 1):
             state, _ = self._repair(state, switches, efficiency(*totals(state)[:2]), target)
-            if round_ == self.options.measure_rounds:
+            if round_ == rounds:
                 break
             ratio = self._measure(planned, state) / max(model_ms_before - totals(state)[0], 1e-9)
             if not 0.5 <= ratio <= 2.0 or abs(ratio - correction) <= 0.03 * correction:
@@ -319,20 +347,40 @@ class PlanPass(Pass):
             _, k, j, current = min(moves)
             state[k] = j
 
-    def _latency(self, candidate: Candidate, method: str | None, ranks: tuple[int, ...]) -> float:
-        """The layer's (or an option's) onnxruntime latency over its call sites, cached on disk."""
+    @property
+    def _timer(self):
         ctx = self.context
         if "layer_latency" not in ctx.extras:
-            ctx.extras["layer_latency"] = LayerLatency(threads=self.options.latency_threads)
+            ctx.extras["layer_latency"] = latency_timer(self.options)
+        return ctx.extras["layer_latency"]
+
+    @property
+    def _from_table(self) -> bool:
+        return bool(self.options.latency_table)
+
+    def _model_ms_before(self) -> float:
+        """The whole model's latency: from the device's table, or timed here on the plan's provider."""
+        if self._from_table:
+            return self._timer.model_ms([tuple(x.shape) for x in self.context.example_inputs])
+        provider = dict(provider=self.options.provider or None, provider_options=self.options.provider_options)
+        return model_ms(self.context.reference, self.context.example_inputs, threads=self.options.latency_threads, **provider)
+
+    def _latency(self, candidate: Candidate, method: str | None, ranks: tuple[int, ...]) -> float:
+        """The layer's (or an option's) latency over its call sites: timed (cached on disk), or from the table."""
         shapes = [site.input_shape for site in candidate.sites]
-        return ctx.extras["layer_latency"].sites_ms(candidate.spec, shapes, method, ranks)
+        try:
+            return self._timer.sites_ms(candidate.spec, shapes, method, ranks)
+        except LatencyTableError as exc:
+            raise LatencyTableError(f"layer {candidate.name!r}: {exc}") from None
 
     def _choices(self, candidate: Candidate, methods: tuple[str, ...]) -> list[Choice]:
         keep = self._keep(candidate)
         metric = self.context.budget.metric
         round_to = self.options.round_to
-        if self._measures_latency:
-            round_to = max(round_to, preferred_rank_multiple(self.options.latency_threads))
+        if self._measures_latency:  # the multiple the target rewards, from its timings (cached, or the table's)
+            if not hasattr(self, "_multiple"):
+                self._multiple = measured_rank_multiple(self._timer)
+            round_to = max(round_to, self._multiple)
         choices = []
         for method in methods:
             if method not in methods_for(candidate.kind):
@@ -340,16 +388,7 @@ class PlanPass(Pass):
             decomposer, state = factorization(self.context, candidate, method)
             if state is None:
                 continue
-            steps = self.options.cp_grid if method == "cp" else self.options.grid
-            if self.context.sensitivity is not None:
-                steps = min(steps, self.options.sensitivity_grid)
-            if self._measures_latency:
-                steps = min(steps, self.options.latency_grid)
-            for ranks in rank_grid(decomposer.planning_max_ranks(candidate.spec), steps, round_to):
-                with torch.device("meta"):
-                    structure = decomposer.structure(candidate.spec, ranks)
-                flops = sum(module_macs(structure, s.input_shape) for s in candidate.sites) * FLOPS_PER_MAC
-                params = count_params(structure)
+            for ranks, structure, flops, params in grid_options(decomposer, candidate, self.grid_steps(method), round_to):
                 if (params >= keep.params) if metric == "params" else (flops >= keep.flops):
                     continue  # never chosen: costs at least as much as the layer
                 latency = self._latency(candidate, method, ranks) if self._measures_latency else None
@@ -362,6 +401,15 @@ class PlanPass(Pass):
                 choices.append(choice)
         log.debug("%s: %d options", candidate.name, len(choices))
         return choices
+
+    def grid_steps(self, method: str) -> int:
+        """Rank grid points of ``method`` under these options (coarser with a sensitivity callback or latency timings)."""
+        steps = self.options.cp_grid if method == "cp" else self.options.grid
+        if self.context.sensitivity is not None:
+            steps = min(steps, self.options.sensitivity_grid)
+        if self._measures_latency:
+            steps = min(steps, self.options.latency_grid)
+        return steps
 
     def _output_damage(self, candidate: Candidate, error: float) -> float | None:
         """error^2 in the unit of the model's outputs (output-aware calibration), else None (error^2)."""

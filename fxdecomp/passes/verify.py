@@ -35,6 +35,10 @@ class VerifyPass(Pass):
         if "latency_before_ms" in ctx.extras:  # latency budgets, and plans made to follow latency
             from ..latency import model_ms
 
-            threads = ctx.extras["layer_latency"].threads if "layer_latency" in ctx.extras else 1
-            ctx.extras["latency_after_ms"] = model_ms(gm, ctx.example_inputs, threads=threads)
+            timer = ctx.extras.get("layer_latency")
+            provider = getattr(timer, "provider", None)  # a LayerLatency's onnxruntime provider
+            if not getattr(timer, "is_table", False):  # with a device's table, the plan's prediction stands
+                threads = timer.threads if timer is not None else 1
+                on = dict(provider=provider.name, provider_options=dict(provider.options)) if hasattr(provider, "options") else {}
+                ctx.extras["latency_after_ms"] = model_ms(gm, ctx.example_inputs, threads=threads, **on)
         return PassResult(gm, False)
