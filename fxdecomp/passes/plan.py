@@ -360,8 +360,9 @@ class PlanPass(Pass):
 
     def _model_ms_before(self) -> float:
         """The whole model's latency: from the device's table, or timed here on the plan's provider."""
+        timer = self._timer  # an unavailable provider or a bad table fails here, before any export
         if self._from_table:
-            return self._timer.model_ms([tuple(x.shape) for x in self.context.example_inputs])
+            return timer.model_ms([tuple(x.shape) for x in self.context.example_inputs])
         provider = dict(provider=self.options.provider or None, provider_options=self.options.provider_options)
         return model_ms(self.context.reference, self.context.example_inputs, threads=self.options.latency_threads, **provider)
 
