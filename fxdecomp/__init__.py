@@ -7,7 +7,7 @@ Example::
     small = fxdecomp.decompose_layer(layer, "tucker2", (16, 16))
 """
 
-from .benchmark import LatencyStats, benchmark_onnx
+from .onnxrt import LatencyStats, benchmark_onnx
 from .budget import Budget
 from .compress import compress
 from .compile import compile, compile_with_result

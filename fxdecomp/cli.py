@@ -244,6 +244,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--rounds", type=_positive_int, default=50, help="timed runs of each model (default 50)")
     sub.add_argument("--warmup", type=_positive_int, default=10, help="untimed runs first (default 10)")
     sub.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    _provider_args(sub)
+
+    sub = command(
+        "latency-pack", "write the ONNX file of every structure the planner may pick, to time on the target device",
+        "fxdecomp latency-pack mypkg.models:resnet18 --input-shape 1,3,224,224 --out pack/\n"
+        "  # on the device (onnxruntime + numpy only):  python pack/device_bench.py pack/ --out table.json\n"
+        "  # then plan from it: a recipe whose plan options hold latency_table = \"table.json\"",
+        _cmd_latency_pack,
+    )  # fmt: skip
+    _model_args(sub)
+    _input_args(sub)
+    sub.add_argument("--out", required=True, metavar="DIR", help="the folder to write (new or empty)")
+    sub.add_argument("--methods", help="comma-separated methods, as you will give compress (default: the recipe's)")
+    sub.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="layer name or glob left alone (repeatable)")
+    sub.add_argument("--recipe", help="pass pipeline whose plan options (grid, round_to) the pack follows (default: default)")
 
     sub = command(
         "apply", "re-apply a saved plan (--plan of compress) to the same model: the same structure, no search",
@@ -267,6 +282,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--epochs", type=_positive_int, default=5, help="training epochs (default 5, ~7 s on one core)")
     sub.add_argument("--methods", help="comma-separated methods (default: the default recipe's)")
     return parser
+
+
+def _provider_args(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--provider", default="CPUExecutionProvider", help="onnxruntime execution provider (default CPUExecutionProvider)")
+    sub.add_argument(
+        "--provider-option", action="append", default=[], metavar="KEY=VALUE", help="an option of the provider (repeatable)"
+    )
+
+
+def _provider_options(args: argparse.Namespace) -> dict[str, str]:
+    options = {}
+    for text in args.provider_option:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise UsageError(f"bad --provider-option {text!r}", "give KEY=VALUE, e.g. --provider-option device_id=0")
+        options[key] = value
+    return options
 
 
 def _model_args(sub: argparse.ArgumentParser) -> None:
@@ -438,7 +470,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         flops = [onnx_flops(p, inputs) for p in (args.original, args.compressed)]
         params = [onnx_params(p) for p in (args.original, args.compressed)]
     with progress.step(f"timing both models, {args.rounds} interleaved rounds"):
-        latency = compare_latency(args.original, args.compressed, inputs, threads=args.threads, rounds=args.rounds, warmup=args.warmup)
+        latency = compare_latency(
+            args.original, args.compressed, inputs, threads=args.threads, rounds=args.rounds, warmup=args.warmup,
+            provider=args.provider, provider_options=_provider_options(args),
+        )  # fmt: skip
     speedup = latency.a.median_ms / latency.b.median_ms if latency.b.median_ms > 0 else math.inf
     reduction = flops[0] / flops[1] if flops[1] else math.inf
     efficiency = speedup / reduction if math.isfinite(reduction) and reduction > 0 else None
@@ -446,6 +481,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         data = {
             "flops_convention": "FLOPs = 2 x multiply-adds (Conv, ConvTranspose, Gemm, MatMul)",
             "input_shapes": [list(x.shape) for x in inputs],
+            "provider": args.provider,
+            "provider_options": _provider_options(args),
             "original": {"path": args.original, "flops": flops[0], "params": params[0], "latency": latency.a.to_dict()},
             "compressed": {"path": args.compressed, "flops": flops[1], "params": params[1], "latency": latency.b.to_dict()},
             "speedup": speedup if math.isfinite(speedup) else None,
@@ -464,8 +501,26 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
     eff = f"{efficiency:.2f}" if efficiency is not None else "n/a"
     print(
-        f"efficiency = speed-up / FLOP reduction = {eff} (1.0: latency follows FLOPs). onnxruntime CPU, "
+        f"efficiency = speed-up / FLOP reduction = {eff} (1.0: latency follows FLOPs). onnxruntime {args.provider}, "
         f"{args.threads} thread(s), inputs {shapes}, {latency.a.runs} interleaved runs each."
+    )
+    return EXIT_OK
+
+
+def _cmd_latency_pack(args: argparse.Namespace) -> int:
+    from .latency_pack import latency_pack
+
+    _torch(args.threads)
+    progress = Progress(args.quiet)
+    with progress.step("loading the model"):
+        model = load_model(args.model, args.weights)
+        inputs = load_inputs(args.input_shape, args.inputs)
+    with progress.step(f"writing the latency pack {args.out}"):
+        pack = latency_pack(model, inputs, args.out, methods=_split(args.methods), exclude=args.exclude, pipeline=args.recipe)
+    print(
+        f"wrote {pack.out_dir}: {pack.layers} layer and option files, {pack.probes} rank-multiple probes and the model "
+        f"({pack.bytes / 1e6:.1f} MB), manifest {pack.manifest.name}\n"
+        f"on the device: python {pack.out_dir / 'device_bench.py'} {pack.out_dir} --out table.json [--provider NAME]"
     )
     return EXIT_OK
 

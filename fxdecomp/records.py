@@ -97,11 +97,16 @@ class Plan:
 @dataclass(frozen=True)
 class LatencyRecord:
     """onnxruntime timings the plan made: the reference model in milliseconds (None if not timed),
-    at ``threads`` intra-op threads; ``layer_latency`` is the per-layer timer and its cache (or None)."""
+    at ``threads`` intra-op threads on ``provider`` (empty: the CPU provider) with its options;
+    ``layer_latency`` is the per-layer timer and its cache, or the device's table (or None);
+    ``predicted_after_ms`` the planned model's latency predicted from a device table (None when timed here)."""
 
     before_ms: float | None
     threads: int = 1
     layer_latency: Any = None
+    provider: str = ""
+    provider_options: Mapping[str, Any] = field(default_factory=dict)
+    predicted_after_ms: float | None = None
 
 
 @dataclass(frozen=True)

@@ -45,10 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fxdecomp  # noqa: E402
-from fxdecomp.benchmark import compare_latency  # noqa: E402
+from fxdecomp.onnxrt import compare_latency  # noqa: E402
 from fxdecomp.errors import BudgetError  # noqa: E402
 from fxdecomp.export import export_onnx  # noqa: E402
-from fxdecomp.latency import LayerLatency, cpu_model, preferred_rank_multiple  # noqa: E402
+from fxdecomp.onnxrt import LayerLatency, cpu_model, preferred_rank_multiple  # noqa: E402
 from fxdecomp.layer_spec import layer_spec  # noqa: E402
 from fxdecomp.recipes import load_recipe  # noqa: E402
 from tools.zoo import build  # noqa: E402

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fxdecomp.cost import module_macs, spec_macs  # noqa: E402
 from fxdecomp.decomposers import get_decomposer  # noqa: E402
-from fxdecomp.latency import LayerLatency, cpu_model, preferred_rank_multiple  # noqa: E402
+from fxdecomp.onnxrt import LayerLatency, cpu_model, preferred_rank_multiple  # noqa: E402
 from fxdecomp.layer_spec import layer_spec  # noqa: E402
 
 SHAPES = [(64, 224), (128, 112), (256, 56), (512, 28)]  # VGG-16's 3x3 convs: 1.85 GMAC each

@@ -26,13 +26,17 @@ model, each option, each planned variant) and hands them in as functions.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..errors import BudgetError
 from ..graph.rewrite import rewrite_graph
-from ..latency import LayerLatency, compare_models_ms, model_ms, preferred_rank_multiple
+from ..latency import LayerLatency, compare_models_ms, model_ms
+from ..onnxrt import LatencyTable, measured_rank_multiple
+from ..onnxrt.table import LatencyTableError
 from ..planning.budget import allowed_methods, model_total
 from ..planning.grid import Choice, rank_grid  # noqa: F401  (re-exported)
 from ..planning.latency import follows_latency, measures_latency
@@ -62,22 +66,27 @@ class PlanPass(Pass):
         min_efficiency: float = 0.0  # FLOP / parameter budgets: predicted speed-up / FLOP reduction to reach (0: off)
         replan_tolerance: float = 0.03  # latency budgets: re-plan if the measured plan misses by more (0: never)
         measure_rounds: int = 2  # latency budgets and min_efficiency: plans timed whole to correct the layer sum
+        provider: str = ""  # onnxruntime execution provider of latency timings ("": the CPU provider, or the table's)
+        provider_options: dict[str, Any] = field(default_factory=dict)  # that provider's options
+        latency_table: str = ""  # a table measured on the device (device_bench.py): plan on it instead of timing here
 
     def run(self, gm):
         ctx, options = self.context, self.options
         self._timer = None  # the per-layer onnxruntime timer, made on first use
         if ctx.fixed_plan is not None:
             ctx.provide("plan", Plan(replay(ctx, ctx.fixed_plan)))
-            ctx.provide("latency", LatencyRecord(None, options.latency_threads))
+            ctx.provide("latency", LatencyRecord(None, options.latency_threads, provider=options.provider, provider_options=options.provider_options))
             return PassResult(gm, False)
         if ctx.budget is None:
             raise BudgetError("the plan pass needs a budget (or a saved plan to re-apply); give compress(..., budget=...)")
         metric = ctx.budget.metric
+        from_table = bool(options.latency_table)
         before_ms = None
         if metric == "latency" or follows_latency(options, metric):
-            before_ms = model_ms(ctx.reference, ctx.example_inputs, threads=options.latency_threads)
+            before_ms = self._model_ms_before()
         timed = measures_latency(options, metric)
-        round_to = max(options.round_to, preferred_rank_multiple(options.latency_threads)) if timed else options.round_to
+        # The rank multiple the target rewards, from its timings (cached here, or the device table's).
+        round_to = max(options.round_to, measured_rank_multiple(self.timer)) if timed else options.round_to
 
         def measure(decisions):
             """onnxruntime latency of the reference with ``decisions`` applied, in units of the first timing.
@@ -88,13 +97,17 @@ class PlanPass(Pass):
             """
             variant = copy.deepcopy(ctx.reference)
             rewrite_graph(variant, ctx, decisions)
-            reference_ms, variant_ms = compare_models_ms(ctx.reference, variant, ctx.example_inputs, options.latency_threads)
+            reference_ms, variant_ms = compare_models_ms(
+                ctx.reference, variant, ctx.example_inputs, options.latency_threads,
+                provider=options.provider or None, provider_options=options.provider_options,
+            )
             return variant_ms / reference_ms * before_ms
 
         decisions = search(
             ctx,
             allowed_methods(ctx.methods),
-            options,
+            # A table's device cannot be timed from here: no re-plan on measurement.
+            dataclasses.replace(options, measure_rounds=0, replan_tolerance=0.0) if from_table else options,
             total=model_total(metric, ctx.cost, before_ms),
             round_to=round_to,
             layer_ms=self._layer_ms if timed else None,
@@ -102,12 +115,49 @@ class PlanPass(Pass):
             latency_before_ms=before_ms,
             score=score_drops(ctx) if ctx.sensitivity is not None else None,
         )
+        predicted_after = None
+        if from_table and before_ms is not None:  # the device's latency, predicted from the table
+            predicted_after = before_ms - sum(
+                self._layer_ms(ctx.candidates[name], None, ()) - self._layer_ms(ctx.candidates[name], d.method, d.ranks)
+                for name, d in decisions.items()
+                if d.decomposed
+            )
         ctx.provide("plan", Plan(decisions))
-        ctx.provide("latency", LatencyRecord(before_ms, options.latency_threads, self._timer))
+        ctx.provide(
+            "latency",
+            LatencyRecord(
+                before_ms, options.latency_threads, self._timer, options.provider, options.provider_options, predicted_after
+            ),
+        )
         return PassResult(gm, False)
 
-    def _layer_ms(self, candidate, method, ranks) -> float:
-        """The layer's (or an option's) onnxruntime latency over its call sites, cached on disk."""
+    @property
+    def timer(self):
+        """Where latencies come from: the device's table (``latency_table``), else onnxruntime here (cached on disk)."""
         if self._timer is None:
-            self._timer = LayerLatency(threads=self.options.latency_threads)
-        return self._timer.sites_ms(candidate.spec, [site.input_shape for site in candidate.sites], method, ranks)
+            options = self.options
+            if options.latency_table:
+                table = LatencyTable(options.latency_table)
+                threads = options.latency_threads if options.latency_threads != 1 else None
+                table.check_setup(options.provider or None, options.provider_options or None, threads)
+                self._timer = table
+            else:
+                self._timer = LayerLatency(
+                    threads=options.latency_threads, provider=options.provider or None, provider_options=options.provider_options
+                )
+        return self._timer
+
+    def _model_ms_before(self) -> float:
+        """The whole model's latency: from the device's table, or timed here on the plan's provider."""
+        timer, ctx, options = self.timer, self.context, self.options  # a bad provider or table fails here, before any export
+        if options.latency_table:
+            return timer.model_ms([tuple(x.shape) for x in ctx.example_inputs])
+        provider = dict(provider=options.provider or None, provider_options=options.provider_options)
+        return model_ms(ctx.reference, ctx.example_inputs, threads=options.latency_threads, **provider)
+
+    def _layer_ms(self, candidate, method, ranks) -> float:
+        """The layer's (or an option's) latency over its call sites: timed here (cached on disk), or from the table."""
+        try:
+            return self.timer.sites_ms(candidate.spec, [site.input_shape for site in candidate.sites], method, ranks)
+        except LatencyTableError as exc:
+            raise LatencyTableError(f"layer {candidate.name!r}: {exc}") from None

@@ -37,6 +37,11 @@ class VerifyPass(Pass):
         if ctx.latency.before_ms is not None:  # latency budgets, and plans made to follow latency
             from ..latency import model_ms
 
-            latency_after_ms = model_ms(gm, ctx.example_inputs, threads=ctx.latency.threads)
+            latency = ctx.latency
+            if latency.predicted_after_ms is not None:  # planned on a device's table: its prediction stands
+                latency_after_ms = latency.predicted_after_ms
+            else:
+                on = dict(provider=latency.provider or None, provider_options=dict(latency.provider_options))
+                latency_after_ms = model_ms(gm, ctx.example_inputs, threads=latency.threads, **on)
         ctx.provide("verification", Verification(error, latency_after_ms))
         return PassResult(gm, False)
