@@ -18,6 +18,7 @@ import logging
 import torch
 from torch import fx, nn
 
+from .effects import fresh_inputs, preserved_buffers
 from .errors import InvalidInputError, TraceError
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ def capture_with_source(
     if frontend in ("auto", "fx"):
         try:
             gm = fx_trace(model)
-            gm(*example_inputs)  # fx can trace graphs that do not run (e.g. data-dependent shapes)
+            with preserved_buffers(gm):
+                gm(*fresh_inputs(example_inputs))  # fx can trace graphs that do not run (e.g. data-dependent shapes)
             return gm, "fx", model
         except Exception as exc:
             fx_error = exc
@@ -79,8 +81,8 @@ def capture_with_source(
 def check_runs(model: nn.Module, example_inputs: tuple) -> None:
     """Run the model once (no grad) to check that the example inputs fit it."""
     try:
-        with torch.no_grad():
-            model(*example_inputs)
+        with torch.no_grad(), preserved_buffers(model):
+            model(*fresh_inputs(example_inputs))
     except Exception as exc:
         shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
         raise InvalidInputError(

@@ -20,6 +20,7 @@ from .. import meta
 from ..calibration import OutputErrorMeter, output_energy, output_whitening
 from ..cost import FLOPS_PER_MAC, count_flops, count_params, spec_macs
 from ..decomposers import get_decomposer, methods_for
+from ..effects import fresh_inputs, preserved_buffers
 from ..errors import FxDecompError
 from ..layer_spec import check_finite, layer_spec
 from ..ranks import rule_ranks, vbmf_rank_of_spectrum
@@ -47,7 +48,8 @@ class ShapePass(Pass):
 
     def run(self, gm):
         if not all("val" in n.meta for n in gm.graph.nodes if n.op not in ("output", "placeholder")):
-            ShapeProp(gm).propagate(*self.context.example_inputs)
+            with preserved_buffers(gm):
+                ShapeProp(gm).propagate(*fresh_inputs(self.context.example_inputs))
         for node in gm.graph.nodes:
             value = node.meta.get("val", node.meta.get("tensor_meta"))
             if isinstance(value, (list, tuple)) and value and not isinstance(value, TensorMetadata):

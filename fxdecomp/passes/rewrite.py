@@ -14,6 +14,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import meta
+from ..effects import has_side_effect
 from .analysis import factorization
 from .base import Candidate, Pass, register_pass
 
@@ -49,7 +50,7 @@ def rewrite_graph(gm: fx.GraphModule, ctx, plan: dict) -> bool:
         _set_submodule(gm, path, module)  # after the old get_attr nodes are gone: it may replace their owner
         modified = True
     if modified:
-        gm.graph.eliminate_dead_code()
+        gm.graph.eliminate_dead_code(is_impure_node=has_side_effect)  # in-place ops whose result is unused stay
         _drop_unused_attributes(gm)
         gm.delete_all_unused_submodules()
         gm.graph.lint()
