@@ -18,7 +18,7 @@ import logging
 import torch
 from torch import fx, nn
 
-from .effects import fresh_inputs, preserved_buffers
+from .graph.effects import fresh_inputs, preserved_buffers
 from .errors import InvalidInputError, TraceError
 
 log = logging.getLogger(__name__)

@@ -61,6 +61,9 @@ class Candidate:
     form: str  # "module" or "function"
     target: str  # call_module target, or the weight's get_attr target
     excluded: bool = False
+    # Parameters of this layer's weight that stay in the model if it is decomposed, because
+    # another user reads the same tensor (a tied embedding, the same weight called another way).
+    shared_params: int = 0
 
     @property
     def kind(self) -> str:

@@ -170,7 +170,7 @@ class PlanPass(Pass):
                 with torch.device("meta"):
                     structure = decomposer.structure(candidate.spec, ranks)
                 flops = sum(module_macs(structure, s.input_shape) for s in candidate.sites) * FLOPS_PER_MAC
-                choice = Choice(method, ranks, flops, count_params(structure), predicted_error(ctx, candidate, method, ranks))
+                choice = Choice(method, ranks, flops, count_params(structure) + candidate.shared_params, predicted_error(ctx, candidate, method, ranks))
             ctx.plan[candidate.name] = self._decision(candidate, choice, "plan")
             for site in candidate.sites:
                 site.node.meta[meta.DECISION] = ctx.plan[candidate.name]
@@ -349,7 +349,7 @@ class PlanPass(Pass):
                 with torch.device("meta"):
                     structure = decomposer.structure(candidate.spec, ranks)
                 flops = sum(module_macs(structure, s.input_shape) for s in candidate.sites) * FLOPS_PER_MAC
-                params = count_params(structure)
+                params = count_params(structure) + candidate.shared_params  # a weight another user keeps stays
                 if (params >= keep.params) if metric == "params" else (flops >= keep.flops):
                     continue  # never chosen: costs at least as much as the layer
                 latency = self._latency(candidate, method, ranks) if self._measures_latency else None

@@ -14,7 +14,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import meta
-from ..effects import has_side_effect
+from ..graph.effects import has_side_effect
 from .analysis import factorization
 from .base import Candidate, Pass, register_pass
 

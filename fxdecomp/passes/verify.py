@@ -6,7 +6,7 @@ import torch
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.utils._pytree import tree_leaves
 
-from ..effects import fresh_inputs, preserved_buffers
+from ..graph.effects import fresh_inputs, preserved_buffers
 from ..errors import FxDecompError
 from .base import Pass, register_pass
 
