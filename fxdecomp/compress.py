@@ -22,7 +22,7 @@ from torch import nn
 from .budget import Budget
 from .cost import count_flops, count_params
 from .decomposers import all_methods
-from .errors import InvalidInputError, UnknownMethodError
+from .errors import BudgetError, InvalidInputError, UnknownMethodError
 from .frontend import capture_with_source
 from .passes import PassContext, make_pass
 from .progress import stderr_is_terminal
@@ -92,6 +92,8 @@ def compress(
             gm = make_pass(step.name, context, step.options)(gm).graph_module
             seconds[step.name] = seconds.get(step.name, 0.0) + time.perf_counter() - start
         flops_after = count_flops(gm, example_inputs)
+    params_before = context.params_before or count_params(context.reference)
+    _check_params_budget(budget, params_before, count_params(gm), context.fixed_plan is not None)
     return CompressionResult(
         graph_module=gm,
         decisions=list(context.plan.values()),
@@ -107,6 +109,17 @@ def compress(
         latency_before_ms=context.extras.get("latency_before_ms"),
         latency_after_ms=context.extras.get("latency_after_ms"),
     )
+
+
+def _check_params_budget(budget: Budget, before: int, after: int, fixed_plan: bool) -> None:
+    """A parameter budget the planned model does not meet is an error, never a silent result."""
+    if budget.metric == "params" and not fixed_plan and after > budget.fraction * before:
+        raise BudgetError(
+            f"the compressed model keeps {after} of {before} parameters ({after / before:.4f}), over the params budget "
+            f"of {budget.fraction:g}; this is a bug in fxdecomp's parameter accounting (shared weights?): please report "
+            "it, and exclude the layers that share weights to work around it",
+            smallest_reachable=None,
+        )
 
 
 def normalize_plan(plan) -> dict[str, tuple[str, tuple[int, ...]]] | None:

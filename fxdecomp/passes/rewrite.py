@@ -89,7 +89,19 @@ def _install_path(gm: fx.GraphModule, candidate: Candidate, site_nodes: set[fx.N
     }
     if owner and not any(t == owner or t.startswith(owner + ".") for t in still_read):
         return owner  # nothing else reads the weight's owner: the decomposed module takes its place
-    return f"{owner}.{attribute}_lowrank" if owner else f"{attribute}_lowrank"
+    path = f"{owner}.{attribute}_lowrank" if owner else f"{attribute}_lowrank"
+    free, index = path, 2
+    while _exists(gm, free):  # the same weight decomposed for another call configuration
+        free, index = f"{path}{index}", index + 1
+    return free
+
+
+def _exists(gm: fx.GraphModule, path: str) -> bool:
+    try:
+        gm.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _set_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
