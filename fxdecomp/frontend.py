@@ -12,13 +12,13 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import torch
 from torch import fx, nn
 
 from .graph.attention import functional_attention
+from .graph.parametrized import private_copy
 from .graph.effects import fresh_inputs, preserved_buffers
 from .errors import InvalidInputError, TraceError
 
@@ -57,7 +57,7 @@ def capture_with_source(
     model: nn.Module, example_inputs: tuple, frontend: str = "auto"
 ) -> tuple[fx.GraphModule, str, nn.Module]:
     """Like `capture`, also returning the private eval-mode copy of ``model`` that was traced."""
-    model = functional_attention(copy.deepcopy(model).eval())  # MHA projections become candidates
+    model = functional_attention(private_copy(model)[0])  # computed weights made plain; MHA projections visible
     check_runs(model, example_inputs)
     if frontend not in ("auto", "fx", "export"):
         raise InvalidInputError(f"unknown frontend {frontend!r}; use 'auto', 'fx' or 'export'")

@@ -21,6 +21,7 @@ from ..decomposers import get_decomposer, methods_for
 from ..errors import FxDecompError
 from ..graph.callsites import CONV_FUNCTIONS, LINEAR_FUNCTIONS, WeightUse, match_call, tensor_key, weight_users  # noqa: F401 (re-exported)
 from ..graph.effects import fresh_inputs, preserved_buffers
+from ..graph.parametrized import notes_of
 from ..layer_spec import check_finite, layer_spec
 from ..ranks import rule_ranks, vbmf_rank_of_spectrum
 from .base import CallSite, Candidate, Pass, log, register_pass
@@ -90,10 +91,12 @@ class FindCandidatesPass(Pass):
             by_key[use.key] = Candidate(name, use.layer, spec, [site], use.form, use.target, excluded)
         ctx.candidates = {c.name: c for c in by_key.values()}
         users = weight_users(gm)
+        notes = notes_of(ctx.source_model)
         for candidate in ctx.candidates.values():
             weight = candidate.layer.weight
             others = users.get(tensor_key(weight), set()) - {site.node for site in candidate.sites}
             candidate.shared_params = weight.numel() if others else 0
+            candidate.note = notes.get(candidate.target if candidate.form == "function" else f"{candidate.target}.weight", "")
             for site in candidate.sites:
                 site.node.meta[meta.CANDIDATE] = candidate.name
         return PassResult(gm, False)

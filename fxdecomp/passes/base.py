@@ -64,6 +64,7 @@ class Candidate:
     # Parameters of this layer's weight that stay in the model if it is decomposed, because
     # another user reads the same tensor (a tied embedding, the same weight called another way).
     shared_params: int = 0
+    note: str = ""  # e.g. a parametrization that was materialized (see graph.parametrized)
 
     @property
     def kind(self) -> str:

@@ -395,4 +395,5 @@ class PlanPass(Pass):
             error=choice.error,
             calls=len(candidate.sites),
             reason=reason if choice.method == "keep" else "",
+            note=candidate.note,
         )
