@@ -31,6 +31,8 @@ class LayerLeafTracer(fx.Tracer):
     def __init__(self, leaf_types: tuple[type, ...] = ()):
         super().__init__()
         self.leaf_types = (nn.Conv2d, nn.Linear, *leaf_types)
+        # Buffers as graph inputs: an in-place write into one (a counter) is recorded, not run once while tracing.
+        self.proxy_buffer_attributes = True
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return isinstance(module, self.leaf_types) or super().is_leaf_module(module, qualified_name)
@@ -38,7 +40,8 @@ class LayerLeafTracer(fx.Tracer):
 
 def fx_trace(model: nn.Module) -> fx.GraphModule:
     tracer = LayerLeafTracer()
-    graph = tracer.trace(model)
+    with preserved_buffers(model):
+        graph = tracer.trace(model)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 

@@ -85,6 +85,10 @@ def materialize(model: nn.Module) -> dict[str, str]:
                     torch.nn.utils.remove_spectral_norm(module, hook.name)
             notes[prefix + hook.name] = f"{kind} (hook-based) materialized: its effective weight was factored and the {kind} is gone"
         if parametrize.is_parametrized(module):
+            # deepcopy shares parametrize's per-module class with the user's module, and
+            # remove_parametrizations deletes the property from that class: give the copy its own.
+            cls = type(module)
+            module.__class__ = type(cls.__name__, cls.__bases__, {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
             for tensor_name in list(module.parametrizations.keys()):
                 kinds = ", ".join(type(p).__name__ for p in module.parametrizations[tensor_name])
                 with torch.no_grad():
