@@ -62,6 +62,16 @@ def compress(
     ``result.to_dict()`` or its "decisions" list, or a mapping name -> (method, ranks))
     instead of searching: same structure, no budget. The input model and example
     inputs are never modified.
+
+    Every Conv2d / Linear weight is a candidate however it is called (module, keyword
+    input, ``F.linear`` / ``F.conv2d``, ``addmm``, ``x @ W.t()``), including
+    nn.MultiheadAttention's ``in_proj_weight`` and ``out_proj``; a tied weight counts once
+    in the parameters, and decomposing one of its users saves none of it while another
+    user keeps it. Weights computed by ``torch.nn.utils.parametrize`` or the old
+    ``weight_norm`` / ``spectral_norm`` hooks are decomposed at their effective value (the
+    decision's ``note`` says so). In-place ops survive the rewrite. Raises BudgetError
+    when the budget cannot be met (or, as a safeguard, when the result's unique
+    parameters exceed a params budget).
     """
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
