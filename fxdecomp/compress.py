@@ -21,7 +21,7 @@ from torch import nn
 from .budget import Budget
 from .cost import count_flops, count_params
 from .decomposers import all_methods
-from .errors import InvalidInputError, UnknownMethodError
+from .errors import BudgetError, InvalidInputError, UnknownMethodError
 from .frontend import capture_with_source
 from .passes import PassManager
 from .planning.replay import normalize_plan
@@ -63,6 +63,16 @@ def compress(
     ``result.to_dict()`` or its "decisions" list, or a mapping name -> (method, ranks))
     instead of searching: same structure, no budget. The input model and example
     inputs are never modified.
+
+    Every Conv2d / Linear weight is a candidate however it is called (module, keyword
+    input, ``F.linear`` / ``F.conv2d``, ``addmm``, ``x @ W.t()``), including
+    nn.MultiheadAttention's ``in_proj_weight`` and ``out_proj``; a tied weight counts once
+    in the parameters, and decomposing one of its users saves none of it while another
+    user keeps it. Weights computed by ``torch.nn.utils.parametrize`` or the old
+    ``weight_norm`` / ``spectral_norm`` hooks are decomposed at their effective value (the
+    decision's ``note`` says so). In-place ops survive the rewrite. Raises BudgetError
+    when the budget cannot be met (or, as a safeguard, when the result's unique
+    parameters exceed a params budget).
     """
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -91,13 +101,16 @@ def compress(
         flops_after = count_flops(gm, example_inputs)
     cost = context.cost if context.has("cost") else None
     verification = context.verification if context.has("verification") else Verification(None)
+    params_before = cost.params if cost else count_params(context.reference)
+    params_after = count_params(gm)
+    _check_params_budget(budget, params_before, params_after, context.fixed_plan is not None)
     return CompressionResult(
         graph_module=gm,
         decisions=list(context.plan.decisions.values()) if context.has("plan") else [],
         flops_before=cost.flops if cost else count_flops(context.reference, example_inputs),
         flops_after=flops_after,
-        params_before=cost.params if cost else count_params(context.reference),
-        params_after=count_params(gm),
+        params_before=params_before,
+        params_after=params_after,
         budget={budget.metric: budget.fraction},
         output_error=verification.output_error,
         frontend=frontend_used,
@@ -106,6 +119,17 @@ def compress(
         latency_before_ms=context.latency.before_ms,
         latency_after_ms=verification.latency_after_ms,
     )
+
+
+def _check_params_budget(budget: Budget, before: int, after: int, fixed_plan: bool) -> None:
+    """A parameter budget the planned model does not meet is an error, never a silent result."""
+    if budget.metric == "params" and not fixed_plan and after > budget.fraction * before:
+        raise BudgetError(
+            f"the compressed model keeps {after} of {before} parameters ({after / before:.4f}), over the params budget "
+            f"of {budget.fraction:g}; this is a bug in fxdecomp's parameter accounting (shared weights?): please report "
+            "it, and exclude the layers that share weights to work around it",
+            smallest_reachable=None,
+        )
 
 
 def as_example_inputs(example_inputs) -> tuple:

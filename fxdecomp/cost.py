@@ -1,8 +1,9 @@
 """The cost model: multiply-adds (MACs) and parameters of layers and decomposed modules.
 
 Convention: one multiply-add = 1 MAC = 2 FLOPs. Bias additions, padding and
-shuffles are not counted, as fvcore does not count them; `count_flops` (fvcore)
-and this module therefore agree exactly, which the tests check.
+shuffles are not counted, as `torch.utils.flop_counter` does not count them;
+`count_flops` (whole models, at the aten level) and this module therefore agree
+exactly on the layers and structures it knows, which the tests check.
 
 Example::
 
@@ -73,43 +74,77 @@ def _walk(module: nn.Module, shape: tuple[int, ...]) -> tuple[int, tuple[int, ..
 
 
 def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    """Parameters (elements) of ``module``, each stored tensor counted once.
+
+    Tied weights (an output head whose ``weight`` is the embedding's, or two
+    Parameters viewing one storage) count once: tensors are identified by their
+    storage, offset, shape and stride. Meta tensors (structures built only to be
+    counted) have no storage and are identified by object.
+    """
+    seen: set = set()
+    total = 0
+    for parameter in module.parameters():
+        key = id(parameter) if parameter.is_meta else _storage_key(parameter)
+        if key not in seen:
+            seen.add(key)
+            total += parameter.numel()
+    return total
 
 
-def _convolution_mode_macs(inputs, outputs) -> int:
-    from fvcore.nn.jit_handles import get_shape
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
 
-    weight_shape, output_shape = get_shape(inputs[1]), get_shape(outputs[0])
-    return math.prod(output_shape) * math.prod(weight_shape[1:])
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """CPU's fused attention kernel, which torch.utils.flop_counter has no formula for (torch 2.13)."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def flop_counter():
+    """A `torch.utils.flop_counter.FlopCounterMode` that counts as `count_flops` does (CPU's fused SDPA included)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops})
 
 
 def count_flops(module: nn.Module, example_inputs: tuple | torch.Tensor) -> int:
-    """FLOPs of one forward pass on ``example_inputs``, counted by fvcore (2 FLOPs per multiply-add).
+    """FLOPs of one forward pass on ``example_inputs``, counted at the aten level (2 FLOPs per multiply-add).
 
-    Counts convolutions, matrix products, norms and the other ops fvcore knows;
-    elementwise ops count zero, as in fvcore.
+    Counted by `torch.utils.flop_counter.FlopCounterMode` on the ops the model
+    really runs: convolutions (transposed too), matrix products (mm, bmm, addmm,
+    baddbmm) and scaled-dot-product attention, fused kernels included (CPU's flash
+    attention kernel is given the formula of the other SDPA kernels). Bias
+    additions, norms and elementwise ops count zero, as in ONNX-side counting
+    (`fxdecomp.onnx_flops`). The model runs in eval mode, under ``no_grad``,
+    with torch's native multi-head-attention fast path switched off for the
+    count: that fast path (``torch._native_multi_head_attention``, taken by
+    nn.MultiheadAttention and nn.TransformerEncoderLayer under no_grad) is one
+    opaque op the counter cannot see into; the composite path does the same
+    multiply-adds. The module's mode, buffers and the inputs are left as they were.
 
     Example::
 
         count_flops(nn.Linear(8, 4), (torch.randn(2, 8),))  # 2 * 2 * 8 * 4 = 128
     """
-    from fvcore.nn import FlopCountAnalysis
+    from .graph.effects import fresh_inputs, preserved_buffers
 
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    analysis = FlopCountAnalysis(module, tuple(example_inputs))
-    # fvcore has no handle for convs with string padding ('same'/'valid'), which trace to this op.
-    analysis.set_op_handle("aten::_convolution_mode", _convolution_mode_macs)
-    analysis.unsupported_ops_warnings(False)
-    analysis.uncalled_modules_warnings(False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        modes = {m: m.training for m in module.modules()}
+    modes = {m: m.training for m in module.modules()}
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    counter = flop_counter()
+    try:
         for m in modes:
             m.training = False  # set directly: torch.export's modules refuse .eval()
-        try:
-            macs = analysis.total()
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
-    return int(macs) * FLOPS_PER_MAC
+        torch.backends.mha.set_fastpath_enabled(False)
+        with torch.no_grad(), preserved_buffers(module), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with counter:
+                module(*fresh_inputs(tuple(example_inputs)))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for m, mode in modes.items():
+            m.training = mode
+    return int(counter.get_total_flops())

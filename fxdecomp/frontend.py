@@ -12,12 +12,14 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import torch
 from torch import fx, nn
 
+from .graph.attention import functional_attention
+from .graph.parametrized import private_copy
+from .graph.effects import fresh_inputs, preserved_buffers
 from .errors import InvalidInputError, TraceError
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,8 @@ class LayerLeafTracer(fx.Tracer):
     def __init__(self, leaf_types: tuple[type, ...] = ()):
         super().__init__()
         self.leaf_types = (nn.Conv2d, nn.Linear, *leaf_types)
+        # Buffers as graph inputs: an in-place write into one (a counter) is recorded, not run once while tracing.
+        self.proxy_buffer_attributes = True
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return isinstance(module, self.leaf_types) or super().is_leaf_module(module, qualified_name)
@@ -36,7 +40,8 @@ class LayerLeafTracer(fx.Tracer):
 
 def fx_trace(model: nn.Module) -> fx.GraphModule:
     tracer = LayerLeafTracer()
-    graph = tracer.trace(model)
+    with preserved_buffers(model):
+        graph = tracer.trace(model)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
@@ -55,7 +60,7 @@ def capture_with_source(
     model: nn.Module, example_inputs: tuple, frontend: str = "auto"
 ) -> tuple[fx.GraphModule, str, nn.Module]:
     """Like `capture`, also returning the private eval-mode copy of ``model`` that was traced."""
-    model = copy.deepcopy(model).eval()
+    model = functional_attention(private_copy(model)[0])  # computed weights made plain; MHA projections visible
     check_runs(model, example_inputs)
     if frontend not in ("auto", "fx", "export"):
         raise InvalidInputError(f"unknown frontend {frontend!r}; use 'auto', 'fx' or 'export'")
@@ -63,7 +68,8 @@ def capture_with_source(
     if frontend in ("auto", "fx"):
         try:
             gm = fx_trace(model)
-            gm(*example_inputs)  # fx can trace graphs that do not run (e.g. data-dependent shapes)
+            with preserved_buffers(gm):
+                gm(*fresh_inputs(example_inputs))  # fx can trace graphs that do not run (e.g. data-dependent shapes)
             return gm, "fx", model
         except Exception as exc:
             fx_error = exc
@@ -79,8 +85,8 @@ def capture_with_source(
 def check_runs(model: nn.Module, example_inputs: tuple) -> None:
     """Run the model once (no grad) to check that the example inputs fit it."""
     try:
-        with torch.no_grad():
-            model(*example_inputs)
+        with torch.no_grad(), preserved_buffers(model):
+            model(*fresh_inputs(example_inputs))
     except Exception as exc:
         shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
         raise InvalidInputError(

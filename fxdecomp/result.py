@@ -35,6 +35,7 @@ class Decision:
     error: float
     calls: int = 1
     reason: str = ""  # why a layer was kept: "excluded", "budget", "no cheaper option"
+    note: str = ""  # what else happened to the layer, e.g. a weight_norm / parametrization materialized
 
     @property
     def decomposed(self) -> bool:
@@ -109,6 +110,7 @@ class CompressionResult:
                 f"| {d.name} | {d.op} | {method} | {ranks} | {_num(d.flops_before)} | {_num(d.flops_after)} | "
                 f"{_num(d.params_before)} | {_num(d.params_after)} | {d.error:.3g} |"
             )
+        lines += [f"Note on {d.name}: {d.note}." for d in self.decisions if d.note]
         return "\n".join(lines)
 
 

@@ -60,8 +60,9 @@ def test_plan_equals_whole_model_pipeline_without_calibration():
         model(tokens())
     with torch.no_grad(), FlopCounterMode(display=False) as compressed:
         sequential.model(tokens())
-    assert compressed.get_total_flops() == sequential.flops_after
-    assert original.get_total_flops() == sequential.flops_before
+    # torch's own counter (no formula for CPU's fused attention, which no decomposition changes): the same saving.
+    saved = original.get_total_flops() - compressed.get_total_flops()
+    assert saved == sequential.flops_before - sequential.flops_after > 0
     assert torch.isfinite(sequential.model(ids).logits).all()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

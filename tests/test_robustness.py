@@ -17,12 +17,42 @@ from .models import VGG
 # ---- random architectures -----------------------------------------------------------------
 
 
-class RandomNet(nn.Module):
-    """A chain of blocks drawn by hypothesis: convs, residual pairs, pooling, activations, then a Linear head."""
+class SharedPair(nn.Module):
+    """Two convs on one weight tensor (tied), each with its own bias: two candidates sharing a weight."""
 
-    def __init__(self, blocks, in_channels, classes):
+    def __init__(self, channels):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(channels, channels, 3, padding=1), nn.Conv2d(channels, channels, 3, padding=1)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class MultiWeight(nn.Module):
+    """Several weights behind one module, applied functionally (positional and keyword calls)."""
+
+    def __init__(self, channels, count):
+        super().__init__()
+        self.weights = nn.ParameterList(nn.Parameter(torch.randn(channels, channels, 1, 1) / channels**0.5) for _ in range(count))
+        self.bias = nn.Parameter(torch.randn(channels))
+
+    def forward(self, x):
+        out = x
+        for i, w in enumerate(self.weights):
+            out = out + (F.conv2d(input=x, weight=w, bias=self.bias) if i % 2 else F.conv2d(x, w))
+        return out
+
+
+class RandomNet(nn.Module):
+    """A chain of blocks drawn by hypothesis: convs, residual pairs, pooling, activations, in-place ops,
+    tied weights, several functional weights per module and keyword calls, then a Linear head
+    (a module, or its weight applied functionally)."""
+
+    def __init__(self, blocks, in_channels, classes, head="module"):
         super().__init__()
         self.kinds = [kind for kind, _ in blocks]
+        self.head_form = head
         layers, channels = [], in_channels
         for kind, params in blocks:
             if kind == "conv":
@@ -34,15 +64,35 @@ class RandomNet(nn.Module):
                 layers.append(nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(), nn.Conv2d(channels, channels, 1)))
             elif kind == "pool":
                 layers.append(nn.MaxPool2d(2, ceil_mode=True))
-            else:
+            elif kind == "tied":
+                layers.append(SharedPair(channels))
+            elif kind == "multi":
+                layers.append(MultiWeight(channels, params))
+            elif kind == "kwarg":
+                layers.append(nn.Conv2d(channels, channels, 1))
+            else:  # act, inplace
                 layers.append(nn.ReLU())
         self.layers = nn.ModuleList(layers)
         self.head = nn.Linear(channels, classes)
 
     def forward(self, x):
         for kind, layer in zip(self.kinds, self.layers):
-            x = x + layer(x) if kind == "residual" else layer(x)
-        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+            if kind == "residual":
+                x = x + layer(x)
+            elif kind == "kwarg":
+                x = layer(input=x)
+            elif kind == "inplace":
+                x = x * 1.0
+                x.mul_(1.5)  # result unused: only its side effect matters
+                torch.relu_(x)
+            else:
+                x = layer(x)
+        h = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        if self.head_form == "functional":
+            return F.linear(h, self.head.weight, bias=self.head.bias)
+        if self.head_form == "matmul":
+            return h @ self.head.weight.t() + self.head.bias
+        return self.head(h)
 
 
 blocks = st.lists(
@@ -51,31 +101,64 @@ blocks = st.lists(
         st.tuples(st.just("residual"), st.none()),
         st.tuples(st.just("pool"), st.none()),
         st.tuples(st.just("act"), st.none()),
+        st.tuples(st.just("inplace"), st.none()),
+        st.tuples(st.just("tied"), st.none()),
+        st.tuples(st.just("multi"), st.integers(1, 3)),
+        st.tuples(st.just("kwarg"), st.none()),
     ),
     min_size=1,
     max_size=6,
 )
+heads = st.sampled_from(["module", "functional", "matmul"])
+
+
+def _unique_params(module):
+    return sum(p.numel() for p in {(p.data_ptr(), p.shape): p for p in module.parameters()}.values())
 
 
 @settings(max_examples=30, deadline=None)
-@given(blocks=blocks, in_channels=st.integers(1, 4), classes=st.integers(1, 5), budget=st.floats(0.05, 1.0), seed=st.integers(0, 100))
-def test_random_architectures_meet_the_budget_or_say_why(blocks, in_channels, classes, budget, seed):
+@given(blocks=blocks, in_channels=st.integers(1, 4), classes=st.integers(1, 5), budget=st.floats(0.05, 1.0), seed=st.integers(0, 100), head=heads, metric=st.sampled_from(["flops", "flops", "params"]))
+def test_random_architectures_meet_the_budget_or_say_why(blocks, in_channels, classes, budget, seed, head, metric):
     torch.manual_seed(seed)
-    model = RandomNet(blocks, in_channels, classes).eval()
+    model = RandomNet(blocks, in_channels, classes, head).eval()
     x = torch.randn(2, in_channels, 8, 8)
+    x_before = x.clone()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     try:
-        result = fxdecomp.compress(model, (x,), budget=budget, progress=False)
+        result = fxdecomp.compress(model, (x,), budget=fxdecomp.Budget(**{metric: budget}), progress=False)
     except BudgetError as exc:
         event("budget error (unreachable)")
         assert exc.smallest_reachable is not None and exc.smallest_reachable > budget
         assert f"{exc.smallest_reachable:.4f}"[:4] in str(exc)
     else:
         event("met the budget")
-        assert fxdecomp.count_flops(result.graph_module, (x,)) <= budget * fxdecomp.count_flops(model, (x,)) + 1e-6
+        if metric == "flops":
+            assert fxdecomp.count_flops(result.graph_module, (x,)) <= budget * fxdecomp.count_flops(model, (x,)) + 1e-6
+        else:  # every stored tensor counted once, tied ones included
+            assert _unique_params(result.graph_module) <= budget * _unique_params(model) + 1e-6
         with torch.no_grad():
-            assert result.graph_module(x).shape == model(x).shape
+            assert result.graph_module(x.clone()).shape == model(x.clone()).shape
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(x, x_before)
+
+
+@settings(max_examples=15, deadline=None)
+@given(blocks=blocks, in_channels=st.integers(1, 4), classes=st.integers(1, 5), seed=st.integers(0, 100), head=heads)
+def test_random_architectures_are_exact_at_full_rank(blocks, in_channels, classes, seed, head):
+    """Every candidate at svd's maximum rank: the result computes what the model computes."""
+    from fxdecomp.inspect import inspect_model
+
+    torch.manual_seed(seed)
+    model = RandomNet(blocks, in_channels, classes, head).eval()
+    x = torch.randn(2, in_channels, 8, 8)
+    layers = inspect_model(model, (x,), methods=["svd"])
+    plan = {layer.name: ("svd", layer.estimate("svd").max_ranks) for layer in layers if layer.estimate("svd") is not None}
+    event(f"{len(plan)} candidates")
+    result = fxdecomp.compress(model, (x,), plan=plan, progress=False)
+    with torch.no_grad():
+        expected, actual = model(x.clone()), result.graph_module(x.clone())
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    assert result.output_error < 1e-4
 
 
 # ---- degenerate layers ----------------------------------------------------------------------

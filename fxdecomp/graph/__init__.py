@@ -1,1 +1,2 @@
-"""Graph-level building blocks shared by the passes: candidates and their call sites, the rewrite of a call site."""
+"""Graph-level code shared by the passes: candidates and their call sites, side effects, attention capture,
+parametrized weights, and the rewrite of decomposed call sites."""

@@ -46,6 +46,10 @@ class Candidate:
     form: str  # "module" or "function"
     target: str  # call_module target, or the weight's get_attr target
     excluded: bool = False
+    # Parameters of this layer's weight that stay in the model if it is decomposed, because
+    # another user reads the same tensor (a tied embedding, the same weight called another way).
+    shared_params: int = 0
+    note: str = ""  # e.g. a parametrization that was materialized (see graph.parametrized)
 
     @property
     def kind(self) -> str:

@@ -18,6 +18,7 @@ from torch import fx, nn
 from .. import meta
 from ..planning.factors import factorization
 from .candidates import Candidate
+from .effects import has_side_effect
 
 
 def rewrite_graph(gm: fx.GraphModule, ctx, plan: dict) -> bool:
@@ -43,7 +44,7 @@ def rewrite_graph(gm: fx.GraphModule, ctx, plan: dict) -> bool:
         _set_submodule(gm, path, module)  # after the old get_attr nodes are gone: it may replace their owner
         modified = True
     if modified:
-        gm.graph.eliminate_dead_code()
+        gm.graph.eliminate_dead_code(is_impure_node=has_side_effect)  # in-place ops whose result is unused stay
         _drop_unused_attributes(gm)
         gm.delete_all_unused_submodules()
         gm.graph.lint()
@@ -82,7 +83,19 @@ def _install_path(gm: fx.GraphModule, candidate: Candidate, site_nodes: set[fx.N
     }
     if owner and not any(t == owner or t.startswith(owner + ".") for t in still_read):
         return owner  # nothing else reads the weight's owner: the decomposed module takes its place
-    return f"{owner}.{attribute}_lowrank" if owner else f"{attribute}_lowrank"
+    path = f"{owner}.{attribute}_lowrank" if owner else f"{attribute}_lowrank"
+    free, index = path, 2
+    while _exists(gm, free):  # the same weight decomposed for another call configuration
+        free, index = f"{path}{index}", index + 1
+    return free
+
+
+def _exists(gm: fx.GraphModule, path: str) -> bool:
+    try:
+        gm.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _set_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:

@@ -39,10 +39,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..budget import Budget
 from ..calibration import GramAccumulator
+from ..cost import flop_counter
 from ..decomposers import get_decomposer
 from ..errors import BudgetError, InvalidInputError
 from ..layer_spec import layer_spec
@@ -147,7 +147,7 @@ def compress_sequential(
 
     # 1. Statistics on the original blocks.
     records: list[LayerRecord] = []
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         example_call = capture_block_inputs(model, stack, [example])[0]
     flops = counter.get_total_flops()
     calls = capture_block_inputs(model, stack, batches) if batches else []
@@ -158,7 +158,7 @@ def compress_sequential(
             block = load(index)
             layers = linears(block, stack.name(index), exclude)
             shapes: dict = {}
-            with FlopCounterMode(display=False) as counter, observe(layers, shapes=shapes), torch.no_grad():
+            with flop_counter() as counter, observe(layers, shapes=shapes), torch.no_grad():
                 output = block(*example_call.args, **example_call.kwargs)
             flops += counter.get_total_flops()
             tuple_output = not isinstance(output, torch.Tensor)
@@ -168,7 +168,7 @@ def compress_sequential(
             records += _records(layers, shapes, grams, grid, tied, world)
             unload(block)
     shapes = {}
-    with FlopCounterMode(display=False) as counter, observe(head_layers, shapes=shapes):
+    with flop_counter() as counter, observe(head_layers, shapes=shapes):
         head_inputs(model, stack, [example], [example_call.hidden], tuple_output)
     flops += counter.get_total_flops()
     grams = _head_grams(model, stack, head_layers, batches, calls, tuple_output, world)

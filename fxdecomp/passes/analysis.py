@@ -9,11 +9,9 @@ and the damage model they used to hold are in `fxdecomp.planning.factors` and
 from __future__ import annotations
 
 import fnmatch
-import operator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
@@ -21,19 +19,15 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from .. import meta
 from ..cost import FLOPS_PER_MAC, count_flops, count_params, spec_macs
 from ..errors import FxDecompError
+from ..graph.callsites import CONV_FUNCTIONS, LINEAR_FUNCTIONS, WeightUse, match_call, tensor_key, weight_users  # noqa: F401 (re-exported)
+from ..graph.effects import fresh_inputs, preserved_buffers
+from ..graph.parametrized import notes_of
 from ..layer_spec import check_finite, layer_spec
 from ..planning.damage import output_energies, predicted_error, weight_matrices  # noqa: F401  (re-exported)
 from ..planning.factors import factorization, output_weights  # noqa: F401  (re-exported)
 from ..ranks import rule_ranks, vbmf_rank_of_spectrum
 from ..records import NodeShapes, RankEstimates
 from .base import CallSite, Candidate, Pass, log, register_pass
-
-aten = torch.ops.aten
-CONV_FUNCTIONS = {F.conv2d, torch.conv2d, aten.conv2d.default, aten.conv2d.padding}
-LINEAR_FUNCTIONS = {F.linear, aten.linear.default}
-ADDMM_FUNCTIONS = {torch.addmm, aten.addmm.default}
-MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.mm, aten.matmul.default, aten.mm.default}
-TRANSPOSES = {"t", torch.t, aten.t.default}
 
 
 def node_shape(node) -> tuple[int, ...] | None:
@@ -51,7 +45,8 @@ class ShapePass(Pass):
 
     def run(self, gm):
         if not all("val" in n.meta for n in gm.graph.nodes if n.op not in ("output", "placeholder")):
-            ShapeProp(gm).propagate(*self.context.example_inputs)
+            with preserved_buffers(gm):
+                ShapeProp(gm).propagate(*fresh_inputs(self.context.example_inputs))
         for node in gm.graph.nodes:
             value = node.meta.get("val", node.meta.get("tensor_meta"))
             if isinstance(value, (list, tuple)) and value and not isinstance(value, TensorMetadata):
@@ -65,7 +60,15 @@ class ShapePass(Pass):
 
 @register_pass
 class FindCandidatesPass(Pass):
-    """Every Conv2d / Linear call (module or functional, on a parameter) becomes a candidate."""
+    """Every Conv2d / Linear call on a parameter (module or functional form) becomes a candidate.
+
+    Calls of one weight with one layer configuration are one candidate with several
+    sites (see `fxdecomp.graph.callsites`). Names: a module call keeps the module's
+    path (``features.3``); a functional call is named by its weight: the owner's path
+    for a parameter called ``weight`` (``fc`` for ``fc.weight``, as a torch.export
+    graph of an nn.Linear holds it), else the parameter's own path (``attn.wq``).
+    A name already taken gets the full parameter path, then ``@<node name>``.
+    """
 
     name = "find_candidates"
     requires = ("shapes",)
@@ -73,121 +76,57 @@ class FindCandidatesPass(Pass):
 
     def run(self, gm):
         ctx = self.context
-        by_target: dict[str, Candidate] = {}
+        by_key: dict[tuple, Candidate] = {}
         for node in gm.graph.nodes:
-            found = _match(gm, node)
-            if found is None:
+            use = match_call(gm, node)
+            if use is None:
                 continue
-            form, target, layer, input_node = found
-            site = CallSite.of(node, input_node, node_shape(input_node))
+            site = CallSite.of(node, use.input_node, node_shape(use.input_node))
             if site.input_shape is None:
                 continue
-            if target in by_target:
-                by_target[target].sites.append(site)
+            if use.key in by_key:
+                by_key[use.key].sites.append(site)
                 continue
             try:
-                spec = layer_spec(layer)
+                spec = layer_spec(use.layer)
             except FxDecompError as exc:
-                log.info("not a candidate: %s (%s)", target, exc)
+                log.info("not a candidate: %s (%s)", use.target, exc)
                 continue
-            name = target if form == "module" else target.rsplit(".", 1)[0] if "." in target else target
-            check_finite(name, layer)
+            name = _candidate_name(use, node, {c.name for c in by_key.values()})
+            check_finite(name, use.layer)
             excluded = any(fnmatch.fnmatchcase(name, pattern) or name == pattern for pattern in ctx.exclude)
-            by_target[target] = Candidate(name, layer, spec, [site], form, target, excluded)
-        ctx.candidates = {c.name: c for c in by_target.values()}
+            by_key[use.key] = Candidate(name, use.layer, spec, [site], use.form, use.target, excluded)
+        ctx.candidates = {c.name: c for c in by_key.values()}
+        users = weight_users(gm)
+        notes = notes_of(ctx.source_model)
         for candidate in ctx.candidates.values():
+            weight = candidate.layer.weight
+            others = users.get(tensor_key(weight), set()) - {site.node for site in candidate.sites}
+            candidate.shared_params = weight.numel() if others else 0
+            candidate.note = notes.get(candidate.target if candidate.form == "function" else f"{candidate.target}.weight", "")
             for site in candidate.sites:
                 site.node.meta[meta.CANDIDATE] = candidate.name
         return PassResult(gm, False)
 
 
+def _candidate_name(use: WeightUse, node: fx.Node, taken: set[str]) -> str:
+    if use.form == "module":
+        options = [use.target, f"{use.target}@{node.name}"]
+    else:
+        owner, _, attribute = use.target.rpartition(".")
+        options = [owner if owner and attribute == "weight" else use.target, use.target, f"{use.target}@{node.name}"]
+    return next(n for n in options if n not in taken)
+
+
 def _match(gm: fx.GraphModule, node: fx.Node):
-    """(form, target, layer, input node) if ``node`` is a Conv2d or Linear call on parameters."""
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if isinstance(module, (nn.Conv2d, nn.Linear)) and node.args:
-            return "module", node.target, module, node.args[0]
-        return None
-    if node.op != "call_function":
-        return None
-    args = list(node.args)
-    if node.target in CONV_FUNCTIONS:
-        names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
-        values = dict(zip(names, args)) | dict(node.kwargs)
-        weight = _attr(gm, values.get("weight"))
-        bias = _attr(gm, values.get("bias")) if values.get("bias") is not None else None
-        if weight is None or weight[1].dim() != 4 or (values.get("bias") is not None and bias is None):
-            return None
-        layer = _lifted_conv(weight[1], bias[1] if bias else None, values)
-        return "function", weight[0], layer, values["input"]
-    if node.target in LINEAR_FUNCTIONS:
-        values = dict(zip(["input", "weight", "bias"], args)) | dict(node.kwargs)
-        weight = _attr(gm, values.get("weight"))
-        bias = _attr(gm, values.get("bias")) if values.get("bias") is not None else None
-        if weight is None or weight[1].dim() != 2 or (values.get("bias") is not None and bias is None):
-            return None
-        return "function", weight[0], _lifted_linear(weight[1], bias[1] if bias else None), values["input"]
-    if node.target in ADDMM_FUNCTIONS and len(args) >= 3 and node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1:
-        bias, weight = _attr(gm, args[0]), _transposed_attr(gm, args[2])
-        if bias is None or weight is None or bias[1].dim() != 1:
-            return None
-        return "function", weight[0], _lifted_linear(weight[1], bias[1]), args[1]
-    if node.target in MATMUL_FUNCTIONS and len(args) == 2:
-        weight = _transposed_attr(gm, args[1])
-        if weight is None or node_shape(args[0]) is None or len(node_shape(args[0])) < 2:
-            return None
-        return "function", weight[0], _lifted_linear(weight[1], None), args[0]
-    return None
-
-
-def _attr(gm: fx.GraphModule, node) -> tuple[str, torch.Tensor] | None:
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
-        return None
-    value = operator.attrgetter(node.target)(gm)
-    return (node.target, value) if isinstance(value, torch.Tensor) else None
-
-
-def _transposed_attr(gm: fx.GraphModule, node) -> tuple[str, torch.Tensor] | None:
-    """The Linear weight (out, in) behind a matmul's right operand: W.t() or a stored (in, out) matrix."""
-    if isinstance(node, fx.Node) and node.op in ("call_method", "call_function") and node.target in TRANSPOSES:
-        found = _attr(gm, node.args[0])
-        return found if found is not None and found[1].dim() == 2 else None
-    found = _attr(gm, node)
-    if found is None or found[1].dim() != 2:
-        return None
-    return found[0], found[1].T
-
-
-def _lifted_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
-    if bias is not None:
-        layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
-    return layer
-
-
-def _lifted_conv(weight: torch.Tensor, bias: torch.Tensor | None, values: dict) -> nn.Conv2d:
-    groups = int(values.get("groups", 1))
-    layer = nn.Conv2d(
-        weight.shape[1] * groups,
-        weight.shape[0],
-        tuple(weight.shape[2:]),
-        stride=values.get("stride", 1),
-        padding=values.get("padding", 0),
-        dilation=values.get("dilation", 1),
-        groups=groups,
-        bias=bias is not None,
-        device="meta",
-    )
-    layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
-    if bias is not None:
-        layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
-    return layer
+    """(form, target, layer, input node) if ``node`` is a Conv2d or Linear call on parameters (see `match_call`)."""
+    use = match_call(gm, node)
+    return None if use is None else (use.form, use.target, use.layer, use.input_node)
 
 
 @register_pass
 class CostPass(Pass):
-    """FLOPs of the whole model (fvcore) and of each candidate call (the cost model), cross-checked."""
+    """FLOPs of the whole model (aten level, `count_flops`) and of each candidate call (the cost model)."""
 
     name = "annotate_cost"
     requires = ("candidates",)
@@ -204,10 +143,8 @@ class CostPass(Pass):
                 flops = spec_macs(candidate.spec, site.input_shape) * FLOPS_PER_MAC
                 site.node.meta[meta.FLOPS] = meta.NodeCost(flops, params)
                 candidate_flops += flops
-        if candidate_flops > ctx.flops_before:
-            # fvcore missed some op our cost model counts: trust the larger, explicit count.
-            log.warning("fvcore counted %d FLOPs, fewer than the candidates' %d; using the latter", ctx.flops_before, candidate_flops)
-            ctx.flops_before = candidate_flops
+        if candidate_flops > ctx.flops_before:  # both count 2 per multiply-add of the same aten ops
+            log.warning("the candidates' %d FLOPs exceed the model's %d: a counting bug, please report it", candidate_flops, ctx.flops_before)
         return PassResult(gm, False)
 
 

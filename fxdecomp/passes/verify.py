@@ -6,16 +6,24 @@ import torch
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.utils._pytree import tree_leaves
 
+from ..graph.effects import fresh_inputs, preserved_buffers
 from ..errors import FxDecompError
 from ..records import Verification
 from .base import Pass, register_pass
 
 
 def output_error(reference, candidate, example_inputs) -> float:
-    """Largest relative L2 error over the tensor outputs of ``candidate`` against ``reference``."""
+    """Largest relative L2 error over the tensor outputs of ``candidate`` against ``reference``.
+
+    Each model runs on its own copy of the inputs, and its buffers are put back
+    afterwards: a model that writes into its inputs or buffers cannot leak one
+    run's writes into the other run.
+    """
     with torch.no_grad():
-        expected = [t for t in tree_leaves(reference(*example_inputs)) if isinstance(t, torch.Tensor)]
-        actual = [t for t in tree_leaves(candidate(*example_inputs)) if isinstance(t, torch.Tensor)]
+        with preserved_buffers(reference):
+            expected = [t for t in tree_leaves(reference(*fresh_inputs(example_inputs))) if isinstance(t, torch.Tensor)]
+        with preserved_buffers(candidate):
+            actual = [t for t in tree_leaves(candidate(*fresh_inputs(example_inputs))) if isinstance(t, torch.Tensor)]
     if len(expected) != len(actual) or any(a.shape != e.shape for a, e in zip(actual, expected)):
         raise FxDecompError(
             "the rewritten model's outputs do not match the original's in number or shape; this is a bug in "

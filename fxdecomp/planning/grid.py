@@ -67,11 +67,14 @@ def rank_grid(maxima: tuple[int, ...], steps: int, round_to: int) -> list[tuple[
 
 
 def structure_cost(decomposer, candidate: Candidate, ranks: tuple[int, ...]) -> tuple[int, int]:
-    """(FLOPs over every call site, parameters) of ``decomposer``'s structure at ``ranks``."""
+    """(FLOPs over every call site, parameters) of ``decomposer``'s structure at ``ranks``.
+
+    The parameters include the candidate's ``shared_params``: a weight that another user keeps stays in the model.
+    """
     with torch.device("meta"):
         structure = decomposer.structure(candidate.spec, ranks)
     flops = sum(module_macs(structure, s.input_shape) for s in candidate.sites) * FLOPS_PER_MAC
-    return flops, count_params(structure)
+    return flops, count_params(structure) + candidate.shared_params  # a weight another user keeps stays
 
 
 def keep_choice(candidate: Candidate, layer_ms: LayerMs | None = None) -> Choice:
@@ -147,4 +150,5 @@ def decision(candidate: Candidate, choice: Choice, reason: str) -> Decision:
         error=choice.error,
         calls=len(candidate.sites),
         reason=reason if choice.method == "keep" else "",
+        note=candidate.note,
     )

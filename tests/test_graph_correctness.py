@@ -1,0 +1,467 @@
+"""Correct on the graphs users bring (issue 13, kinds 1-4 and 6).
+
+Each test checks the value against an independent oracle (the original model's
+output, FLOPs and parameters counted here by hand) and that the input model is
+untouched: parameters, buffers, training flags, hooks, requires_grad.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxdecomp
+from fxdecomp import Budget
+from fxdecomp.errors import BudgetError, InvalidInputError
+
+# ---- helpers: the untouched-model oracle, full-rank plans, independent counts ---------------
+
+
+def snapshot(model):
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "training": [m.training for m in model.modules()],
+        "hooks": [(tuple(m._forward_pre_hooks), tuple(m._forward_hooks)) for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "ids": [id(p) for p in model.parameters()],
+        "types": [type(m) for m in model.modules()],
+        "class_attributes": [sorted(a for a in vars(type(m)) if not a.startswith("__")) for m in model.modules()],  # parametrize's properties live there
+    }
+
+
+def assert_untouched(model, before):
+    after = snapshot(model)
+    assert after["state"].keys() == before["state"].keys()
+    assert all(torch.equal(before["state"][k], after["state"][k]) for k in before["state"])
+    for key in ("training", "hooks", "requires_grad", "ids", "types", "class_attributes"):
+        assert after[key] == before[key], key
+
+
+def compress_full_rank(model, inputs, sides):
+    """Compress with every candidate at full svd rank; ``sides``: name -> (out, in) of its lowered weight."""
+    plan = {name: ("svd", (min(out, cin),)) for name, (out, cin) in sides.items()}
+    return fxdecomp.compress(model, inputs, plan=plan)
+
+
+def relative_error(expected, actual):
+    return float((actual.double() - expected.double()).norm() / expected.double().norm())
+
+
+def unique_params(module):
+    """Elements of the module's parameters, every storage counted once (independent of fxdecomp)."""
+    seen, total = set(), 0
+    for p in module.parameters():
+        key = (p.data_ptr(), p.shape)
+        if key not in seen:
+            seen.add(key)
+            total += p.numel()
+    return total
+
+
+class MacCounter:
+    """2 x multiply-adds of every nn.Linear / nn.Conv2d call, from forward hooks (shapes only)."""
+
+    def __init__(self, module):
+        self.flops, self.handles = 0, []
+        for m in module.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                self.handles.append(m.register_forward_hook(self.hook))
+
+    def hook(self, m, inputs, output):
+        if isinstance(m, nn.Linear):
+            self.flops += 2 * output.numel() * m.in_features
+        else:
+            self.flops += 2 * output.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def module_flops(module, inputs):
+    counter = MacCounter(module)
+    with torch.no_grad():
+        module(*inputs)
+    counter.close()
+    return counter.flops
+
+
+# ---- kind 1: side effects survive, verification runs on separate copies ----------------------
+
+
+class SideEffect(nn.Module):
+    """conv -> an in-place op whose result is not used -> conv."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.register_buffer("scale", torch.ones(()))
+
+    def forward(self, x):
+        if self.form == "input_mul_":
+            x.mul_(2.0)
+        t = self.a(x)
+        if self.form == "mul_":
+            t.mul_(2.0)
+        elif self.form == "torch.relu_":
+            torch.relu_(t)
+        elif self.form == "copy_":
+            t.copy_(t * 3.0)
+        elif self.form == "index_put_":
+            t.index_put_((torch.tensor([0]),), torch.zeros(8, 8, 8))
+        elif self.form == "setitem":
+            t[:, 0] = 0.0
+        elif self.form == "inplace_kwarg":
+            F.relu(t, inplace=True)
+        elif self.form == "inplace_module":
+            self.act(t)
+        elif self.form == "buffer":
+            self.scale.add_(1.0)
+            t = t * self.scale
+        return self.b(t)
+
+
+SIDE_SIDES = {"a": (8, 27), "b": (8, 72)}
+
+
+@pytest.mark.parametrize(
+    "form", ["mul_", "torch.relu_", "copy_", "index_put_", "setitem", "inplace_kwarg", "inplace_module", "buffer", "input_mul_"]
+)
+def test_side_effects_survive_and_verification_uses_separate_inputs(form):
+    torch.manual_seed(0)
+    model, x = SideEffect(form).eval(), torch.randn(2, 3, 8, 8)
+    x_before, before = x.clone(), snapshot(model)
+    result = compress_full_rank(model, (x,), SIDE_SIDES)
+    assert torch.equal(x, x_before)  # the caller's inputs
+    assert_untouched(model, before)
+    if form == "buffer":
+        assert torch.equal(result.graph_module.scale, model.scale)  # the result starts in the model's state
+    with torch.no_grad():
+        expected = model(x.clone())
+        actual = result.graph_module(x.clone())
+    assert relative_error(expected, actual) < 1e-5
+    assert result.output_error < 1e-5  # and the reported error tells the truth
+    if form == "buffer":
+        assert float(model.scale) == float(result.graph_module.scale) == 2.0  # one run each, same state
+        assert any(n.op == "call_method" and n.target == "add_" for n in result.graph_module.graph.nodes)
+
+
+def test_mul_model_from_the_issue_keeps_the_in_place_node():
+    torch.manual_seed(0)
+    model, x = SideEffect("mul_").eval(), torch.randn(2, 3, 8, 8)
+    result = compress_full_rank(model, (x,), SIDE_SIDES)
+    assert any(n.op == "call_method" and n.target == "mul_" for n in result.graph_module.graph.nodes)
+
+
+# ---- kind 2: several weights behind one module, every call form ----------------------------
+
+
+class QKV(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.wq, self.wk, self.wv = (nn.Parameter(torch.randn(d, d) / d**0.5) for _ in range(3))
+
+    def forward(self, x):
+        return F.linear(x, self.wq) * F.linear(x, self.wk).sigmoid() + F.linear(x, self.wv)
+
+
+class Holder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = QKV()
+
+    def forward(self, x):
+        return self.attn(x)
+
+
+def test_three_functional_weights_in_one_module_are_three_candidates_and_budget_half_is_reachable():
+    torch.manual_seed(0)
+    model, x = Holder().eval(), torch.randn(2, 5, 32)
+    before = snapshot(model)
+    result = fxdecomp.compress(model, (x,), budget=0.5, methods=["svd"])
+    assert_untouched(model, before)
+    assert {d.name for d in result.decisions} == {"attn.wq", "attn.wk", "attn.wv"}
+    flops_before = 3 * 2 * 10 * 32 * 32  # three 32x32 projections of 10 tokens, counted by hand
+    assert result.flops_before == flops_before
+    flops_after = module_flops(result.graph_module, (x,))  # every factor is an nn.Linear
+    assert flops_after == result.flops_after <= 0.5 * flops_before
+    full = compress_full_rank(model, (x,), {n: (32, 32) for n in ("attn.wq", "attn.wk", "attn.wv")})
+    with torch.no_grad():
+        assert relative_error(model(x), full.graph_module(x)) < 1e-5
+
+
+class CallForms(nn.Module):
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+        self.fc = nn.Linear(16, 12)
+        self.w = nn.Parameter(torch.randn(12, 16) / 4)
+        self.b = nn.Parameter(torch.randn(12))
+        self.conv = nn.Conv2d(4, 6, 3)
+
+    def forward(self, x):
+        f = self.form
+        if f == "module_kwarg":
+            return self.fc(input=x)
+        if f == "linear_kwargs":
+            return F.linear(input=x, weight=self.w, bias=self.b)
+        if f == "addmm":
+            return torch.addmm(self.b, x, self.w.t())
+        if f == "matmul_t":
+            return x @ self.w.t()
+        if f == "torch_matmul_T":
+            return torch.matmul(x, self.w.T)
+        if f == "transpose":
+            return torch.matmul(x, self.w.transpose(0, 1))
+        if f == "module_and_functional":  # one weight, same bias: one candidate, two sites
+            return self.fc(x) + F.linear(x.flip(0), self.fc.weight, self.fc.bias)
+        if f == "module_and_functional_no_bias":  # same weight, another layer: two candidates
+            return self.fc(x) + F.linear(x.flip(0), self.fc.weight)
+        if f == "conv_kwargs":
+            return F.conv2d(x, weight=self.conv.weight, bias=self.conv.bias, padding=1, stride=2)
+        raise AssertionError(f)
+
+
+FORMS = {
+    "module_kwarg": ({"fc": (12, 16)}, (4, 16)),
+    "linear_kwargs": ({"w": (12, 16)}, (4, 16)),
+    "addmm": ({"w": (12, 16)}, (4, 16)),
+    "matmul_t": ({"w": (12, 16)}, (3, 4, 16)),
+    "torch_matmul_T": ({"w": (12, 16)}, (3, 4, 16)),
+    "transpose": ({"w": (12, 16)}, (4, 16)),
+    "module_and_functional": ({"fc": (12, 16)}, (4, 16)),
+    "module_and_functional_no_bias": ({"fc": (12, 16), "fc.weight": (12, 16)}, (4, 16)),
+    "conv_kwargs": ({"conv": (6, 36)}, (2, 4, 9, 9)),
+}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_every_call_form_is_a_candidate_exact_at_full_rank(form):
+    torch.manual_seed(0)
+    sides, shape = FORMS[form]
+    model, x = CallForms(form).eval(), torch.randn(*shape)
+    before = snapshot(model)
+    result = compress_full_rank(model, (x,), sides)
+    assert_untouched(model, before)
+    assert {d.name for d in result.decisions} == set(sides)
+    assert all(d.decomposed for d in result.decisions)
+    with torch.no_grad():
+        assert relative_error(model(x), result.graph_module(x)) < 1e-5
+    if form == "module_and_functional":
+        assert result.decisions[0].calls == 2
+
+
+# ---- kind 3: shared and tied weights -------------------------------------------------------
+
+
+class TiedLM(nn.Module):
+    """Embedding -> two Linears -> an output head sharing the embedding's weight."""
+
+    def __init__(self, functional, vocab=200, d=32, hidden=128):
+        super().__init__()
+        self.functional = functional
+        self.emb = nn.Embedding(vocab, d)
+        self.up, self.down = nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.down(torch.relu(self.up(self.emb(ids))))
+        return F.linear(h, self.emb.weight) if self.functional else self.head(h)
+
+
+def _svd_params(out, cin, rank, bias=True):
+    return rank * cin + out * rank + (out if bias else 0)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_tied_head_counts_once_and_saves_nothing(functional):
+    torch.manual_seed(0)
+    model, ids = TiedLM(functional).eval(), torch.randint(0, 200, (2, 7))
+    before = snapshot(model)
+    total = 200 * 32 + (32 * 128 + 128) + (128 * 32 + 32)  # the tied weight once
+    assert unique_params(model) == total
+    result = fxdecomp.compress(model, (ids,), budget=Budget(params=0.8))
+    assert_untouched(model, before)
+    assert result.params_before == total
+    assert result.params_after == unique_params(result.graph_module) <= 0.8 * total
+    head = next(d for d in result.decisions if d.name in ("head", "emb"))
+    assert not head.decomposed  # decomposing it would keep the embedding's weight and add factors
+    # The smallest reachable: only up and down can save, at rank 1 (hand formula of svd's factors).
+    smallest = (total - (32 * 128 + 128 - _svd_params(128, 32, 1)) - (128 * 32 + 32 - _svd_params(32, 128, 1))) / total
+    with pytest.raises(BudgetError, match="params budget of 0.3 cannot be reached") as info:
+        fxdecomp.compress(model, (ids,), budget=Budget(params=0.3))
+    assert info.value.smallest_reachable == pytest.approx(smallest, abs=1e-6)
+    assert_untouched(model, before)
+
+
+def test_tied_head_under_a_flops_budget_reports_the_parameters_it_really_has():
+    torch.manual_seed(0)
+    model, ids = TiedLM(False).eval(), torch.randint(0, 200, (2, 7))
+    result = fxdecomp.compress(model, (ids,), budget=0.5, methods=["svd"])
+    assert result.params_after == unique_params(result.graph_module)
+    head = next(d for d in result.decisions if d.name == "head")
+    if head.decomposed:  # the embedding keeps the weight: the head's factors come on top
+        assert head.params_after >= 200 * 32 + _svd_params(200, 32, head.ranks[0], bias=False)
+
+
+def test_count_params_counts_one_storage_once():
+    a = nn.Linear(8, 8)
+    b = nn.Linear(8, 8)
+    b.weight = nn.Parameter(a.weight.data)  # another Parameter object on the same storage
+    assert fxdecomp.cost.count_params(nn.ModuleList([a, b])) == 64 + 8 + 8
+
+
+# ---- kind 4: every FLOP counted, attention included; MHA projections are candidates ----------
+
+
+class AttentionNet(nn.Module):
+    def __init__(self, d=64, heads=4, need_weights=False):
+        super().__init__()
+        self.need_weights = need_weights
+        self.att = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.fc(self.att(x, x, x, need_weights=self.need_weights)[0])
+
+
+def attention_net_flops(batch, length, d):
+    tokens = batch * length
+    projections = 2 * tokens * d * 3 * d + 2 * tokens * d * d + 2 * tokens * d * d  # in_proj, out_proj, fc
+    attention = 2 * (2 * batch * length * length * d)  # q k^T and weights x v, over all heads
+    return projections + attention
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_count_flops_sees_attention_in_every_mode(need_weights, grad):
+    torch.manual_seed(0)
+    model, x = AttentionNet(need_weights=need_weights).eval(), torch.randn(2, 16, 64)
+    with torch.set_grad_enabled(grad):
+        assert fxdecomp.count_flops(model, (x,)) == attention_net_flops(2, 16, 64)
+    model.train()
+    before = snapshot(model)
+    assert fxdecomp.count_flops(model, (x,)) == attention_net_flops(2, 16, 64)  # counted in eval mode
+    assert_untouched(model, before)
+
+
+def test_count_flops_of_conv_linear_and_sdpa_by_hand():
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, groups=1), nn.Conv2d(8, 8, 3, padding=1, groups=4))
+    x = torch.randn(2, 3, 10, 10)
+    assert fxdecomp.count_flops(conv, (x,)) == 2 * (2 * 8 * 5 * 5 * 3 * 9 + 2 * 8 * 5 * 5 * 2 * 9)
+    assert fxdecomp.count_flops(nn.Linear(7, 5), (torch.randn(3, 4, 7),)) == 2 * 12 * 7 * 5
+
+    class SDPA(nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q, k = torch.randn(2, 4, 10, 8), torch.randn(2, 4, 12, 8)
+    assert fxdecomp.count_flops(SDPA(), (q, k, k)) == 2 * 2 * (2 * 4 * 10 * 12 * 8)
+
+
+def test_transformer_encoder_layer_fast_path_is_counted():
+    d, ff, batch, length = 32, 64, 2, 6
+    layer = nn.TransformerEncoderLayer(d, 4, ff, batch_first=True).eval()
+    x = torch.randn(batch, length, d)
+    tokens = batch * length
+    expected = 2 * tokens * (3 * d * d + d * d + 2 * d * ff) + 2 * 2 * batch * length * length * d
+    assert fxdecomp.count_flops(layer, (x,)) == expected
+
+
+def test_attention_model_at_half_budget_keeps_half_of_all_flops():
+    torch.manual_seed(0)
+    model, x = AttentionNet().eval(), torch.randn(2, 16, 64)
+    before = snapshot(model)
+    result = fxdecomp.compress(model, (x,), budget=0.5, methods=["svd"])
+    assert_untouched(model, before)
+    assert {d.name for d in result.decisions} == {"att.in_proj_weight", "att.out_proj", "fc"}
+    flops_before = attention_net_flops(2, 16, 64)
+    assert result.flops_before == flops_before
+    # Independently: the result's nn.Linear calls (hooks), the attention itself, and in_proj if kept.
+    in_proj = next(d for d in result.decisions if d.name == "att.in_proj_weight")
+    kept_in_proj = 0 if in_proj.decomposed else 2 * 32 * 64 * 192
+    flops_after = module_flops(result.graph_module, (x,)) + 2 * (2 * 2 * 16 * 16 * 64) + kept_in_proj
+    assert flops_after == result.flops_after <= 0.5 * flops_before
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_attention_projections_exact_at_full_rank(need_weights):
+    torch.manual_seed(0)
+    model, x = AttentionNet(need_weights=need_weights).eval(), torch.randn(2, 16, 64)
+    result = compress_full_rank(model, (x,), {"att.in_proj_weight": (192, 64), "att.out_proj": (64, 64), "fc": (64, 64)})
+    assert all(d.decomposed for d in result.decisions)
+    with torch.no_grad():
+        assert relative_error(model(x), result.graph_module(x)) < 1e-5
+
+
+# ---- kind 6: parametrized weights ------------------------------------------------------------
+
+
+def _trained(model, x):
+    model.train()
+    torch.optim.SGD(model.parameters(), lr=0.1).zero_grad()
+    model(x).square().mean().backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    return model.eval()
+
+
+def _old_style():
+    from torch.nn.utils import spectral_norm, weight_norm
+
+    return nn.Sequential(weight_norm(nn.Conv2d(3, 8, 3, padding=1)), nn.ReLU(), nn.Flatten(), spectral_norm(nn.Linear(8 * 36, 10)))
+
+
+def _new_style():
+    from torch.nn.utils.parametrizations import orthogonal, spectral_norm, weight_norm
+
+    return nn.Sequential(
+        weight_norm(nn.Conv2d(3, 8, 3, padding=1)), nn.ReLU(), nn.Flatten(), spectral_norm(nn.Linear(8 * 36, 16)), orthogonal(nn.Linear(16, 16))
+    )
+
+
+@pytest.mark.parametrize("build, words", [(_old_style, "weight_norm"), (_new_style, "parametrization")])
+def test_parametrized_weights_are_decomposed_as_their_effective_weight(build, words):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    model = _trained(build(), x)  # old-style hooks now leave `weight` a non-leaf tensor (deepcopy refuses it)
+    if build is _old_style:
+        assert model[0].weight.grad_fn is not None
+    before = snapshot(model)
+    sides = {"0": (8, 27), "3": (10 if build is _old_style else 16, 288)} | ({} if build is _old_style else {"4": (16, 16)})
+    result = compress_full_rank(model, (x,), sides)
+    assert_untouched(model, before)
+    with torch.no_grad():
+        expected = model(x)  # the effective weights, computed by the model itself
+    with torch.no_grad():
+        assert relative_error(expected, result.graph_module(x)) < 1e-5
+    notes = {d.name: d.note for d in result.decisions}
+    assert words in notes["0"] and "effective weight" in notes["0"] and "Note on 0" in result.report()
+    assert not any("parametrizations" in k or k.endswith(("_g", "_orig")) for k in result.graph_module.state_dict())
+    result = fxdecomp.compress(model, (x,), budget=0.5)  # and planning works too
+    assert result.flops_after <= 0.5 * result.flops_before
+    assert_untouched(model, before)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
+def test_unknown_computed_weight_is_refused_naming_the_layer():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.raw = nn.Parameter(torch.randn(4, 4))
+            self.weight = self.raw * 2  # a computed tensor, not a parameter: deepcopy refuses it
+
+        def forward(self, x):
+            return F.linear(x, self.weight)
+
+    model = nn.Sequential(nn.Linear(4, 4), Scaled())
+    before = snapshot(model)
+    with pytest.raises(InvalidInputError, match=r"layer '1'.*'1\.weight' is computed"):
+        fxdecomp.compress(model, (torch.randn(2, 4),), budget=0.5)
+    assert_untouched(model, before)
