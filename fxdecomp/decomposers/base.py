@@ -263,7 +263,8 @@ CONV_KINDS = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2
 def refuse_groups(spec: ConvSpec, method: str) -> None:
     if spec.groups != 1:
         raise UnsupportedLayerError(
-            f"{method}: grouped convolutions (groups={spec.groups}) are not supported; use svd, spatial_svd, tucker2 or cp"
+            f"{method}: grouped convolutions (groups={spec.groups}) are not supported; use svd, "
+            f"{'' if spec.ndim == 1 else 'spatial_svd, '}tucker2 or cp"
         )
 
 
