@@ -116,8 +116,8 @@ def layer_spec(layer: nn.Module) -> ConvSpec | LinearSpec:
     if isinstance(layer, CONV_TYPES):
         return _conv_spec(layer)
     raise UnsupportedLayerError(
-        f"{type(layer).__name__} is not a Linear or a Conv1d/2d/3d or ConvTranspose1d/2d/3d; fxdecomp decomposes "
-        "only those (and their subclasses)"
+        f"{type(layer).__name__} is not a Conv2d or Linear, nor a Conv1d, Conv3d or ConvTranspose1d/2d/3d; "
+        "fxdecomp decomposes only those (and their subclasses)"
     )
 
 
