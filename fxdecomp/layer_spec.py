@@ -130,7 +130,8 @@ def check_finite(name: str, layer: nn.Module) -> None:
             )
 
 
-def _torch_class(conv: nn.Module) -> type[nn.Module]:
+def torch_class(conv: nn.Module) -> type[nn.Module]:
+    """The torch conv class (nn.Conv2d, nn.ConvTranspose1d, ...) that ``conv`` is or subclasses."""
     return next(cls for cls in CONV_TYPES if isinstance(conv, cls))
 
 
@@ -154,7 +155,7 @@ def _conv_spec(conv: nn.Module) -> ConvSpec:
         transposed=bool(conv.transposed),
         output_padding=tuple(conv.output_padding) if conv.transposed else (),
     )
-    if type(conv).forward is not _torch_class(conv).forward:
+    if type(conv).forward is not torch_class(conv).forward:
         _verify_custom_forward(conv, spec)
     return spec
 
@@ -166,7 +167,7 @@ def _explicit_pads(conv: nn.Module) -> tuple[int, ...]:
         own = tuple(int(p) for p in conv._reversed_padding_repeated_twice)
     else:
         own = tuple(int(p) for pad in reversed(conv.padding) for p in (pad, pad))
-    if type(conv).forward is _torch_class(conv).forward:
+    if type(conv).forward is torch_class(conv).forward:
         return own
     # Subclasses that pad in their own forward (EfficientNet's Conv2dStaticSamePadding)
     # keep a static pad module; what they do with it is checked by _verify_custom_forward.

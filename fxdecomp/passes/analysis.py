@@ -21,12 +21,13 @@ from ..calibration import OutputErrorMeter, output_energy, output_whitening
 from ..cost import FLOPS_PER_MAC, count_flops, count_params, spec_macs
 from ..decomposers import get_decomposer, methods_for
 from ..errors import FxDecompError
-from ..layer_spec import check_finite, layer_spec
+from ..conv_calls import CONV_CALLS, lifted_conv
+from ..layer_spec import LAYER_TYPES, check_finite, layer_spec
 from ..ranks import rule_ranks, vbmf_rank_of_spectrum
 from .base import CallSite, Candidate, Pass, log, register_pass
 
 aten = torch.ops.aten
-CONV_FUNCTIONS = {F.conv2d, torch.conv2d, aten.conv2d.default, aten.conv2d.padding}
+CONV_FUNCTIONS = set(CONV_CALLS)  # every conv kind and call form: see fxdecomp.conv_calls
 LINEAR_FUNCTIONS = {F.linear, aten.linear.default}
 ADDMM_FUNCTIONS = {torch.addmm, aten.addmm.default}
 MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.mm, aten.matmul.default, aten.mm.default}
@@ -95,24 +96,25 @@ class FindCandidatesPass(Pass):
 
 
 def _match(gm: fx.GraphModule, node: fx.Node):
-    """(form, target, layer, input node) if ``node`` is a Conv2d or Linear call on parameters."""
+    """(form, target, layer, input node) if ``node`` is a Linear or conv (1-3d, transposed too) call on parameters."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        if isinstance(module, (nn.Conv2d, nn.Linear)) and node.args:
+        if isinstance(module, LAYER_TYPES) and node.args:
+            if getattr(module, "transposed", False) and (len(node.args) > 1 or node.kwargs):
+                return None  # ConvTranspose called with output_size: its output padding depends on the call
             return "module", node.target, module, node.args[0]
         return None
     if node.op != "call_function":
         return None
     args = list(node.args)
     if node.target in CONV_FUNCTIONS:
-        names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
-        values = dict(zip(names, args)) | dict(node.kwargs)
+        values = dict(zip(CONV_CALLS[node.target].arg_names, args)) | dict(node.kwargs)
         weight = _attr(gm, values.get("weight"))
         bias = _attr(gm, values.get("bias")) if values.get("bias") is not None else None
-        if weight is None or weight[1].dim() != 4 or (values.get("bias") is not None and bias is None):
+        if weight is None or (values.get("bias") is not None and bias is None):
             return None
-        layer = _lifted_conv(weight[1], bias[1] if bias else None, values)
-        return "function", weight[0], layer, values["input"]
+        layer = lifted_conv(CONV_CALLS[node.target], weight[1], bias[1] if bias else None, values)
+        return None if layer is None else ("function", weight[0], layer, values["input"])
     if node.target in LINEAR_FUNCTIONS:
         values = dict(zip(["input", "weight", "bias"], args)) | dict(node.kwargs)
         weight = _attr(gm, values.get("weight"))
@@ -153,25 +155,6 @@ def _transposed_attr(gm: fx.GraphModule, node) -> tuple[str, torch.Tensor] | Non
 
 def _lifted_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
-    if bias is not None:
-        layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
-    return layer
-
-
-def _lifted_conv(weight: torch.Tensor, bias: torch.Tensor | None, values: dict) -> nn.Conv2d:
-    groups = int(values.get("groups", 1))
-    layer = nn.Conv2d(
-        weight.shape[1] * groups,
-        weight.shape[0],
-        tuple(weight.shape[2:]),
-        stride=values.get("stride", 1),
-        padding=values.get("padding", 0),
-        dilation=values.get("dilation", 1),
-        groups=groups,
-        bias=bias is not None,
-        device="meta",
-    )
     layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
