@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fxdecomp
 from fxdecomp.cost import module_macs, spec_macs
 from fxdecomp.decomposers import get_decomposer
-from fxdecomp.errors import UnsupportedLayerError
+from fxdecomp.errors import BudgetError, UnsupportedLayerError
 from fxdecomp.latency import original_module
 from fxdecomp.layer_spec import layer_spec, reference_conv
 
@@ -321,3 +321,68 @@ def test_onnx_parity_of_decomposed_conv3d_and_conv_transpose(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert not np.allclose(want, original, atol=1e-3)  # the ranks really cut something
     assert math.isfinite(float(np.abs(got).max()))
+
+
+# ---- random architectures of the new kinds -------------------------------------------------
+
+
+class RandomKindsNet(nn.Module):
+    """A chain drawn by hypothesis in 1, 2 or 3 spatial dims: convs, transposed (upsampling) convs, and
+    functional convs on parameters, then a Linear head."""
+
+    def __init__(self, ndim, blocks, in_channels, classes):
+        super().__init__()
+        self.kinds = [kind for kind, _ in blocks]
+        layers, channels, self.functional = [], in_channels, []
+        for kind, (out, kernel, stride, groups) in blocks:
+            groups = math.gcd(groups, math.gcd(channels, out))
+            if kind == "conv":
+                layers.append(CONV[ndim](channels, out, kernel, stride, kernel // 2, groups=groups))
+            elif kind == "up":
+                layers.append(CONV_T[ndim](channels, out, kernel, stride, kernel // 2, output_padding=stride - 1, groups=groups))
+            else:  # a functional conv on a parameter
+                # One top-level parameter per call (candidates of functional calls are named after their owner).
+                name = f"w{len(self.functional)}"
+                setattr(self, name, nn.Parameter(torch.randn(out, channels, *[kernel] * ndim) / math.sqrt(channels * kernel**ndim)))
+                self.functional.append(name)
+                layers.append(nn.Identity())
+            channels = out
+        self.ndim, self.layers, self.head = ndim, nn.ModuleList(layers), nn.Linear(channels, classes)
+
+    def forward(self, x):
+        weights = iter(getattr(self, name) for name in self.functional)
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[self.ndim]
+        for kind, layer in zip(self.kinds, self.layers):
+            x = torch.relu(conv(x, next(weights), padding="same") if kind == "function" else layer(x))
+        return self.head(x.flatten(2).mean(-1))
+
+
+kinds_blocks = st.lists(
+    st.tuples(
+        st.sampled_from(["conv", "up", "function"]),
+        st.tuples(st.integers(1, 8), st.sampled_from([1, 2, 3]), st.integers(1, 2), st.sampled_from([1, 1, 2])),
+    ),
+    min_size=1,
+    max_size=3,
+)
+
+
+@settings(max_examples=12, deadline=None)
+@given(ndim=st.sampled_from([1, 2, 3]), blocks=kinds_blocks, budget=st.floats(0.1, 1.0), seed=st.integers(0, 100))
+def test_random_architectures_of_new_kinds_meet_the_budget_or_say_why(ndim, blocks, budget, seed):
+    torch.manual_seed(seed)
+    model = RandomKindsNet(ndim, blocks, 3, 4).eval()
+    x = torch.randn(2, 3, *[{1: 16, 2: 6, 3: 4}[ndim]] * ndim)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        result = fxdecomp.compress(model, (x,), budget=budget, progress=False)
+    except BudgetError as exc:
+        event("budget error (unreachable)")
+        assert exc.smallest_reachable is not None and exc.smallest_reachable > budget
+    else:
+        event("met the budget")
+        assert _flops(result.graph_module, x) <= budget * _flops(model, x) + 1e-6
+        assert len(result.decisions) == len(blocks) + 1  # every conv (module or functional) and the head
+        with torch.no_grad():
+            assert result.graph_module(x).shape == model(x).shape
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
