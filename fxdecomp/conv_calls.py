@@ -53,7 +53,7 @@ def _table() -> dict:
     table[aten.conv_transpose1d.default] = ConvCall(1, True, _TRANSPOSE_ARGS)
     table[aten.conv_transpose2d.input] = ConvCall(2, True, _TRANSPOSE_ARGS)
     table[aten.conv_transpose3d.input] = ConvCall(3, True, _TRANSPOSE_ARGS)
-    table[aten.convolution.default] = ConvCall(None, None, _CONVOLUTION_ARGS)
+    table[aten.convolution.default] = table[torch.convolution] = ConvCall(None, None, _CONVOLUTION_ARGS)
     return table
 
 

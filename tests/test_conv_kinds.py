@@ -278,6 +278,23 @@ def test_functional_forms_are_candidates(frontend):
     assert _flops(low.graph_module, *inputs) <= 0.5 * _flops(model, *inputs)
 
 
+def test_torch_convolution_with_its_transposed_flag_is_a_candidate():
+    class Generic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 4, 3, 3) * 0.2)  # transposed: (in, out/groups, kh, kw)
+
+        def forward(self, x):
+            return torch.convolution(x, self.w, None, [2, 2], [1, 1], [1, 1], True, [1, 1], 2)
+
+    torch.manual_seed(0)
+    model, x = Generic(), torch.randn(1, 6, 5, 5)
+    result = fxdecomp.compress(model, (x,), plan={"w": ("tucker2", (3, 4))})
+    assert [(d.name, d.op, d.method) for d in result.decisions] == [("w", "conv_transpose2d", "tucker2")]
+    with torch.no_grad():
+        torch.testing.assert_close(result.graph_module(x), model(x), rtol=1e-4, atol=1e-4)
+
+
 def test_conv_transpose_called_with_output_size_is_left_alone():
     class UpTo(nn.Module):
         def __init__(self):
