@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     sub = command(
-        "compress", "decompose a model's Conv2d and Linear layers under one budget and write the artifacts",
+        "compress", "decompose a model's Linear and conv (1-3d, transposed too) layers under one budget and write the artifacts",
         "fxdecomp compress mypkg.models:resnet18 --weights r18.pt --input-shape 1,3,224,224 --budget 0.5 \\\n"
         "      --out small.pt --onnx small.onnx --report report.html --plan plan.json",
         _cmd_compress,

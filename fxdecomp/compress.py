@@ -45,7 +45,7 @@ def compress(
     sensitivity: Callable[[nn.Module], float] | None = None,
     progress: bool | None = None,
 ) -> CompressionResult:
-    """Decompose ``model``'s Conv2d and Linear layers so that it keeps ``budget`` of its FLOPs.
+    """Decompose ``model``'s Linear and conv (Conv1d/2d/3d, ConvTranspose1d/2d/3d) layers so that it keeps ``budget`` of its FLOPs.
 
     ``budget`` is a fraction in (0, 1] of the whole model's FLOPs (2 per multiply-add,
     every op counted) or a `Budget` of FLOPs, parameters or onnxruntime latency. ``methods``

@@ -1,9 +1,10 @@
 """The cost model: multiply-adds (MACs) and parameters of layers and decomposed modules.
 
-Convention: one multiply-add = 1 MAC = 2 FLOPs. Bias additions, padding and
-shuffles are not counted, as `torch.utils.flop_counter` does not count them;
-`count_flops` (whole models, at the aten level) and this module therefore agree
-exactly on the layers and structures it knows, which the tests check.
+Convention: one multiply-add = 1 MAC = 2 FLOPs. A transposed conv's MACs are
+S * T/groups * prod(kernel) per input position (times the batch). Bias additions,
+padding and shuffles are not counted, as `torch.utils.flop_counter` does not count
+them; `count_flops` (whole models, at the aten level) and this module therefore
+agree exactly on the layers and structures it knows, which the tests check.
 
 Example::
 
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidInputError
-from .layer_spec import ConvSpec, LinearSpec
+from .layer_spec import CONV_TYPES, PAD_TYPES, ConvSpec, LinearSpec, torch_class, layer_spec
 from .layers import TiledLinear, TTLinear
 
 FLOPS_PER_MAC = 2
@@ -30,9 +31,17 @@ def spec_macs(spec: ConvSpec | LinearSpec, input_shape: Sequence[int]) -> int:
     """MACs of the original layer on an input of ``input_shape``."""
     if isinstance(spec, LinearSpec):
         return math.prod(input_shape[:-1]) * spec.in_features * spec.out_features
-    height, width = spec.output_size(*input_shape[-2:])
-    per_position = spec.out_channels * spec.in_per_group * spec.kernel_area
-    return input_shape[0] * per_position * height * width
+    return _conv_macs(spec, input_shape)
+
+
+def _conv_macs(spec: ConvSpec, input_shape: Sequence[int]) -> int:
+    """A conv's MACs: every output position of a plain conv takes T * S/g * prod(k); every input position of a
+    transposed conv gives S * T/g * prod(k). Leading dims beyond (C, *spatial) count as batch (1 if unbatched)."""
+    spatial = tuple(input_shape[-spec.ndim :])
+    batch = math.prod(input_shape[: -spec.ndim - 1])
+    if spec.transposed:
+        return batch * spec.in_channels * spec.out_per_group * spec.kernel_area * math.prod(spatial)
+    return batch * spec.out_channels * spec.in_per_group * spec.kernel_area * math.prod(spec.output_size(*spatial))
 
 
 def module_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
@@ -47,22 +56,15 @@ def _walk(module: nn.Module, shape: tuple[int, ...]) -> tuple[int, tuple[int, ..
             macs, shape = _walk(child, shape)
             total += macs
         return total, shape
-    if isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward:
-        n, _, h, w = shape
-        if isinstance(module.padding, str):
-            pads = module._reversed_padding_repeated_twice
-            ph_total, pw_total = pads[2] + pads[3], pads[0] + pads[1]
-        else:
-            ph_total, pw_total = 2 * module.padding[0], 2 * module.padding[1]
-        (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-        ho = (h + ph_total - dh * (kh - 1) - 1) // sh + 1
-        wo = (w + pw_total - dw * (kw - 1) - 1) // sw + 1
-        per_position = module.out_channels * (module.in_channels // module.groups) * kh * kw
-        return n * per_position * ho * wo, (n, module.out_channels, ho, wo)
-    if isinstance(module, (nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d)):
-        left, right, top, bottom = module.padding
-        n, c, h, w = shape
-        return 0, (n, c, h + top + bottom, w + left + right)
+    if isinstance(module, CONV_TYPES) and type(module).forward is torch_class(module).forward:
+        # Plain torch convs only: the spec reads their padding ('same' resolved), stride and output padding.
+        spec = layer_spec(module)
+        spatial = spec.output_size(*shape[-spec.ndim :])
+        return _conv_macs(spec, shape), (*shape[: -spec.ndim - 1], module.out_channels, *spatial)
+    if isinstance(module, PAD_TYPES):
+        pads = module.padding
+        grown = tuple(size + pads[2 * i] + pads[2 * i + 1] for i, size in enumerate(reversed(shape[-(len(pads) // 2) :])))
+        return 0, (*shape[: -len(grown)], *reversed(grown))
     if isinstance(module, (nn.ChannelShuffle, nn.Identity)):
         return 0, shape
     tokens = math.prod(shape[:-1])

@@ -1,4 +1,4 @@
-"""`decompose_layer`: one Conv2d or Linear in, one decomposed module of standard layers out.
+"""`decompose_layer`: one Linear or conv (Conv1d/2d/3d, ConvTranspose1d/2d/3d) in, one decomposed module of standard layers out.
 
 Example::
 
@@ -13,16 +13,13 @@ from typing import Any
 from torch import nn
 
 from .decomposers import get_decomposer
-from .errors import UnsupportedLayerError
 from .layer_spec import check_finite, layer_spec
 from .ranks import RankSpec, resolve_ranks
 
 
 def factorize_layer(layer: nn.Module, method: str, ranks: RankSpec = "full", **options: Any):
     """(spec, decomposer, state, ranks): the checked factorisation behind `decompose_layer`."""
-    if not isinstance(layer, (nn.Conv2d, nn.Linear)):
-        raise UnsupportedLayerError(f"{type(layer).__name__} is not a Conv2d or Linear; fxdecomp decomposes only those")
-    spec = layer_spec(layer)
+    spec = layer_spec(layer)  # refuses layers other than Linear and Conv1d/2d/3d, ConvTranspose1d/2d/3d
     check_finite(type(layer).__name__, layer)
     decomposer = get_decomposer(spec.kind, method, **options)
     decomposer.check(spec)

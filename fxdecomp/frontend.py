@@ -21,16 +21,17 @@ from .graph.attention import functional_attention
 from .graph.parametrized import private_copy
 from .graph.effects import fresh_inputs, preserved_buffers
 from .errors import InvalidInputError, TraceError
+from .layer_spec import LAYER_TYPES
 
 log = logging.getLogger(__name__)
 
 
 class LayerLeafTracer(fx.Tracer):
-    """The default tracer, with every Conv2d and Linear (subclasses too) kept as a leaf."""
+    """The default tracer, with every Linear and conv (Conv1d/2d/3d, ConvTranspose1d/2d/3d; subclasses too) kept as a leaf."""
 
     def __init__(self, leaf_types: tuple[type, ...] = ()):
         super().__init__()
-        self.leaf_types = (nn.Conv2d, nn.Linear, *leaf_types)
+        self.leaf_types = (*LAYER_TYPES, *leaf_types)
         # Buffers as graph inputs: an in-place write into one (a counter) is recorded, not run once while tracing.
         self.proxy_buffer_attributes = True
 
@@ -115,7 +116,7 @@ def _first_untraceable(model: nn.Module) -> str | None:
     """The deepest submodule that torch.fx cannot trace on its own (a best guess)."""
     failing = []
     for name, module in model.named_modules():
-        if not name or isinstance(module, (nn.Conv2d, nn.Linear)):
+        if not name or isinstance(module, LAYER_TYPES):
             continue
         try:
             LayerLeafTracer().trace(module)

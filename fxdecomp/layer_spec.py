@@ -3,7 +3,10 @@
 A `ConvSpec` or `LinearSpec` holds every attribute that changes the layer's
 output: channels, kernel, stride, dilation, groups, the explicit padding that is
 applied before the convolution (``'same'`` resolved, subclass padding included)
-and its mode, and the bias. Decomposers only see these specs, never the module.
+and its mode, and the bias. Convs have 1 to 3 spatial dims and may be transposed
+(``nn.ConvTranspose*d``: then ``output_padding`` too); ``spec.kind`` names the
+kind ("conv1d", "conv2d", "conv3d", "conv_transpose1d", ...). Decomposers only
+see these specs, never the module.
 
 Example::
 
@@ -13,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,19 +30,35 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 @dataclass(frozen=True)
 class ConvSpec:
-    """A Conv2d's geometry; ``pads`` are (left, right, top, bottom), applied before the conv."""
+    """A convolution's geometry (1 to 3 spatial dims, plain or transposed).
+
+    Tuples per spatial dim run first dim first (``kernel_size=(kh, kw)``); ``pads`` run in
+    ``F.pad`` order, last dim first: (left, right, top, bottom[, front, back]). For a plain
+    conv they are applied before it (``'same'`` resolved); for a transposed conv they are its
+    own symmetric ``padding`` (cropped from the output), and ``output_padding`` is set.
+    """
 
     in_channels: int
     out_channels: int
-    kernel_size: tuple[int, int]
-    stride: tuple[int, int]
-    dilation: tuple[int, int]
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
     groups: int
-    pads: tuple[int, int, int, int]
+    pads: tuple[int, ...]
     padding_mode: str
     has_bias: bool
+    transposed: bool = False
+    output_padding: tuple[int, ...] = ()
 
-    kind = "conv2d"
+    @property
+    def ndim(self) -> int:
+        """Number of spatial dims (1, 2 or 3)."""
+        return len(self.kernel_size)
+
+    @property
+    def kind(self) -> str:
+        """"conv1d" .. "conv3d", or "conv_transpose1d" .. "conv_transpose3d": the decomposer registry key."""
+        return f"conv_transpose{self.ndim}d" if self.transposed else f"conv{self.ndim}d"
 
     @property
     def in_per_group(self) -> int:
@@ -50,25 +70,30 @@ class ConvSpec:
 
     @property
     def kernel_area(self) -> int:
-        return self.kernel_size[0] * self.kernel_size[1]
+        """Taps of the kernel: the product of ``kernel_size`` (kh * kw for a 2-D conv)."""
+        return math.prod(self.kernel_size)
 
     @property
-    def padding_in_conv(self) -> tuple[int, int] | None:
-        """Padding that a plain zero-padded Conv2d can apply itself, or None if a pad layer is needed."""
-        left, right, top, bottom = self.pads
-        if self.padding_mode == "zeros" and left == right and top == bottom:
-            return (top, left)
+    def padding_in_conv(self) -> tuple[int, ...] | None:
+        """Padding (one per dim, first dim first) the conv applies itself, or None if a pad layer is needed."""
+        before, after = self.pads[-2::-2], self.pads[::-2]  # first dim first
+        if self.transposed or (self.padding_mode == "zeros" and before == after):
+            return tuple(before)
         if not any(self.pads):
-            return (0, 0)
+            return (0,) * self.ndim
         return None
 
-    def output_size(self, height: int, width: int) -> tuple[int, int]:
-        left, right, top, bottom = self.pads
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        return (
-            (height + top + bottom - dh * (kh - 1) - 1) // sh + 1,
-            (width + left + right - dw * (kw - 1) - 1) // sw + 1,
-        )
+    def output_size(self, *spatial: int) -> tuple[int, ...]:
+        """Output spatial sizes for input sizes ``spatial`` (first dim first), as torch computes them."""
+        before, after = self.pads[-2::-2], self.pads[::-2]
+        sizes = []
+        for i, size in enumerate(spatial):
+            k, s, d = self.kernel_size[i], self.stride[i], self.dilation[i]
+            if self.transposed:
+                sizes.append((size - 1) * s - before[i] - after[i] + d * (k - 1) + self.output_padding[i] + 1)
+            else:
+                sizes.append((size + before[i] + after[i] - d * (k - 1) - 1) // s + 1)
+        return tuple(sizes)
 
 
 @dataclass(frozen=True)
@@ -80,14 +105,19 @@ class LinearSpec:
     kind = "linear"
 
 
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+LAYER_TYPES = (nn.Linear, *CONV_TYPES)
+
+
 def layer_spec(layer: nn.Module) -> ConvSpec | LinearSpec:
-    """Read the spec of an nn.Linear or nn.Conv2d (or a subclass of either)."""
+    """Read the spec of an nn.Linear, nn.Conv1d/2d/3d or nn.ConvTranspose1d/2d/3d (or a subclass)."""
     if isinstance(layer, nn.Linear):
         return LinearSpec(layer.in_features, layer.out_features, layer.bias is not None)
-    if isinstance(layer, nn.Conv2d):
+    if isinstance(layer, CONV_TYPES):
         return _conv_spec(layer)
     raise UnsupportedLayerError(
-        f"{type(layer).__name__} is not a Conv2d or Linear; fxdecomp decomposes only those (and their subclasses)"
+        f"{type(layer).__name__} is not a Conv2d or Linear, nor a Conv1d, Conv3d or ConvTranspose1d/2d/3d; "
+        "fxdecomp decomposes only those (and their subclasses)"
     )
 
 
@@ -100,12 +130,18 @@ def check_finite(name: str, layer: nn.Module) -> None:
             )
 
 
-def _conv_spec(conv: nn.Conv2d) -> ConvSpec:
-    if conv.transposed:
-        raise UnsupportedLayerError(f"{type(conv).__name__}: transposed convolutions are not supported")
+def torch_class(conv: nn.Module) -> type[nn.Module]:
+    """The torch conv class (nn.Conv2d, nn.ConvTranspose1d, ...) that ``conv`` is or subclasses."""
+    return next(cls for cls in CONV_TYPES if isinstance(conv, cls))
+
+
+def _conv_spec(conv: nn.Module) -> ConvSpec:
     if conv.padding_mode not in PADDING_MODES:
         raise UnsupportedLayerError(f"padding_mode={conv.padding_mode!r} is not one of {PADDING_MODES}")
-    pads = _explicit_pads(conv)
+    if conv.transposed:
+        pads = tuple(p for pad in reversed(conv.padding) for p in (pad, pad))
+    else:
+        pads = _explicit_pads(conv)
     spec = ConvSpec(
         in_channels=conv.in_channels,
         out_channels=conv.out_channels,
@@ -116,39 +152,39 @@ def _conv_spec(conv: nn.Conv2d) -> ConvSpec:
         pads=pads,
         padding_mode=conv.padding_mode,
         has_bias=conv.bias is not None,
+        transposed=bool(conv.transposed),
+        output_padding=tuple(conv.output_padding) if conv.transposed else (),
     )
-    if type(conv).forward is not nn.Conv2d.forward:
+    if type(conv).forward is not torch_class(conv).forward:
         _verify_custom_forward(conv, spec)
     return spec
 
 
-def _explicit_pads(conv: nn.Conv2d) -> tuple[int, int, int, int]:
-    # nn.Conv2d stores its padding (including 'same', which may be asymmetric) as
-    # (left, right, top, bottom) for F.pad in _reversed_padding_repeated_twice.
+def _explicit_pads(conv: nn.Module) -> tuple[int, ...]:
+    # torch's convs store their padding (including 'same', which may be asymmetric) in
+    # F.pad order (last dim first) in _reversed_padding_repeated_twice.
     if isinstance(conv.padding, str):
         own = tuple(int(p) for p in conv._reversed_padding_repeated_twice)
     else:
-        ph, pw = conv.padding
-        own = (pw, pw, ph, ph)
-    if type(conv).forward is nn.Conv2d.forward:
+        own = tuple(int(p) for pad in reversed(conv.padding) for p in (pad, pad))
+    if type(conv).forward is torch_class(conv).forward:
         return own
     # Subclasses that pad in their own forward (EfficientNet's Conv2dStaticSamePadding)
     # keep a static pad module; what they do with it is checked by _verify_custom_forward.
     static = getattr(conv, "static_padding", None)
-    extra = tuple(int(p) for p in getattr(static, "padding", (0, 0, 0, 0))) if static is not None else (0, 0, 0, 0)
-    if len(extra) != 4:
-        extra = (0, 0, 0, 0)
+    extra = tuple(int(p) for p in getattr(static, "padding", ())) if static is not None else ()
+    if len(extra) != len(own):
+        extra = (0,) * len(own)
     return tuple(a + b for a, b in zip(own, extra))
 
 
 @torch.no_grad()
-def _verify_custom_forward(conv: nn.Conv2d, spec: ConvSpec) -> None:
+def _verify_custom_forward(conv: nn.Module, spec: ConvSpec) -> None:
     """A subclass's forward must equal pad-then-conv with the spec; otherwise refuse it."""
     name = type(conv).__name__
-    (kh, kw), (dh, dw) = spec.kernel_size, spec.dilation
-    height, width = 2 * dh * (kh - 1) + 5, 2 * dw * (kw - 1) + 7
+    sizes = [2 * d * (k - 1) + 5 + 2 * i for i, (k, d) in enumerate(zip(spec.kernel_size, spec.dilation))]
     generator = torch.Generator().manual_seed(0)
-    probe = torch.randn(1, spec.in_channels, height, width, generator=generator, dtype=conv.weight.dtype)
+    probe = torch.randn(1, spec.in_channels, *sizes, generator=generator, dtype=conv.weight.dtype)
     was_training = conv.training
     try:
         conv.eval()
@@ -165,24 +201,34 @@ def _verify_custom_forward(conv: nn.Conv2d, spec: ConvSpec) -> None:
         )
 
 
+_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE_FUNCTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
 def reference_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> torch.Tensor:
-    """The layer's output computed from its spec: explicit pad, then an unpadded conv."""
+    """The layer's output computed from its spec: explicit pad, then an unpadded conv (or the transposed conv)."""
+    if spec.transposed:
+        conv_transpose = _CONV_TRANSPOSE_FUNCTIONS[spec.ndim]
+        return conv_transpose(x, weight, bias, spec.stride, spec.padding_in_conv, spec.output_padding, spec.groups, spec.dilation)
     x = pad_input(x, spec.pads, spec.padding_mode)
-    return F.conv2d(x, weight, bias, spec.stride, 0, spec.dilation, spec.groups)
+    return _CONV_FUNCTIONS[spec.ndim](x, weight, bias, spec.stride, 0, spec.dilation, spec.groups)
 
 
-def pad_input(x: torch.Tensor, pads: tuple[int, int, int, int], mode: str) -> torch.Tensor:
+def pad_input(x: torch.Tensor, pads: tuple[int, ...], mode: str) -> torch.Tensor:
     if not any(pads):
         return x
     return F.pad(x, pads, mode="constant" if mode == "zeros" else mode)
 
 
-def pad_module(pads: tuple[int, int, int, int], mode: str) -> nn.Module:
-    """The standard torch pad layer that applies ``pads`` in ``mode``."""
-    if mode == "zeros":
-        return nn.ZeroPad2d(pads)
-    if mode == "reflect":
-        return nn.ReflectionPad2d(pads)
-    if mode == "replicate":
-        return nn.ReplicationPad2d(pads)
-    return nn.CircularPad2d(pads)
+_PAD_MODULES = {
+    "zeros": (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d),
+    "reflect": (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d),
+    "replicate": (nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d),
+    "circular": (nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d),
+}
+PAD_TYPES = tuple(cls for classes in _PAD_MODULES.values() for cls in classes)
+
+
+def pad_module(pads: tuple[int, ...], mode: str) -> nn.Module:
+    """The standard torch pad layer that applies ``pads`` (F.pad order, 2 per spatial dim) in ``mode``."""
+    return _PAD_MODULES[mode][len(pads) // 2 - 1](tuple(pads))

@@ -39,7 +39,8 @@ _REGISTRY: dict[tuple[str, str], type[Decomposer]] = {}
 
 
 class Decomposer(ABC):
-    kind: ClassVar[str]  # "conv2d" or "linear"
+    kind: ClassVar[str]  # "conv2d" or "linear" (the first of ``kinds``)
+    kinds: ClassVar[tuple[str, ...]] = ()  # every layer kind it is registered for; () means (kind,)
     method: ClassVar[str]
     options: ClassVar[tuple[str, ...]] = ()  # keyword options the constructor accepts
     data_aware: ClassVar[bool] = False  # fits its factors to calibration data (factorize_whitened)
@@ -118,17 +119,20 @@ class Decomposer(ABC):
 
 
 def register(cls: type[Decomposer]) -> type[Decomposer]:
-    """Class decorator: make ``cls`` the decomposer for (cls.kind, cls.method).
+    """Class decorator: make ``cls`` the decomposer for (kind, cls.method), for each of its ``kinds``.
 
-    Raises `RegistrationError` if that (kind, method) already has a decomposer.
+    Raises `RegistrationError` if one of those (kind, method) pairs already has a decomposer.
     """
-    taken = _REGISTRY.get((cls.kind, cls.method))
-    if taken is not None:
-        raise RegistrationError(
-            f"a decomposer for ({cls.kind!r}, {cls.method!r}) is already registered ({taken.__module__}.{taken.__qualname__}); "
-            f"give {cls.__qualname__} another method name"
-        )
-    _REGISTRY[(cls.kind, cls.method)] = cls
+    kinds = cls.kinds or (cls.kind,)
+    for kind in kinds:
+        taken = _REGISTRY.get((kind, cls.method))
+        if taken is not None:
+            raise RegistrationError(
+                f"a decomposer for ({kind!r}, {cls.method!r}) is already registered ({taken.__module__}.{taken.__qualname__}); "
+                f"give {cls.__qualname__} another method name"
+            )
+    for kind in kinds:
+        _REGISTRY[(kind, cls.method)] = cls
     return cls
 
 
@@ -162,20 +166,93 @@ def final_layer(module: nn.Module) -> nn.Module:
 # ---- helpers shared by the conv decomposers ---------------------------------------------
 
 
-def leading_pad(spec: ConvSpec) -> tuple[list[nn.Module], tuple[int, int]]:
-    """(pad layers to put first, padding the spatial conv(s) apply themselves as (ph, pw)).
+def leading_pad(spec: ConvSpec) -> tuple[list[nn.Module], tuple[int, ...]]:
+    """(pad layers to put first, padding the spatial conv(s) apply themselves, one per dim).
 
     Symmetric zero padding goes inside the convs (fastest, and what ONNX runtimes fuse);
     anything else (asymmetric 'same', reflect, replicate, circular) becomes one pad layer.
+    A transposed conv's padding (a crop of its output) always stays inside it.
     """
     inside = spec.padding_in_conv
     if inside is not None:
         return [], inside
-    return [pad_module(spec.pads, spec.padding_mode)], (0, 0)
+    return [pad_module(spec.pads, spec.padding_mode)], (0,) * spec.ndim
 
 
 def conv(in_ch: int, out_ch: int, kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, bias=False):
     return nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias)
+
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_TRANSPOSE = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+
+
+def spatial_conv(
+    spec: ConvSpec, in_ch: int, out_ch: int, padding: Sequence[int], axes: Sequence[int] | None = None, groups: int = 1, bias: bool = False
+) -> nn.Module:
+    """The spec's own conv (transposed if the spec is) over the spatial ``axes`` (default: all), kernel 1 elsewhere.
+
+    Stride, ``padding`` (from `leading_pad`), dilation and output padding are kept on ``axes``;
+    a transposed conv of kernel 1, stride 1 and no padding is the identity on the other axes,
+    so a kernel split by axis stays exact for transposed convs too.
+    """
+    axes = set(range(spec.ndim) if axes is None else axes)
+
+    def on(values, off):
+        return tuple(v if i in axes else off for i, v in enumerate(values))
+
+    common = dict(stride=on(spec.stride, 1), padding=on(padding, 0), dilation=on(spec.dilation, 1), groups=groups, bias=bias)
+    kernel = on(spec.kernel_size, 1)
+    if spec.transposed:
+        return _CONV_TRANSPOSE[spec.ndim](in_ch, out_ch, kernel, output_padding=on(spec.output_padding, 0), **common)
+    return _CONV[spec.ndim](in_ch, out_ch, kernel, **common)
+
+
+def pointwise(spec: ConvSpec, in_ch: int, out_ch: int, groups: int = 1, bias: bool = False) -> nn.Module:
+    """A 1x1 (1x1x1, ...) conv with the spec's number of spatial dims: a channel mixing, transposed or not."""
+    return _CONV[spec.ndim](in_ch, out_ch, 1, groups=groups, bias=bias)
+
+
+def canonical_kernel(spec: ConvSpec, weight: torch.Tensor) -> torch.Tensor:
+    """The kernel as (T, S/groups, *k), whatever the layer's layout.
+
+    A transposed conv stores (S, T/groups, *k); its group j maps inputs j*S/g.. to outputs
+    j*T/g.. with the kernel weight[j*S/g + s, t], which is what the canonical form holds at
+    [j*T/g + t, s]. Every factorisation works on the canonical kernel.
+    """
+    if not spec.transposed:
+        return weight
+    g, k = spec.groups, weight.shape[2:]
+    return weight.reshape(g, spec.in_per_group, spec.out_per_group, *k).transpose(1, 2).reshape(spec.out_channels, spec.in_per_group, *k)
+
+
+def layer_kernel(spec: ConvSpec, canonical: torch.Tensor) -> torch.Tensor:
+    """The inverse of `canonical_kernel`: a canonical (T, S/groups, *k) kernel in the layer's own layout."""
+    if not spec.transposed:
+        return canonical
+    g, k = spec.groups, canonical.shape[2:]
+    return canonical.reshape(g, spec.out_per_group, spec.in_per_group, *k).transpose(1, 2).reshape(spec.in_channels, spec.out_per_group, *k)
+
+
+def new_kernel(layer: nn.Module) -> torch.Tensor:
+    """A zero canonical kernel (out, in/groups, *k) for ``layer`` (a conv made by `spatial_conv` or `pointwise`)."""
+    shape = (layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size)
+    return torch.zeros(shape, dtype=layer.weight.dtype)
+
+
+def set_kernel(layer: nn.Module, canonical: torch.Tensor) -> None:
+    """Copy a canonical (out, in/groups, *k) kernel into ``layer``'s weight, in its own layout."""
+    if layer.transposed:
+        g, k = layer.groups, canonical.shape[2:]
+        out_g, in_g = layer.out_channels // g, layer.in_channels // g
+        canonical = canonical.reshape(g, out_g, in_g, *k).transpose(1, 2).reshape(layer.weight.shape)
+    with torch.no_grad():
+        layer.weight.copy_(canonical)
+
+
+def pointwise_kernel(matrix: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A (out, in) matrix as the kernel (out, in, 1, ..., 1) of a pointwise conv with ``ndim`` spatial dims."""
+    return matrix.reshape(*matrix.shape, *([1] * ndim))
 
 
 class Blocks(list):
@@ -187,14 +264,18 @@ class Blocks(list):
 
 
 def group_slices(spec: ConvSpec, weight: torch.Tensor) -> Blocks:
-    """The kernel of each group, (T/g, S/g, kh, kw)."""
-    return Blocks(weight.detach().split(spec.out_per_group, dim=0))
+    """The canonical kernel of each group, (T/g, S/g, *k) (see `canonical_kernel`)."""
+    return Blocks(canonical_kernel(spec, weight.detach()).split(spec.out_per_group, dim=0))
+
+
+CONV_KINDS = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 
 
 def refuse_groups(spec: ConvSpec, method: str) -> None:
     if spec.groups != 1:
         raise UnsupportedLayerError(
-            f"{method}: grouped convolutions (groups={spec.groups}) are not supported; use svd, spatial_svd, tucker2 or cp"
+            f"{method}: grouped convolutions (groups={spec.groups}) are not supported; use svd, "
+            f"{'' if spec.ndim == 1 else 'spatial_svd, '}tucker2 or cp"
         )
 
 

@@ -4,21 +4,50 @@
 factors from `fxdecomp.factorize.cp` (HOSVD-compressed ALS; exact construction at
 the maximum rank). Grouped convs are factorised group by group. CP has no
 rank-independent factorisation, so results are cached per rank in the state.
+
+Other conv kinds use the same 4-way CP on a view of the kernel: a 1-d kernel as
+(T, S, 1, k) (one depthwise conv of k taps), a 3-d one as (T, S, kd, kh*kw) (a
+depthwise kd x 1 x 1 conv, then a depthwise 1 x kh x kw one; the (kh, kw) taps are
+not split further). Transposed convs get transposed depthwise convs.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 from ..factorize.cp import cp_conv_kernel, max_cp_rank
 from ..factorize.svd import matrix_spectrum
-from .base import Decomposer, combined_error, conv, group_slices, leading_pad, register
+from .base import (
+    CONV_KINDS,
+    Blocks,
+    Decomposer,
+    combined_error,
+    group_slices,
+    layer_kernel,
+    leading_pad,
+    new_kernel,
+    pointwise,
+    pointwise_kernel,
+    register,
+    set_kernel,
+    spatial_conv,
+)
+
+
+def cp_shape(spec) -> tuple[int, int, int, int]:
+    """The 4-way (T/g, S/g, a, b) view CP factorises: (1, k) for 1-d kernels, (kd, kh*kw) for 3-d ones."""
+    k = spec.kernel_size
+    a, b = (1, k[0]) if spec.ndim == 1 else (k[0], math.prod(k[1:]))
+    return spec.out_per_group, spec.in_per_group, a, b
 
 
 @register
 class ConvCP(Decomposer):
     kind, method = "conv2d", "cp"
+    kinds = CONV_KINDS
     options = ("max_iter", "tol", "seed", "planning_iters")
 
     def __init__(self, max_iter: int = 200, tol: float = 1e-6, seed: int = 0, planning_iters: int = 10):
@@ -26,7 +55,7 @@ class ConvCP(Decomposer):
         self.planning_iters = planning_iters
 
     def max_ranks(self, spec):
-        return (max_cp_rank((spec.out_per_group, spec.in_per_group, *spec.kernel_size)),)
+        return (max_cp_rank(cp_shape(spec)),)
 
     def planning_max_ranks(self, spec):
         # Exact CP needs rank S*kh*kw, but ALS at ranks beyond the channel counts is slow and
@@ -35,18 +64,19 @@ class ConvCP(Decomposer):
 
     def structure(self, spec, ranks):
         (r,) = ranks
-        pads, (ph, pw) = leading_pad(spec)
-        (kh, kw), (sh, sw), (dh, dw), g = spec.kernel_size, spec.stride, spec.dilation, spec.groups
+        pads, padding = leading_pad(spec)
+        g = spec.groups
+        depthwise = [range(spec.ndim)] if spec.ndim == 1 else [(0,), range(1, spec.ndim)]
         return nn.Sequential(
             *pads,
-            conv(spec.in_channels, g * r, groups=g),
-            conv(g * r, g * r, (kh, 1), (sh, 1), (ph, 0), (dh, 1), groups=g * r),
-            conv(g * r, g * r, (1, kw), (1, sw), (0, pw), (1, dw), groups=g * r),
-            conv(g * r, spec.out_channels, groups=g, bias=spec.has_bias),
+            pointwise(spec, spec.in_channels, g * r, groups=g),
+            *(spatial_conv(spec, g * r, g * r, padding, axes=axes, groups=g * r) for axes in depthwise),
+            pointwise(spec, g * r, spec.out_channels, groups=g, bias=spec.has_bias),
         )
 
     def factorize(self, spec, weight):
-        return group_slices(spec, weight), {}
+        blocks = group_slices(spec, weight)
+        return Blocks(b.reshape(cp_shape(spec)) for b in blocks), {}
 
     def _factors(self, state, rank, quick=False):
         blocks, cache = state
@@ -66,23 +96,32 @@ class ConvCP(Decomposer):
         factors = self._factors(state, ranks[0], quick=True)
         return combined_error([f.relative_error for f in factors], state[0].norms)
 
+    def _dense(self, spec, factors):
+        blocks = [f.reconstruct().double().reshape(spec.out_per_group, spec.in_per_group, *spec.kernel_size) for f in factors]
+        return layer_kernel(spec, torch.cat(blocks))
+
     def reconstruct(self, spec, state, ranks):
-        return torch.cat([f.reconstruct().double() for f in self._factors(state, ranks[0])])
+        return self._dense(spec, self._factors(state, ranks[0]))
 
     def estimate_reconstruct(self, spec, state, ranks):
-        return torch.cat([f.reconstruct().double() for f in self._factors(state, ranks[0], quick=True)])
+        return self._dense(spec, self._factors(state, ranks[0], quick=True))
 
     def load(self, module, spec, state, ranks):
         (r,) = ranks
-        first, vertical, horizontal, last = list(module)[-4:]
-        tg = spec.out_per_group
+        layers = list(module)[-4:] if spec.ndim > 1 else list(module)[-3:]
+        kernels = [new_kernel(layer) for layer in layers]
+        tg, k = spec.out_per_group, spec.kernel_size
         for g, f in enumerate(self._factors(state, r)):
             block = slice(g * r, (g + 1) * r)
-            with torch.no_grad():
-                first.weight[block].copy_(f.inp.T[:, :, None, None])
-                vertical.weight[block].copy_(f.vertical.T[:, None, :, None])
-                horizontal.weight[block].copy_(f.horizontal.T[:, None, None, :])
-                last.weight[g * tg : (g + 1) * tg].copy_(f.out[:, :, None, None])
+            kernels[0][block] = pointwise_kernel(f.inp.T, spec.ndim)
+            if spec.ndim == 1:  # the (1, R) vertical factor is a scale: fold it into the taps
+                kernels[1][block] = (f.horizontal * f.vertical[0]).T.reshape(r, 1, *k)
+            else:
+                kernels[1][block] = f.vertical.T.reshape(r, 1, k[0], *[1] * (spec.ndim - 1))
+                kernels[2][block] = f.horizontal.T.reshape(r, 1, 1, *k[1:])
+            kernels[-1][g * tg : (g + 1) * tg] = pointwise_kernel(f.out, spec.ndim)
+        for layer, kernel in zip(layers, kernels):
+            set_kernel(layer, kernel)
 
     def rank_spectra(self, spec, state):
         blocks = state[0]

@@ -2,39 +2,65 @@
 
 W[t, s, i, j] ~ sum_k V[k, s, i] H[t, k, j], the SVD of W as an (S*kh) x (T*kw)
 matrix. Stride, dilation and padding split by axis between the two convs.
-Grouped convs are factorised group by group.
+Grouped convs are factorised group by group. Conv3d (and ConvTranspose2d/3d) split
+the same way, the first spatial axis from the rest: (kd x 1 x 1) then (1 x kh x kw).
+A Conv1d has one spatial axis, nothing to split: `check` refuses it.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+from ..errors import UnsupportedLayerError
 from ..factorize.svd import low_rank_factors, matrix_spectrum
-from .base import Decomposer, combined_error, conv, group_slices, leading_pad, register
+from .base import (
+    CONV_KINDS,
+    Decomposer,
+    combined_error,
+    group_slices,
+    layer_kernel,
+    leading_pad,
+    new_kernel,
+    register,
+    set_kernel,
+    spatial_conv,
+)
 
 
 def spatial_matrix(kernel: torch.Tensor) -> torch.Tensor:
-    t, s, kh, kw = kernel.shape
-    return kernel.permute(1, 2, 0, 3).reshape(s * kh, t * kw)
+    """A canonical kernel (T, S, k0, *rest) as the (S*k0) x (T*prod(rest)) matrix that the split factorises."""
+    t, s, k0 = kernel.shape[:3]
+    rest = kernel.shape[3:]
+    return kernel.permute(1, 2, 0, *range(3, kernel.dim())).reshape(s * k0, t * math.prod(rest))
 
 
 @register
 class ConvSpatialSVD(Decomposer):
     kind, method = "conv2d", "spatial_svd"
+    kinds = CONV_KINDS
+
+    def check(self, spec):
+        if spec.ndim == 1:
+            raise UnsupportedLayerError(
+                f"spatial_svd: a {spec.kind} kernel has one spatial axis, so there is nothing to split; "
+                "use svd, tucker2, cp or tt"
+            )
 
     def max_ranks(self, spec):
-        kh, kw = spec.kernel_size
-        return (min(spec.in_per_group * kh, spec.out_per_group * kw),)
+        k0, rest = spec.kernel_size[0], math.prod(spec.kernel_size[1:])
+        return (min(spec.in_per_group * k0, spec.out_per_group * rest),)
 
     def structure(self, spec, ranks):
         (r,) = ranks
-        pads, (ph, pw) = leading_pad(spec)
-        (kh, kw), (sh, sw), (dh, dw), g = spec.kernel_size, spec.stride, spec.dilation, spec.groups
+        pads, padding = leading_pad(spec)
+        g, rest = spec.groups, range(1, spec.ndim)
         return nn.Sequential(
             *pads,
-            conv(spec.in_channels, g * r, (kh, 1), (sh, 1), (ph, 0), (dh, 1), groups=g),
-            conv(g * r, spec.out_channels, (1, kw), (1, sw), (0, pw), (1, dw), groups=g, bias=spec.has_bias),
+            spatial_conv(spec, spec.in_channels, g * r, padding, axes=(0,), groups=g),
+            spatial_conv(spec, g * r, spec.out_channels, padding, axes=rest, groups=g, bias=spec.has_bias),
         )
 
     def factorize(self, spec, weight):
@@ -48,22 +74,24 @@ class ConvSpatialSVD(Decomposer):
     def reconstruct(self, spec, state, ranks):
         blocks = []
         for block, spectrum in zip(*state):
-            t, s, kh, kw = block.shape
+            t, s, k0, *rest = block.shape
             left, right = low_rank_factors(spatial_matrix(block).double(), ranks[0], spectrum)
-            blocks.append((left @ right).reshape(s, kh, t, kw).permute(2, 0, 1, 3))
-        return torch.cat(blocks)
+            blocks.append((left @ right).reshape(s, k0, t, *rest).permute(2, 0, 1, *range(3, block.dim())))
+        return layer_kernel(spec, torch.cat(blocks))
 
     def load(self, module, spec, state, ranks):
         (r,) = ranks
-        vertical, horizontal = module[-2], module[-1]
-        tg = spec.out_per_group
+        first, second = module[-2], module[-1]
+        first_kernel, second_kernel = new_kernel(first), new_kernel(second)
+        tg, ones = spec.out_per_group, [1] * (spec.ndim - 1)
         for g, (block, spectrum) in enumerate(zip(*state)):
-            t, s, kh, kw = block.shape
+            t, s, k0, *rest = block.shape
             left, right = low_rank_factors(spatial_matrix(block), r, spectrum)
-            with torch.no_grad():
-                # left[(s, i), k] -> vertical[k, s, i, 0]; right[k, (t, j)] -> horizontal[t, k, 0, j]
-                vertical.weight[g * r : (g + 1) * r].copy_(left.T.reshape(r, s, kh, 1))
-                horizontal.weight[g * tg : (g + 1) * tg].copy_(right.reshape(r, t, 1, kw).transpose(0, 1))
+            # left[(s, i), k] -> first[k, s, i, 1...]; right[k, (t, rest)] -> second[t, k, 1, rest]
+            first_kernel[g * r : (g + 1) * r] = left.T.reshape(r, s, k0, *ones)
+            second_kernel[g * tg : (g + 1) * tg] = right.reshape(r, t, 1, *rest).transpose(0, 1)
+        set_kernel(first, first_kernel)
+        set_kernel(second, second_kernel)
 
     def rank_spectra(self, spec, state):
         return [state[1]]

@@ -2,6 +2,7 @@
 
 Linear(S->T)  ->  Linear(S->r, no bias) -> Linear(r->T, bias)
 Conv(S->T)    ->  Conv(S->r, kh x kw, stride, padding, dilation) -> Conv 1x1 (r->T, bias)
+The conv form holds for Conv1d/2d/3d and ConvTranspose1d/2d/3d (the transposed conv first).
 Grouped convs are factorised group by group (r per group). With calibration data
 both are data-aware: the whitened SVD (`fxdecomp.calibration.whitened_spectrum`)
 minimises the output error on the data instead of the weight error; with output
@@ -16,7 +17,20 @@ from torch import nn
 
 from ..calibration import whitened_spectrum
 from ..factorize.svd import low_rank_factors, matrix_spectrum
-from .base import Decomposer, combined_error, conv, group_slices, leading_pad, register
+from .base import (
+    CONV_KINDS,
+    Decomposer,
+    combined_error,
+    group_slices,
+    layer_kernel,
+    leading_pad,
+    new_kernel,
+    pointwise,
+    pointwise_kernel,
+    register,
+    set_kernel,
+    spatial_conv,
+)
 
 
 @register
@@ -74,13 +88,21 @@ def factors(matrix, rank, spectrum, unweight, dtype) -> tuple[torch.Tensor, torc
 
 
 def lowered(kernel: torch.Tensor) -> torch.Tensor:
-    """A kernel (T, S, kh, kw) as the T x (S*kh*kw) matrix of the im2col convolution."""
+    """A canonical kernel (T, S, *k) as the T x (S*prod(k)) matrix of the im2col convolution."""
     return kernel.reshape(kernel.shape[0], -1)
 
 
 @register
 class ConvSVD(Decomposer):
+    """Conv (1-3 spatial dims, transposed too): the spec's conv S->r, then a 1x1 conv r->T with the bias.
+
+    For a transposed conv the first stage is the transposed conv (stride, padding,
+    output_padding, dilation) and the 1x1 runs on its output: exact, as a 1x1 conv
+    commutes with the per-channel spatial operator.
+    """
+
     kind, method = "conv2d", "svd"
+    kinds = CONV_KINDS
     data_aware = True
 
     def max_ranks(self, spec):
@@ -92,8 +114,8 @@ class ConvSVD(Decomposer):
         g = spec.groups
         return nn.Sequential(
             *pads,
-            conv(spec.in_channels, g * r, spec.kernel_size, spec.stride, padding, spec.dilation, groups=g),
-            conv(g * r, spec.out_channels, groups=g, bias=spec.has_bias),
+            spatial_conv(spec, spec.in_channels, g * r, padding, groups=g),
+            pointwise(spec, g * r, spec.out_channels, groups=g, bias=spec.has_bias),
         )
 
     # state: (kernel blocks, per group: the matrix factorised, its spectrum, H^(-1/2) or None).
@@ -122,16 +144,18 @@ class ConvSVD(Decomposer):
         for block, (matrix, spectrum, unweight) in zip(*state):
             left, right = factors(matrix, ranks[0], spectrum, unweight, torch.float64)
             blocks.append((left @ right).reshape(block.shape))
-        return torch.cat(blocks)
+        return layer_kernel(spec, torch.cat(blocks))
 
     def load(self, module, spec, state, ranks):
         (r,) = ranks
         first, second = module[-2], module[-1]
+        first_kernel, second_kernel = new_kernel(first), new_kernel(second)
         for g, (block, (matrix, spectrum, unweight)) in enumerate(zip(*state)):
             left, right = factors(matrix, r, spectrum, unweight, first.weight.dtype)
-            with torch.no_grad():
-                first.weight[g * r : (g + 1) * r].copy_(right.reshape(r, *block.shape[1:]))
-                second.weight[g * spec.out_per_group : (g + 1) * spec.out_per_group].copy_(left[:, :, None, None])
+            first_kernel[g * r : (g + 1) * r] = right.reshape(r, *block.shape[1:])
+            second_kernel[g * spec.out_per_group : (g + 1) * spec.out_per_group] = pointwise_kernel(left, spec.ndim)
+        set_kernel(first, first_kernel)
+        set_kernel(second, second_kernel)
 
     def rank_spectra(self, spec, state):
         return [[spectrum for _, spectrum, _ in state[1]]]

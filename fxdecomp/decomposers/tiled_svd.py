@@ -16,7 +16,22 @@ from torch import nn
 from ..errors import InvalidInputError, UnsupportedLayerError
 from ..factorize.svd import low_rank_factors, matrix_spectrum
 from ..layers import TiledLinear
-from .base import Blocks, Decomposer, combined_error, conv, leading_pad, refuse_groups, register
+from ..layer_spec import ConvSpec
+from .base import (
+    CONV_KINDS,
+    Blocks,
+    Decomposer,
+    canonical_kernel,
+    combined_error,
+    layer_kernel,
+    leading_pad,
+    new_kernel,
+    pointwise,
+    refuse_groups,
+    register,
+    set_kernel,
+    spatial_conv,
+)
 
 
 class _Tiled(Decomposer):
@@ -29,7 +44,7 @@ class _Tiled(Decomposer):
 
     def _sizes(self, spec) -> tuple[int, int]:
         """(rows per tile, input channels or features per tile)."""
-        out_size, in_size = (spec.out_channels, spec.in_channels) if spec.kind == "conv2d" else (spec.out_features, spec.in_features)
+        out_size, in_size = (spec.out_channels, spec.in_channels) if isinstance(spec, ConvSpec) else (spec.out_features, spec.in_features)
         rows, cols = self.tiles
         if out_size % rows or in_size % cols:
             raise UnsupportedLayerError(
@@ -42,7 +57,7 @@ class _Tiled(Decomposer):
         """Row-major list of tile matrices."""
         tile_rows, tile_cols = self._sizes(spec)
         rows, cols = self.tiles
-        w = weight.detach()
+        w = canonical_kernel(spec, weight.detach()) if isinstance(spec, ConvSpec) else weight.detach()
         return Blocks(
             w[a * tile_rows : (a + 1) * tile_rows, b * tile_cols : (b + 1) * tile_cols].reshape(tile_rows, -1)
             for a in range(rows)
@@ -50,13 +65,13 @@ class _Tiled(Decomposer):
         )
 
     def check(self, spec):
-        if spec.kind == "conv2d":
+        if isinstance(spec, ConvSpec):
             refuse_groups(spec, "tiled_svd")
         self._sizes(spec)
 
     def max_ranks(self, spec):
         tile_rows, tile_cols = self._sizes(spec)
-        area = spec.kernel_area if spec.kind == "conv2d" else 1
+        area = spec.kernel_area if isinstance(spec, ConvSpec) else 1
         return (min(tile_rows, tile_cols * area),) * (self.tiles[0] * self.tiles[1])
 
     def factorize(self, spec, weight):
@@ -76,10 +91,10 @@ class _Tiled(Decomposer):
         matrix = torch.cat([torch.cat(tiles[a * cols : (a + 1) * cols], dim=1) for a in range(rows)], dim=0)
         if spec.kind == "linear":
             return matrix
-        # Conv tiles hold (S/cols, kh, kw) column blocks: undo the per-block flattening.
-        kh, kw = spec.kernel_size
-        blocks = matrix.reshape(spec.out_channels, cols, -1).reshape(spec.out_channels, cols, spec.in_channels // cols, kh, kw)
-        return blocks.reshape(spec.out_channels, spec.in_channels, kh, kw)
+        # Conv tiles hold (S/cols, *k) column blocks: undo the per-block flattening.
+        k = spec.kernel_size
+        blocks = matrix.reshape(spec.out_channels, cols, spec.in_channels // cols, *k)
+        return layer_kernel(spec, blocks.reshape(spec.out_channels, spec.in_channels, *k))
 
     def _padded_factors(self, state, ranks):
         """Per tile (a, b): left (tile_rows, R), right (R, tile_cols) with R = max(ranks), zero-padded."""
@@ -95,29 +110,31 @@ class _Tiled(Decomposer):
 @register
 class ConvTiledSVD(_Tiled):
     kind, method = "conv2d", "tiled_svd"
+    kinds = CONV_KINDS
 
     def structure(self, spec, ranks):
         width, (rows, cols) = max(ranks), self.tiles
         pads, padding = leading_pad(spec)
         return nn.Sequential(
             *pads,
-            conv(spec.in_channels, cols * rows * width, spec.kernel_size, spec.stride, padding, spec.dilation, groups=cols),
+            spatial_conv(spec, spec.in_channels, cols * rows * width, padding, groups=cols),
             nn.ChannelShuffle(cols),
-            conv(rows * cols * width, spec.out_channels, groups=rows, bias=spec.has_bias),
+            pointwise(spec, rows * cols * width, spec.out_channels, groups=rows, bias=spec.has_bias),
         )
 
     def load(self, module, spec, state, ranks):
         width, (rows, cols) = max(ranks), self.tiles
         first, last = module[-3], module[-1]
-        kh, kw = spec.kernel_size
+        first_kernel, last_kernel = new_kernel(first), new_kernel(last)
         tile_rows = spec.out_channels // rows
         # first: channel (b, a, k); after ChannelShuffle(cols): (a, k, b); last group a reads (k, b).
         for index, (left, right) in enumerate(self._padded_factors(state, ranks)):
             a, b = divmod(index, cols)
-            with torch.no_grad():
-                start = (b * rows + a) * width
-                first.weight[start : start + width].copy_(right.reshape(width, -1, kh, kw))
-                last.weight[a * tile_rows : (a + 1) * tile_rows, b::cols, 0, 0].copy_(left)
+            start = (b * rows + a) * width
+            first_kernel[start : start + width] = right.reshape(width, -1, *spec.kernel_size)
+            last_kernel.flatten(1)[a * tile_rows : (a + 1) * tile_rows, b::cols] = left
+        set_kernel(first, first_kernel)
+        set_kernel(last, last_kernel)
 
 
 @register

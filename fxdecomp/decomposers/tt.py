@@ -2,6 +2,8 @@
 
 Conv: the kernel as the 4-way tensor (S, kh, kw, T), a TT of four cores realised
 as a chain of convs: 1x1 (S->r1), kh x 1 (r1->r2), 1 x kw (r2->r3), 1x1 (r3->T).
+Conv1d and Conv3d get one conv per spatial axis (2 and 4 bonds); transposed convs
+get transposed convs on their axes.
 Linear: a TT-matrix over factorisations of in/out features (Novikov et al. 2015),
 realised by `fxdecomp.layers.TTLinear`. Ranks are the bonds, input side first.
 The error reported is the TT-SVD bound sqrt(sum eps_k^2) of Oseledets (2011).
@@ -19,11 +21,25 @@ from ..errors import InvalidInputError
 from ..factorize.svd import matrix_spectrum
 from ..factorize.tt import tt_error_bound, tt_max_ranks, tt_reconstruct, tt_svd
 from ..layers import TTLinear
-from .base import Decomposer, conv, leading_pad, refuse_groups, register
+from .base import (
+    CONV_KINDS,
+    Decomposer,
+    canonical_kernel,
+    layer_kernel,
+    leading_pad,
+    pointwise,
+    pointwise_kernel,
+    refuse_groups,
+    register,
+    set_kernel,
+    spatial_conv,
+)
 
 
-def _conv_tensor(kernel: torch.Tensor) -> torch.Tensor:
-    return kernel.detach().permute(1, 2, 3, 0)  # (S, kh, kw, T): the order the input meets the modes
+def _conv_tensor(spec, kernel: torch.Tensor) -> torch.Tensor:
+    """(S, k_1, ..., k_n, T): the order the input meets the modes."""
+    canonical = canonical_kernel(spec, kernel.detach())
+    return canonical.permute(1, *range(2, canonical.dim()), 0)
 
 
 def _unfoldings(tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -33,7 +49,10 @@ def _unfoldings(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 @register
 class ConvTT(Decomposer):
+    """TT of a conv kernel: 1x1 (S->r1), one conv per spatial axis, 1x1 (->T); n+1 bonds for n axes."""
+
     kind, method = "conv2d", "tt"
+    kinds = CONV_KINDS
 
     def check(self, spec):
         refuse_groups(spec, "tt")
@@ -42,35 +61,35 @@ class ConvTT(Decomposer):
         return tt_max_ranks((spec.in_channels, *spec.kernel_size, spec.out_channels))
 
     def structure(self, spec, ranks):
-        r1, r2, r3 = ranks
-        pads, (ph, pw) = leading_pad(spec)
-        (kh, kw), (sh, sw), (dh, dw) = spec.kernel_size, spec.stride, spec.dilation
+        pads, padding = leading_pad(spec)
+        bonds = (spec.in_channels, *ranks)
         return nn.Sequential(
             *pads,
-            conv(spec.in_channels, r1),
-            conv(r1, r2, (kh, 1), (sh, 1), (ph, 0), (dh, 1)),
-            conv(r2, r3, (1, kw), (1, sw), (0, pw), (1, dw)),
-            conv(r3, spec.out_channels, bias=spec.has_bias),
+            pointwise(spec, spec.in_channels, ranks[0]),
+            *(spatial_conv(spec, bonds[i + 1], bonds[i + 2], padding, axes=(i,)) for i in range(spec.ndim)),
+            pointwise(spec, ranks[-1], spec.out_channels, bias=spec.has_bias),
         )
 
     def factorize(self, spec, weight):
-        tensor = _conv_tensor(weight)
+        tensor = _conv_tensor(spec, weight)
         return tensor, [matrix_spectrum(u) for u in _unfoldings(tensor)]
 
     def error(self, spec, state, ranks):
         return tt_error_bound(state[1], ranks)
 
     def reconstruct(self, spec, state, ranks):
-        return tt_reconstruct(tt_svd(state[0], ranks)).permute(3, 0, 1, 2)
+        dense = tt_reconstruct(tt_svd(state[0], ranks))  # (S, *k, T)
+        return layer_kernel(spec, dense.permute(dense.dim() - 1, *range(dense.dim() - 1)))
 
     def load(self, module, spec, state, ranks):
-        g1, g2, g3, g4 = tt_svd(state[0], ranks)  # (1,S,r1) (r1,kh,r2) (r2,kw,r3) (r3,T,1)
-        first, vertical, horizontal, last = list(module)[-4:]
-        with torch.no_grad():
-            first.weight.copy_(g1[0].T[:, :, None, None])
-            vertical.weight.copy_(g2.permute(2, 0, 1)[..., None])
-            horizontal.weight.copy_(g3.permute(2, 0, 1)[:, :, None, :])
-            last.weight.copy_(g4[..., 0].T[:, :, None, None])
+        cores = tt_svd(state[0], ranks)  # (1,S,r1) (r1,k_1,r2) ... (r_n,k_n,r_{n+1}) (r_{n+1},T,1)
+        layers = list(module)[-(spec.ndim + 2) :]
+        set_kernel(layers[0], pointwise_kernel(cores[0][0].T, spec.ndim))
+        for axis, (layer, core) in enumerate(zip(layers[1:-1], cores[1:-1])):
+            shape = [1] * spec.ndim
+            shape[axis] = core.shape[1]
+            set_kernel(layer, core.permute(2, 0, 1).reshape(core.shape[2], core.shape[0], *shape))
+        set_kernel(layers[-1], pointwise_kernel(cores[-1][..., 0].T, spec.ndim))
 
     def rank_spectra(self, spec, state):
         return [[s] for s in state[1]]

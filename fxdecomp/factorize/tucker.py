@@ -1,5 +1,7 @@
 """Tucker-2 of a conv kernel (T, S, kh, kw) over its two channel modes, by HOSVD.
 
+Any number of spatial modes works: (T, S, k) for Conv1d, (T, S, kd, kh, kw) for Conv3d.
+
 Kim et al. (2016) compress a conv into 1x1 (S->R3), core kh x kw (R3->R4) and
 1x1 (R4->T). The mode bases come from eigh of the two mode Gram matrices; the
 core is computed once at full rank, so the error of every rank pair is a sum
@@ -25,7 +27,7 @@ from .svd import Spectrum, matrix_spectrum
 
 @dataclass(frozen=True)
 class Tucker2:
-    core: torch.Tensor  # (T, S, kh, kw) in the rotated bases, float64
+    core: torch.Tensor  # (T, S, *k) in the rotated bases, float64
     out_spectrum: Spectrum  # of the mode-0 unfolding (T x S*kh*kw)
     in_spectrum: Spectrum  # of the mode-1 unfolding (S x T*kh*kw)
     # Energy of core[:a, :b] for every (a, b), built once by a 2-D cumulative sum.
@@ -39,7 +41,7 @@ class Tucker2:
         return max(total - kept, 0.0) ** 0.5 / total**0.5
 
     def factors(self, r_in: int, r_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(core (r_out, r_in, kh, kw), u_in (S, r_in), u_out (T, r_out)), float64."""
+        """(core (r_out, r_in, *k), u_in (S, r_in), u_out (T, r_out)), float64."""
         u_out = self.out_spectrum.basis[:, :r_out]
         u_in = self.in_spectrum.basis[:, :r_in]
         return self.core[:r_out, :r_in].clone(), u_in, u_out
@@ -51,7 +53,7 @@ def tucker2_hosvd(kernel: torch.Tensor) -> Tucker2:
     # Square orthonormal bases of both channel modes, so full rank is exact.
     out_spectrum = matrix_spectrum(k64.reshape(t, -1), side="left")
     in_spectrum = matrix_spectrum(k64.transpose(0, 1).reshape(s, -1), side="left")
-    core = torch.einsum("ta,tsij,sb->abij", out_spectrum.basis, k64, in_spectrum.basis)
-    energy = core.pow(2).sum(dim=(2, 3)).cumsum(0).cumsum(1)
+    core = torch.einsum("ta,ts...,sb->ab...", out_spectrum.basis, k64, in_spectrum.basis)
+    energy = core.pow(2).sum(dim=tuple(range(2, core.dim()))).cumsum(0).cumsum(1)
     return Tucker2(core, out_spectrum, in_spectrum, energy)
 

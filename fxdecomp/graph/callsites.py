@@ -4,7 +4,8 @@ A candidate is a weight at its call sites. The weight may reach the op through a
 module call (positional or keyword input), ``F.linear`` / ``F.conv2d`` (keywords
 too), ``torch.addmm``, ``x @ W.t()`` / ``torch.matmul(x, W.T)``, or the aten ops
 of a torch.export graph. `match_call` recognises them; adding a function form
-is one entry of `FUNCTION_MATCHERS` (e.g. ``F.conv1d: partial(match_conv, nn.Conv1d)``).
+is one entry of `FUNCTION_MATCHERS`; the conv functions of every kind come from
+`fxdecomp.conv_calls.CONV_CALLS`.
 
 Each match carries a ``key``: the identity of the weight tensor (its storage,
 not its name, so tied weights are one key) and of everything else that fixes
@@ -20,18 +21,20 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache, partial
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from .. import meta
+from ..conv_calls import CONV_CALLS, lifted_conv
+from ..layer_spec import LAYER_TYPES
 
 aten = torch.ops.aten
 
-MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
-CONV_FUNCTIONS = {F.conv2d, torch.conv2d, aten.conv2d.default, aten.conv2d.padding}
+MODULE_TYPES: tuple[type[nn.Module], ...] = LAYER_TYPES  # Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d
+STANDARD_FORWARDS = {cls.forward for cls in LAYER_TYPES}
+CONV_FUNCTIONS = set(CONV_CALLS)  # every conv kind and call form: see fxdecomp.conv_calls
 LINEAR_FUNCTIONS = {F.linear, aten.linear.default}
 ADDMM_FUNCTIONS = {torch.addmm, aten.addmm.default}
 MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.mm, aten.matmul.default, aten.mm.default}
@@ -88,10 +91,12 @@ def match_module(gm: fx.GraphModule, node: fx.Node) -> WeightUse | None:
     module = gm.get_submodule(node.target)
     if not isinstance(module, MODULE_TYPES):
         return None
+    if getattr(module, "transposed", False) and (len(node.args) > 1 or "output_size" in node.kwargs):
+        return None  # ConvTranspose called with output_size: its output padding depends on the call
     value = node.args[0] if node.args else node.kwargs.get("input")
     if not isinstance(value, fx.Node):
         return None
-    key = layer_key(module) if type(module).forward in (nn.Conv2d.forward, nn.Linear.forward) else ("module", node.target)
+    key = layer_key(module) if type(module).forward in STANDARD_FORWARDS else ("module", node.target)
     return WeightUse("module", node.target, module, value, key)
 
 
@@ -147,46 +152,22 @@ def lifted_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return layer
 
 
-def lifted_conv(layer_type: type[nn.Module], weight: torch.Tensor, bias: torch.Tensor | None, values: dict) -> nn.Module:
-    """A ``layer_type`` (nn.Conv2d, ...) with the functional call's weight, bias and options."""
-    groups = int(values.get("groups", 1))
-    layer = layer_type(
-        weight.shape[1] * groups,
-        weight.shape[0],
-        tuple(weight.shape[2:]),
-        stride=values.get("stride", 1),
-        padding=values.get("padding", 0),
-        dilation=values.get("dilation", 1),
-        groups=groups,
-        bias=bias is not None,
-        device="meta",
-    )
-    layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
-    if bias is not None:
-        layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
-    return layer
-
-
 def _function_use(target: str, layer: nn.Module, value) -> WeightUse | None:
     if not isinstance(value, fx.Node):
         return None
     return WeightUse("function", target, layer, value, layer_key(layer))
 
 
-def match_conv(layer_type: type[nn.Module], gm: fx.GraphModule, node: fx.Node) -> WeightUse | None:
-    """``F.conv2d(input, weight, bias, stride, padding, dilation, groups)`` and its aten forms (kwargs too)."""
-    values = _bind(node, ["input", "weight", "bias", "stride", "padding", "dilation", "groups"])
+def match_conv(gm: fx.GraphModule, node: fx.Node) -> WeightUse | None:
+    """A conv call of any kind (``F.conv1d`` .. ``aten.conv_transpose3d.input``, ``aten.convolution``; kwargs too)."""
+    call = CONV_CALLS[node.target]
+    values = _bind(node, list(call.arg_names))
     weight = _attr(gm, values.get("weight"))
     ok, bias = _optional_attr(gm, values.get("bias"))
-    if weight is None or not ok or weight[1].dim() != _conv_dims(layer_type) + 2:
+    if weight is None or not ok:
         return None
-    return _function_use(weight[0], lifted_conv(layer_type, weight[1], bias, values), values.get("input"))
-
-
-@lru_cache(maxsize=None)
-def _conv_dims(layer_type: type[nn.Module]) -> int:
-    """Spatial dimensions of a conv layer type (2 for nn.Conv2d)."""
-    return len(layer_type(1, 1, 1, device="meta").kernel_size)
+    layer = lifted_conv(call, weight[1], bias, values)
+    return None if layer is None else _function_use(weight[0], layer, values.get("input"))
 
 
 def match_linear(gm: fx.GraphModule, node: fx.Node) -> WeightUse | None:
@@ -223,7 +204,7 @@ def match_matmul(gm: fx.GraphModule, node: fx.Node) -> WeightUse | None:
 
 
 FUNCTION_MATCHERS: dict[Callable, Callable[[fx.GraphModule, fx.Node], WeightUse | None]] = {
-    **{f: partial(match_conv, nn.Conv2d) for f in CONV_FUNCTIONS},
+    **{f: match_conv for f in CONV_FUNCTIONS},
     **{f: match_linear for f in LINEAR_FUNCTIONS},
     **{f: match_addmm for f in ADDMM_FUNCTIONS},
     **{f: match_matmul for f in MATMUL_FUNCTIONS},

@@ -46,7 +46,8 @@ from torch import nn
 
 from ..decomposers import get_decomposer
 from ..errors import InvalidInputError, UnsupportedLayerError
-from ..layer_spec import ConvSpec, LinearSpec, pad_module
+from ..decomposers.base import leading_pad, spatial_conv
+from ..layer_spec import ConvSpec, LinearSpec
 from .files import atomic_write_text, locked, read_json_dict, signature
 from .layers import module_to_onnx
 from .timing import Protocol, Provider, check_threads, cpu_model
@@ -65,18 +66,16 @@ def default_cache_dir() -> Path:
 
 
 def original_module(spec: Spec) -> nn.Module:
-    """A standard nn.Conv2d / nn.Linear equivalent to ``spec`` (default random init), padding included."""
+    """A standard torch layer equivalent to ``spec`` (default random init), padding included.
+
+    nn.Linear, nn.Conv1d/2d/3d or nn.ConvTranspose1d/2d/3d (as `spatial_conv` builds it).
+    """
     if isinstance(spec, LinearSpec):
         return nn.Linear(spec.in_features, spec.out_features, bias=spec.has_bias)
-    conv = dict(stride=spec.stride, dilation=spec.dilation, groups=spec.groups, bias=spec.has_bias)
-    inside = spec.padding_in_conv
-    if inside is not None:
-        return nn.Conv2d(spec.in_channels, spec.out_channels, spec.kernel_size, padding=inside, **conv)
+    pads, padding = leading_pad(spec)
     # Asymmetric or non-zero padding: a pad layer, then an unpadded conv (what torch and the exporter do).
-    return nn.Sequential(
-        pad_module(spec.pads, spec.padding_mode),
-        nn.Conv2d(spec.in_channels, spec.out_channels, spec.kernel_size, padding=0, **conv),
-    )
+    layer = spatial_conv(spec, spec.in_channels, spec.out_channels, padding, groups=spec.groups, bias=spec.has_bias)
+    return nn.Sequential(*pads, layer) if pads else layer
 
 
 def check_shape(spec: Spec, input_shape: Sequence[int]) -> tuple[int, ...]:
@@ -86,8 +85,9 @@ def check_shape(spec: Spec, input_shape: Sequence[int]) -> tuple[int, ...]:
     if isinstance(spec, LinearSpec):
         if len(shape) < 2 or shape[-1] != spec.in_features:
             raise InvalidInputError(f"a Linear({spec.in_features} -> ...) needs an input shape (..., {spec.in_features}), got {shape}")
-    elif len(shape) != 4 or shape[1] != spec.in_channels:
-        raise InvalidInputError(f"a Conv2d({spec.in_channels} -> ...) needs an input shape (N, {spec.in_channels}, H, W), got {shape}")
+    elif len(shape) != spec.ndim + 2 or shape[1] != spec.in_channels:
+        axes = ", ".join("DHW"[3 - spec.ndim :])
+        raise InvalidInputError(f"a {spec.kind}({spec.in_channels} -> ...) needs an input shape (N, {spec.in_channels}, {axes}), got {shape}")
     return shape
 
 

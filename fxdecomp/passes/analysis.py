@@ -119,7 +119,7 @@ def _candidate_name(use: WeightUse, node: fx.Node, taken: set[str]) -> str:
 
 
 def _match(gm: fx.GraphModule, node: fx.Node):
-    """(form, target, layer, input node) if ``node`` is a Conv2d or Linear call on parameters (see `match_call`)."""
+    """(form, target, layer, input node) if ``node`` is a Linear or conv call on parameters (see `match_call`)."""
     use = match_call(gm, node)
     return None if use is None else (use.form, use.target, use.layer, use.input_node)
 

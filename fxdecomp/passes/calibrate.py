@@ -65,6 +65,9 @@ class _GramInterpreter(fx.Interpreter):
         return self.taps.tap(super().run_node(node), self.outputs_by_node.get(node))
 
 
+CALIBRATED_KINDS = ("linear", "conv2d")
+
+
 @register_pass
 class CalibratePass(Pass):
     name = "calibrate"
@@ -83,7 +86,9 @@ class CalibratePass(Pass):
         if ctx.calibration is None:
             ctx.provide("calibration", CalibrationStats())
             return PassResult(gm, False)
-        active = [name for name, c in ctx.candidates.items() if not c.excluded]
+        # Input patches (and so whitened errors) are written for Linear and Conv2d only: the other
+        # conv kinds (1-d, 3-d, transposed) keep weight-only errors.
+        active = [name for name, c in ctx.candidates.items() if not c.excluded and c.kind in CALIBRATED_KINDS]
         grams = {name: GramAccumulator(ctx.candidates[name].spec) for name in active}
         output_grams = {name: OutputGramAccumulator(ctx.candidates[name].spec) for name in active}
         self.generator = torch.Generator().manual_seed(self.options.seed)

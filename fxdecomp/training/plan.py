@@ -23,7 +23,7 @@ from .. import meta
 from ..planning.replay import normalize_plan  # noqa: F401  (re-exported)
 from ..decomposers import get_decomposer
 from ..errors import InvalidInputError, UnsupportedLayerError
-from ..layer_spec import layer_spec
+from ..layer_spec import LAYER_TYPES, layer_spec
 from ..ranks import resolve_ranks
 from ..result import CompressionResult
 
@@ -38,11 +38,11 @@ def planned_layers(model: nn.Module, plan: Plan) -> dict[str, tuple[nn.Module, s
     found = {}
     for name, (method, ranks) in plan.items():
         layer = modules.get(name)
-        functional = not isinstance(layer, (nn.Conv2d, nn.Linear)) and (
+        functional = not isinstance(layer, LAYER_TYPES) and (
             layer is not None or any(p == name or p.startswith(name + ".") for p in params)
         )
         if layer is None and not functional:
-            known = sorted(n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear)))
+            known = sorted(n for n, m in modules.items() if isinstance(m, LAYER_TYPES))
             raise InvalidInputError(f"the plan names a layer this model does not have: {name!r}; its layers: {known}")
         if method == "keep":
             continue
@@ -53,6 +53,12 @@ def planned_layers(model: nn.Module, plan: Plan) -> dict[str, tuple[nn.Module, s
                 f"(compress(..., exclude=[{name!r}])) or drop it from the plan"
             )
         spec = layer_spec(layer)
+        if spec.kind not in ("linear", "conv2d"):
+            raise UnsupportedLayerError(
+                f"plan entry {name!r} is a {spec.kind} layer; DeepTwist and factorized training support Linear and "
+                f"Conv2d layers only (their dense weights are read back by impulse responses): exclude it when planning "
+                f"(compress(..., exclude=[{name!r}])) or drop it from the plan"
+            )
         decomposer = get_decomposer(spec.kind, method)
         decomposer.check(spec)
         found[name] = (layer, method, resolve_ranks(tuple(ranks), decomposer, spec, None))
