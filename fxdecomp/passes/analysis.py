@@ -23,6 +23,7 @@ from ..decomposers import get_decomposer, methods_for
 from ..errors import FxDecompError
 from ..layer_spec import check_finite, layer_spec
 from ..ranks import rule_ranks, vbmf_rank_of_spectrum
+from ..transformers_layers import as_linear, is_conv1d
 from .base import CallSite, Candidate, Pass, log, register_pass
 
 aten = torch.ops.aten
@@ -100,6 +101,8 @@ def _match(gm: fx.GraphModule, node: fx.Node):
         module = gm.get_submodule(node.target)
         if isinstance(module, (nn.Conv2d, nn.Linear)) and node.args:
             return "module", node.target, module, node.args[0]
+        if is_conv1d(module) and node.args:  # transformers' Conv1D: a Linear with its weight stored (in, out)
+            return "module", node.target, as_linear(module), node.args[0]
         return None
     if node.op != "call_function":
         return None
