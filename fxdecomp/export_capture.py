@@ -12,7 +12,7 @@ The result is ``ExportedProgram.module()`` made module-like:
 - ``.eval()`` / ``.train()`` work (torch 2.13's module refuses them); dropout
   calls become ``nn.Dropout`` modules, so dropout follows the mode. Functional
   dropout with a fixed rate and batch-norm statistics stay as captured (eval).
-- inputs are checked before the graph runs: a wrong shape raises `ShapeError`
+- inputs are checked first thing in the graph (`ShapeCheck`): a wrong shape raises `ShapeError`
   naming the input, the dimension and the sizes it accepts (`InputShapes`),
   instead of torch's ``Guard failed`` assertion or an error deep in the graph.
 - ``gm.meta[SHAPES_META]`` holds the `InputShapes`, which `export_onnx` reads
@@ -31,6 +31,7 @@ Source: torch.export dynamic shapes (https://pytorch.org/docs/stable/export.html
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -204,6 +205,13 @@ def as_module(program: torch.export.ExportedProgram) -> fx.GraphModule:
     gm = program.module()
     for name in ("train", "eval"):  # torch 2.13 shadows them with methods that raise NotImplementedError
         gm.__dict__.pop(name, None)
+    # torch's lambda hooks (they toggle nn.Module-typed graph inputs, which tensor inputs never are)
+    # make the module unpicklable: torch.save(gm) and the CLI's --out would fail.
+    for hooks in (gm._forward_pre_hooks, gm._forward_hooks):
+        for key in [k for k, fn in hooks.items() if getattr(fn, "__name__", "") == "<lambda>"]:
+            del hooks[key]
+            gm._forward_hooks_always_called.pop(key, None)
+    gm._tracer_cls = None  # torch.load re-traces the code: export's tracer cannot be rebuilt, fx's default can
     _dropout_as_modules(gm)
     return gm.eval()
 
@@ -303,37 +311,65 @@ def _same_outputs(gm: fx.GraphModule, model: nn.Module, args: tuple) -> bool:
 
 
 def install_shape_check(gm: fx.GraphModule, shapes: InputShapes) -> None:
-    """Record ``shapes`` in ``gm.meta`` and check every call's inputs against them (before torch's own guards)."""
+    """Record ``shapes`` in ``gm.meta`` and check every call's inputs against them, inside the graph.
+
+    The check is a ``call_module`` node right after the placeholders (torch's own
+    ``_guards_fn`` node, its module wrapped by `ShapeCheck`, or a new node), so it
+    survives deepcopy, pickling and the rewrite passes (the module is impure: never dead code).
+    """
     gm.meta[SHAPES_META] = shapes
     guards = getattr(gm, "_guards_fn", None)
-    if isinstance(guards, nn.Module) and not isinstance(guards, GuardCheck):
-        gm._guards_fn = GuardCheck(guards)
-    gm.register_forward_pre_hook(check_input_shapes, prepend=True)
-
-
-def check_input_shapes(module: nn.Module, args: tuple) -> None:
-    """Forward pre-hook: `InputShapes.check` on real calls (not while torch.compile or torch.export traces)."""
-    shapes = getattr(module, "meta", {}).get(SHAPES_META)
-    if shapes is None or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    node = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"), None)
+    if isinstance(guards, nn.Module) and node is not None:
+        gm._guards_fn = ShapeCheck(shapes, guards)
         return
-    if any(isinstance(s, torch.SymInt) for x in args if isinstance(x, torch.Tensor) for s in x.shape):
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if not placeholders:
         return
-    shapes.check(args)
+    gm.add_submodule("_fxdecomp_shape_check", ShapeCheck(shapes, None))
+    with gm.graph.inserting_after(placeholders[-1]):
+        gm.graph.call_module("_fxdecomp_shape_check", tuple(placeholders))
+    gm.recompile()
 
 
-class GuardCheck(nn.Module):
-    """Wraps torch.export's ``_guards_fn``: a failed guard becomes a `ShapeError` naming the condition."""
+class ShapeCheck(nn.Module):
+    """Checks a graph's inputs against its `InputShapes` (then runs torch.export's guards, if any).
 
-    def __init__(self, guards: nn.Module):
+    A wrong shape raises `ShapeError` naming the input, dimension and accepted sizes; a failed
+    torch.export guard (``AssertionError``) becomes a `ShapeError` naming the condition. Nothing
+    is checked while torch.compile or torch.export traces the graph (symbolic sizes).
+    """
+
+    _is_impure = True  # keep the node through dead-code elimination
+
+    def __init__(self, shapes: InputShapes, guards: nn.Module | None):
         super().__init__()
+        self.shapes = shapes
         self.guards = guards
 
+    def __deepcopy__(self, memo: dict) -> "ShapeCheck":
+        return ShapeCheck(self.shapes, copy.deepcopy(self.guards, memo))
+
+    def __getstate__(self) -> dict:
+        # torch.export's guard function wraps its forward in a local closure that cannot be
+        # pickled: a pickled (torch.save'd) graph keeps the shape checks and drops those guards.
+        state = self.__dict__.copy()
+        state["_modules"] = {**state["_modules"], "guards": None}
+        return state
+
     def forward(self, *args: Any) -> Any:
+        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting() or any(
+            isinstance(s, torch.SymInt) for x in args if isinstance(x, torch.Tensor) for s in x.shape
+        )
+        if not tracing:
+            self.shapes.check(args)
+        if self.guards is None:
+            return None
         try:
             return self.guards(*args)
         except AssertionError as exc:
             raise ShapeError(
                 f"the inputs break a condition the graph was captured under: {exc}. Input shapes "
-                f"{[tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]}; compress again with an "
-                "example that meets it, or with dynamic_shapes left at 'auto'"
+                f"{[tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]}; accepted shapes: "
+                f"{self.shapes.describe()}"
             ) from None

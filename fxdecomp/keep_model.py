@@ -98,6 +98,12 @@ def _check_outputs(gm: nn.Module, new: nn.Module, example_inputs, rtol: float, a
         new.eval()
         try:
             got = next((t for t in tree_leaves(new(*args)) if isinstance(t, torch.Tensor)), None)
+        except AttributeError as exc:  # e.g. ViT reads patch_embeddings.projection.weight.dtype in its forward
+            raise FxDecompError(
+                f"{type(new).__name__} reads an attribute of a swapped layer outside that layer's forward ({exc}); "
+                "exclude that layer when compressing (compress(..., exclude=[name])) to keep the model, "
+                "or use result.graph_module"
+            ) from exc
         finally:
             new.train(was)
     if want is None or got is None or got.shape != want.shape or not torch.allclose(got, want, rtol=rtol, atol=atol):
