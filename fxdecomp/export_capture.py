@@ -230,8 +230,8 @@ def _dropout_as_modules(gm: fx.GraphModule) -> None:
         except AttributeError:
             existing = None
         if not isinstance(existing, nn.Dropout) or existing.p != p:
-            if existing is not None:
-                path = f"{path}_fxdecomp_{index}".replace(".", "_") if not path else f"{path}_{index}"
+            if existing is not None:  # the path holds another module: a name of its own
+                path = f"{path}_dropout_{index}"
             gm.add_submodule(path, nn.Dropout(p))
         with gm.graph.inserting_before(node):
             call = gm.graph.call_module(path, (node.args[0],))
