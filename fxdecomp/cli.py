@@ -208,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="layer name or glob left alone (repeatable)")
     sub.add_argument("--recipe", help="pass pipeline: a recipe name in passes/ (default, fast, hardware, thorough) or a .toml path")
     sub.add_argument("--calibration", metavar="FILE", help="torch.save'd list of input tuples: activation-aware planning")
+    sub.add_argument(
+        "--dynamic-shapes", choices=("auto", "static"), default="auto",
+        help="torch.export capture: 'auto' leaves batch and sequence dims free where the model allows (default); 'static' fixes the example's shapes",
+    )  # fmt: skip
     _output_args(sub)
     sub.add_argument("--latency", action="store_true", help="measure onnxruntime latency of the original and the result (summary, report)")
 
@@ -372,6 +376,7 @@ def _compress_like(args: argparse.Namespace, plan: Any) -> int:
         result = fxdecomp.compress(
             model, inputs, budget, methods=methods, calibration=calibration,
             exclude=getattr(args, "exclude", ()), pipeline=recipe, plan=plan,
+            dynamic_shapes=getattr(args, "dynamic_shapes", "auto"),
         )  # fmt: skip
     for name, seconds in result.pass_seconds.items():
         progress.note(f"{name}: {seconds:.2f} s")

@@ -41,6 +41,7 @@ def compress(
     pipeline: str | os.PathLike | Recipe | None = None,
     *,
     frontend: str = "auto",
+    dynamic_shapes: Any = "auto",
     plan: Mapping[str, Any] | Sequence[Any] | None = None,
     sensitivity: Callable[[nn.Module], float] | None = None,
     progress: bool | None = None,
@@ -52,7 +53,10 @@ def compress(
     restricts the methods (None: the recipe's); ``exclude`` holds qualified names or glob patterns
     left alone; ``pipeline`` names a recipe in ``passes/``, a path to one, or is a `Recipe`
     (``load_recipe("hardware").with_options(plan={"round_to": 8})``); ``frontend``
-    forces "fx" or "export". ``calibration`` is an iterable of input tuples: the
+    forces "fx" or "export". ``dynamic_shapes`` (torch.export capture only): "auto" leaves
+    every input dimension free that the model allows (batch, sequence length), "static" fixes
+    all at the example's sizes, or a torch.export ``dynamic_shapes`` spec pins chosen ones
+    (``({0: Dim.AUTO, 1: Dim.STATIC},)``); other shapes raise `ShapeError`. ``calibration`` is an iterable of input tuples: the
     calibrate pass keeps each layer's input Gram matrix and the Gram matrix of the
     gradients reaching its outputs, so that options are planned on the first-order
     change of the model's outputs (see `fxdecomp.calibration`). ``sensitivity`` is
@@ -83,7 +87,7 @@ def compress(
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
 
     with torch.no_grad():
-        gm, frontend_used, source = capture_with_source(model, example_inputs, frontend)
+        gm, frontend_used, source = capture_with_source(model, example_inputs, frontend, dynamic_shapes)
         request = Request(
             example_inputs=example_inputs,
             budget=budget,

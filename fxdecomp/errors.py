@@ -57,3 +57,7 @@ class ExportError(FxDecompError, RuntimeError):
 
 class ParityError(ExportError):
     """The exported ONNX model disagrees with torch beyond the tolerance."""
+
+
+class ShapeError(InvalidInputError):
+    """Inputs whose shape the captured graph does not accept (the message names the input, dim and allowed sizes)."""

@@ -55,6 +55,9 @@ class ExportReport:
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
     external_data: bool
+    # Input shapes at which onnxruntime was checked against torch: the example's, and a second
+    # shape with every free dimension changed when the file has any (dynamic batch, sequence length).
+    checked_shapes: tuple[tuple[tuple[int, ...], ...], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -76,7 +79,10 @@ def export_onnx(
 ) -> ExportReport:
     """Export ``module`` to ONNX at ``path`` and check it against torch in onnxruntime.
 
-    ``dynamic_batch`` makes dim 0 of every input and output symbolic. ``external_data``
+    ``dynamic_batch`` makes dim 0 of every input and output symbolic; for a graph captured by
+    torch.export (`fxdecomp.compress` results), every dimension its `InputShapes` leaves free
+    (batch, sequence length) stays free instead. With free dimensions, parity is also checked at
+    a second shape where each of them is one larger (or smaller at its upper bound). ``external_data``
     (None: when the weights exceed ~1.5 GB) writes the weights to ``<path>.data``.
     An output is accepted when ``|onnx - torch| <= atol + rtol * |torch|`` everywhere.
     The module is exported in eval mode; its modes, parameters and hooks are left as they were.
@@ -103,7 +109,14 @@ def export_onnx(
         program.save(staged, external_data=bool(external_data))
         data = scratch / f"{target.name}.data"  # the exporter's side file, referenced by this relative name
         session = open_session(staged, threads=max(1, torch.get_num_threads()))
-        diffs = _compare(session, args, expected, rtol, atol) if expected is not None else (None, None)
+        diffs, checked = (None, None), ()
+        if expected is not None:
+            diffs, checked = _compare(session, args, expected, rtol, atol), (_shapes(args),)
+            second = _second_inputs(module, args, session) if dynamic_batch else None
+            if second is not None:
+                with _eval_mode(module):
+                    more = _compare(session, second, _torch_outputs(module, second), rtol, atol)
+                diffs, checked = (max(diffs[0], more[0]), max(diffs[1], more[1])), checked + (_shapes(second),)
         report = ExportReport(
             str(target),
             actual_opset,
@@ -111,6 +124,7 @@ def export_onnx(
             io_info(session.get_inputs()),
             io_info(session.get_outputs()),
             data.exists(),
+            checked,
         )
         del session
         if data.exists():
@@ -203,7 +217,10 @@ def _dynamic_shapes(args: tuple[torch.Tensor, ...]) -> tuple:
 def _export(module, args, opset, dynamic_batch, input_names, output_names):
     dynamic_shapes = None
     export_args = args
-    if dynamic_batch and args:
+    shapes = _input_shapes(module)
+    if dynamic_batch and shapes is not None and shapes.dynamic and len(shapes.sizes) == len(args):
+        dynamic_shapes, export_args = _free_dims_spec(args, shapes)
+    elif dynamic_batch and args:
         dynamic_shapes = _dynamic_shapes(args)
         # torch.export specialises size-1 dims: at batch 1 some ops (circular padding) fail with
         # "Constraints violated (batch)". Capture at batch 2; the check below runs the user's batch.
@@ -224,6 +241,56 @@ def _export(module, args, opset, dynamic_batch, input_names, output_names):
             )
     except Exception as exc:
         raise ExportError(_export_failure(module, exc, opset, dynamic_batch)) from exc
+
+
+def _input_shapes(module: nn.Module):
+    from .export_capture import SHAPES_META
+
+    meta = getattr(module, "meta", None)
+    return meta.get(SHAPES_META) if isinstance(meta, dict) else None
+
+
+def _free_dims_spec(args: tuple[torch.Tensor, ...], shapes) -> tuple[tuple, tuple[torch.Tensor, ...]]:
+    """The torch.export spec keeping ``shapes``' free dims free (Dim.AUTO), and args with no free dim of size 1.
+
+    Export specialises size-1 dimensions, so those are exported at size 2 (repeated
+    rows); the parity check runs the user's own inputs.
+    """
+    spec, export_args = [], []
+    for x, shape in zip(args, shapes.sizes):
+        free = [d for d, s in enumerate(shape or ()) if isinstance(s, str)]
+        spec.append({d: torch.export.Dim.AUTO for d in free} or None)
+        for d in free:
+            if x.shape[d] == 1 and (shapes.range_of(shape[d])[1] or 2) >= 2:
+                x = torch.cat([x, x], dim=d)
+        export_args.append(x)
+    return tuple(spec), tuple(export_args)
+
+
+def _shapes(args) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(int(n) for n in a.shape) for a in args)
+
+
+def _second_inputs(module: nn.Module, args: tuple[torch.Tensor, ...], session) -> tuple[torch.Tensor, ...] | None:
+    """``args`` with every dimension the ONNX file leaves symbolic resized (rows repeated cyclically); None if none.
+
+    Dimensions sharing a name change together; sizes stay within the graph's `InputShapes` ranges.
+    """
+    shapes = _input_shapes(module)
+    new_sizes: dict[str, int] = {}
+    resized = []
+    for x, info, k in zip(args, session.get_inputs(), range(len(args))):
+        for d, dim in enumerate(info.shape):
+            if isinstance(dim, int) or d >= x.dim():
+                continue
+            n, lo, hi = int(x.shape[d]), 1, None
+            if shapes is not None and k < len(shapes.sizes) and shapes.sizes[k] and isinstance(shapes.sizes[k][d], str):
+                lo, hi = shapes.range_of(shapes.sizes[k][d])
+            size = new_sizes.setdefault(str(dim), n + 1 if hi is None or n + 1 <= hi else max(n - 1, lo))
+            if size != n:
+                x = x.index_select(d, torch.arange(size) % n)
+        resized.append(x)
+    return tuple(resized) if new_sizes and any(a.shape != b.shape for a, b in zip(args, resized)) else None
 
 
 def _export_failure(module: nn.Module, exc: Exception, opset: int, dynamic_batch: bool) -> str:

@@ -21,6 +21,8 @@ from .graph.attention import functional_attention
 from .graph.parametrized import private_copy
 from .graph.effects import fresh_inputs, preserved_buffers
 from .errors import InvalidInputError, TraceError
+from .export_capture import check_dynamic_shapes, export_trace
+from .transformers_layers import conv1d_types
 from .layer_spec import LAYER_TYPES
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ class LayerLeafTracer(fx.Tracer):
 
     def __init__(self, leaf_types: tuple[type, ...] = ()):
         super().__init__()
-        self.leaf_types = (*LAYER_TYPES, *leaf_types)
+        self.leaf_types = (*LAYER_TYPES, *conv1d_types(), *leaf_types)
         # Buffers as graph inputs: an in-place write into one (a counter) is recorded, not run once while tracing.
         self.proxy_buffer_attributes = True
 
@@ -46,25 +48,26 @@ def fx_trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
-def export_trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
-    program = torch.export.export(model, example_inputs, strict=False)
-    return program.module()
+def capture(
+    model: nn.Module, example_inputs: tuple, frontend: str = "auto", dynamic_shapes="auto"
+) -> tuple[fx.GraphModule, str]:
+    """Trace a private copy of ``model``; returns (graph module, "fx" or "export").
 
-
-def capture(model: nn.Module, example_inputs: tuple, frontend: str = "auto") -> tuple[fx.GraphModule, str]:
-    """Trace a private copy of ``model``; returns (graph module, "fx" or "export")."""
-    gm, used, _ = capture_with_source(model, example_inputs, frontend)
+    ``dynamic_shapes`` applies to torch.export capture (see `fxdecomp.export_capture.export_trace`).
+    """
+    gm, used, _ = capture_with_source(model, example_inputs, frontend, dynamic_shapes)
     return gm, used
 
 
 def capture_with_source(
-    model: nn.Module, example_inputs: tuple, frontend: str = "auto"
+    model: nn.Module, example_inputs: tuple, frontend: str = "auto", dynamic_shapes="auto"
 ) -> tuple[fx.GraphModule, str, nn.Module]:
     """Like `capture`, also returning the private eval-mode copy of ``model`` that was traced."""
     model = functional_attention(private_copy(model)[0])  # computed weights made plain; MHA projections visible
     check_runs(model, example_inputs)
     if frontend not in ("auto", "fx", "export"):
         raise InvalidInputError(f"unknown frontend {frontend!r}; use 'auto', 'fx' or 'export'")
+    check_dynamic_shapes(dynamic_shapes)
     fx_error = None
     if frontend in ("auto", "fx"):
         try:
@@ -78,7 +81,7 @@ def capture_with_source(
             if frontend == "fx":
                 raise TraceError(_trace_message(model, fx_error, None)) from exc
     try:
-        return export_trace(model, example_inputs), "export", model
+        return export_trace(model, example_inputs, dynamic_shapes), "export", model
     except Exception as exc:
         raise TraceError(_trace_message(model, fx_error, exc)) from exc
 

@@ -66,6 +66,16 @@ class CompressionResult:
     def params_ratio(self) -> float:
         return self.params_after / self.params_before if self.params_before else 1.0
 
+    def apply_to(self, model, example_inputs=None):
+        """Keep-the-model mode: a copy of ``model`` with its decomposed layers' modules swapped in.
+
+        The copy keeps its class and methods (``generate``, ``save_pretrained``, ``config``,
+        the KV cache); see `fxdecomp.keep_model.apply_to_model` for the checks and errors.
+        """
+        from .keep_model import apply_to_model
+
+        return apply_to_model(self, model, example_inputs)
+
     def to_dict(self) -> dict[str, Any]:
         """Strict JSON: no NaN or infinity (unknown values are null)."""
         data = {

@@ -29,6 +29,7 @@ from torch import fx, nn
 from .. import meta
 from ..conv_calls import CONV_CALLS, lifted_conv
 from ..layer_spec import LAYER_TYPES
+from ..transformers_layers import as_linear, is_conv1d
 
 aten = torch.ops.aten
 
@@ -89,6 +90,9 @@ def layer_key(layer: nn.Module) -> tuple:
 
 def match_module(gm: fx.GraphModule, node: fx.Node) -> WeightUse | None:
     module = gm.get_submodule(node.target)
+    if is_conv1d(module):  # transformers' Conv1D: a Linear with its weight stored (in, out)
+        value = node.args[0] if node.args else node.kwargs.get("x")
+        return WeightUse("module", node.target, as_linear(module), value, ("module", node.target)) if isinstance(value, fx.Node) else None
     if not isinstance(module, MODULE_TYPES):
         return None
     if getattr(module, "transposed", False) and (len(node.args) > 1 or "output_size" in node.kwargs):

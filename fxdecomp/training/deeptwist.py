@@ -33,6 +33,7 @@ from ..compress import compress
 from ..errors import InvalidInputError
 from ..result import CompressionResult
 from .plan import Plan, PlanLike, installed_module, normalize_plan, planned_layers
+from ..transformers_layers import is_conv1d, lifted_layer
 from .reconstruct import LowRank, low_rank
 
 
@@ -85,8 +86,8 @@ class DeepTwist:
     def distort(self) -> None:
         """Replace every planned weight by its low-rank reconstruction now (in place, same Parameter)."""
         for name, (layer, method, ranks) in self.layers.items():
-            self._last[name] = approx = low_rank(layer, method, ranks)
-            layer.weight.copy_(approx.weight)
+            self._last[name] = approx = low_rank(lifted_layer(layer), method, ranks)
+            layer.weight.copy_(approx.weight.T if is_conv1d(layer) else approx.weight)  # Conv1D stores (in, out)
         self.distortions += 1
 
     def finalize(self, example_inputs: tuple | torch.Tensor | None = None) -> fx.GraphModule:

@@ -34,6 +34,7 @@ from torch import fx, nn
 from ..compress import compress
 from ..errors import InvalidInputError
 from ..layer_spec import ConvSpec, LinearSpec, layer_spec
+from ..transformers_layers import lifted_layer
 from .plan import PlanLike, installed_module, normalize_plan, planned_layers
 from .reconstruct import dense_weight
 
@@ -67,7 +68,7 @@ def factorized_model(
     layers = planned_layers(model, normalize_plan(result.decisions))
     generator = torch.Generator().manual_seed(seed)
     for name, (layer, _, _) in layers.items():
-        init_factors(installed_module(gm, name), layer_spec(layer), generator)
+        init_factors(installed_module(gm, name), layer_spec(lifted_layer(layer)), generator)
     if reinit_rest:
         _reset_others(gm, {_path(installed_module(gm, name), gm) for name in layers}, seed)
     gm.fxdecomp_result = result

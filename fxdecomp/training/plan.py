@@ -25,6 +25,7 @@ from ..decomposers import get_decomposer
 from ..errors import InvalidInputError, UnsupportedLayerError
 from ..layer_spec import LAYER_TYPES, layer_spec
 from ..ranks import resolve_ranks
+from ..transformers_layers import is_conv1d, lifted_layer
 from ..result import CompressionResult
 
 Plan = dict[str, tuple[str, tuple[int, ...]]]
@@ -38,7 +39,7 @@ def planned_layers(model: nn.Module, plan: Plan) -> dict[str, tuple[nn.Module, s
     found = {}
     for name, (method, ranks) in plan.items():
         layer = modules.get(name)
-        functional = not isinstance(layer, LAYER_TYPES) and (
+        functional = not (isinstance(layer, LAYER_TYPES) or is_conv1d(layer)) and (
             layer is not None or any(p == name or p.startswith(name + ".") for p in params)
         )
         if layer is None and not functional:
@@ -52,7 +53,7 @@ def planned_layers(model: nn.Module, plan: Plan) -> dict[str, tuple[nn.Module, s
                 "module); DeepTwist and factorized training support module layers only: exclude it when planning "
                 f"(compress(..., exclude=[{name!r}])) or drop it from the plan"
             )
-        spec = layer_spec(layer)
+        spec = layer_spec(lifted_layer(layer))  # transformers' Conv1D as its Linear
         if spec.kind not in ("linear", "conv2d"):
             raise UnsupportedLayerError(
                 f"plan entry {name!r} is a {spec.kind} layer; DeepTwist and factorized training support Linear and "

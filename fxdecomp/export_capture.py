@@ -1,0 +1,375 @@
+"""torch.export capture with dynamic shapes, and a result that behaves like a module.
+
+`export_trace` exports a model with every input dimension marked
+``torch.export.Dim.AUTO`` (torch.export keeps a dimension free where the model
+allows it and fixes it where the model needs one size), so batch and sequence
+length stay free. A batch-1 example is exported at batch 2, because export
+fixes dimensions of size 1 (its 0/1 specialisation); each free dimension is
+then checked at size 1 against the eager model before size 1 is accepted.
+
+The result is ``ExportedProgram.module()`` made module-like:
+
+- ``.eval()`` / ``.train()`` work (torch 2.13's module refuses them); dropout
+  calls become ``nn.Dropout`` modules, so dropout follows the mode. Functional
+  dropout with a fixed rate and batch-norm statistics stay as captured (eval).
+- inputs are checked first thing in the graph (`ShapeCheck`): a wrong shape raises `ShapeError`
+  naming the input, the dimension and the sizes it accepts (`InputShapes`),
+  instead of torch's ``Guard failed`` assertion or an error deep in the graph.
+- ``gm.meta[SHAPES_META]`` holds the `InputShapes`, which `export_onnx` reads
+  to keep the same dimensions free in the ONNX file.
+
+Example::
+
+    gm = export_trace(model, (torch.randint(0, 100, (1, 16)),))     # batch 1, sequence 16
+    gm(torch.randint(0, 100, (4, 9)))                               # any batch and sequence length
+    gm.meta[SHAPES_META].describe()   # "input_ids: (s0 in [1, inf), s1 in [1, inf))"
+
+Source: torch.export dynamic shapes (https://pytorch.org/docs/stable/export.html,
+``Dim.AUTO``; 0/1 specialisation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.export import Dim
+from torch.utils._pytree import tree_leaves
+
+from .errors import InvalidInputError, ShapeError
+
+log = logging.getLogger(__name__)
+
+SHAPES_META = "fxdecomp.input_shapes"  # InputShapes in GraphModule.meta
+DYNAMIC_CHOICES = ("auto", "static")
+
+
+@dataclass(frozen=True)
+class InputShapes:
+    """The input shapes a captured graph accepts.
+
+    ``sizes[i]`` is input i's shape: an int for a fixed dimension, a symbol name
+    for a free one (one symbol shared by dimensions that must be equal), or None
+    for a non-tensor input. ``ranges`` holds (symbol, lowest, highest or None = unbounded).
+    """
+
+    names: tuple[str, ...]
+    sizes: tuple[tuple[int | str, ...] | None, ...]
+    ranges: tuple[tuple[str, int, int | None], ...]
+
+    @property
+    def dynamic(self) -> bool:
+        return bool(self.free_dims())
+
+    def free_dims(self) -> tuple[tuple[int, int], ...]:
+        """(input index, dim) of every free dimension."""
+        return tuple((i, d) for i, shape in enumerate(self.sizes) if shape for d, s in enumerate(shape) if isinstance(s, str))
+
+    def range_of(self, symbol: str) -> tuple[int, int | None]:
+        return next(((lo, hi) for s, lo, hi in self.ranges if s == symbol), (0, None))
+
+    def describe(self) -> str:
+        parts = []
+        for name, shape in zip(self.names, self.sizes):
+            if shape is None:
+                continue
+            dims = []
+            for size in shape:
+                if isinstance(size, str):
+                    lo, hi = self.range_of(size)
+                    dims.append(f"{size} in [{lo}, {hi if hi is not None else 'inf'}{']' if hi is not None else ')'}")
+                else:
+                    dims.append(str(size))
+            parts.append(f"{name}: ({', '.join(dims)})")
+        return "; ".join(parts)
+
+    def check(self, args: tuple) -> None:
+        """Raise `ShapeError` naming the first input dimension the graph does not accept."""
+        if len(args) != len(self.sizes):
+            raise ShapeError(f"the graph takes {len(self.sizes)} inputs ({', '.join(self.names)}), got {len(args)}")
+        seen: dict[str, tuple[int, str]] = {}
+        for name, shape, arg in zip(self.names, self.sizes, args):
+            if shape is None or not isinstance(arg, torch.Tensor):
+                continue
+            if arg.dim() != len(shape):
+                raise ShapeError(
+                    f"input {name!r} has {arg.dim()} dimensions {tuple(arg.shape)}, the graph takes {len(shape)}; "
+                    f"accepted shapes: {self.describe()}"
+                )
+            for dim, (want, got) in enumerate(zip(shape, arg.shape)):
+                where = f"input {name!r} dim {dim}"
+                if isinstance(want, int):
+                    if got != want:
+                        raise ShapeError(
+                            f"{where} is {got}, but the graph was captured with it fixed at {want} (the model, or "
+                            f"dynamic_shapes, pinned it); accepted shapes: {self.describe()}. Compress again with "
+                            "an example of the size you need, or leave that dimension free"
+                        )
+                    continue
+                lo, hi = self.range_of(want)
+                if got < lo or (hi is not None and got > hi):
+                    raise ShapeError(
+                        f"{where} is {got}, outside the sizes the graph accepts for it ({want} in [{lo}, "
+                        f"{hi if hi is not None else 'inf'}]); accepted shapes: {self.describe()}"
+                    )
+                if want in seen and seen[want][0] != got:
+                    raise ShapeError(
+                        f"{where} is {got} but {seen[want][1]} is {seen[want][0]}; the graph needs them equal "
+                        f"(both {want}); accepted shapes: {self.describe()}"
+                    )
+                seen.setdefault(want, (got, where))
+
+
+def check_dynamic_shapes(dynamic_shapes: Any) -> Any:
+    """Validate ``compress(dynamic_shapes=...)``: "auto", "static", or a torch.export dynamic_shapes spec."""
+    if isinstance(dynamic_shapes, str) and dynamic_shapes not in DYNAMIC_CHOICES:
+        raise InvalidInputError(
+            f"dynamic_shapes must be 'auto', 'static' or a torch.export dynamic_shapes spec, got {dynamic_shapes!r}"
+        )
+    if dynamic_shapes is None or dynamic_shapes is False:
+        return "static"
+    return dynamic_shapes
+
+
+def export_trace(model: nn.Module, example_inputs: tuple, dynamic_shapes: Any = "auto") -> fx.GraphModule:
+    """Capture ``model`` with torch.export (non-strict) as a module-like GraphModule; see the module docstring.
+
+    ``dynamic_shapes``: "auto" (default) leaves every dimension free that the model allows;
+    "static" fixes every dimension at the example's size; anything else is passed to
+    ``torch.export.export`` as its ``dynamic_shapes`` (e.g. ``({0: Dim.AUTO, 1: Dim.STATIC},)``
+    pins dim 1 of the first input). A model with a transformers-style ``config.use_cache`` is
+    captured with the cache off (the graph returns no cache). Raises whatever torch.export raises.
+    """
+    dynamic_shapes = check_dynamic_shapes(dynamic_shapes)
+    with _no_kv_cache(model):
+        spec, export_args = _export_spec(model, example_inputs, dynamic_shapes)
+        try:
+            program = torch.export.export(model, export_args, dynamic_shapes=spec, strict=False)
+        except Exception as exc:
+            if dynamic_shapes != "auto":
+                raise
+            log.info("torch.export with free dimensions failed (%s); exporting at the example's shapes", exc)
+            spec, export_args = None, example_inputs
+            program = torch.export.export(model, export_args, strict=False)
+        gm = as_module(program)
+        shapes = input_shapes(program)
+        if shapes.dynamic:
+            shapes = _allow_size_one(shapes, gm, model, example_inputs)
+            for node in gm.graph.nodes:  # symbolic (or batch-2) metadata: shape_prop recomputes at the example
+                node.meta.pop("val", None)
+    install_shape_check(gm, shapes)
+    return gm
+
+
+@contextlib.contextmanager
+def _no_kv_cache(model: nn.Module) -> Iterator[None]:
+    """transformers models return a cache object torch.export cannot flatten: capture with use_cache=False."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "use_cache", False):
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
+
+
+def _export_spec(model: nn.Module, example_inputs: tuple, dynamic_shapes: Any) -> tuple[Any, tuple]:
+    if dynamic_shapes == "static":
+        return None, example_inputs
+    if dynamic_shapes != "auto":
+        return dynamic_shapes, example_inputs
+    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
+    export_args = example_inputs
+    if tensors and all(x.shape[0] == 1 for x in tensors):
+        doubled = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in example_inputs)
+        try:
+            with torch.no_grad():
+                model(*doubled)
+            export_args = doubled
+        except Exception as exc:  # the model fixes its batch: export at the user's shapes
+            log.info("%s does not run at batch 2 (%s); batch stays 1", type(model).__name__, exc)
+    spec = tuple({d: Dim.AUTO for d in range(x.dim())} if isinstance(x, torch.Tensor) else None for x in export_args)
+    return spec, export_args
+
+
+def as_module(program: torch.export.ExportedProgram) -> fx.GraphModule:
+    """``program.module()`` with working ``train()``/``eval()`` and dropout as ``nn.Dropout`` modules, in eval mode."""
+    gm = program.module()
+    for name in ("train", "eval"):  # torch 2.13 shadows them with methods that raise NotImplementedError
+        gm.__dict__.pop(name, None)
+    # torch's lambda hooks (they toggle nn.Module-typed graph inputs, which tensor inputs never are)
+    # make the module unpicklable: torch.save(gm) and the CLI's --out would fail.
+    for hooks in (gm._forward_pre_hooks, gm._forward_hooks):
+        for key in [k for k, fn in hooks.items() if getattr(fn, "__name__", "") == "<lambda>"]:
+            del hooks[key]
+            gm._forward_hooks_always_called.pop(key, None)
+    gm._tracer_cls = None  # torch.load re-traces the code: export's tracer cannot be rebuilt, fx's default can
+    _dropout_as_modules(gm)
+    return gm.eval()
+
+
+def _dropout_as_modules(gm: fx.GraphModule) -> None:
+    """Replace ``aten.dropout(x, p, False)`` by calls of an ``nn.Dropout(p)`` named after its source module."""
+    changed = False
+    for index, node in enumerate(list(gm.graph.nodes)):
+        if node.op != "call_function" or node.target is not torch.ops.aten.dropout.default:
+            continue
+        p = float(node.args[1]) if len(node.args) > 1 else float(node.kwargs.get("p", 0.5))
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        path = stack[-1][0] if stack and isinstance(stack[-1], tuple) and stack[-1][0] else f"dropout_{index}"
+        try:
+            existing = gm.get_submodule(path)
+        except AttributeError:
+            existing = None
+        if not isinstance(existing, nn.Dropout) or existing.p != p:
+            if existing is not None:  # the path holds another module: a name of its own
+                path = f"{path}_dropout_{index}"
+            gm.add_submodule(path, nn.Dropout(p))
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(path, (node.args[0],))
+        call.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+
+
+def input_shapes(program: torch.export.ExportedProgram) -> InputShapes:
+    """The `InputShapes` of an exported program's user inputs (from its placeholders and range constraints)."""
+    user = set(program.graph_signature.user_inputs)
+    names, sizes = [], []
+    for node in program.graph.nodes:
+        if node.op != "placeholder" or node.name not in user:
+            continue
+        names.append(node.name)
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            sizes.append(None)
+            continue
+        shape = []
+        for size in value.shape:
+            expr = size.node.expr if isinstance(size, torch.SymInt) else None
+            if expr is None:
+                shape.append(int(size))
+            elif expr.is_Symbol:
+                shape.append(str(expr))
+            else:
+                shape.append(int(size.node.hint))  # a derived size: keep the example's, checked by torch's guards
+        sizes.append(tuple(shape))
+    ranges = []
+    for symbol, bounds in program.range_constraints.items():
+        ranges.append((str(symbol), _bound(bounds.lower, 0), _bound(bounds.upper, None)))
+    return InputShapes(tuple(names), tuple(sizes), tuple(ranges))
+
+
+def _bound(value: Any, infinite: int | None) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError, AttributeError, OverflowError):  # sympy / torch infinities
+        return infinite
+
+
+def _allow_size_one(shapes: InputShapes, gm: fx.GraphModule, model: nn.Module, example_inputs: tuple) -> InputShapes:
+    """Accept size 1 for each free dimension export started at 2, where the graph matches eager at size 1."""
+    ranges = list(shapes.ranges)
+    for k, (symbol, lo, hi) in enumerate(ranges):
+        if lo != 2:
+            continue
+        args = tuple(
+            x.narrow(d, 0, 1) if d is not None else x
+            for x, shape in zip(example_inputs, shapes.sizes)
+            for d in [next((d for d, s in enumerate(shape or ()) if s == symbol and isinstance(x, torch.Tensor)), None)]
+        )
+        if _same_outputs(gm, model, args):
+            ranges[k] = (symbol, 1, hi)
+        else:
+            log.info("the graph does not reproduce the model with %s = 1; sizes from 2 up are accepted", symbol)
+    return InputShapes(shapes.names, shapes.sizes, tuple(ranges))
+
+
+def _same_outputs(gm: fx.GraphModule, model: nn.Module, args: tuple) -> bool:
+    try:
+        with torch.no_grad():
+            got = [t for t in tree_leaves(gm(*args)) if isinstance(t, torch.Tensor)]
+            want = [t for t in tree_leaves(model(*args)) if isinstance(t, torch.Tensor)]
+    except Exception as exc:
+        log.info("size-1 check failed: %s", exc)
+        return False
+    return len(got) == len(want) and all(
+        g.shape == w.shape and torch.allclose(g, w, rtol=1e-4, atol=1e-5, equal_nan=True) for g, w in zip(got, want)
+    )
+
+
+def install_shape_check(gm: fx.GraphModule, shapes: InputShapes) -> None:
+    """Record ``shapes`` in ``gm.meta`` and check every call's inputs against them, inside the graph.
+
+    The check is a ``call_module`` node right after the placeholders (torch's own
+    ``_guards_fn`` node, its module wrapped by `ShapeCheck`, or a new node), so it
+    survives deepcopy, pickling and the rewrite passes (the module is impure: never dead code).
+    """
+    gm.meta[SHAPES_META] = shapes
+    guards = getattr(gm, "_guards_fn", None)
+    node = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"), None)
+    if isinstance(guards, nn.Module) and node is not None:
+        gm._guards_fn = ShapeCheck(shapes, guards)
+        return
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if not placeholders:
+        return
+    gm.add_submodule("_fxdecomp_shape_check", ShapeCheck(shapes, None))
+    with gm.graph.inserting_after(placeholders[-1]):
+        gm.graph.call_module("_fxdecomp_shape_check", tuple(placeholders))
+    gm.recompile()
+
+
+class ShapeCheck(nn.Module):
+    """Checks a graph's inputs against its `InputShapes` (then runs torch.export's guards, if any).
+
+    A wrong shape raises `ShapeError` naming the input, dimension and accepted sizes; a failed
+    torch.export guard (``AssertionError``) becomes a `ShapeError` naming the condition. Nothing
+    is checked while torch.compile or torch.export traces the graph (symbolic sizes).
+    """
+
+    _is_impure = True  # keep the node through dead-code elimination
+
+    def __init__(self, shapes: InputShapes, guards: nn.Module | None):
+        super().__init__()
+        self.shapes = shapes
+        self.guards = guards
+
+    def __deepcopy__(self, memo: dict) -> "ShapeCheck":
+        return ShapeCheck(self.shapes, copy.deepcopy(self.guards, memo))
+
+    def __getstate__(self) -> dict:
+        # torch.export's guard function wraps its forward in a local closure that cannot be
+        # pickled: a pickled (torch.save'd) graph keeps the shape checks and drops those guards.
+        state = self.__dict__.copy()
+        state["_modules"] = {**state["_modules"], "guards": None}
+        return state
+
+    def forward(self, *args: Any) -> Any:
+        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting() or any(
+            isinstance(s, torch.SymInt) for x in args if isinstance(x, torch.Tensor) for s in x.shape
+        )
+        if not tracing:
+            self.shapes.check(args)
+        if self.guards is None:
+            return None
+        try:
+            return self.guards(*args)
+        except AssertionError as exc:
+            raise ShapeError(
+                f"the inputs break a condition the graph was captured under: {exc}. Input shapes "
+                f"{[tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]}; accepted shapes: "
+                f"{self.shapes.describe()}"
+            ) from None

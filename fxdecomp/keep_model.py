@@ -1,0 +1,116 @@
+"""Keep-the-model mode: apply a compression plan to a copy of the user's own model.
+
+`compress` returns a GraphModule: a flat graph, which for a transformers model
+loses the class and its methods (``generate``, ``save_pretrained``, ``config``)
+and the KV-cache path. When every decomposed layer is a module (``nn.Linear``,
+any ``nn.Conv*d`` / ``nn.ConvTranspose*d``, transformers' ``Conv1D``), `apply_to_model` swaps each of those
+modules in a deep copy of the model for the decomposed module that `compress`
+built (the very factors of ``result.graph_module``, copied), so the model keeps
+everything else. A decision whose weight is not held by such a module (a
+functional ``F.linear(x, self.w)``) cannot be applied this way and is named in
+an `UnsupportedLayerError`.
+
+Example::
+
+    result = fxdecomp.compress(gpt2, (ids,), budget=0.5)
+    small = result.apply_to(gpt2, example_inputs=(ids,))   # a GPT2LMHeadModel
+    small.generate(ids, max_new_tokens=8)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from .errors import FxDecompError, InvalidInputError, UnsupportedLayerError
+from .layer_spec import LAYER_TYPES
+from .transformers_layers import is_conv1d
+
+
+def apply_to_model(
+    result, model: nn.Module, example_inputs: Sequence | torch.Tensor | None = None, rtol: float = 1e-4, atol: float = 1e-5
+) -> nn.Module:
+    """A deep copy of ``model`` with each decomposed layer replaced by its decomposed module; ``model`` is untouched.
+
+    ``result`` is the `CompressionResult` of compressing ``model`` (or a model of the same
+    structure). With ``example_inputs`` the copy is run and its first output tensor compared
+    with ``result.graph_module``'s (``|a - b| <= atol + rtol * |b|``): a mismatch (e.g. a
+    module whose weight is also read outside its forward) raises `FxDecompError`.
+    Raises `UnsupportedLayerError` naming every decision that is not a module of ``model``.
+    """
+    from .training.plan import installed_module  # training imports compress, which imports this module's users
+
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    decided = [d for d in result.decisions if d.decomposed]
+    modules = dict(model.named_modules())
+    functional = [d.name for d in decided if not _replaceable(modules.get(d.name))]
+    if functional:
+        raise UnsupportedLayerError(
+            f"keep-the-model mode swaps modules, but {functional} are not nn.Linear, nn.Conv*d / nn.ConvTranspose*d or transformers "
+            f"Conv1D modules of {type(model).__name__} (functional weights, or a different model); use "
+            f"result.graph_module, or compress again with exclude={functional}"
+        )
+    for d in decided:
+        _check_shape(d.name, modules[d.name], installed_module(result.graph_module, d.name))
+    new = copy.deepcopy(model)
+    for d in decided:
+        old = new.get_submodule(d.name)
+        module = copy.deepcopy(installed_module(result.graph_module, d.name))
+        module.to(device=old.weight.device, dtype=old.weight.dtype).train(old.training)
+        for p, q in zip(module.parameters(), old.parameters()):
+            p.requires_grad_(q.requires_grad)
+        parent, _, leaf = d.name.rpartition(".")
+        setattr(new.get_submodule(parent) if parent else new, leaf, module)
+    if example_inputs is not None:
+        _check_outputs(result.graph_module, new, example_inputs, rtol, atol)
+    return new
+
+
+def _replaceable(module: nn.Module | None) -> bool:
+    return isinstance(module, LAYER_TYPES) or (module is not None and is_conv1d(module))
+
+
+def _check_shape(name: str, layer: nn.Module, decomposed: nn.Module) -> None:
+    weight = layer.weight
+    first = next((m for m in decomposed.modules() if isinstance(m, LAYER_TYPES)), None)
+    last = [m for m in decomposed.modules() if isinstance(m, LAYER_TYPES)]
+    if first is None:
+        return  # TT / tiled layers: checked by the outputs
+    if isinstance(layer, nn.Linear) or is_conv1d(layer):
+        in_features, out_features = (weight.shape[1], weight.shape[0]) if isinstance(layer, nn.Linear) else weight.shape
+        got = (getattr(first, "in_features", None), getattr(last[-1], "out_features", None))
+        if got != (in_features, out_features):
+            raise InvalidInputError(
+                f"layer {name!r} maps {in_features} -> {out_features} features in this model, but the result's "
+                f"decomposed module maps {got[0]} -> {got[1]}: apply the result to the model it was compressed from"
+            )
+
+
+def _check_outputs(gm: nn.Module, new: nn.Module, example_inputs, rtol: float, atol: float) -> None:
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    with torch.no_grad():
+        want = next((t for t in tree_leaves(gm(*args)) if isinstance(t, torch.Tensor)), None)
+        was = new.training
+        new.eval()
+        try:
+            got = next((t for t in tree_leaves(new(*args)) if isinstance(t, torch.Tensor)), None)
+        except AttributeError as exc:  # e.g. ViT reads patch_embeddings.projection.weight.dtype in its forward
+            raise FxDecompError(
+                f"{type(new).__name__} reads an attribute of a swapped layer outside that layer's forward ({exc}); "
+                "exclude that layer when compressing (compress(..., exclude=[name])) to keep the model, "
+                "or use result.graph_module"
+            ) from exc
+        finally:
+            new.train(was)
+    if want is None or got is None or got.shape != want.shape or not torch.allclose(got, want, rtol=rtol, atol=atol):
+        diff = float((got - want).abs().max()) if got is not None and want is not None and got.shape == want.shape else None
+        raise FxDecompError(
+            "the model with its layers swapped does not compute what result.graph_module computes "
+            f"(max abs diff {diff}); a swapped layer's weight may also be read outside its forward "
+            "(tied or functional use): exclude that layer, or use result.graph_module"
+        )
