@@ -23,6 +23,7 @@ from .budget import Budget
 from .cost import count_flops, count_params
 from .decomposers import all_methods
 from .errors import InvalidInputError, UnknownMethodError
+from .capture.hidden import OPAQUE_WEIGHTS
 from .frontend import capture_with_source
 from .passes import PassContext, make_pass
 from .progress import stderr_is_terminal
@@ -73,6 +74,7 @@ def compress(
 
     with torch.no_grad():
         gm, frontend_used, source = capture_with_source(model, example_inputs, frontend)
+        opaque = gm.meta.get(OPAQUE_WEIGHTS, ())
         context = PassContext(
             example_inputs=example_inputs,
             budget=budget,
@@ -106,6 +108,7 @@ def compress(
         pass_seconds=seconds,
         latency_before_ms=context.extras.get("latency_before_ms"),
         latency_after_ms=context.extras.get("latency_after_ms"),
+        opaque_weights=opaque,
     )
 
 

@@ -56,6 +56,16 @@ class CompressionResult:
     pass_seconds: dict[str, float] = field(default_factory=dict)
     latency_before_ms: float | None = None  # onnxruntime, measured for latency budgets
     latency_after_ms: float | None = None
+    # Linear/Conv weights hidden in calls no frontend traces into (kept as they are; see fxdecomp.capture.hidden)
+    opaque_weights: tuple = ()
+    # Set when the model could not be captured whole: the submodules that were (see fxdecomp.capture.partial);
+    # graph_module is then the user's model class with those submodules replaced by compressed GraphModules.
+    captured: tuple = ()
+
+    @property
+    def partial(self) -> bool:
+        """True when only submodules were captured (``captured`` names them) rather than the whole model."""
+        return bool(self.captured)
 
     @property
     def flops_ratio(self) -> float:
@@ -83,6 +93,9 @@ class CompressionResult:
             "latency_before_ms": self.latency_before_ms,
             "latency_after_ms": self.latency_after_ms,
             "decisions": [asdict(d) | {"ranks": list(d.ranks)} for d in self.decisions],
+            "opaque_weights": [asdict(w) | {"shape": list(w.shape)} for w in self.opaque_weights],
+            "partial": self.partial,
+            "captured": [asdict(c) for c in self.captured],
         }
         return _finite(data)
 
