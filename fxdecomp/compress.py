@@ -22,8 +22,9 @@ from torch import nn
 from .budget import Budget
 from .cost import count_flops, count_params
 from .decomposers import all_methods
-from .errors import InvalidInputError, UnknownMethodError
+from .errors import InvalidInputError, TraceError, UnknownMethodError
 from .capture.hidden import OPAQUE_WEIGHTS
+from .capture.partial import compress_partial
 from .frontend import capture_with_source
 from .passes import PassContext, make_pass
 from .progress import stderr_is_terminal
@@ -44,6 +45,7 @@ def compress(
     plan: Mapping[str, Any] | Sequence[Any] | None = None,
     sensitivity: Callable[[nn.Module], float] | None = None,
     progress: bool | None = None,
+    partial: bool | None = None,
 ) -> CompressionResult:
     """Decompose ``model``'s Conv2d and Linear layers so that it keeps ``budget`` of its FLOPs.
 
@@ -62,7 +64,12 @@ def compress(
     progress on stderr (default: when stderr is a terminal). ``plan`` re-applies saved decisions (``result.decisions``,
     ``result.to_dict()`` or its "decisions" list, or a mapping name -> (method, ranks))
     instead of searching: same structure, no budget. The input model and example
-    inputs are never modified.
+    inputs are never modified. When neither torch.fx nor torch.export captures the whole model,
+    its largest capturable submodules are compressed under the one budget, counted on the whole
+    model, with a warning (``partial=None``); ``partial=True`` always does so, ``partial=False``
+    raises the `TraceError` instead. Then ``result.partial`` is true, ``result.captured`` names the
+    submodules, and ``result.graph_module`` is a copy of the model (its own class) with those
+    submodules replaced by compressed GraphModules (see `fxdecomp.capture.partial`).
     """
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -73,7 +80,20 @@ def compress(
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
 
     with torch.no_grad():
-        gm, frontend_used, source = capture_with_source(model, example_inputs, frontend)
+        try:
+            if partial:
+                raise TraceError("partial capture asked for (partial=True)")
+            gm, frontend_used, source = capture_with_source(model, example_inputs, frontend)
+        except TraceError as exc:
+            if partial is False:
+                raise
+            if calibration is not None or sensitivity is not None:
+                raise TraceError(f"{exc}; compressing its capturable submodules instead (partial capture) "
+                                 "does not take calibration or sensitivity yet: drop them, or pass partial=False") from exc
+            return compress_partial(
+                model, example_inputs, budget, methods=methods, exclude=exclude, pipeline=pipeline,
+                frontend=frontend, plan=normalize_plan(plan), progress=progress, reason=None if partial else exc,
+            )
         opaque = gm.meta.get(OPAQUE_WEIGHTS, ())
         context = PassContext(
             example_inputs=example_inputs,

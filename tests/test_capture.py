@@ -19,8 +19,9 @@ from fxdecomp.frontend import capture, fx_trace
 
 
 def flops(model, inputs) -> int:
+    """FLOPs of an eval-mode copy's forward (a training-mode run would update BatchNorm statistics)."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(*inputs)
+        copy.deepcopy(model).eval()(*inputs)
     return counter.get_total_flops()
 
 
@@ -140,3 +141,124 @@ def test_scripted_submodule_weights_are_named_in_a_warning():
     assert [w.parameter for w in gm.meta["fxdecomp.opaque_weights"]] == ["inner.fc.weight"]
     torch.testing.assert_close(gm(x), model(x))
     assert_untouched(model, before)
+
+
+# ---- kind 7: models no frontend captures whole ----------------------------------------------------
+
+
+class Backbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(32, 32, 3, padding=1)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.conv3(F.relu(self.conv2(x))))
+
+
+class Head(nn.Module):
+    def __init__(self, channels=32, classes=5):
+        super().__init__()
+        self.fc1 = nn.Linear(channels, 64)
+        self.fc2 = nn.Linear(64, classes)
+
+    def forward(self, features):
+        return self.fc2(F.relu(self.fc1(features.mean((2, 3)))))
+
+
+class Detector(nn.Module):
+    """Detection-style control flow: a branch on a tensor value, a loop over a data-dependent count, a list of dicts."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = Backbone()
+        self.head = Head()
+        self.box = nn.Linear(32, 4)
+
+    def forward(self, images):
+        if images.sum() > 0:  # data-dependent branch: neither fx nor export captures it
+            images = images.flip(-1)
+        features = self.backbone(images)
+        scores = self.head(features)
+        detections = []
+        for i in range(int((scores[:, 0] > -1e9).sum())):  # data-dependent count
+            pooled = features[i].mean((1, 2))
+            detections.append({"boxes": self.box(pooled), "scores": scores[i].softmax(-1)})
+        return detections
+
+
+def detector_inputs():
+    torch.manual_seed(0)
+    return Detector(), (torch.randn(2, 3, 16, 16),)
+
+
+def test_detector_cannot_be_captured_whole():
+    model, inputs = detector_inputs()
+    with pytest.raises(fxdecomp.TraceError):
+        fxdecomp.compress(model, inputs, budget=0.5, partial=False)
+
+
+def test_partial_capture_meets_the_budget_on_the_whole_model():
+    model, inputs = detector_inputs()
+    before = state(model)
+    with pytest.warns(UserWarning, match=r"cannot be captured whole.*'backbone' \(fx.*'head' \(fx"):
+        result = fxdecomp.compress(model, inputs, budget=0.5)
+    assert result.partial and result.frontend == "partial"
+    assert [(c.name, c.frontend, c.calls) for c in result.captured] == [("backbone", "fx", 1), ("head", "fx", 1), ("box", "fx", 2)]
+    total = flops(model, inputs)
+    for part in result.captured:
+        assert part.fraction == pytest.approx(part.flops / total)
+    assert sum(c.fraction for c in result.captured) == pytest.approx(1.0)  # every op with FLOPs is in a part here
+    out = result.graph_module(*inputs)
+    assert type(result.graph_module) is Detector and isinstance(result.graph_module.backbone, fx.GraphModule)
+    kept = flops(result.graph_module, inputs) / total  # independent count on the whole result
+    assert kept <= 0.5 + 1e-6 and result.flops_after / result.flops_before == pytest.approx(kept)
+    reference = copy.deepcopy(model).eval()(*inputs)
+    assert len(out) == len(reference) and all(o["boxes"].shape == r["boxes"].shape for o, r in zip(out, reference))
+    assert all(torch.isfinite(o["boxes"]).all() for o in out)
+    assert {d.name.split(".")[0] for d in result.decisions if d.decomposed} <= {"backbone", "head", "box"}
+    assert_untouched(model, before)
+    assert result.to_dict()["partial"] is True
+
+
+def test_partial_capture_at_full_rank_reproduces_the_model():
+    model, inputs = detector_inputs()
+    probe = fxdecomp.compress(model, inputs, budget=1.0, partial=True)
+    plan = {d.name: ("svd", "full") for d in probe.decisions}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert set(plan) == set(layers)  # every layer, under its own name in the model
+    full_ranks = {n: ("svd", (min(m.weight.shape[0], m.weight[0].numel()),)) for n, m in layers.items()}
+    result = fxdecomp.compress(model, inputs, plan=full_ranks, partial=True)
+    assert all(d.decomposed for d in result.decisions)
+    for got, want in zip(result.graph_module(*inputs), copy.deepcopy(model).eval()(*inputs)):
+        torch.testing.assert_close(got["boxes"], want["boxes"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got["scores"], want["scores"], rtol=1e-4, atol=1e-4)
+
+
+def test_partial_capture_unreachable_budget_names_the_whole_model_fraction():
+    class Uncapturable(nn.Module):  # a big op outside any capturable submodule keeps its FLOPs
+        def __init__(self):
+            super().__init__()
+            self.net = Backbone()
+            self.mix = nn.Parameter(torch.randn(512, 512))
+
+        def forward(self, x):
+            if x.sum() > 0:
+                x = -x
+            y = self.net(x).flatten(1)
+            return y @ self.mix
+
+    torch.manual_seed(0)
+    model, inputs = Uncapturable(), (torch.randn(1, 3, 8, 8),)
+    rest = 2 * 512 * 512  # the matmul with `mix`: not in a captured submodule
+    total = flops(model, inputs)
+    with pytest.raises(fxdecomp.BudgetError, match="whole model") as info:
+        fxdecomp.compress(model, inputs, budget=0.05)
+    assert rest / total <= info.value.smallest_reachable < 1.0
+    reachable = min(1.0, info.value.smallest_reachable + 0.02)
+    with pytest.warns(UserWarning, match="cannot be captured whole"):
+        result = fxdecomp.compress(model, inputs, budget=reachable)
+    assert flops(result.graph_module, inputs) / total <= reachable + 1e-6
