@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import logging
 import math
 import warnings
@@ -108,8 +109,9 @@ def find_parts(model: nn.Module, calls: dict, frontend: str = "auto") -> tuple[l
             path = prefix + name
             if not _has_layer_weights(child):
                 continue
-            if path not in calls:
-                notes.append(f"{path}: never called on the example inputs")
+            if path not in calls:  # a container (ModuleList, ModuleDict) or an unused branch
+                notes.append(f"{path}: not called itself")
+                walk(child, path + ".")
                 continue
             part, why = _try_capture(path, child, calls[path], frontend)
             if part is not None:
@@ -281,19 +283,20 @@ class _Constant:
 def _try_capture(path: str, module: nn.Module, calls: list, frontend: str) -> tuple[_Part | None, str]:
     from ..frontend import capture_with_source
 
-    if any(kwargs for _, kwargs in calls):
-        return None, "called with keyword arguments"
-    if not all(isinstance(leaf, torch.Tensor) for args, _ in calls for leaf in tree_leaves(args)):
-        return None, "receives non-tensor inputs"
-    positional = [args for args, _ in calls]
+    positional = [_positional(module, args, kwargs) for args, kwargs in calls]
+    if any(args is None for args in positional):
+        return None, "its forward takes variadic or keyword-only arguments"
+    if not all(isinstance(leaf, (torch.Tensor, *_CONSTANTS)) for args in positional for leaf in tree_leaves(args)):
+        return None, "receives inputs that are neither tensors nor plain constants"
+    keywords = any(kwargs for _, kwargs in calls)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a part that fails is reported in the notes, not by warnings
-            gm, used, _ = capture_with_source(module, positional[0], frontend)
+            gm, used, _ = capture_with_source(module, positional[0], "fx" if keywords and frontend == "auto" else frontend)
         bindings = [_bind(gm, used, args) for args in positional]
         with torch.no_grad():
-            for args in positional:
-                if not _same(gm(*_clone(args)), module(*_clone(args))):
+            for args, kwargs in calls:  # called as its parent calls it (keywords too)
+                if not _same(gm(*_clone(args), **_clone(kwargs)), module(*_clone(args), **_clone(kwargs))):
                     return None, "its captured graph does not reproduce every call"
     except (FxDecompError, _Unbindable) as exc:
         return None, _first_line(exc)
@@ -306,6 +309,24 @@ class _Unbindable(Exception):
     pass
 
 
+_CONSTANTS = (type(None), bool, int, float, str)
+
+
+def _positional(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+    """The call's arguments, defaults filled in, as one positional tuple (None: variadic or keyword-only forward)."""
+    if not kwargs:
+        return args
+    try:
+        signature = inspect.signature(module.forward)
+        bound = signature.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in signature.parameters.values()):
+        return None
+    bound.apply_defaults()
+    return tuple(bound.arguments.values())
+
+
 def _bind(gm: fx.GraphModule, frontend: str, args: tuple) -> list:
     """The value of each placeholder of ``gm`` for a call with positional ``args``."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -313,13 +334,14 @@ def _bind(gm: fx.GraphModule, frontend: str, args: tuple) -> list:
         leaves = tree_leaves(args)
         if len(leaves) != len(placeholders):
             raise _Unbindable(f"export graph has {len(placeholders)} inputs for {len(leaves)} tensors")
-        return leaves
+        return [leaf if isinstance(leaf, torch.Tensor) else _Constant(leaf) for leaf in leaves]
     values = []
     for index, node in enumerate(placeholders):
         if str(node.target).startswith("*"):
             raise _Unbindable("variadic forward")
         if index < len(args):
-            values.append(args[index])
+            leaves = tree_leaves(args[index])
+            values.append(args[index] if leaves and all(isinstance(x, torch.Tensor) for x in leaves) else _Constant(args[index]))
         elif node.args:
             values.append(_Constant(node.args[0]))
         else:
