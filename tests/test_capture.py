@@ -262,3 +262,56 @@ def test_partial_capture_unreachable_budget_names_the_whole_model_fraction():
     with pytest.warns(UserWarning, match="cannot be captured whole"):
         result = fxdecomp.compress(model, inputs, budget=reachable)
     assert flops(result.graph_module, inputs) / total <= reachable + 1e-6
+
+
+class KeywordBlock(nn.Module):
+    def __init__(self, width=32):
+        super().__init__()
+        self.fc1 = nn.Linear(width, 2 * width)
+        self.fc2 = nn.Linear(2 * width, width)
+
+    def forward(self, x, scale=1.0, shift=0.0):
+        return x + self.fc2(F.relu(self.fc1(x))) * scale + shift
+
+
+class VariadicBlock(KeywordBlock):
+    def forward(self, x, **kwargs):  # transformers-style: the block itself cannot be bound positionally
+        return x + self.fc2(F.relu(self.fc1(x))) * kwargs.get("scale", 1.0)
+
+
+class MaskBlock(KeywordBlock):
+    def forward(self, x, scale=1.0, mask=None):  # fx traces the `mask is not None` branch: wrong for mask=None
+        y = self.fc2(F.relu(self.fc1(x))) * scale
+        return x + (y if mask is None else y * mask)
+
+
+class Stack(nn.Module):
+    """Blocks in a ModuleList (a container never called itself), called with keywords, under untraceable control flow."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([KeywordBlock(), VariadicBlock(), MaskBlock()])
+        self.head = nn.Linear(32, 8)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        for block in self.blocks:
+            x = block(x, scale=0.5)
+        return self.head(x)
+
+
+def test_partial_capture_descends_into_containers_and_keyword_calls():
+    torch.manual_seed(0)
+    model, inputs = Stack(), (torch.randn(4, 32),)
+    before = state(model)
+    with pytest.warns(UserWarning, match="cannot be captured whole"):
+        result = fxdecomp.compress(model, inputs, budget=0.6)
+    # blocks.1 cannot be bound positionally, blocks.2's fx graph does not reproduce its calls: their layers are captured
+    assert [c.name for c in result.captured] == ["blocks.0", "blocks.1.fc1", "blocks.1.fc2", "blocks.2.fc1", "blocks.2.fc2", "head"]
+    assert flops(result.graph_module, inputs) / flops(model, inputs) <= 0.6 + 1e-6
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    full = fxdecomp.compress(model, inputs, plan={n: ("svd", (min(m.weight.shape),)) for n, m in layers.items()}, partial=True)
+    assert {d.name for d in full.decisions if d.decomposed} == set(layers)
+    torch.testing.assert_close(full.graph_module(*inputs), copy.deepcopy(model).eval()(*inputs), rtol=1e-4, atol=1e-5)
+    assert_untouched(model, before)
