@@ -111,6 +111,16 @@ class CompressionResult:
                 if self.latency_before_ms is not None and self.latency_after_ms is not None
                 else ""
             ),
+            *(
+                [f"Captured in parts (the whole model could not be): {', '.join(f'{c.name} ({c.frontend}, {c.fraction:.1%} of the FLOPs)' for c in self.captured)}."]
+                if self.partial
+                else []
+            ),
+            *(
+                [f"Kept because no frontend sees into their calls: {', '.join(f'{w.parameter} ({w.consumer})' for w in self.opaque_weights)}."]
+                if self.opaque_weights
+                else []
+            ),
             "",
             "| layer | op | method | ranks | FLOPs before | FLOPs after | params before | params after | predicted error |",
             "|---|---|---|---|---:|---:|---:|---:|---:|",

@@ -134,7 +134,7 @@ HF["detr"] = _detr
 # ---- torchvision and timm (separate environment) ------------------------------------------------------
 
 
-def _tv(name, size=64, **kw):
+def _tv(name, size=32, **kw):
     def build():
         import torchvision
 
@@ -150,7 +150,7 @@ def _tv_video():
     return torchvision.models.video.r3d_18(weights=None, num_classes=10).eval(), (torch.randn(1, 3, 4, 32, 32),)
 
 
-def _timm(name, size=64, **kw):
+def _timm(name, size=32, **kw):
     def build():
         import timm
 
@@ -170,8 +170,9 @@ VISION: dict[str, Builder] = {
     "regnet_y_400mf": _tv("regnet_y_400mf", num_classes=10),
     "densenet121": _tv("densenet121", num_classes=10),
     "shufflenet_v2_x0_5": _tv("shufflenet_v2_x0_5", num_classes=10),
-    "squeezenet1_0": _tv("squeezenet1_0", num_classes=10),
-    "fasterrcnn_mobilenet_v3_large_320_fpn": _tv("fasterrcnn_mobilenet_v3_large_320_fpn", size=128, weights_backbone=None, num_classes=5),
+    "squeezenet1_0": _tv("squeezenet1_0", size=64, num_classes=10),
+    "fasterrcnn_mobilenet_v3_large_320_fpn": _tv("fasterrcnn_mobilenet_v3_large_320_fpn", size=128, weights_backbone=None, num_classes=5,
+                                                  min_size=128, max_size=128),
     "fcn_resnet50": _tv("fcn_resnet50", weights_backbone=None, num_classes=3, aux_loss=False),
     "deeplabv3_mobilenet_v3_large": _tv("deeplabv3_mobilenet_v3_large", weights_backbone=None, num_classes=3, aux_loss=False),
     "r3d_18": _tv_video,
