@@ -315,6 +315,8 @@ def _onnx(module, inputs) -> str:
         try:
             report = fxdecomp.export_onnx(module, clone(inputs), os.path.join(folder, "m.onnx"))
         except Exception as exc:
+            if isinstance(exc.__cause__, Timeout) or isinstance(exc.__context__, Timeout):
+                raise Timeout() from exc  # the model's time limit struck inside the exporter
             return f"FAIL {type(exc).__name__}: {_line(exc)[:120]}"
     return f"ok ({report.max_abs_diff:.1e})" if getattr(report, "max_abs_diff", None) is not None else "ok"
 
