@@ -73,7 +73,9 @@ def _encoder(config_name, model_name, inputs=_ids, **kw):
         import transformers
 
         config = getattr(transformers, config_name)(**kw)
-        return getattr(transformers, model_name)(config).eval(), inputs()
+        module, _, cls = model_name.rpartition(".")  # "models.whisper.modeling_whisper.WhisperEncoder": not exported at the top
+        owner = __import__(f"transformers.{module}", fromlist=[cls]) if module else transformers
+        return getattr(owner, cls)(config).eval(), inputs()
 
     return build
 
@@ -103,7 +105,7 @@ HF: dict[str, Builder] = {
     "convnext": _encoder("ConvNextConfig", "ConvNextModel", lambda: IMAGE(64), hidden_sizes=[16, 32], depths=[1, 1], num_stages=2),
     "resnet-hf": _encoder("ResNetConfig", "ResNetModel", lambda: IMAGE(64), embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
                           layer_type="basic"),
-    "whisper-encoder": _encoder("WhisperConfig", "WhisperEncoder", lambda: (torch.randn(1, 80, 64),), d_model=64, encoder_layers=2,
+    "whisper-encoder": _encoder("WhisperConfig", "models.whisper.modeling_whisper.WhisperEncoder", lambda: (torch.randn(1, 80, 64),), d_model=64, encoder_layers=2,
                                 encoder_attention_heads=4, encoder_ffn_dim=128, max_source_positions=32, num_mel_bins=80),
     "wav2vec2": _encoder("Wav2Vec2Config", "Wav2Vec2Model", lambda: (torch.randn(1, 1600),), hidden_size=64, num_hidden_layers=2,
                          num_attention_heads=4, intermediate_size=128, conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3),
@@ -150,6 +152,13 @@ def _tv_video():
     return torchvision.models.video.r3d_18(weights=None, num_classes=10).eval(), (torch.randn(1, 3, 4, 32, 32),)
 
 
+def _tv_swin_small():
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=10)
+    return model.eval(), (torch.randn(1, 3, 32, 32),)
+
+
 def _timm(name, size=32, **kw):
     def build():
         import timm
@@ -166,6 +175,7 @@ VISION: dict[str, Builder] = {
     "efficientnet_b0": _tv("efficientnet_b0", num_classes=10),
     "vit_b_16": _tv("vit_b_16", size=32, image_size=32, num_classes=10),
     "swin_t": _tv("swin_t", num_classes=10),
+    "swin_small_config": lambda: _tv_swin_small(),  # torchvision's SwinTransformer class, 2 stages: quick
     "convnext_tiny": _tv("convnext_tiny", num_classes=10),
     "regnet_y_400mf": _tv("regnet_y_400mf", num_classes=10),
     "densenet121": _tv("densenet121", num_classes=10),
