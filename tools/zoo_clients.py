@@ -255,7 +255,7 @@ def _weight_of(model, name):
     return None, 1
 
 
-class Timeout(Exception):
+class Timeout(BaseException):  # not an Exception: library code catching Exception must not swallow it
     pass
 
 
