@@ -21,7 +21,9 @@ from torch import nn
 from .budget import Budget
 from .cost import count_flops, count_params
 from .decomposers import all_methods
-from .errors import BudgetError, InvalidInputError, UnknownMethodError
+from .capture.hidden import OPAQUE_WEIGHTS
+from .capture.partial import compress_partial
+from .errors import BudgetError, InvalidInputError, TraceError, UnknownMethodError
 from .frontend import capture_with_source
 from .passes import PassManager
 from .planning.replay import normalize_plan
@@ -45,6 +47,7 @@ def compress(
     plan: Mapping[str, Any] | Sequence[Any] | None = None,
     sensitivity: Callable[[nn.Module], float] | None = None,
     progress: bool | None = None,
+    partial: bool | None = None,
 ) -> CompressionResult:
     """Decompose ``model``'s Linear and conv (Conv1d/2d/3d, ConvTranspose1d/2d/3d) layers so that it keeps ``budget`` of its FLOPs.
 
@@ -66,7 +69,12 @@ def compress(
     progress on stderr (default: when stderr is a terminal). ``plan`` re-applies saved decisions (``result.decisions``,
     ``result.to_dict()`` or its "decisions" list, or a mapping name -> (method, ranks))
     instead of searching: same structure, no budget. The input model and example
-    inputs are never modified.
+    inputs are never modified. When neither torch.fx nor torch.export captures the whole model,
+    its largest capturable submodules are compressed under the one budget, counted on the whole
+    model, with a warning (``partial=None``); ``partial=True`` always does so, ``partial=False``
+    raises the `TraceError` instead. Then ``result.partial`` is true, ``result.captured`` names the
+    submodules, and ``result.graph_module`` is a copy of the model (its own class) with those
+    submodules replaced by compressed GraphModules (see `fxdecomp.capture.partial`).
 
     Every Conv2d / Linear weight is a candidate however it is called (module, keyword
     input, ``F.linear`` / ``F.conv2d``, ``addmm``, ``x @ W.t()``), including
@@ -87,7 +95,21 @@ def compress(
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
 
     with torch.no_grad():
-        gm, frontend_used, source = capture_with_source(model, example_inputs, frontend, dynamic_shapes)
+        try:
+            if partial:
+                raise TraceError("partial capture asked for (partial=True)")
+            gm, frontend_used, source = capture_with_source(model, example_inputs, frontend, dynamic_shapes)
+        except TraceError as exc:
+            if partial is False:
+                raise
+            if calibration is not None or sensitivity is not None:
+                raise TraceError(f"{exc}; compressing its capturable submodules instead (partial capture) "
+                                 "does not take calibration or sensitivity yet: drop them, or pass partial=False") from exc
+            return compress_partial(
+                model, example_inputs, budget, methods=methods, exclude=exclude, pipeline=pipeline,
+                frontend=frontend, plan=normalize_plan(plan), progress=progress, reason=None if partial else exc,
+            )
+        opaque = gm.meta.get(OPAQUE_WEIGHTS, ())
         request = Request(
             example_inputs=example_inputs,
             budget=budget,
@@ -122,6 +144,7 @@ def compress(
         pass_seconds=run.seconds,
         latency_before_ms=context.latency.before_ms,
         latency_after_ms=verification.latency_after_ms,
+        opaque_weights=opaque,
     )
 
 

@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 from torch import fx, nn
@@ -20,6 +21,7 @@ from torch import fx, nn
 from .graph.attention import functional_attention
 from .graph.parametrized import private_copy
 from .graph.effects import fresh_inputs, preserved_buffers
+from .capture.hidden import OPAQUE_WEIGHTS, OpaqueWeight, opaque_weights
 from .errors import InvalidInputError, TraceError
 from .export_capture import check_dynamic_shapes, export_trace
 from .transformers_layers import conv1d_types
@@ -74,16 +76,60 @@ def capture_with_source(
             gm = fx_trace(model)
             with preserved_buffers(gm):
                 gm(*fresh_inputs(example_inputs))  # fx can trace graphs that do not run (e.g. data-dependent shapes)
-            return gm, "fx", model
         except Exception as exc:
             fx_error = exc
             log.info("torch.fx cannot trace %s (%s); trying torch.export", type(model).__name__, exc)
             if frontend == "fx":
                 raise TraceError(_trace_message(model, fx_error, None)) from exc
+        else:
+            gm, used = _see_opaque_weights(model, example_inputs, gm, frontend == "auto", dynamic_shapes)
+            return gm, used, model
     try:
-        return export_trace(model, example_inputs, dynamic_shapes), "export", model
+        gm = export_trace(model, example_inputs, dynamic_shapes)
     except Exception as exc:
         raise TraceError(_trace_message(model, fx_error, exc)) from exc
+    gm.meta[OPAQUE_WEIGHTS] = opaque_weights(gm)
+    _warn_opaque(model, gm.meta[OPAQUE_WEIGHTS])
+    return gm, "export", model
+
+
+def _see_opaque_weights(
+    model: nn.Module, example_inputs: tuple, gm: fx.GraphModule, try_export: bool, dynamic_shapes="auto"
+) -> tuple[fx.GraphModule, str]:
+    """Prefer torch.export when fx hides Linear/Conv weights in opaque calls and export sees more of them.
+
+    torch.fx keeps ``torch.fx.wrap``'d functions and scripted submodules opaque; non-strict
+    torch.export traces into the former. The weights still hidden are recorded in
+    ``gm.meta[OPAQUE_WEIGHTS]`` and named in a warning.
+    """
+    hidden, used = opaque_weights(gm), "fx"
+    if hidden and try_export:
+        try:
+            exported = export_trace(model, example_inputs, dynamic_shapes)
+        except Exception as exc:  # e.g. export cannot call a scripted submodule
+            log.info("torch.export cannot capture %s either (%s); keeping the fx graph", type(model).__name__, exc)
+        else:
+            still = opaque_weights(exported)
+            if {w.parameter for w in still} < {w.parameter for w in hidden}:
+                log.info("torch.fx hides %d weight(s) in opaque calls; torch.export sees into them", len(hidden) - len(still))
+                gm, hidden, used = exported, still, "export"
+    gm.meta[OPAQUE_WEIGHTS] = hidden
+    _warn_opaque(model, hidden)
+    return gm, used
+
+
+def _warn_opaque(model: nn.Module, hidden: tuple[OpaqueWeight, ...]) -> None:
+    if not hidden:
+        return
+    listed = ", ".join(f"{w.parameter!r} {tuple(w.shape)} in {w.consumer}" for w in hidden[:8])
+    more = f" and {len(hidden) - 8} more" if len(hidden) > 8 else ""
+    warnings.warn(
+        f"fxdecomp: {len(hidden)} Linear/Conv weight(s) of {type(model).__name__} reach calls that neither torch.fx "
+        f"nor torch.export trace into, so they are kept and their FLOPs cannot be reduced: {listed}{more}. "
+        "Way out: apply them in Python with nn.Linear/nn.Conv2d or F.linear/F.conv2d (not inside a "
+        "torch.fx.wrap'd function or a scripted submodule), or compress that submodule on its own",
+        stacklevel=3,
+    )
 
 
 def check_runs(model: nn.Module, example_inputs: tuple) -> None:

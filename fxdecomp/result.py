@@ -57,6 +57,16 @@ class CompressionResult:
     pass_seconds: dict[str, float] = field(default_factory=dict)
     latency_before_ms: float | None = None  # onnxruntime, measured for latency budgets
     latency_after_ms: float | None = None
+    # Linear/Conv weights hidden in calls no frontend traces into (kept as they are; see fxdecomp.capture.hidden)
+    opaque_weights: tuple = ()
+    # Set when the model could not be captured whole: the submodules that were (see fxdecomp.capture.partial);
+    # graph_module is then the user's model class with those submodules replaced by compressed GraphModules.
+    captured: tuple = ()
+
+    @property
+    def partial(self) -> bool:
+        """True when only submodules were captured (``captured`` names them) rather than the whole model."""
+        return bool(self.captured)
 
     @property
     def flops_ratio(self) -> float:
@@ -94,6 +104,9 @@ class CompressionResult:
             "latency_before_ms": self.latency_before_ms,
             "latency_after_ms": self.latency_after_ms,
             "decisions": [asdict(d) | {"ranks": list(d.ranks)} for d in self.decisions],
+            "opaque_weights": [asdict(w) | {"shape": list(w.shape)} for w in self.opaque_weights],
+            "partial": self.partial,
+            "captured": [asdict(c) for c in self.captured],
         }
         return _finite(data)
 
@@ -108,6 +121,16 @@ class CompressionResult:
                 f" onnxruntime latency {self.latency_before_ms:.3g} ms -> {self.latency_after_ms:.3g} ms."
                 if self.latency_before_ms is not None and self.latency_after_ms is not None
                 else ""
+            ),
+            *(
+                [f"Captured in parts (the whole model could not be): {', '.join(f'{c.name} ({c.frontend}, {c.fraction:.1%} of the FLOPs)' for c in self.captured)}."]
+                if self.partial
+                else []
+            ),
+            *(
+                [f"Kept because no frontend sees into their calls: {', '.join(f'{w.parameter} ({w.consumer})' for w in self.opaque_weights)}."]
+                if self.opaque_weights
+                else []
             ),
             "",
             "| layer | op | method | ranks | FLOPs before | FLOPs after | params before | params after | predicted error |",

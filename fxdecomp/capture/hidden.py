@@ -1,0 +1,101 @@
+"""Weights hidden inside opaque calls: parameters a captured graph hands to calls fx does not trace into.
+
+torch.fx keeps functions marked with ``torch.fx.wrap`` (torchvision's Swin
+``shifted_window_attention``, user helpers) and scripted submodules
+(``torch.jit.ScriptModule``, called through their ``_c`` object) as single
+opaque nodes: a Linear weight passed into one is not a candidate, and its FLOPs
+cannot be reduced. `opaque_weights` lists such parameters so that capture can
+fall back to torch.export (which traces into ``fx.wrap``'d functions and
+records ``aten.linear``) or name them in a warning.
+
+Only Linear- and Conv2d-shaped parameters (2-D and 4-D floating tensors) count;
+calls into torch itself (aten ops, ``torch.*``, ``F.*``, tensor methods) are
+seen by the candidate matcher and are not opaque. Higher-order operators are.
+
+Example::
+
+    gm = fx_trace(model)
+    for w in opaque_weights(gm):
+        print(w.parameter, w.consumer)   # "w1", "function attn_like (torch.fx.wrap)"
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+OPAQUE_WEIGHTS = "fxdecomp.opaque_weights"  # GraphModule.meta key: tuple[OpaqueWeight, ...] found at capture
+
+
+@dataclass(frozen=True)
+class OpaqueWeight:
+    """A Linear/Conv-shaped parameter that reaches an opaque call (its FLOPs stay as they are)."""
+
+    parameter: str  # qualified name in the captured module
+    shape: tuple[int, ...]
+    consumer: str  # what hides it, e.g. "function attn_like (torch.fx.wrap)" or "scripted submodule 'inner'"
+
+
+def opaque_weights(gm: fx.GraphModule) -> tuple[OpaqueWeight, ...]:
+    """The 2-D / 4-D floating parameters of ``gm`` that reach an opaque call, in graph order.
+
+    Opaque: a ``call_function`` whose target is not part of torch (an ``fx.wrap``'d
+    function) or is a higher-order operator, and a scripted submodule called through
+    its ``_c`` object. Returns an empty tuple when every weight is visible.
+    """
+    found: dict[str, OpaqueWeight] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = _attribute(gm, node.target)
+        if isinstance(value, torch._C.ScriptModule):
+            owner = node.target[: -len("._c")] if node.target.endswith("._c") else node.target
+            module = torch.jit._recursive.wrap_cpp_module(value)  # fx keeps only the C++ object
+            if isinstance(module, nn.Module):
+                for name, param in module.named_parameters():
+                    if _layer_shaped(param):
+                        qualified = f"{owner}.{name}"
+                        found.setdefault(qualified, OpaqueWeight(qualified, tuple(param.shape), f"scripted submodule {owner!r}"))
+            continue
+        if not isinstance(value, torch.Tensor) or not _layer_shaped(value):
+            continue
+        for user in node.users:
+            if user.op == "call_function" and _opaque_function(user.target):
+                found.setdefault(node.target, OpaqueWeight(node.target, tuple(value.shape), _describe(user.target)))
+    return tuple(found.values())
+
+
+def _layer_shaped(tensor: torch.Tensor) -> bool:
+    return tensor.dim() in (2, 4) and tensor.is_floating_point()
+
+
+def _attribute(gm: nn.Module, target: str):
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value
+
+
+def _opaque_function(target) -> bool:
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return True
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return False
+    if getattr(operator, getattr(target, "__name__", ""), None) is target or getattr(builtins, getattr(target, "__name__", ""), None) is target:
+        return False
+    module = getattr(target, "__module__", None) or ""
+    return not (module == "torch" or module.startswith(("torch.", "torch._")))
+
+
+def _describe(target) -> str:
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return f"higher-order operator {target.name()}"
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target))
+    module = getattr(target, "__module__", "")
+    return f"function {module + '.' if module else ''}{name} (torch.fx.wrap)"

@@ -1,0 +1,369 @@
+"""Real-client zoo: `fxdecomp.compress` on model code written by others, checked independently.
+
+Two suites:
+
+- ``--suite hf``: Hugging Face transformers architectures built from small configs
+  with random weights (no hub download; configs that need a timm backbone are skipped
+  with the reason printed).
+- ``--suite vision``: torchvision and timm models (weights=None). Run it in a separate
+  virtual environment that has torchvision and timm (never CI, never the global env):
+  ``/work/venv-vision/bin/python tools/zoo_clients.py --suite vision``.
+
+For each model and budget (default 0.75 and 0.5) it checks the budget with FLOPs
+counted independently by ``torch.utils.flop_counter.FlopCounterMode`` on the original
+and the result (2 FLOPs per multiply-add), finite outputs, output shapes, and ONNX
+parity (`fxdecomp.export_onnx`, onnxruntime against torch), and prints one markdown
+row per model and budget: how it was captured, FLOPs kept, the relative output error
+at full rank (every candidate decomposed by svd at its maximum rank: the rewrite
+alone) and at the budget, ONNX parity, seconds, or the error.
+
+    python tools/zoo_clients.py --suite hf                           # ~10 min on 2 loaded cores
+    python tools/zoo_clients.py --suite hf --models gpt2,bert --budgets 0.5
+    /work/venv-vision/bin/python tools/zoo_clients.py --suite vision --time-limit 900
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import copy
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fxdecomp  # noqa: E402
+
+Builder = Callable[[], tuple[nn.Module, tuple]]
+
+
+# ---- Hugging Face transformers ---------------------------------------------------------------------
+
+
+def _ids(vocab=256, length=16):
+    return (torch.randint(0, vocab, (1, length)),)
+
+
+def _causal(config_name, **kw):
+    def build():
+        import transformers
+
+        config = getattr(transformers, config_name)(**kw)
+        return transformers.AutoModelForCausalLM.from_config(config).eval(), _ids()
+
+    return build
+
+
+def _encoder(config_name, model_name, inputs=_ids, **kw):
+    def build():
+        import transformers
+
+        config = getattr(transformers, config_name)(**kw)
+        module, _, cls = model_name.rpartition(".")  # "models.whisper.modeling_whisper.WhisperEncoder": not exported at the top
+        owner = __import__(f"transformers.{module}", fromlist=[cls]) if module else transformers
+        return getattr(owner, cls)(config).eval(), inputs()
+
+    return build
+
+
+SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=256)
+IMAGE = lambda size=32: (torch.randn(1, 3, size, size),)  # noqa: E731
+
+HF: dict[str, Builder] = {
+    "gpt2": _causal("GPT2Config", n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64),
+    "llama-gqa": _causal("LlamaConfig", num_key_value_heads=2, max_position_embeddings=64, **SMALL),
+    "mistral": _causal("MistralConfig", num_key_value_heads=2, max_position_embeddings=64, sliding_window=8, **SMALL),
+    "qwen2": _causal("Qwen2Config", num_key_value_heads=2, max_position_embeddings=64, **SMALL),
+    "phi": _causal("PhiConfig", max_position_embeddings=64, **SMALL),
+    "gpt-neox": _causal("GPTNeoXConfig", max_position_embeddings=64, **SMALL),
+    "opt": _causal("OPTConfig", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, vocab_size=256,
+                   max_position_embeddings=64, word_embed_proj_dim=64),
+    "bert": _encoder("BertConfig", "BertModel", max_position_embeddings=64, **SMALL),
+    "roberta": _encoder("RobertaConfig", "RobertaModel", max_position_embeddings=64, **SMALL),
+    "distilbert": _encoder("DistilBertConfig", "DistilBertModel", dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=256,
+                           max_position_embeddings=64),
+    "albert": _encoder("AlbertConfig", "AlbertModel", embedding_size=32, max_position_embeddings=64, **SMALL),
+    "t5-encoder": _encoder("T5Config", "T5EncoderModel", d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, vocab_size=256),
+    "vit": _encoder("ViTConfig", "ViTModel", IMAGE, image_size=32, patch_size=8, **{k: v for k, v in SMALL.items() if k != "vocab_size"}),
+    "deit": _encoder("DeiTConfig", "DeiTModel", IMAGE, image_size=32, patch_size=8, **{k: v for k, v in SMALL.items() if k != "vocab_size"}),
+    "swin": _encoder("SwinConfig", "SwinModel", IMAGE, image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+                     window_size=4),
+    "convnext": _encoder("ConvNextConfig", "ConvNextModel", lambda: IMAGE(64), hidden_sizes=[16, 32], depths=[1, 1], num_stages=2),
+    "resnet-hf": _encoder("ResNetConfig", "ResNetModel", lambda: IMAGE(64), embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
+                          layer_type="basic"),
+    "whisper-encoder": _encoder("WhisperConfig", "models.whisper.modeling_whisper.WhisperEncoder", lambda: (torch.randn(1, 80, 64),), d_model=64, encoder_layers=2,
+                                encoder_attention_heads=4, encoder_ffn_dim=128, max_source_positions=32, num_mel_bins=80),
+    "wav2vec2": _encoder("Wav2Vec2Config", "Wav2Vec2Model", lambda: (torch.randn(1, 1600),), hidden_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, intermediate_size=128, conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3),
+                         num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4),
+    "clip-vision": _encoder("CLIPVisionConfig", "CLIPVisionModel", IMAGE, image_size=32, patch_size=8,
+                            **{k: v for k, v in SMALL.items() if k != "vocab_size"}),
+    "segformer": _encoder("SegformerConfig", "SegformerForSemanticSegmentation", lambda: IMAGE(64), num_encoder_blocks=2, depths=[1, 1],
+                          sr_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
+                          mlp_ratios=[2, 2], decoder_hidden_size=32, num_labels=3),
+    "detr": None,  # filled below: it needs a backbone config
+}
+
+
+def _detr():
+    import transformers
+
+    backbone = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 32, 64], depths=[1, 1, 1, 1], layer_type="basic",
+                                         out_features=["stage4"])
+    config = transformers.DetrConfig(use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False, d_model=32,
+                                     encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                                     encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=8, num_labels=3)
+    return transformers.DetrForObjectDetection(config).eval(), IMAGE(64)
+
+
+HF["detr"] = _detr
+
+
+# ---- torchvision and timm (separate environment) ------------------------------------------------------
+
+
+def _tv(name, size=32, **kw):
+    def build():
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None, **kw).eval()
+        return model, (torch.randn(1, 3, size, size),)
+
+    return build
+
+
+def _tv_video():
+    import torchvision
+
+    return torchvision.models.video.r3d_18(weights=None, num_classes=10).eval(), (torch.randn(1, 3, 4, 32, 32),)
+
+
+def _tv_swin_small():
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=10)
+    return model.eval(), (torch.randn(1, 3, 32, 32),)
+
+
+def _timm(name, size=32, **kw):
+    def build():
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=10, **kw).eval(), (torch.randn(1, 3, size, size),)
+
+    return build
+
+
+VISION: dict[str, Builder] = {
+    "resnet18": _tv("resnet18", num_classes=10),
+    "resnet50": _tv("resnet50", num_classes=10),
+    "mobilenet_v3_small": _tv("mobilenet_v3_small", num_classes=10),
+    "efficientnet_b0": _tv("efficientnet_b0", num_classes=10),
+    "vit_b_16": _tv("vit_b_16", size=32, image_size=32, num_classes=10),
+    "swin_t": _tv("swin_t", num_classes=10),
+    "swin_small_config": lambda: _tv_swin_small(),  # torchvision's SwinTransformer class, 2 stages: quick
+    "convnext_tiny": _tv("convnext_tiny", num_classes=10),
+    "regnet_y_400mf": _tv("regnet_y_400mf", num_classes=10),
+    "densenet121": _tv("densenet121", num_classes=10),
+    "shufflenet_v2_x0_5": _tv("shufflenet_v2_x0_5", num_classes=10),
+    "squeezenet1_0": _tv("squeezenet1_0", size=64, num_classes=10),
+    "fasterrcnn_mobilenet_v3_large_320_fpn": _tv("fasterrcnn_mobilenet_v3_large_320_fpn", size=128, weights_backbone=None, num_classes=5,
+                                                  min_size=128, max_size=128),
+    "fcn_resnet50": _tv("fcn_resnet50", weights_backbone=None, num_classes=3, aux_loss=False),
+    "deeplabv3_mobilenet_v3_large": _tv("deeplabv3_mobilenet_v3_large", weights_backbone=None, num_classes=3, aux_loss=False),
+    "r3d_18": _tv_video,
+    "timm/resnet18": _timm("resnet18"),
+    "timm/efficientnet_b0": _timm("efficientnet_b0"),
+    "timm/vit_tiny_patch16_224": _timm("vit_tiny_patch16_224", size=32, img_size=32),
+    "timm/convnext_atto": _timm("convnext_atto"),
+    "timm/mobilevit_xxs": _timm("mobilevit_xxs"),
+}
+
+
+# ---- the checks ---------------------------------------------------------------------------------------
+
+
+def tensors(output) -> list[torch.Tensor]:
+    if hasattr(output, "to_tuple"):  # transformers' ModelOutput
+        output = output.to_tuple()
+    return [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+
+
+def flops(model: nn.Module, inputs: tuple) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*clone(inputs))
+    return int(counter.get_total_flops())
+
+
+def clone(inputs):
+    return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs)
+
+
+def relative_error(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> float:
+    if len(expected) != len(actual) or any(a.shape != e.shape for a, e in zip(actual, expected)):
+        raise AssertionError(f"output shapes differ: {[tuple(e.shape) for e in expected]} vs {[tuple(a.shape) for a in actual]}")
+    errors = [
+        float((a.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30))
+        for a, e in zip(actual, expected)
+        if e.is_floating_point()
+    ]
+    return max(errors, default=0.0)
+
+
+def full_rank_plan(model: nn.Module, decisions) -> dict:
+    """Every candidate decomposed by svd at its maximum rank: the result must equal the model."""
+    plan = {}
+    for d in decisions:
+        weight, groups = _weight_of(model, d.name)
+        if weight is None:
+            continue
+        if weight.dim() == 2:
+            plan[d.name] = ("svd", (min(weight.shape),))
+        elif weight.dim() == 4:
+            plan[d.name] = ("svd", (min(weight.shape[0] // groups, weight[0].numel()),))
+    return plan
+
+
+def _weight_of(model, name):
+    try:
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Conv2d):
+            return module.weight, module.groups
+        if isinstance(module, nn.Linear):
+            return module.weight, 1
+    except AttributeError:
+        pass
+    for candidate in (name, name + ".weight"):
+        try:
+            return model.get_parameter(candidate), 1
+        except AttributeError:
+            continue
+    return None, 1
+
+
+class Timeout(BaseException):  # not an Exception: library code catching Exception must not swallow it
+    pass
+
+
+def _alarm(signum, frame):
+    raise Timeout()
+
+
+def run_model(name: str, build: Builder, budgets: list[float], methods, limit: int) -> list[str]:
+    rows = []
+    start = time.perf_counter()
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(limit)
+    try:
+        try:
+            model, inputs = build()
+        except Exception as exc:
+            return [f"| {name} | - | skipped: cannot build offline ({type(exc).__name__}: {_line(exc)}) |||||||"]
+        with torch.no_grad():
+            expected = tensors(copy.deepcopy(model)(*clone(inputs)))
+        total = flops(model, inputs)
+        full_error = None
+        for budget in budgets:
+            t0 = time.perf_counter()
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    result = fxdecomp.compress(model, clone(inputs), budget=budget, methods=methods, progress=False)
+                notes = [_line(w.message) for w in caught if "fxdecomp" in str(w.message)]
+                kept = flops(result.graph_module, inputs) / total
+                with torch.no_grad():
+                    actual = tensors(result.graph_module(*clone(inputs)))
+                finite = all(torch.isfinite(t).all() for t in actual if t.is_floating_point())
+                error = relative_error(expected, actual)
+                if full_error is None:
+                    plan = full_rank_plan(model, result.decisions)
+                    full = fxdecomp.compress(model, clone(inputs), plan=plan, progress=False) if plan else None
+                    with torch.no_grad():
+                        full_error = relative_error(expected, tensors(full.graph_module(*clone(inputs)))) if full else 0.0
+                onnx = _onnx(result.graph_module, inputs)
+                how = result.frontend
+                if result.partial:
+                    frontends = sorted({c.frontend for c in result.captured})
+                    how = f"partial: {len(result.captured)} submodules ({'/'.join(frontends)}), {sum(c.fraction for c in result.captured):.0%} of FLOPs"
+                if result.opaque_weights:
+                    how += f", {len(result.opaque_weights)} opaque weights"
+
+                status = ("OK" if kept <= budget + 1e-6 and finite else "BUDGET MISSED" if kept > budget + 1e-6 else "NON-FINITE")
+                rows.append(
+                    f"| {name} | {budget} | {how} | {kept:.3f} ({status}) | {full_error:.2e} | {error:.3g} | {onnx} | "
+                    f"{time.perf_counter() - t0:.1f} | {'; '.join(notes)[:200]} |"
+                )
+            except Timeout:
+                raise
+            except Exception as exc:
+                rows.append(f"| {name} | {budget} | - | - | - | - | - | {time.perf_counter() - t0:.1f} | {type(exc).__name__}: {_line(exc)[:300]} |")
+                if os.environ.get("ZOO_TRACEBACK"):
+                    traceback.print_exc()
+    except Timeout:
+        rows.append(f"| {name} | - | - | - | - | - | - | {time.perf_counter() - start:.0f} | timed out after {limit} s |")
+    finally:
+        signal.alarm(0)
+    return rows
+
+
+def _onnx(module, inputs) -> str:
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            report = fxdecomp.export_onnx(module, clone(inputs), os.path.join(folder, "m.onnx"))
+        except Exception as exc:
+            if isinstance(exc.__cause__, Timeout) or isinstance(exc.__context__, Timeout):
+                raise Timeout() from exc  # the model's time limit struck inside the exporter
+            return f"FAIL {type(exc).__name__}: {_line(exc)[:120]}"
+    return f"ok ({report.max_abs_diff:.1e})" if getattr(report, "max_abs_diff", None) is not None else "ok"
+
+
+def _line(value) -> str:
+    text = str(value).strip()
+    return text.splitlines()[0] if text else type(value).__name__
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=("hf", "vision"), default="hf")
+    parser.add_argument("--models", default=None, help="comma-separated subset of the suite")
+    parser.add_argument("--budgets", default="0.75,0.5")
+    parser.add_argument("--methods", default="svd", help="comma-separated; 'recipe' for the default recipe's (slower)")
+    parser.add_argument("--model-limit", type=int, default=240, help="seconds per model")
+    parser.add_argument("--time-limit", type=int, default=900, help="seconds for the whole suite; the rest is listed as not run")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    zoo = HF if args.suite == "hf" else VISION
+    names = args.models.split(",") if args.models else list(zoo)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    methods = None if args.methods == "recipe" else args.methods.split(",")
+    print(f"torch {torch.__version__}; methods {methods or 'recipe'}; FLOPs by torch.utils.flop_counter (2 per multiply-add)")
+    print("| model | budget | captured | FLOPs kept (independent) | error at full rank | error at budget | ONNX parity | s | notes / error |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    begin = time.perf_counter()
+    for name in names:
+        left = args.time_limit - (time.perf_counter() - begin)
+        if left < 10:
+            print(f"| {name} | - | not run: suite time limit {args.time_limit} s reached |||||||")
+            continue
+        for row in run_model(name, zoo[name], budgets, methods, int(min(args.model_limit, left))):
+            print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
