@@ -343,3 +343,50 @@ def test_from_singular_values_bad_input(spectrum, shape, words):
 def test_error_is_a_value_error():
     with pytest.raises(ValueError):
         evbmf(torch.ones(4))
+
+
+def free_energy_reference(sigma2: float, s: np.ndarray, n_rows: int, n_cols: int) -> float:
+    """The EVB free energy of [2] as a function of sigma2, up to constants, written from the paper:
+    sum_h psi(x_h), x_h = gamma_h^2 / (M sigma2), psi(x) = x - log x + [x > x_bar] psi_1(x),
+    psi_1(x) = log(tau + 1) + alpha log(tau / alpha + 1) - tau, tau the larger root of
+    tau^2 - (x - 1 - alpha) tau + alpha = 0 (L <= M, alpha = L / M)."""
+    small, large = min(n_rows, n_cols), max(n_rows, n_cols)
+    alpha = small / large
+    t = tau_bar_reference(alpha)
+    x_bar = (1 + t) * (1 + alpha / t)
+    total = 0.0
+    for gamma in s[:small]:
+        x = gamma**2 / (large * sigma2)
+        total += x - math.log(x)
+        if x > x_bar:
+            b = x - 1 - alpha
+            tau = (b + math.sqrt(b * b - 4 * alpha)) / 2
+            total += math.log(tau + 1) + alpha * math.log(tau / alpha + 1) - tau
+    return total
+
+
+@pytest.mark.parametrize("shape, rank, seed", [((40, 120), 6, 1), ((90, 60), 10, 2), ((50, 50), 4, 3)])
+def test_estimated_sigma2_minimises_the_free_energy(shape, rank, seed):
+    # Components near the threshold, so the psi_1 part of the free energy shapes the minimum.
+    y = synthetic(*shape, rank, 1.0, seed, low=0.8, high=1.6)
+    s = np.linalg.svd(y, compute_uv=False)
+    result = evbmf(y)
+    small, large = min(shape), max(shape)
+    upper = float(np.sum(s**2)) / (small * large)
+    grid = np.exp(np.linspace(math.log(upper / 20), math.log(upper), 4001))
+    energies = np.array([free_energy_reference(g, s, *shape) for g in grid])
+    best = grid[int(np.argmin(energies))]
+    assert result.sigma2 == pytest.approx(best, rel=2e-3)
+    assert free_energy_reference(result.sigma2, s, *shape) <= energies.min() + 1e-9 * abs(energies.min())
+    assert result.threshold == pytest.approx(evb_threshold(result.sigma2, *shape), rel=1e-9)
+
+
+def test_from_singular_values_uses_the_given_sigma2_and_float64():
+    y = synthetic(60, 150, 3, 0.1, seed=13)
+    s = torch.linalg.svdvals(torch.from_numpy(y))
+    given_sigma2 = evbmf_singular_values(s, (60, 150), sigma2=0.02)
+    assert given_sigma2.sigma2 == 0.02
+    assert given_sigma2.threshold == pytest.approx(evb_threshold(0.02, 60, 150), rel=1e-9)
+    # A float32 tensor is read in float64: the same answer as its float64 copy, to the last bit.
+    s32 = s.float()
+    assert evbmf_singular_values(s32, (60, 150)).sigma2 == evbmf_singular_values(s32.double().numpy(), (60, 150)).sigma2
