@@ -166,6 +166,7 @@ def test_string_padding_even_kernels(padding, kernel, dilation, mode):
     expected = 2 * 2 * 6 * 4 * math.prod(kernel) * height * width
     assert module_macs(layer, x.shape) * FLOPS_PER_MAC == expected == hand_flops(layer, x)
     assert spec_macs(layer_spec(layer), x.shape) * FLOPS_PER_MAC == expected
+    assert fxdecomp.count_flops(layer, (x,)) == expected
 
 
 @pytest.mark.parametrize("method", ["svd", "tt", "tiled_svd"])
@@ -199,3 +200,41 @@ def test_padding_modules_cost_nothing_and_change_the_shape():
 def test_count_flops_convention_is_two_per_multiply_add():
     assert fxdecomp.count_flops(nn.Linear(8, 4, bias=False), (torch.randn(2, 8),)) == 2 * 2 * 8 * 4
     assert fxdecomp.count_flops(nn.Conv2d(3, 4, 3, bias=False), (torch.randn(1, 3, 5, 5),)) == 2 * 4 * 3 * 9 * 3 * 3
+
+
+class WithUnused(nn.Sequential):
+    def __init__(self, *layers):
+        super().__init__(*layers)
+        self.unused = nn.Linear(2, 2)  # never called
+
+    def forward(self, x):
+        for layer in list(self)[:-1]:
+            x = layer(x)
+        return x
+
+
+def test_count_flops_takes_a_bare_tensor_and_counts_in_eval_mode_quietly(caplog):
+    model = WithUnused(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Dropout(0.5), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 5))
+    x = torch.randn(2, 3, 6, 6)
+    hand = 2 * (2 * 8 * 27 * 36) + 2 * (2 * 5 * 8 * 36)
+    model.train()
+    with caplog.at_level("WARNING"):
+        train_count = fxdecomp.count_flops(model, x)  # a bare tensor is one input
+    # Counted as the model runs in eval mode, whatever its mode; the mode is left as it was.
+    assert train_count == fxdecomp.count_flops(model.eval(), (x,))
+    assert train_count >= hand
+    assert fxdecomp.count_flops(model[0], x) == 2 * 2 * 8 * 27 * 36
+    model.train()
+    fxdecomp.count_flops(model, (x,))
+    assert all(m.training for m in model.modules())
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.records  # no counter chatter
+
+
+class PadsInForward(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
+
+
+def test_cost_model_refuses_conv_subclasses_with_their_own_forward():
+    with pytest.raises(fxdecomp.errors.InvalidInputError, match="PadsInForward"):
+        module_macs(PadsInForward(3, 4, 3), (1, 3, 8, 8))
