@@ -270,3 +270,27 @@ def test_excluding_every_layer_is_a_noop_with_warning_at_any_budget():
         result = fxdecomp.compress(model, (x,), budget=0.3, exclude="*")
     assert all(d.method == "keep" and d.reason == "excluded" for d in result.decisions)
     assert result.flops_after == result.flops_before
+
+
+def test_output_error_is_the_largest_relative_l2_error_over_float_outputs():
+    from fxdecomp.errors import FxDecompError
+    from fxdecomp.passes.verify import output_error
+
+    x = torch.randn(3, 4)
+
+    def reference(t):
+        return {"a": t, "b": (2 * t, torch.arange(3))}
+
+    def candidate(t):
+        return {"a": t + 0.1, "b": (2 * t + 0.3, torch.arange(3) + 7)}
+
+    pairs = [(x + 0.1, x), (2 * x + 0.3, 2 * x)]  # the float outputs; the integer one does not count
+    expected = max(float((a.double() - e.double()).norm() / e.double().norm()) for a, e in pairs)
+    assert output_error(reference, candidate, (x,)) == pytest.approx(expected, rel=1e-9)
+    assert output_error(reference, reference, (x,)) == 0.0
+    for wrong in (lambda t: {"a": t, "b": (2 * t[:2], torch.arange(3))}, lambda t: {"a": t, "b": (2 * t,)}):
+        with pytest.raises(FxDecompError) as info:
+            output_error(reference, wrong, (x,))
+        message = str(info.value)
+        assert message.startswith("the rewritten model's outputs do not match the original's in number or shape")
+        assert message.endswith("exclude the layer named in the decisions to work around it")
