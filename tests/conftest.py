@@ -12,4 +12,6 @@ torch.set_num_threads(int(os.environ.get("FXDECOMP_TEST_THREADS", "1")))
 
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True)
 settings.register_profile("dev", max_examples=15, deadline=None)
+# tools/mutation/run.py: few examples, the same for every mutant.
+settings.register_profile("mutation", max_examples=12, deadline=None, derandomize=True, database=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

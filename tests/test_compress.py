@@ -43,6 +43,11 @@ def test_models_meet_the_budget(name, budget):
         # Only acceptable where undecomposable ops (depthwise convs, attention) dominate; the error says so.
         assert exc.smallest_reachable > budget
         assert _unchanged(model, snapshot)
+        # The smallest reachable fraction is exact: just above it compresses, just below it is refused.
+        reached = fxdecomp.compress(model, (x,), budget=exc.smallest_reachable * 1.001, methods=FAST_METHODS)
+        assert reached.flops_after <= exc.smallest_reachable * 1.001 * reached.flops_before
+        with pytest.raises(BudgetError):
+            fxdecomp.compress(model, (x,), budget=exc.smallest_reachable * 0.999, methods=FAST_METHODS)
         return
     assert _unchanged(model, snapshot)
     before = fxdecomp.count_flops(model.eval(), (x,))
@@ -51,10 +56,14 @@ def test_models_meet_the_budget(name, budget):
     assert result.flops_before == before
     assert after == result.flops_after
     assert after <= budget * before
+    # The output error recomputed here: original and result on separate copies of the input.
     with torch.no_grad():
-        assert result.graph_module(x).shape == model.eval()(x).shape
+        expected, got = model.eval()(x.clone()).double(), result.graph_module(x.clone()).double()
     model.train()
-    assert result.output_error is not None and result.output_error < 1.5
+    assert got.shape == expected.shape
+    recomputed = float((got - expected).norm() / expected.norm())
+    assert recomputed > 1e-6  # something was decomposed below full rank
+    assert result.output_error == pytest.approx(recomputed, rel=1e-4, abs=1e-7)
     assert any(d.decomposed for d in result.decisions)
     json.dumps(result.to_dict(), allow_nan=False)
 
@@ -131,8 +140,19 @@ def test_unreachable_budget_names_the_smallest():
     model, x = VGG().eval(), torch.randn(2, 3, 16, 16)
     with pytest.raises(BudgetError, match="smallest reachable") as info:
         fxdecomp.compress(model, (x,), budget=0.001, methods=["svd"])
-    assert 0.001 < info.value.smallest_reachable < 1
-    fxdecomp.compress(model, (x,), budget=info.value.smallest_reachable + 1e-3, methods=["svd"])
+    # Every layer at SVD rank 1, by hand (2 images, one multiply-add = 2 FLOPs, bias not counted):
+    # conv 3->16 on 16x16, conv 16->32 on 8x8, conv 32->32 on 4x4 (3x3 kernels), Linear 512->64, 64->10.
+    positions = [2 * 16 * 16, 2 * 8 * 8, 2 * 4 * 4, 2, 2]
+    full = [16 * 27, 32 * 144, 32 * 288, 64 * 512, 10 * 64]
+    rank_one = [27 + 16, 144 + 32, 288 + 32, 512 + 64, 64 + 10]
+    smallest = sum(p * r for p, r in zip(positions, rank_one)) / sum(p * f for p, f in zip(positions, full))
+    assert fxdecomp.count_flops(model, (x,)) == 2 * sum(p * f for p, f in zip(positions, full))
+    assert info.value.smallest_reachable == pytest.approx(smallest, rel=1e-9)
+    assert f"{smallest:.3g}"[:4] in str(info.value)
+    result = fxdecomp.compress(model, (x,), budget=smallest * 1.001, methods=["svd"])
+    assert all(d.ranks == (1,) for d in result.decisions)
+    with pytest.raises(BudgetError):
+        fxdecomp.compress(model, (x,), budget=smallest * 0.999, methods=["svd"])
 
 
 def test_parameter_budget():
@@ -254,3 +274,27 @@ def test_excluding_every_layer_is_a_noop_with_warning_at_any_budget():
         result = fxdecomp.compress(model, (x,), budget=0.3, exclude="*")
     assert all(d.method == "keep" and d.reason == "excluded" for d in result.decisions)
     assert result.flops_after == result.flops_before
+
+
+def test_output_error_is_the_largest_relative_l2_error_over_float_outputs():
+    from fxdecomp.errors import FxDecompError
+    from fxdecomp.passes.verify import output_error
+
+    x = torch.randn(3, 4)
+
+    def reference(t):
+        return {"a": t, "b": (2 * t, torch.arange(3))}
+
+    def candidate(t):
+        return {"a": t + 0.1, "b": (2 * t + 0.3, torch.arange(3) + 7)}
+
+    pairs = [(x + 0.1, x), (2 * x + 0.3, 2 * x)]  # the float outputs; the integer one does not count
+    expected = max(float((a.double() - e.double()).norm() / e.double().norm()) for a, e in pairs)
+    assert output_error(reference, candidate, (x,)) == pytest.approx(expected, rel=1e-9)
+    assert output_error(reference, reference, (x,)) == 0.0
+    for wrong in (lambda t: {"a": t, "b": (2 * t[:2], torch.arange(3))}, lambda t: {"a": t, "b": (2 * t,)}):
+        with pytest.raises(FxDecompError) as info:
+            output_error(reference, wrong, (x,))
+        message = str(info.value)
+        assert message.startswith("the rewritten model's outputs do not match the original's in number or shape")
+        assert message.endswith("exclude the layer named in the decisions to work around it")

@@ -110,6 +110,23 @@ def test_linear_error_falls_as_rank_grows(method):
     assert errors[0] > 0.3
 
 
+@pytest.mark.parametrize("layer", [nn.Linear(64, 48), nn.Linear(20, 90), nn.Conv2d(8, 12, (3, 2), padding=1, bias=False)], ids=["linear", "linear-tall", "conv"])
+@pytest.mark.parametrize("rank", [1, 3, 7])
+def test_svd_reaches_the_eckart_young_optimum(layer, rank):
+    # The composed weight is the best rank-r approximation: its error is the tail of the singular values.
+    torch.manual_seed(rank)
+    layer.reset_parameters()
+    decomposed = fxdecomp.decompose_layer(layer, "svd", rank)
+    first, second = decomposed[0].weight.detach().double(), decomposed[1].weight.detach().double()
+    composed = second.reshape(second.shape[0], rank) @ first.reshape(rank, -1)
+    matrix = layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
+    s = torch.linalg.svdvals(matrix)
+    assert torch.linalg.matrix_rank(composed) == rank
+    assert float((composed - matrix).norm()) == pytest.approx(float(s[rank:].norm()), rel=1e-5)
+    if layer.bias is not None:
+        assert torch.equal(decomposed[1].bias, layer.bias)
+
+
 class StaticSamePaddingConv(nn.Conv2d):
     """EfficientNet's Conv2dStaticSamePadding: TF-style 'SAME' padding in its own forward."""
 
@@ -138,7 +155,7 @@ def test_subclass_that_pads_in_forward(method):
 
 
 def test_efficientnet_lite_convs_reproduced():
-    efficientnet = pytest.importorskip("efficientnet_lite_pytorch")
+    import efficientnet_lite_pytorch as efficientnet  # a declared test dependency: missing is a failure
     model = efficientnet.EfficientNet.from_name("efficientnet-lite0")
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == 1][:4]
     assert convs and any(type(c).forward is not nn.Conv2d.forward for c in convs)
@@ -170,9 +187,13 @@ def test_rank_specs():
     assert fxdecomp.decompose_layer(layer, "tucker2", (3, 5)).fxdecomp_ranks == (3, 5)
     assert fxdecomp.decompose_layer(layer, "svd", "full").fxdecomp_ranks == (16,)
     assert fxdecomp.decompose_layer(layer, "svd", "energy:1.0").fxdecomp_ranks == (16,)
-    low = fxdecomp.decompose_layer(layer, "svd", "energy:0.5").fxdecomp_ranks[0]
-    high = fxdecomp.decompose_layer(layer, "svd", "energy:0.95").fxdecomp_ranks[0]
-    assert 1 <= low < high <= 16
+    # Energy rules: the smallest rank whose leading squared singular values keep the fraction.
+    energies = torch.linalg.svdvals(layer.weight.detach().double().reshape(16, -1)) ** 2
+    kept = torch.cumsum(energies, 0) / energies.sum()
+    for fraction in (0.5, 0.8, 0.95):
+        expected = int((kept < fraction).sum()) + 1
+        assert kept[expected - 1] >= fraction and (expected == 1 or kept[expected - 2] < fraction)
+        assert fxdecomp.decompose_layer(layer, "svd", f"energy:{fraction}").fxdecomp_ranks == (expected,)
 
 
 def test_vbmf_rank_spec_finds_planted_rank():

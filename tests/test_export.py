@@ -177,6 +177,40 @@ def test_parity_failure_raises_and_keeps_target(tmp_path):
     assert report.max_abs_diff is None and onnx.load(target).graph.node[0].op_type == "Add"
 
 
+class OffByDelta(nn.Module):
+    """Exports ``x + delta`` at one element while eager torch computes ``x``: an injected error of exactly delta."""
+
+    def __init__(self, delta: float):
+        super().__init__()
+        self.delta = delta
+
+    def forward(self, x):
+        if torch.compiler.is_exporting():
+            return x + self.delta * (torch.arange(x.numel()).reshape(x.shape) == 5).to(x.dtype)
+        return x + 0.0
+
+
+@pytest.mark.parametrize(
+    "value, atol, rtol",
+    [(0.0, 1e-4, 1e-3), (4.0, 1e-3, 1e-2)],
+    ids=["default-atol", "custom-atol+rtol"],
+)
+def test_parity_catches_an_error_just_above_the_tolerance(tmp_path, value, atol, rtol):
+    # The accepted difference at an output of |value| is atol + rtol * |value|, as documented.
+    tolerance = atol + rtol * value
+    x = torch.full((2, 4), value)
+    with pytest.raises(ParityError) as caught:
+        export_onnx(OffByDelta(1.2 * tolerance), (x,), tmp_path / "above.onnx", atol=atol, rtol=rtol)
+    assert caught.value.max_abs_diff == pytest.approx(1.2 * tolerance, rel=1e-3)
+    assert not (tmp_path / "above.onnx").exists()
+    report = export_onnx(OffByDelta(0.8 * tolerance), (x,), tmp_path / "below.onnx", atol=atol, rtol=rtol)
+    assert report.max_abs_diff == pytest.approx(0.8 * tolerance, rel=1e-3)
+    if value:
+        assert report.max_rel_diff == pytest.approx(0.8 * tolerance / value, rel=1e-3)
+    (got,) = _ort(tmp_path / "below.onnx", x)  # the error is really in the file
+    assert np.count_nonzero(got != x.numpy()) == 1
+
+
 def test_impossible_tolerance_raises(tmp_path):
     torch.manual_seed(3)
     module = fxdecomp.decompose_layer(nn.Conv2d(16, 16, 3, padding=1), "tucker2", 0.5)

@@ -9,6 +9,7 @@ from torch import nn
 import fxdecomp
 from fxdecomp.errors import InvalidInputError, UnknownMethodError
 from fxdecomp.inspect import RANK_FRACTIONS, LayerInfo, inspect_model
+from fxdecomp.vbmf import vbmf_rank
 from tests.cli_factory import small_cnn
 
 
@@ -42,14 +43,22 @@ def test_layers_flops_and_params_add_up_to_the_model():
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # nothing modified
 
 
+def layer_matrix(name: str) -> torch.Tensor:
+    """The weight of ``name`` in small_cnn() lowered to out x (in * kh * kw), float64."""
+    weight = small_cnn().get_submodule(name).weight.detach().double()
+    return weight.reshape(weight.shape[0], -1)
+
+
 def test_rank_estimates_and_energy_kept():
     layers = inspect_model(small_cnn(), _x(), methods=("svd", "tucker2"))
     for layer in layers:
         svd = layer.estimate("svd")
         assert svd is not None and len(svd.max_ranks) == 1
-        for rule in (svd.vbmf, svd.energy_90, svd.energy_99):
-            assert 1 <= rule[0] <= svd.max_ranks[0]
-        assert svd.energy_90[0] <= svd.energy_99[0]
+        assert svd.vbmf[0] == vbmf_rank(layer_matrix(layer.name))
+        energies = torch.linalg.svdvals(layer_matrix(layer.name)) ** 2
+        kept = torch.cumsum(energies, 0) / energies.sum()
+        assert svd.energy_90[0] == int((kept < 0.9).sum()) + 1
+        assert svd.energy_99[0] == int((kept < 0.99).sum()) + 1
         assert [at.rank_fraction for at in svd.energy_kept] == list(RANK_FRACTIONS)
         low, half = (at.energy[0] for at in svd.energy_kept)
         assert 0 < low <= half <= 1

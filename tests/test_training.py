@@ -58,6 +58,13 @@ class Wrapper(nn.Module):
         return self.body(x)
 
 
+def truncated_svd(weight: torch.Tensor, rank: int) -> torch.Tensor:
+    """The best rank-``rank`` approximation (Eckart-Young) of the weight lowered to out x (in * kh * kw)."""
+    matrix = weight.detach().double().reshape(weight.shape[0], -1)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return ((u[:, :rank] * s[:rank]) @ vh[:rank]).reshape(weight.shape).to(weight.dtype)
+
+
 def layer_input(layer: nn.Module, batch: int = 3) -> torch.Tensor:
     if isinstance(layer, nn.Linear):
         return torch.randn(batch, layer.in_features)
@@ -143,10 +150,19 @@ def test_distortion_only_every_s_d_steps():
     distorted = []
     for _ in range(7):
         train_step(model, optimizer, x)
-        trained = model.features[3].weight.detach().clone()
+        trained = {name: copy.deepcopy(model.get_submodule(name)) for name in plan}
         distorted.append(twist.step())
-        changed = not torch.equal(model.features[3].weight, trained)
+        changed = not torch.equal(model.features[3].weight, trained["features.3"].weight)
         assert changed == distorted[-1]
+        if distorted[-1]:
+            # Every distortion is a fresh low-rank reconstruction of the weights of that moment.
+            for name in ("features.0", "classifier.1"):
+                rank = plan[name][1][0]
+                assert relative(model.get_submodule(name).weight.detach(), truncated_svd(trained[name].weight, rank)) < 1e-5, name
+            reference = fxdecomp.decompose_layer(trained["features.3"], "tucker2", (3, 4))
+            probe = torch.randn(2, 8, 6, 6)
+            with torch.no_grad():
+                assert relative(model.features[3](probe), reference(probe)) < 1e-5
     assert distorted == [False, False, True, False, False, True, False]
     assert (twist.steps, twist.distortions) == (7, 2)
 

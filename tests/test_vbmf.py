@@ -33,6 +33,73 @@ def synthetic(n_rows: int, n_cols: int, rank: int, sigma: float, seed: int, low:
     return signal + sigma * rng.standard_normal((n_rows, n_cols))
 
 
+def tau_bar_reference(alpha: float) -> float:
+    """The zero of Xi(tau; alpha) = Phi(tau) + Phi(tau / alpha), Phi(z) = log(1 + z)/z - 1/2 ([1], Theorem 13).
+
+    Solved here by plain bisection, independently of fxdecomp's solver.
+    """
+
+    def xi(tau):
+        return (math.log1p(tau) / tau - 0.5) + (math.log1p(tau / alpha) / (tau / alpha) - 0.5)
+
+    lo, hi = 1e-9, 100.0  # xi > 0 near 0, < 0 at 100
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if xi(mid) > 0 else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def evb_threshold(sigma2: float, n_rows: int, n_cols: int) -> float:
+    """The EVB threshold of [1]: gamma = sigma sqrt(M (1 + tau)(1 + alpha / tau)), L <= M, alpha = L / M."""
+    small, large = min(n_rows, n_cols), max(n_rows, n_cols)
+    alpha = small / large
+    tau = tau_bar_reference(alpha)
+    return math.sqrt(sigma2 * large * (1 + tau) * (1 + alpha / tau))
+
+
+def test_reference_tau_bar_is_the_paper_constant_at_alpha_one():
+    assert tau_bar_reference(1.0) == pytest.approx(TAU_BAR_SQUARE, abs=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(512, 4608), (4608, 512), (100, 300), (300, 100), (7, 400), (64, 65)])
+def test_threshold_of_non_square_matrices_is_the_formula(shape):
+    # The aspect ratio alpha = L / M enters both tau_bar and the (1 + alpha / tau) factor.
+    y = np.random.default_rng(sum(shape)).standard_normal(shape)
+    for sigma2 in (0.3, 1.0):
+        result = evbmf(y, sigma2=sigma2)
+        expected = evb_threshold(sigma2, *shape)
+        assert result.threshold == pytest.approx(expected, rel=1e-6)
+        s = np.array(result.singular_values)
+        assert result.rank == max(1, int(np.sum(s > expected)))
+
+
+@pytest.mark.parametrize("shape", [(512, 4608), (4608, 512)])
+def test_recovers_rank_near_the_noise_edge_of_a_wide_matrix(shape):
+    # Ten components whose observed singular values sit 1.1 to 1.45 times the EVB threshold: recovered
+    # only with the threshold of this aspect ratio (the square-matrix one is ~1.5 times higher here).
+    n_rows, n_cols = shape
+    small, large = min(shape), max(shape)
+    rng = np.random.default_rng(19)
+    u = np.linalg.qr(rng.standard_normal((small, 10)))[0]
+    v = np.linalg.qr(rng.standard_normal((large, 10)))[0]
+    # A spike theta in noise of unit variance shows up at sqrt((theta^2 + M)(theta^2 + L)) / theta
+    # (Benaych-Georges and Nadakuditi 2012); place the observed values between 1.15 and 1.45 x the threshold.
+    gamma = evb_threshold(1.0, small, large) * np.linspace(1.45, 1.15, 10)
+    g2 = gamma**2
+    b = g2 - small - large
+    theta2 = 0.5 * (b + np.sqrt(b * b - 4 * small * large))
+    y = (u * np.sqrt(theta2)) @ v.T + rng.standard_normal((small, large))
+    y = y if n_rows == small else y.T
+    s = np.linalg.svd(y, compute_uv=False)
+    threshold = evb_threshold(1.0, small, large)
+    assert s[9] > 1.05 * threshold and s[10] < threshold  # the case is as close to the edge as intended
+    assert s[0] < 1.6 * threshold
+    result = evbmf(y)
+    assert result.sigma2 == pytest.approx(1.0, rel=0.05)
+    assert result.rank == 10
+    assert vbmf_rank(torch.from_numpy(y).float()) == 10
+
+
 SHAPES = [(64, 128), (128, 64), (100, 300), (300, 100), (50, 50), (64, 576), (576, 64)]
 # Ranks up to a third of the smaller side, where recovery is clear-cut.
 CASES = [(shape, rank) for shape in SHAPES for rank in (1, 5, 20) if rank <= min(shape) // 3]
@@ -98,7 +165,8 @@ def test_scale_and_transpose_invariance(seed, n_rows, n_cols, rank, strength, lo
     y = synthetic(n_rows, n_cols, rank, 1.0, seed, low=strength, high=strength * 1.5)
     c = 10.0**log10_c
     base = evbmf(y)
-    assert 1 <= base.rank <= min(n_rows, n_cols)
+    # The rank is the count of singular values above the threshold, clamped to at least 1.
+    assert base.rank == max(1, int(np.sum(np.array(base.singular_values) > base.threshold)))
 
     scaled = evbmf(c * y)
     assert scaled.rank == base.rank
@@ -143,9 +211,13 @@ def test_one_dimensional_torch_row():
 def test_small_matrices(shape):
     rng = np.random.default_rng(shape[0] * 100 + shape[1])
     for _ in range(5):
-        result = evbmf(rng.standard_normal(shape))
-        assert 1 <= result.rank <= min(shape)
-        assert result.sigma2 > 0 and math.isfinite(result.threshold)
+        y = rng.standard_normal(shape)
+        result = evbmf(y)
+        s = np.linalg.svd(y, compute_uv=False)
+        assert result.rank == max(1, int(np.sum(s > result.threshold)))
+        assert result.sigma2 > 0
+        # Given sigma2, the threshold is the formula of [1] at this aspect ratio.
+        assert result.threshold == pytest.approx(evb_threshold(result.sigma2, *shape), rel=1e-6)
 
 
 def test_exact_rank_one():
@@ -271,3 +343,50 @@ def test_from_singular_values_bad_input(spectrum, shape, words):
 def test_error_is_a_value_error():
     with pytest.raises(ValueError):
         evbmf(torch.ones(4))
+
+
+def free_energy_reference(sigma2: float, s: np.ndarray, n_rows: int, n_cols: int) -> float:
+    """The EVB free energy of [2] as a function of sigma2, up to constants, written from the paper:
+    sum_h psi(x_h), x_h = gamma_h^2 / (M sigma2), psi(x) = x - log x + [x > x_bar] psi_1(x),
+    psi_1(x) = log(tau + 1) + alpha log(tau / alpha + 1) - tau, tau the larger root of
+    tau^2 - (x - 1 - alpha) tau + alpha = 0 (L <= M, alpha = L / M)."""
+    small, large = min(n_rows, n_cols), max(n_rows, n_cols)
+    alpha = small / large
+    t = tau_bar_reference(alpha)
+    x_bar = (1 + t) * (1 + alpha / t)
+    total = 0.0
+    for gamma in s[:small]:
+        x = gamma**2 / (large * sigma2)
+        total += x - math.log(x)
+        if x > x_bar:
+            b = x - 1 - alpha
+            tau = (b + math.sqrt(b * b - 4 * alpha)) / 2
+            total += math.log(tau + 1) + alpha * math.log(tau / alpha + 1) - tau
+    return total
+
+
+@pytest.mark.parametrize("shape, rank, seed", [((40, 120), 6, 1), ((90, 60), 10, 2), ((50, 50), 4, 3)])
+def test_estimated_sigma2_minimises_the_free_energy(shape, rank, seed):
+    # Components near the threshold, so the psi_1 part of the free energy shapes the minimum.
+    y = synthetic(*shape, rank, 1.0, seed, low=0.8, high=1.6)
+    s = np.linalg.svd(y, compute_uv=False)
+    result = evbmf(y)
+    small, large = min(shape), max(shape)
+    upper = float(np.sum(s**2)) / (small * large)
+    grid = np.exp(np.linspace(math.log(upper / 20), math.log(upper), 4001))
+    energies = np.array([free_energy_reference(g, s, *shape) for g in grid])
+    best = grid[int(np.argmin(energies))]
+    assert result.sigma2 == pytest.approx(best, rel=2e-3)
+    assert free_energy_reference(result.sigma2, s, *shape) <= energies.min() + 1e-9 * abs(energies.min())
+    assert result.threshold == pytest.approx(evb_threshold(result.sigma2, *shape), rel=1e-9)
+
+
+def test_from_singular_values_uses_the_given_sigma2_and_float64():
+    y = synthetic(60, 150, 3, 0.1, seed=13)
+    s = torch.linalg.svdvals(torch.from_numpy(y))
+    given_sigma2 = evbmf_singular_values(s, (60, 150), sigma2=0.02)
+    assert given_sigma2.sigma2 == 0.02
+    assert given_sigma2.threshold == pytest.approx(evb_threshold(0.02, 60, 150), rel=1e-9)
+    # A float32 tensor is read in float64: the same answer as its float64 copy, to the last bit.
+    s32 = s.float()
+    assert evbmf_singular_values(s32, (60, 150)).sigma2 == evbmf_singular_values(s32.double().numpy(), (60, 150)).sigma2

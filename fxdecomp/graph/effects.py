@@ -76,14 +76,16 @@ class preserved_buffers:
 
     Analyses and verification run the model; a forward that writes into its buffers
     must not leave the compressed model in another state than the user's. Parameters
-    are not copied (a forward that writes into its weights is not supported).
+    are not copied (a forward that writes into its weights is not supported). A plain
+    callable (not an nn.Module) has no buffers to keep.
     """
 
     def __init__(self, module: torch.nn.Module):
         self.module = module
 
     def __enter__(self):
-        self.saved = [(b, b.detach().clone()) for b in self.module.buffers()]
+        buffers = self.module.buffers() if isinstance(self.module, torch.nn.Module) else ()
+        self.saved = [(b, b.detach().clone()) for b in buffers]
         return self.module
 
     def __exit__(self, *exc):
