@@ -24,7 +24,7 @@ from fxdecomp.cli import main
 from fxdecomp.recipes import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "fxdecomp", "passes")
+SOURCES = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE", "fxdecomp", "passes", "tests")
 RECIPES = sorted(p.name for p in (ROOT / "passes").glob("*.toml"))
 MODULES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "fxdecomp").rglob("*.py"))
 
@@ -72,7 +72,7 @@ def check_wheel(wheel: Path) -> None:
 def check_sdist(sdist: Path) -> None:
     top = sdist.name.removesuffix(".tar.gz")
     names = set(tarfile.open(sdist).getnames())
-    needed = [f"{top}/passes/{r}" for r in RECIPES] + [f"{top}/{n}" for n in ("LICENSE", "setup.py", "pyproject.toml", "fxdecomp/py.typed")]
+    needed = [f"{top}/passes/{r}" for r in RECIPES] + [f"{top}/{n}" for n in ("LICENSE", "setup.py", "pyproject.toml", "fxdecomp/py.typed", "tests/conftest.py")]
     assert not [n for n in needed if n not in names], "missing from the sdist"
 
 
