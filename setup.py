@@ -2,9 +2,10 @@
 
 The recipes are written in the repository's ``passes/`` folder (pipelines apart from the pass
 code, the way a compiler keeps its pipeline definitions). ``package_dir`` maps that folder onto
-the package ``fxdecomp._recipes`` (no ``__init__.py``: a data-only namespace portion), so the
-wheel, the sdist and an editable install all hold the TOML files, and ``fxdecomp.recipes.load_recipe``
-reads them with ``importlib.resources``. Everything else is in pyproject.toml.
+the package ``fxdecomp._recipes`` (``passes/__init__.py`` holds no code; setuptools' editable
+finder needs it for a mapped subpackage), so the wheel, the sdist and an editable install all
+hold the TOML files, and ``fxdecomp.recipes.load_recipe`` reads them with ``importlib.resources``.
+Everything else is in pyproject.toml.
 """
 
 from setuptools import find_namespace_packages, setup

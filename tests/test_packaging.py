@@ -57,7 +57,7 @@ def built(tmp_path_factory):
 
 def check_wheel(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
-    missing = [f"fxdecomp/_recipes/{r}" for r in RECIPES] + ["fxdecomp/py.typed"] + MODULES
+    missing = [f"fxdecomp/_recipes/{r}" for r in RECIPES] + ["fxdecomp/_recipes/__init__.py", "fxdecomp/py.typed"] + MODULES
     assert not [n for n in missing if n not in names], "missing from the wheel"
     assert not [n for n in names if "__pycache__" in n or n.startswith(("tests/", "tools/", "passes/"))]
     info = next(n for n in names if n.endswith(".dist-info/METADATA"))
