@@ -7,6 +7,8 @@ Example::
     small = fxdecomp.decompose_layer(layer, "tucker2", (16, 16))
 """
 
+from importlib import metadata as _metadata
+
 from .onnxrt import LatencyStats, benchmark_onnx
 from .budget import Budget
 from .compress import compress
@@ -32,7 +34,10 @@ from .errors import (
     UnsupportedLayerError,
 )
 
-__version__ = "0.1.0"
+try:  # one source of truth: the version in pyproject.toml, read back from the installed metadata
+    __version__ = _metadata.version("fxdecomp")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "Budget",

@@ -1,26 +1,41 @@
-"""A one-line progress display on stderr for long work (factorising layers, calibrating).
+"""Progress on stderr: timed stages (``fxdecomp: exporting ... 1.2 s``), notes, and a counter line.
 
-Silent unless enabled; `compress` enables it when stderr is a terminal.
+One class for the command line and for long passes (factorising layers, calibrating). Silent
+unless enabled; `Progress.on_terminal` enables it when stderr is a terminal and the user did
+not ask for quiet, and `compress` does the same for its passes.
 
 Example::
 
-    with Progress("planning layer", total=len(layers), enabled=True) as progress:
+    progress = Progress.on_terminal(quiet=False)
+    with progress.stage("exporting small.onnx"):
+        ...
+    with Progress("planning layer", total=len(layers), enabled=True) as counter:
         for layer in layers:
-            progress.step(layer)
+            counter.step(layer)
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 
 
 class Progress:
-    def __init__(self, label: str, total: int | None = None, enabled: bool = False):
+    def __init__(self, label: str = "", total: int | None = None, enabled: bool = False):
         self.label, self.total, self.enabled = label, total, enabled
         self.count, self.start = 0, time.perf_counter()
 
+    @classmethod
+    def on_terminal(cls, quiet: bool = False) -> "Progress":
+        """Enabled only when stderr is a terminal and ``quiet`` is false (``--quiet``)."""
+        return cls(enabled=not quiet and stderr_is_terminal())
+
+    # ---- a counter on one line, rewritten in place ----
+
     def step(self, detail: str = "") -> None:
+        """Count one item of ``total`` and show it with ``detail``."""
         self.count += 1
         if self.enabled:
             of = f"/{self.total}" if self.total else ""
@@ -33,6 +48,28 @@ class Progress:
     def __exit__(self, *exc) -> None:
         if self.enabled and self.count:
             print(f"\rfxdecomp: {self.label} done, {self.count} in {time.perf_counter() - self.start:.1f} s".ljust(101), file=sys.stderr)
+
+    # ---- timed stages and notes, one line each ----
+
+    @contextlib.contextmanager
+    def stage(self, what: str) -> Iterator[None]:
+        """``fxdecomp: <what> ...`` then its seconds (or ``failed``) on the same line."""
+        if not self.enabled:
+            yield
+            return
+        print(f"fxdecomp: {what} ...", end="", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            print(" failed", file=sys.stderr, flush=True)
+            raise
+        print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+    def note(self, text: str) -> None:
+        """An indented line under the last stage (e.g. one pass's time)."""
+        if self.enabled:
+            print(f"fxdecomp:   {text}", file=sys.stderr, flush=True)
 
 
 def stderr_is_terminal() -> bool:

@@ -22,7 +22,8 @@ import torch
 
 import fxdecomp
 from fxdecomp.benchmark import LatencyComparison, LatencyStats
-from fxdecomp.cli import Progress, main
+from fxdecomp.cli import main
+from fxdecomp.progress import Progress
 from fxdecomp.report_html import render_html
 from tests.cli_factory import small_cnn
 
@@ -33,7 +34,9 @@ COMMANDS = ("compress", "inspect", "export", "bench", "apply", "demo")
 
 
 def run_cli(*args, cwd, timeout=240):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # The fxdecomp under test (installed, or this checkout) first; ROOT after it, for tests.cli_factory.
+    package_parent = str(Path(fxdecomp.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_parent, str(ROOT), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run(
         [sys.executable, "-m", "fxdecomp", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -332,8 +335,8 @@ class _Terminal(io.StringIO):
 def test_progress_only_on_a_terminal_and_not_quiet(monkeypatch, tty, quiet, shown):
     stream = _Terminal() if tty else io.StringIO()
     monkeypatch.setattr(sys, "stderr", stream)
-    progress = Progress(quiet)
-    with progress.step("exporting model.onnx"):
+    progress = Progress.on_terminal(quiet)
+    with progress.stage("exporting model.onnx"):
         pass
     progress.note("plan: 0.10 s")
     text = stream.getvalue()
