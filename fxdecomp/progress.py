@@ -35,19 +35,23 @@ class Progress:
     # ---- a counter on one line, rewritten in place ----
 
     def step(self, detail: str = "") -> None:
-        """Count one item of ``total`` and show it with ``detail``."""
+        """Count one item of ``total`` and show it with ``detail`` (and, past the first item, the time left)."""
         self.count += 1
         if self.enabled:
             of = f"/{self.total}" if self.total else ""
-            line = f"fxdecomp: {self.label} {self.count}{of} {detail}"[:100]
-            print(f"\r{line:<100}", end="", file=sys.stderr, flush=True)
+            eta = ""
+            if self.total and self.count > 1:  # the items done so far set the pace of the rest
+                left = (time.perf_counter() - self.start) / (self.count - 1) * (self.total - self.count + 1)
+                eta = f" (about {left:.0f} s left)"
+            line = f"fxdecomp: {self.label} {self.count}{of}{eta} {detail}"[:120]
+            print(f"\r{line:<120}", end="", file=sys.stderr, flush=True)
 
     def __enter__(self) -> "Progress":
         return self
 
     def __exit__(self, *exc) -> None:
         if self.enabled and self.count:
-            print(f"\rfxdecomp: {self.label} done, {self.count} in {time.perf_counter() - self.start:.1f} s".ljust(101), file=sys.stderr)
+            print(f"\rfxdecomp: {self.label} done, {self.count} in {time.perf_counter() - self.start:.1f} s".ljust(121), file=sys.stderr)
 
     # ---- timed stages and notes, one line each ----
 

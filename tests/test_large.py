@@ -213,3 +213,19 @@ def test_perplexity_scores_every_token_once():
         assert perplexity(bigram, ids, window=window, stride=stride) == pytest.approx(exact, rel=1e-6)
     with pytest.raises(InvalidInputError, match="stride"):
         perplexity(bigram, ids, window=8, stride=8)
+
+
+def test_command_line_compresses_a_checkpoint(tmp_path):
+    from fxdecomp.cli import main
+
+    model = llama()
+    model.save_pretrained(tmp_path / "src")
+    code = main(["compress-llm", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--budget", "0.7",
+                 "--samples", "2", "--tokens", "12", "--json", "-q"])  # fmt: skip
+    assert code == 0
+    plan = json.loads((tmp_path / "out" / "fxdecomp_plan.json").read_text())
+    assert any(d["method"] == "svd" for d in plan["decisions"])
+    back = load_compressed(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.isfinite(back(tokens(2, 7)).logits).all()
+    assert main(["compress-llm", str(tmp_path / "nothing"), "--out", str(tmp_path / "o2")]) == 2  # named, usage error

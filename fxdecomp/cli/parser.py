@@ -10,10 +10,10 @@ import argparse
 import functools
 import platform
 
-from . import bench, compress, demo, export, inspect, latency_pack
+from . import bench, compress, compress_llm, demo, export, inspect, latency_pack
 from .args import Parser, add_command, positive_int
 
-COMMAND_MODULES = (compress, inspect, export, bench, latency_pack, demo)  # apply is registered by compress, after it
+COMMAND_MODULES = (compress, inspect, export, bench, latency_pack, compress_llm, demo)  # apply is registered by compress, after it
 DESCRIPTION = (
     "Make trained PyTorch models cheaper by low-rank decomposition (a torch.fx compiler pass). "
     "FLOPs count one multiply-add as 2 FLOPs."

@@ -1,6 +1,6 @@
 """Spreading the sequential pipeline over processes with torch.distributed.
 
-Launched by ``torchrun`` (gloo on CPUs, NCCL on GPUs), every process runs the
+Launched by ``torchrun``, every process runs the
 same block loop. Calibration is data-parallel: each rank streams its share of
 the batches, and the Gram matrices are summed over ranks (``all_reduce``)
 before anything is factorized, so every rank holds the statistics of all the
@@ -90,7 +90,11 @@ class World:
 
 
 def init_from_environment() -> World:
-    """Join the process group that ``torchrun`` describes in the environment (gloo on CPU, NCCL with GPUs)."""
+    """Join the process group that ``torchrun`` describes in the environment.
+
+    The backend is gloo: the pipeline keeps its tensors on the CPU (placing blocks and
+    factorizations on GPUs, with NCCL, is not implemented yet).
+    """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend="gloo")
     return World.current()
