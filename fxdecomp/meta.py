@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import fx
+
 SHAPE = "fxdecomp.shape"  # tuple[int, ...] of the node's (first) tensor output
 FLOPS = "fxdecomp.flops"  # NodeCost of the original layer at this call site
 CANDIDATE = "fxdecomp.candidate"  # str: the candidate's name (see graph.candidates.Candidate)
@@ -45,3 +47,10 @@ class Provenance:
     method: str
     ranks: tuple[int, ...]
     stage: int
+
+
+def node_shape(node) -> tuple[int, ...] | None:
+    """The output shape the shape_prop pass recorded for ``node`` (None for a non-node or an unknown shape)."""
+    if not isinstance(node, fx.Node):
+        return None
+    return node.meta.get(SHAPE)

@@ -201,7 +201,7 @@ def _imported_pass_modules(tree: ast.Module, pass_modules) -> set[str]:
 
 def test_no_pass_imports_another_pass():
     modules = _pass_modules()
-    assert {"analysis", "calibrate", "plan", "rewrite", "verify"} <= set(modules)  # the scan sees the passes
+    assert {"shape_prop", "find_candidates", "annotate_cost", "estimate_ranks", "calibrate", "plan", "rewrite", "verify"} <= set(modules)  # the scan sees the passes
     offenders = {name: sorted(_imported_pass_modules(tree, modules) - {name}) for name, tree in modules.items()}
     assert not any(offenders.values()), f"pass modules importing other pass modules: {offenders}"
 

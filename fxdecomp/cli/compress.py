@@ -8,7 +8,7 @@ import os
 import tempfile
 from typing import Any
 
-from .._io import atomic_write, atomic_write_text
+from ..onnxrt.files import atomic_write, atomic_write_text
 from ..progress import Progress
 from .args import AddCommand, input_args, model_args, output_args
 from .errors import EXIT_OK, UsageError

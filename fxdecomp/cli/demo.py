@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 
-from .._io import atomic_write_text
+from ..onnxrt.files import atomic_write_text
 from ..progress import Progress
 from .args import AddCommand, positive_int
 from .errors import EXIT_OK, UsageError

@@ -21,7 +21,13 @@ from typing import Any
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(temp_path)`` on a temp file beside ``path``, then move it over ``path`` in one step."""
+    """Call ``write(temp_path)`` on a temp file beside ``path``, then move it over ``path`` in one step.
+
+    The temp file is in the same directory (``os.replace`` is atomic only within one file system)
+    and gets the mode a plain ``open(path, "w")`` would give. On any error it is removed and the
+    error propagates; ``path`` is untouched. The one atomic write of the package (the CLI's
+    outputs, the layer-latency cache, latency packs and tables).
+    """
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
@@ -36,6 +42,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see `atomic_write`)."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 

@@ -1,0 +1,80 @@
+"""The find_candidates pass: every Linear and conv weight at its call sites becomes a candidate.
+
+Matching the call forms is `fxdecomp.graph.callsites`; this pass names the candidates,
+applies ``exclude``, and notes shared (tied) weights and materialized parametrizations.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from .. import meta
+from ..meta import node_shape
+from ..errors import FxDecompError
+from ..graph.callsites import WeightUse, match_call, tensor_key, weight_users
+from ..graph.parametrized import notes_of
+from ..layer_spec import check_finite, layer_spec
+from .base import CallSite, Candidate, Pass, log, register_pass
+
+
+@register_pass
+class FindCandidatesPass(Pass):
+    """Every Conv2d / Linear call on a parameter (module or functional form) becomes a candidate.
+
+    Calls of one weight with one layer configuration are one candidate with several
+    sites (see `fxdecomp.graph.callsites`). Names: a module call keeps the module's
+    path (``features.3``); a functional call is named by its weight: the owner's path
+    for a parameter called ``weight`` (``fc`` for ``fc.weight``, as a torch.export
+    graph of an nn.Linear holds it), else the parameter's own path (``attn.wq``).
+    A name already taken gets the full parameter path, then ``@<node name>``.
+    """
+
+    name = "find_candidates"
+    requires = ("shapes",)
+    provides = ("candidates",)
+
+    def run(self, gm):
+        ctx = self.context
+        by_key: dict[tuple, Candidate] = {}
+        for node in gm.graph.nodes:
+            use = match_call(gm, node)
+            if use is None:
+                continue
+            site = CallSite.of(node, use.input_node, node_shape(use.input_node))
+            if site.input_shape is None:
+                continue
+            if use.key in by_key:
+                by_key[use.key].sites.append(site)
+                continue
+            try:
+                spec = layer_spec(use.layer)
+            except FxDecompError as exc:
+                log.info("not a candidate: %s (%s)", use.target, exc)
+                continue
+            name = _candidate_name(use, node, {c.name for c in by_key.values()})
+            check_finite(name, use.layer)
+            excluded = any(fnmatch.fnmatchcase(name, pattern) or name == pattern for pattern in ctx.exclude)
+            by_key[use.key] = Candidate(name, use.layer, spec, [site], use.form, use.target, excluded)
+        ctx.candidates = {c.name: c for c in by_key.values()}
+        users = weight_users(gm)
+        notes = notes_of(ctx.source_model)
+        for candidate in ctx.candidates.values():
+            weight = candidate.layer.weight
+            others = users.get(tensor_key(weight), set()) - {site.node for site in candidate.sites}
+            candidate.shared_params = weight.numel() if others else 0
+            candidate.note = notes.get(candidate.target if candidate.form == "function" else f"{candidate.target}.weight", "")
+            for site in candidate.sites:
+                site.node.meta[meta.CANDIDATE] = candidate.name
+        return PassResult(gm, False)
+
+
+def _candidate_name(use: WeightUse, node: fx.Node, taken: set[str]) -> str:
+    if use.form == "module":
+        options = [use.target, f"{use.target}@{node.name}"]
+    else:
+        owner, _, attribute = use.target.rpartition(".")
+        options = [owner if owner and attribute == "weight" else use.target, use.target, f"{use.target}@{node.name}"]
+    return next(n for n in options if n not in taken)
