@@ -14,10 +14,10 @@ Example::
 
 from __future__ import annotations
 
-import os
+import inspect
 import re
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -35,19 +35,18 @@ def compile_with_result(
     model: nn.Module,
     example_inputs: tuple | torch.Tensor,
     budget: float | Budget = 0.5,
-    *,
-    methods: Sequence[str] | None = None,
-    calibration: Iterable | None = None,
-    exclude: Sequence[str] | str = (),
-    pipeline: str | os.PathLike | None = None,
-    plan: Any = None,
-    **compile_kwargs: Any,
+    **kwargs: Any,
 ) -> tuple[Callable, CompressionResult]:
-    """(``torch.compile(result.graph_module, **compile_kwargs)``, result) of ``compress(model, ...)``."""
-    result = compress(
-        model, example_inputs, budget, methods=methods, calibration=calibration, exclude=exclude, pipeline=pipeline, plan=plan
-    )
-    return torch.compile(result.graph_module, **compile_kwargs), result
+    """(``torch.compile(result.graph_module, **rest)``, result) of ``compress(model, example_inputs, budget, ...)``.
+
+    Every keyword that `compress` takes (methods, calibration, exclude, pipeline, plan,
+    sensitivity, dynamic_shapes, partial, ...) goes to it, read off its signature so the two
+    cannot drift apart; the rest (backend, mode, fullgraph, dynamic, options) go to torch.compile.
+    """
+    accepted = inspect.signature(compress).parameters
+    compress_kwargs = {name: kwargs.pop(name) for name in list(kwargs) if name in accepted}
+    result = compress(model, example_inputs, budget, **compress_kwargs)
+    return torch.compile(result.graph_module, **kwargs), result
 
 
 def compile(  # noqa: A001  (fxdecomp.compile, after torch.compile)
@@ -58,8 +57,8 @@ def compile(  # noqa: A001  (fxdecomp.compile, after torch.compile)
 ) -> Callable:
     """Compress ``model`` under ``budget``, then ``torch.compile`` the result.
 
-    Keyword arguments of `compress` (methods, calibration, exclude, pipeline, plan) go to
-    it; the others (backend, mode, fullgraph, dynamic, options) go to torch.compile. The
+    Keyword arguments of `compress` go to it; the others (backend, mode, fullgraph,
+    dynamic, options) go to torch.compile (see `compile_with_result`). The
     CompressionResult is the returned callable's ``compression`` attribute.
     """
     compiled, result = compile_with_result(model, example_inputs, budget, **kwargs)
