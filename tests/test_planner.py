@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from fxdecomp.planner import Infeasible, Option, solve_mckp
+from fxdecomp.planning.solver import Infeasible, Option, solve_mckp
 
 
 def brute_force(groups, capacity):
@@ -76,7 +76,7 @@ def test_capacity_tolerance_is_relative_with_a_floor_of_one():
 def test_thinning_keeps_the_last_point_of_each_bucket():
     import numpy as np
 
-    from fxdecomp.planner import _thin
+    from fxdecomp.planning.solver import _thin
 
     front = np.array([True, True, False, True, True, True, False, True])
     bucket = np.array([0, 0, 0, 1, 1, 2, 3, 3])
@@ -84,7 +84,7 @@ def test_thinning_keeps_the_last_point_of_each_bucket():
 
 
 def test_thinning_buckets_are_capacity_over_max_front_wide(monkeypatch):
-    import fxdecomp.planner as planner
+    import fxdecomp.planning.solver as planner
 
     seen = []
     real = planner._thin

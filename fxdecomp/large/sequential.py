@@ -12,7 +12,7 @@ one block's working set beyond what it was given:
    the planner's grid with their cost and predicted error. The factorizations are
    dropped once the options are known.
 2. **Plan**: one multiple-choice knapsack over every layer of every block
-   (`fxdecomp.planner.solve_mckp`), under the budget of the whole model's FLOPs
+   (`fxdecomp.planning.solver.solve_mckp`), under the budget of the whole model's FLOPs
    (or of the candidate layers' FLOPs, ``scope="layers"``).
 3. **Apply** (second streaming pass): each block is calibrated on the outputs of
    the already compressed blocks before it, so that its factors see, and absorb,

@@ -55,14 +55,17 @@ MODULES: dict[str, Target] = {
         ("tests/test_compress.py::test_models_meet_the_budget", "tests/test_compress.py::test_budget_one_changes_nothing"),
     ),
     "rewrite": Target(
-        ("fxdecomp/passes/rewrite.py",),
+        ("fxdecomp/graph/rewrite.py",),
         tuple(f"tests/test_compress.py::test_{t}" for t in (
             "models_meet_the_budget", "submodules_named_after_the_original_with_provenance",
             "module_called_twice_is_decomposed_once", "functional_forms_become_candidates_and_lose_their_weights",
             "saved_plan_reapplies_the_same_structure")),
     ),
-    "planner": Target(("fxdecomp/planner.py",), ("tests/test_planner.py",)),
-    "plan": Target(("fxdecomp/passes/plan.py",), ("tests/test_compress.py", "tests/test_planner.py")),
+    "planner": Target(("fxdecomp/planning/solver.py",), ("tests/test_planner.py",)),
+    "plan": Target(
+        tuple(f"fxdecomp/planning/{m}.py" for m in ("grid", "search", "budget", "damage", "replay")) + ("fxdecomp/passes/plan.py",),
+        ("tests/test_compress.py", "tests/test_planner.py", "tests/test_pass_manager.py"),
+    ),
     "export": Target(("fxdecomp/export.py",), ("tests/test_export.py",)),
     "training": Target(
         ("fxdecomp/training/deeptwist.py", "fxdecomp/training/factorized.py", "fxdecomp/training/finetune.py"),
@@ -70,7 +73,7 @@ MODULES: dict[str, Target] = {
     ),
     "decomposers": Target(
         tuple(f"fxdecomp/decomposers/{m}.py" for m in ("base", "spatial_svd", "tucker2", "cp", "tt", "tiled_svd")),
-        ("tests/test_decompose.py", "tests/test_cost.py", "tests/test_cp.py"),
+        ("tests/test_decompose.py", "tests/test_cost.py", "tests/test_cp.py", "tests/test_conv_kinds.py"),
     ),
     "factorize": Target(
         tuple(f"fxdecomp/factorize/{m}.py" for m in ("tucker", "tt", "cp")),
