@@ -146,17 +146,33 @@ def output_whitening(gram: torch.Tensor | LowRankPSD) -> tuple[torch.Tensor, tor
     return (vectors * values.sqrt()) @ vectors.T, (vectors / values.sqrt()) @ vectors.T
 
 
-def whitened_spectrum(matrix: torch.Tensor, gram: torch.Tensor) -> Spectrum:
-    """The spectrum of W L (G = L L^T) from its left side: eigh of W G W^T.
+def whitened_spectrum(matrix: torch.Tensor, gram: torch.Tensor | LowRankPSD) -> Spectrum:
+    """The spectrum of W L (G = L L^T) with its left singular vectors: the whitened SVD's basis.
 
     Its basis projects W onto the output subspace that matters on the data, so
     `fxdecomp.factorize.svd.low_rank_factors(W, r, spectrum)` gives the whitened
     SVD factors, and ``spectrum.relative_error(r)`` is the relative output error.
     For the two-sided version pass ``H^(1/2) W`` (`output_whitening`) as the matrix
     and multiply the left factor by H^(-1/2).
+
+    A wide or square W (out <= in) is decomposed through the out x out matrix W G W^T.
+    A tall one (an LM head, an up-projection) through the in x in matrix L^T W^T W L
+    instead, its left vectors recovered as W L V / sigma (then made orthonormal), so the
+    cost follows the smaller side (a 32 000-way head: 768^3, not 32 000^3).
     """
     w = matrix.detach().to(torch.float64)
-    return spectrum_of_gram(w @ gram @ w.T, "left", tuple(w.shape))
+    rows, cols = w.shape
+    if rows <= cols or isinstance(gram, LowRankPSD):
+        return spectrum_of_gram(w @ gram @ w.T, "left", tuple(w.shape))
+    values, vectors = torch.linalg.eigh(gram.to(torch.float64))
+    root = (vectors * values.clamp_min(0.0).sqrt()) @ vectors.T  # G^(1/2): W G W^T = (W G^(1/2)) (W G^(1/2))^T
+    whitened = w @ root
+    energies, right = torch.linalg.eigh(whitened.T @ whitened)
+    energies, right = energies.flip(0).clamp_min(0.0), right.flip(1)
+    sigma = energies.sqrt().clamp_min(float(energies[0].sqrt()) * 1e-12 if len(energies) else 1e-300)
+    basis, triangle = torch.linalg.qr((whitened @ right) / sigma)  # leading columns: the left singular vectors
+    basis = basis * torch.sign(torch.diagonal(triangle)).where(torch.diagonal(triangle) != 0, torch.ones(()))
+    return Spectrum.with_basis(energies, basis, "left", (rows, cols))
 
 
 def output_energy(weight_blocks: list[torch.Tensor], grams: list[torch.Tensor], output_grams: list[torch.Tensor]) -> float:

@@ -43,6 +43,13 @@ class Spectrum:
         _, vectors = torch.linalg.eigh(self.gram)
         return vectors.flip(1)
 
+    @classmethod
+    def with_basis(cls, energies: torch.Tensor, basis: torch.Tensor, side: str, shape: tuple[int, int]) -> "Spectrum":
+        """A spectrum whose basis is already known (computed another way than from a Gram matrix on ``side``)."""
+        spectrum = cls(energies, basis.new_zeros(0, 0), side, shape)
+        spectrum.__dict__["basis"] = basis  # the cached_property's slot: never recomputed
+        return spectrum
+
     @property
     def singular_values(self) -> torch.Tensor:
         return self.energies.sqrt()
