@@ -263,6 +263,51 @@ def test_partial_capture_unreachable_budget_names_the_whole_model_fraction():
         result = fxdecomp.compress(model, inputs, budget=reachable)
     assert flops(result.graph_module, inputs) / total <= reachable + 1e-6
 
+class FrozenNorm(nn.Module):
+    """torchvision's FrozenBatchNorm2d: statistics and affine held as buffers, none as parameters."""
+
+    def __init__(self, channels):
+        super().__init__()
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            self.register_buffer(name, torch.rand(channels) + 0.5)
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + 1e-5).rsqrt()
+        return x * scale[None, :, None, None] + (self.bias - self.running_mean * scale)[None, :, None, None]
+
+
+class FrozenNormBackbone(Backbone):
+    def __init__(self):
+        super().__init__()
+        self.frozen = FrozenNorm(32)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.conv3(self.frozen(F.relu(self.conv2(x)))))
+
+
+def test_partial_capture_at_full_rank_is_exact_in_float64_with_norm_statistics():
+    # float64 leaves no room for rounding: a wrong input bound to a part, a norm statistic lost or
+    # a part swapped wrongly shows far above 1e-10 (float32 tolerances of 1e-4 can hide them).
+    model, _ = detector_inputs()
+    model.backbone = FrozenNormBackbone()
+    with torch.no_grad():
+        model.backbone.bn1.running_mean.uniform_(-1.0, 1.0)
+        model.backbone.bn1.running_var.uniform_(0.5, 2.0)
+    model = model.double().eval()
+    inputs = (torch.randn(2, 3, 16, 16, dtype=torch.float64),)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    plan = {n: ("svd", (min(m.weight.shape[0], m.weight[0].numel()),)) for n, m in layers.items()}
+    result = fxdecomp.compress(model, inputs, plan=plan, partial=True)
+    assert [c.name for c in result.captured] == ["backbone", "head", "box"]
+    assert {d.name for d in result.decisions if d.decomposed} == set(layers)
+    with torch.no_grad():
+        got, want = result.graph_module(*inputs), copy.deepcopy(model)(*inputs)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g["boxes"], w["boxes"], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(g["scores"], w["scores"], rtol=1e-10, atol=1e-12)
+
 
 class KeywordBlock(nn.Module):
     def __init__(self, width=32):

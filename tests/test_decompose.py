@@ -1,5 +1,7 @@
 """decompose_layer: exact at full rank for every attribute, better with rank, refusals with reasons."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -267,3 +269,26 @@ def test_linear_reconstruct_equals_the_built_module(method):
     x = torch.randn(5, 24)
     module = decomposer.build(spec, state, ranks, layer.bias.detach(), layer.weight)
     torch.testing.assert_close(module(x), torch.nn.functional.linear(x, dense, layer.bias), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "method, layer, shape",
+    [
+        ("svd", nn.Conv2d(6, 8, 3, padding=1), (2, 6, 7, 7)),
+        ("svd", nn.Linear(12, 10), (3, 12)),
+        ("spatial_svd", nn.Conv2d(6, 8, 3, padding=1), (2, 6, 7, 7)),
+        ("tucker2", nn.Conv2d(6, 8, 3, padding=1), (2, 6, 7, 7)),
+        ("cp", nn.Conv2d(6, 8, 3, padding=1), (2, 6, 7, 7)),
+        ("tt", nn.Linear(12, 10), (3, 12)),
+        ("tiled_svd", nn.Conv2d(6, 8, 3, padding=1), (2, 6, 7, 7)),
+    ],
+)
+def test_float64_layer_is_reproduced_to_float64_precision_at_full_rank(method, layer, shape):
+    # Factors used to be loaded into float32 layers and cast up afterwards: ~3e-8, not ~1e-15.
+    torch.manual_seed(0)
+    layer = copy.deepcopy(layer).double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    decomposed = fxdecomp.decompose_layer(layer, method, "full")
+    with torch.no_grad():
+        expected, actual = layer(x), decomposed(x)
+    assert float((actual - expected).norm() / expected.norm()) < 1e-12

@@ -104,13 +104,15 @@ class Decomposer(ABC):
 
     def build(self, spec: Spec, state: Any, ranks: Ranks, bias: torch.Tensor | None, like: torch.Tensor) -> nn.Module:
         """The decomposed module at ``ranks``, on ``like``'s device and dtype."""
-        module = self.structure(spec, ranks)
+        # In like's dtype BEFORE loading: factors loaded into default-dtype (float32) layers and cast
+        # up afterwards would lose float64 precision (full rank no longer exact for float64 models).
+        module = self.structure(spec, ranks).to(device=like.device, dtype=like.dtype)
         self.load(module, spec, state, ranks)
         last = final_layer(module)
         if bias is not None:
             with torch.no_grad():
                 last.bias.copy_(bias)
-        return module.to(device=like.device, dtype=like.dtype)
+        return module
 
     def params(self, spec: Spec, ranks: Ranks) -> int:
         with torch.device("meta"):
