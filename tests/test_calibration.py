@@ -251,3 +251,25 @@ def test_integer_outputs_leave_errors_on_the_layers_own_outputs():
     model, x = Classifier().eval(), torch.randn(4, 16)
     result = fxdecomp.compress(model, (x,), budget=0.6, methods=["svd"], calibration=[(torch.randn(8, 16),)])
     assert result.flops_after <= 0.6 * result.flops_before
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (500, 64), (40, 300)])
+def test_whitened_spectrum_of_a_tall_matrix_equals_the_out_side_one(shape):
+    """Tall weights (an LM head) go through the in x in side: the same energies, the same best factors."""
+    from fxdecomp.calibration import whitened_spectrum
+    from fxdecomp.factorize.svd import low_rank_factors, spectrum_of_gram
+
+    out, inn = shape
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(out, inn, generator=generator, dtype=torch.float64)
+    x = torch.randn(400, inn, generator=generator, dtype=torch.float64) * torch.logspace(0, -2, inn, dtype=torch.float64)
+    gram = x.T @ x / 400 + 1e-3 * torch.eye(inn, dtype=torch.float64)
+    fast, reference = whitened_spectrum(weight, gram), spectrum_of_gram(weight @ gram @ weight.T, "left", shape)
+    torch.testing.assert_close(fast.energies[: min(shape)], reference.energies[: min(shape)], rtol=1e-9, atol=1e-9 * float(reference.energies[0]))
+    root = torch.linalg.cholesky(gram)
+    for rank in (1, 7, min(shape)):
+        left, right = low_rank_factors(weight, rank, fast)
+        ref_left, ref_right = low_rank_factors(weight, rank, reference)
+        error = float(((weight - left @ right) @ root).norm())
+        assert error == pytest.approx(float(((weight - ref_left @ ref_right) @ root).norm()), rel=1e-7, abs=1e-9)
+        assert error / float((weight @ root).norm()) == pytest.approx(fast.relative_error(rank), abs=1e-9)
