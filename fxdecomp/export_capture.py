@@ -161,10 +161,27 @@ def export_trace(model: nn.Module, example_inputs: tuple, dynamic_shapes: Any = 
         shapes = input_shapes(program)
         if shapes.dynamic:
             shapes = _allow_size_one(shapes, gm, model, example_inputs)
+            if export_args is not example_inputs and not _accepts(shapes, example_inputs):
+                # Exported at batch 2, the graph does not reproduce the model at the user's batch 1:
+                # export again at the user's own shapes, which the result must always accept.
+                log.info("the batch-2 graph does not run %s at the example's batch 1; exporting at the example's shapes", type(model).__name__)
+                spec = tuple({d: Dim.AUTO for d in range(x.dim())} if isinstance(x, torch.Tensor) else None for x in example_inputs)
+                program = torch.export.export(model, example_inputs, dynamic_shapes=spec, strict=False)
+                gm, shapes = as_module(program), input_shapes(program)
             for node in gm.graph.nodes:  # symbolic (or batch-2) metadata: shape_prop recomputes at the example
                 node.meta.pop("val", None)
     install_shape_check(gm, shapes)
     return gm
+
+
+def _accepts(shapes: "InputShapes", example_inputs: tuple) -> bool:
+    """Whether every free dimension's range holds the example's size."""
+    for (i, d) in shapes.free_dims():
+        lo, hi = shapes.range_of(shapes.sizes[i][d])
+        size = example_inputs[i].shape[d]
+        if size < lo or (hi is not None and size > hi):
+            return False
+    return True
 
 
 @contextlib.contextmanager

@@ -135,6 +135,27 @@ def test_batch_one_example_runs_at_any_batch_and_pins_on_request():
         fxdecomp.compress(model, (x,), plan=plan, dynamic_shapes="sometimes")
 
 
+class BatchOneBranch(nn.Module):
+    """Batch 1 takes another path (as HF Swin's window code does): a graph exported at batch 2 cannot serve it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        if x.shape[0] == 1:
+            return self.fc(x) * 2.0
+        return self.fc(x)
+
+
+def test_the_example_batch_is_always_accepted():
+    torch.manual_seed(0)
+    model = BatchOneBranch().eval()
+    x = torch.randn(1, 16)
+    result = fxdecomp.compress(model, (x,), plan={"fc": ("svd", (16,))}, frontend="export")
+    torch.testing.assert_close(result.graph_module(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", list(TINY))
 def test_onnx_parity_at_two_shapes(compressed, name, tmp_path):
     spec, model, x, result = compressed(name, 0.5)
