@@ -31,7 +31,9 @@ from pathlib import Path
 try:  # imported as part of fxdecomp
     from .files import atomic_write_text
     from .timing import InvalidInputError, Protocol, Provider, device_facts
-except ImportError:  # run as a script: timing.py and files.py sit beside it
+except ImportError:  # run as a script from a latency pack: its two modules lie beside it
+    # The folder is put on the path explicitly: with PYTHONSAFEPATH=1 (or python -P) Python leaves it off.
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from files import atomic_write_text  # type: ignore[no-redef]
     from timing import InvalidInputError, Protocol, Provider, device_facts  # type: ignore[no-redef]
 
