@@ -153,7 +153,22 @@ def build_onnx(
     return module_onnx(layer_module(spec, method, tuple(int(r) for r in ranks), dict(options or {})), shape)
 
 
-class LayerLatency:
+class LayerTimer:
+    """What the planner asks of a source of layer latencies (`LayerLatency` times here, a `LatencyTable` looks up)."""
+
+    def sites_ms(
+        self,
+        spec: Spec,
+        input_shapes: Sequence[Sequence[int]],
+        method: str | None = None,
+        ranks: Sequence[int] = (),
+        options: Mapping[str, Any] | None = None,
+    ) -> float:
+        """`layer_ms` summed over a layer's call sites (one input shape per call)."""
+        return sum(self.layer_ms(spec, shape, method, ranks, options) for shape in input_shapes)
+
+
+class LayerLatency(LayerTimer):
     """Measures and caches the onnxruntime latency of layers and their decomposed structures.
 
     ``threads``: intra-op threads; ``provider`` / ``provider_options``: the onnxruntime
@@ -215,17 +230,6 @@ class LayerLatency:
         whole-model latency: the reorder and call overheads of timing alone cancel.
         """
         return self.layer_stats(spec, input_shape, method, ranks, options)[f"{self.statistic}_ms"]
-
-    def sites_ms(
-        self,
-        spec: Spec,
-        input_shapes: Sequence[Sequence[int]],
-        method: str | None = None,
-        ranks: Sequence[int] = (),
-        options: Mapping[str, Any] | None = None,
-    ) -> float:
-        """`layer_ms` summed over a layer's call sites (one input shape per call)."""
-        return sum(self.layer_ms(spec, shape, method, ranks, options) for shape in input_shapes)
 
     def layer_stats(
         self,

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInputError
-from .layer_cache import STATISTICS, Spec, canonical, check_shape, structure_key
+from .layer_cache import STATISTICS, LayerTimer, Spec, canonical, check_shape, structure_key
 
 __all__ = ["MANIFEST_FORMAT", "TABLE_FORMAT", "LatencyTable", "LatencyTableError", "model_key"]
 
@@ -63,7 +63,7 @@ def describe(spec: Spec, input_shape: Sequence[int], method: str | None, ranks: 
     return f"{layer} at input {tuple(int(d) for d in input_shape)}: {what}"
 
 
-class LatencyTable:
+class LatencyTable(LayerTimer):
     """A latency table read from ``path``; answers `layer_ms` / `sites_ms` like `LayerLatency`, without timing.
 
     ``statistic``: "median" (default), "p10" or "min". Raises LatencyTableError for a
@@ -115,17 +115,6 @@ class LatencyTable:
                 + "; make the pack with the plan's options (fxdecomp latency-pack with the same recipe and methods) and time it again"
             )
         return float(entry[f"{self.statistic}_ms"])
-
-    def sites_ms(
-        self,
-        spec: Spec,
-        input_shapes: Sequence[Sequence[int]],
-        method: str | None = None,
-        ranks: Sequence[int] = (),
-        options: Mapping[str, Any] | None = None,
-    ) -> float:
-        """`layer_ms` summed over a layer's call sites (one input shape per call)."""
-        return sum(self.layer_ms(spec, shape, method, ranks, options) for shape in input_shapes)
 
     def model_ms(self, input_shapes: Sequence[Sequence[int]]) -> float:
         """The table's time (ms) of the whole packed model at these input shapes."""
