@@ -22,6 +22,8 @@ from fxdecomp.decomposers import get_decomposer
 from fxdecomp.layer_spec import layer_spec
 from fxdecomp.layers import TiledLinear
 
+from .strategies import conv_layers
+
 CONV_METHODS = ["svd", "spatial_svd", "tucker2", "cp", "tt", "tiled_svd"]
 GROUPED_OK = {"svd", "spatial_svd", "tucker2", "cp"}
 
@@ -61,29 +63,6 @@ def hand_flops(module: nn.Module, *inputs: torch.Tensor) -> int:
 
 def out_size(size: int, before: int, after: int, kernel: int, stride: int, dilation: int) -> int:
     return (size + before + after - dilation * (kernel - 1) - 1) // stride + 1
-
-
-@st.composite
-def conv_layers(draw, in_channels=None):
-    """Every attribute the exactness tests of test_decompose draw."""
-    groups = draw(st.sampled_from([1, 1, 2, 3]))
-    if in_channels is not None:
-        groups = groups if in_channels % groups == 0 else 1
-        in_ch = in_channels
-    else:
-        in_ch = groups * draw(st.integers(1, 4))
-    out_ch = groups * draw(st.integers(1, 4))
-    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
-    if draw(st.booleans()):
-        padding, stride = draw(st.sampled_from(["same", "valid"])), (1, 1)
-    else:
-        padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
-        stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    bias = draw(st.booleans())
-    torch.manual_seed(draw(st.integers(0, 2**16)))
-    return nn.Conv2d(in_ch, out_ch, (kh, kw), stride, padding, dilation, groups, bias, mode)
 
 
 def expected_output_size(layer: nn.Conv2d, height: int, width: int) -> tuple[int, int]:

@@ -12,27 +12,11 @@ from torch import nn
 import fxdecomp
 from fxdecomp.errors import InvalidInputError, UnknownMethodError, UnsupportedLayerError
 
+from .strategies import conv_layers
+
 CONV_METHODS = ["svd", "spatial_svd", "tucker2", "cp", "tt", "tiled_svd"]
 LINEAR_METHODS = ["svd", "tt", "tiled_svd"]
 GROUPED_OK = {"svd", "spatial_svd", "tucker2", "cp"}
-
-
-@st.composite
-def conv_layers(draw):
-    groups = draw(st.sampled_from([1, 1, 2, 3]))
-    in_ch = groups * draw(st.integers(1, 4))
-    out_ch = groups * draw(st.integers(1, 4))
-    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
-    if draw(st.booleans()):
-        padding, stride = draw(st.sampled_from(["same", "valid"])), (1, 1)
-    else:
-        padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
-        stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    bias = draw(st.booleans())
-    torch.manual_seed(draw(st.integers(0, 2**16)))
-    return nn.Conv2d(in_ch, out_ch, (kh, kw), stride, padding, dilation, groups, bias, mode)
 
 
 def _input_for(layer: nn.Conv2d, seed: int = 1) -> torch.Tensor:
