@@ -87,6 +87,11 @@ class NystromSketch:
         self.sketch = torch.zeros(dim, self.rank, dtype=torch.float64)
         self.trace = torch.zeros((), dtype=torch.float64)
 
+    def to(self, device: torch.device | str) -> "NystromSketch":
+        """The sketch's tensors moved to ``device`` (before the first update), in place; returns self."""
+        self.test_matrix, self.sketch, self.trace = (t.to(device) for t in (self.test_matrix, self.sketch, self.trace))
+        return self
+
     def update(self, rows: torch.Tensor) -> None:
         """Add rows x_i (n x d): Y += X^T (X Omega), trace += ||X||_F^2."""
         rows = rows.to(torch.float64)

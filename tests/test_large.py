@@ -229,3 +229,50 @@ def test_command_line_compresses_a_checkpoint(tmp_path):
     with torch.no_grad():
         assert torch.isfinite(back(tokens(2, 7)).logits).all()
     assert main(["compress-llm", str(tmp_path / "nothing"), "--out", str(tmp_path / "o2")]) == 2  # named, usage error
+
+
+# ---- GPUs: run where CUDA is available (the GPU check of a release; CI machines have no GPU) ----
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return model(ids.to(device)).logits.float().cpu()
+
+
+@needs_cuda
+def test_a_gpu_run_equals_the_cpu_run():
+    batches = [(tokens(2, 12, seed=s),) for s in range(4)]
+    cpu = compress_sequential(llama(), (tokens(),), budget=0.7, calibration=batches, device="cpu")
+    gpu = compress_sequential(llama(), (tokens(),), budget=0.7, calibration=batches, device="cuda")
+    assert plan_of(gpu.decisions) == plan_of(cpu.decisions)
+    assert next(gpu.model.parameters()).is_cuda
+    ids = tokens(2, 9, seed=5)
+    torch.testing.assert_close(_logits(gpu.model, ids), _logits(cpu.model, ids), rtol=1e-4, atol=1e-4)
+
+
+def _nccl_main(rank: int, world: int, init: str, out: str) -> None:
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=init, rank=rank, world_size=world)
+    try:
+        batches = [(tokens(2, 12, seed=s),) for s in range(4)]
+        result = compress_sequential(llama(), (tokens(),), budget=0.7, calibration=batches)  # on this rank's GPU
+        if rank == 0:
+            assert next(result.model.parameters()).device == torch.device("cuda", 0)
+            torch.save({"plan": plan_of(result.decisions), "logits": _logits(result.model, tokens(2, 9, seed=5))}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_cuda
+def test_nccl_processes_equal_one_cpu_process(tmp_path):
+    world = min(torch.cuda.device_count(), 2)  # NCCL needs one GPU per process
+    out = str(tmp_path / "nccl.pt")
+    mp.spawn(_nccl_main, args=(world, f"file://{tmp_path / 'rendezvous'}", out), nprocs=world, join=True)
+    spread = torch.load(out)
+    batches = [(tokens(2, 12, seed=s),) for s in range(4)]
+    single = compress_sequential(llama(), (tokens(),), budget=0.7, calibration=batches, device="cpu")
+    assert spread["plan"] == plan_of(single.decisions)
+    torch.testing.assert_close(spread["logits"], _logits(single.model, tokens(2, 9, seed=5)), rtol=1e-4, atol=1e-4)

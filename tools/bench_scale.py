@@ -32,6 +32,7 @@ SIZES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "0.5b": (1536, 4096, 16, 16, 4, 32000),
     "0.8b": (2048, 5632, 16, 16, 4, 32000),
     "7b": (4096, 11008, 32, 32, 32, 32000),
+    "7b-2l": (4096, 11008, 2, 32, 32, 32000),  # two blocks of the 7B shape: per-block time and peak, quickly
 }
 
 CHILD = r"""
@@ -51,7 +52,7 @@ if whole:
     result = fxdecomp.compress(model, example, budget=budget, calibration=calibration)
     kept = result.flops_after / result.flops_before
 else:
-    result = compress_sequential(path, example, budget=budget, calibration=calibration, out=out, scope="layers")
+    result = compress_sequential(path, example, budget=budget, calibration=calibration, out=out, scope="layers", progress=True)
     kept = sum(d.flops_after for d in result.decisions) / sum(d.flops_before for d in result.decisions)
 print(json.dumps({"seconds": time.perf_counter() - start, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "kept": kept}))
 """
@@ -100,12 +101,14 @@ def _write_random(skeleton, config, path: Path, dtype) -> None:
 
 def run(path: Path, out: Path, budget: float, samples: int, tokens: int, whole: bool) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(path), str(out), str(budget), str(samples), str(tokens), "1" if whole else "0"],
-        capture_output=True, text=True,
-    )
+    log = out.with_suffix(".log")  # the child's progress (per block, with an ETA): tail -f it on long runs
+    with log.open("w") as stderr:
+        done = subprocess.run(
+            [sys.executable, "-c", CHILD, str(path), str(out), str(budget), str(samples), str(tokens), "1" if whole else "0"],
+            stdout=subprocess.PIPE, stderr=stderr, text=True,
+        )
     if done.returncode:
-        return {"error": (done.stderr.strip().splitlines() or ["killed"])[-1][:120]}
+        return {"error": (log.read_text().strip().splitlines() or ["killed"])[-1][:120]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -36,6 +36,7 @@ def register(command: AddCommand) -> None:
     sub.add_argument("--calibration-text", metavar="FILE", help="text cut into the calibration sequences (needs the directory's tokenizer)")
     sub.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="layer name or glob left alone (repeatable)")
     sub.add_argument("--shard-gb", type=float, default=1.0, help="largest output shard in GiB (default 1)")
+    sub.add_argument("--device", choices=("cpu", "cuda"), help="where blocks run and are factorized (default: cuda with NCCL under torchrun where CUDA is available, else cpu)")
     sub.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -45,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
     from ..large.distributed import init_from_environment
 
     budget = parse_budget(args.budget)
-    world = init_from_environment()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but this torch build sees no CUDA device", "leave --device out or use --device cpu")
+    world = init_from_environment(args.device)
     progress = Progress.on_terminal(args.quiet or world.rank > 0)
     checkpoint = LazyCheckpoint(args.model_dir)
     vocab = int(checkpoint.config.get("vocab_size", 0))
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     example, calibration = _token_batches(args, vocab, torch)
     result = compress_sequential(
         checkpoint, example, budget, calibration, out=args.out, exclude=tuple(args.exclude),
-        scope=args.scope, shard_bytes=int(args.shard_gb * 2**30), progress=progress.enabled,
+        scope=args.scope, shard_bytes=int(args.shard_gb * 2**30), progress=progress.enabled, device=args.device,
     )  # fmt: skip
     if world.rank > 0:
         return EXIT_OK

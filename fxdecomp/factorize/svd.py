@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -36,10 +37,13 @@ class Spectrum:
     gram: torch.Tensor  # float64 Gram matrix on ``side`` (rows x rows for "left")
     side: str
     shape: tuple[int, int]  # of the matrix
+    compute_basis: Callable[[], torch.Tensor] | None = None  # another way to the basis than ``gram``'s eigenvectors
 
     @cached_property
     def basis(self) -> torch.Tensor:
         """Columns: left singular vectors if side == "left", else right ones; descending."""
+        if self.compute_basis is not None:
+            return self.compute_basis()
         _, vectors = torch.linalg.eigh(self.gram)
         return vectors.flip(1)
 

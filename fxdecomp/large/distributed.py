@@ -68,7 +68,8 @@ class World:
                     dist.all_reduce(sketch.trace)
             else:
                 dist.all_reduce(gram.sum)
-            count = torch.tensor([gram.count], dtype=torch.float64)
+            device = gram.sketches[0].sketch.device if gram.sketches is not None else gram.sum.device
+            count = torch.tensor([gram.count], dtype=torch.float64, device=device)
             dist.all_reduce(count)
             gram.count = int(count.item())
 
@@ -89,12 +90,24 @@ class World:
                 dist.broadcast(tensor.data, src=owner)
 
 
-def init_from_environment() -> World:
+def init_from_environment(device: str | None = None) -> World:
     """Join the process group that ``torchrun`` describes in the environment.
 
-    The backend is gloo: the pipeline keeps its tensors on the CPU (placing blocks and
-    factorizations on GPUs, with NCCL, is not implemented yet).
+    ``device`` "cuda" (the default where CUDA is available): NCCL, each process on the GPU
+    ``LOCAL_RANK`` (``torch.cuda.set_device``), so `compress_sequential` runs its blocks and
+    factorizations there; "cpu": gloo, everything on the CPU.
     """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group(backend="gloo")
+        if (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend="nccl")
+        else:
+            dist.init_process_group(backend="gloo")
     return World.current()
+
+
+def default_device() -> torch.device:
+    """The GPU of this process under an NCCL process group, else the CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -84,7 +84,7 @@ class observe:
                 # The tensor is held with its key, so that no later input can reuse its address.
                 key = (x.data_ptr(), tuple(x.shape), x.stride())
                 if key not in self._by_input:
-                    shared = self.grams.get(name) or GramAccumulator.for_spec(layer_spec(linear))
+                    shared = self.grams.get(name) or GramAccumulator.for_spec(layer_spec(linear)).to(x.device)
                     shared.update(x)
                     self._by_input[key] = (x, shared)
                 self.grams[name] = self._by_input[key][1]

@@ -50,7 +50,7 @@ from ..progress import Progress
 from ..result import Decision
 from .blocks import BlockCall, BlockStack, capture_block_inputs, head_inputs, run_block
 from .checkpoint import LazyCheckpoint, ShardWriter, empty_model
-from .distributed import World
+from .distributed import World, default_device
 from .layers import LayerRecord, apply_option, factorization_cost, layer_record, linears, observe, solve
 
 PLAN_FILE = "fxdecomp_plan.json"
@@ -93,6 +93,7 @@ def compress_sequential(
     grid: int = 24,
     shard_bytes: int = 1 << 30,
     progress: bool = False,
+    device: str | torch.device | None = None,
 ) -> SequentialResult:
     """Compress the Linear layers of a stack-of-blocks model one block at a time (see the module doc).
 
@@ -105,6 +106,9 @@ def compress_sequential(
     is a fraction of the FLOPs of the whole model (``scope="model"``, as in
     `fxdecomp.compress`) or of its candidate Linear layers (``scope="layers"``).
     ``out`` also receives safetensors shards (of at most ``shard_bytes``) and the plan in memory mode.
+    ``device`` is where blocks run and are factorized (e.g. "cuda"; default: this process's GPU
+    under an NCCL process group, see `init_from_environment`, else the CPU); the weights are read
+    to and written from the CPU, and the returned model (memory mode) is on ``device``.
 
     Raises `BudgetError` for an unreachable budget (with the smallest reachable
     fraction), `InvalidInputError` for a model without a stack of blocks,
@@ -120,13 +124,15 @@ def compress_sequential(
     lazy = isinstance(checkpoint, LazyCheckpoint)
     if lazy and out is None:
         raise InvalidInputError("compressing a checkpoint directory writes the result to disk: give out=DIR")
+    device = torch.device(device) if device is not None else default_device()
     model = empty_model(checkpoint) if lazy else copy.deepcopy(source).eval()
     stack = BlockStack.of(model)
     if lazy:
         checkpoint.materialize(model, skip=stack.path)
     params_before, bytes_before = checkpoint.sizes() if lazy else _sizes(model)
-    example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in calibration] if calibration is not None else []
+    place(model, device, skip=stack.path if lazy else None)
+    example = place(tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,), device)
+    batches = [place(tuple(b) if isinstance(b, (tuple, list)) else (b,), device) for b in calibration] if calibration is not None else []
     world = World.current()
     if batches and len(batches) < world.size:
         raise InvalidInputError(f"{len(batches)} calibration batches for {world.size} processes: give at least one per process")
@@ -138,6 +144,7 @@ def compress_sequential(
         block = stack.blocks[index]
         if lazy:
             checkpoint.materialize(block, stack.name(index))
+            place(block, device)
         return block
 
     def unload(block: nn.Module) -> None:
@@ -266,6 +273,23 @@ def _apply(model, layers, by_name, chosen, grams, world: World) -> dict[str, Dec
     for module, owner in built:
         world.send_module(module, owner)
     return decisions
+
+
+def place(target, device: torch.device, skip: str | None = None):
+    """``target`` on ``device``: a module in place (its loaded tensors; ties kept; submodules under
+    ``skip`` left alone), or a tuple of inputs (tensors moved, anything else kept). Returns it."""
+    if not isinstance(target, nn.Module):
+        return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in target)
+    for name, module in target.named_modules():
+        if skip is not None and (name == skip or name.startswith(skip + ".")):
+            continue
+        for param in module._parameters.values():
+            if param is not None and not param.is_meta and param.device != device:
+                param.data = param.data.to(device)  # the same Parameter object: tied weights stay tied
+        for key, buffer in module._buffers.items():
+            if buffer is not None and not buffer.is_meta and buffer.device != device:
+                module._buffers[key] = buffer.to(device)
+    return target
 
 
 def _tied_parameters(model: nn.Module) -> set[int]:
