@@ -109,7 +109,8 @@ class GramAccumulator:
             return self.sketches[group].matrix(1.0 / max(self.count, 1), damping)
         gram = self.sum[group] / max(self.count, 1)
         ridge = damping * float(gram.diagonal().mean()) if gram.numel() else 0.0
-        return gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        gram.diagonal().add_(ridge)  # in place: an 11008-dim Gram is 1 GB, and eye() would add three more
+        return gram
 
 
 class OutputGramAccumulator(GramAccumulator):
