@@ -187,13 +187,16 @@ def whitened_spectrum(matrix: torch.Tensor, gram: torch.Tensor | LowRankPSD) -> 
     del whitened
 
     def left_basis() -> torch.Tensor:
-        """W L V / sigma made orthonormal: computed only when factors are asked for (never by the planner)."""
+        """W L V / sigma made orthonormal: computed only when factors are asked for (never by the planner).
+
+        In ``work`` precision: a 32 000 x 4096 LM head's basis is 0.5 GB in float32 (1 GB in float64).
+        """
         energies, right = torch.linalg.eigh(inner)
         energies, right = energies.flip(0).clamp_min(0.0), right.flip(1)
         sigma = energies.sqrt().clamp_min(float(energies[0].sqrt()) * 1e-12 if len(energies) else 1e-300)
-        lifted = (matrix.detach().to(work) @ (root @ (right / sigma)).to(work)).to(torch.float64)
-        basis, triangle = torch.linalg.qr(lifted)  # leading columns: the left singular vectors
-        return basis * torch.sign(torch.diagonal(triangle)).where(torch.diagonal(triangle) != 0, torch.ones(()))
+        basis, triangle = torch.linalg.qr(matrix.detach().to(work) @ (root @ (right / sigma)).to(work))
+        signs = torch.sign(torch.diagonal(triangle))  # leading columns: the left singular vectors, signed
+        return basis.mul_(signs.where(signs != 0, torch.ones((), dtype=signs.dtype)))
 
     values = spectrum_of_gram(inner, "right", (rows, cols)).energies
     return Spectrum(values, inner.new_zeros(0, 0), "left", (rows, cols), compute_basis=left_basis)

@@ -276,3 +276,26 @@ def test_nccl_processes_equal_one_cpu_process(tmp_path):
     single = compress_sequential(llama(), (tokens(),), budget=0.7, calibration=batches, device="cpu")
     assert spread["plan"] == plan_of(single.decisions)
     torch.testing.assert_close(spread["logits"], _logits(single.model, tokens(2, 9, seed=5)), rtol=1e-4, atol=1e-4)
+
+
+def test_a_large_tall_layer_is_whitened_in_float32_and_its_basis_only_built_for_factors():
+    """An LM-head-shaped (tall, large, float32) layer: energies and factors equal a float64 reference."""
+    torch.manual_seed(0)
+    rows, cols, rank = 4096, 384, 40
+    weight = torch.randn(rows, cols) @ torch.diag(torch.logspace(0, -2, cols))
+    inputs = torch.randn(1000, cols) @ torch.randn(cols, cols) / cols**0.5
+    gram = GramAccumulator.for_spec(fxdecomp.layer_spec.layer_spec(nn.Linear(cols, rows)))
+    gram.update(inputs)
+    matrix = gram.matrix(0)
+    spectrum = whitened_spectrum(weight, matrix)
+    spectrum.relative_error(rank)
+    assert "basis" not in spectrum.__dict__  # planning reads energies only
+    values, vectors = torch.linalg.eigh(matrix)
+    whitened = weight.double() @ (vectors * values.sqrt()) @ vectors.T
+    u, s, _ = torch.linalg.svd(whitened, full_matrices=False)
+    torch.testing.assert_close(spectrum.energies, s**2, rtol=1e-4, atol=1e-6 * float(s[0] ** 2))
+    left, right = low_rank_factors(weight, rank, spectrum)
+    assert spectrum.basis.dtype == torch.float32 and left.dtype == torch.float32
+    expected = u[:, :rank] @ (u[:, :rank].T @ weight.double())
+    error = torch.linalg.matrix_norm((left @ right).double() - expected) / torch.linalg.matrix_norm(expected)
+    assert error < 1e-4

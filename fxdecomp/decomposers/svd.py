@@ -81,9 +81,9 @@ def two_sided(matrix: torch.Tensor, output_weight) -> tuple[torch.Tensor, torch.
 
 def factors(matrix, rank, spectrum, unweight, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated-SVD factors of the layer's own weight from those of the (output-weighted) matrix."""
-    left, right = low_rank_factors(matrix.to(torch.float64), rank, spectrum)
+    left, right = low_rank_factors(matrix, rank, spectrum, dtype=spectrum.basis.dtype)
     if unweight is not None:
-        left = unweight @ left
+        left = unweight @ left.to(unweight.dtype)
     return left.to(dtype), right.to(dtype)
 
 

@@ -129,17 +129,20 @@ def spectrum_of_gram(gram: torch.Tensor, side: str, shape: tuple[int, int]) -> S
 
 
 def low_rank_factors(
-    matrix: torch.Tensor, rank: int, spectrum: Spectrum | None = None
+    matrix: torch.Tensor, rank: int, spectrum: Spectrum | None = None, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(left, right) with left @ right the best rank-``rank`` approximation of ``matrix``.
 
-    Both factors come back in the matrix's dtype; left is (rows, r), right is (r, cols).
+    Computed in the precision of the spectrum's basis (float64, or float32 for the large
+    float32 matrices `fxdecomp.calibration.whitened_spectrum` whitens in float32); both factors
+    come back in ``dtype`` (default: the matrix's); left is (rows, r), right is (r, cols).
     """
     spectrum = spectrum or matrix_spectrum(matrix)
-    m64 = matrix.detach().to(torch.float64)
     basis = spectrum.basis[:, :rank]
+    work = matrix.detach().to(basis.dtype)
     if spectrum.side == "left":
-        left, right = basis, basis.T @ m64
+        left, right = basis, basis.T @ work
     else:
-        left, right = m64 @ basis, basis.T
-    return left.to(matrix.dtype), right.to(matrix.dtype)
+        left, right = work @ basis, basis.T
+    dtype = dtype or matrix.dtype
+    return left.to(dtype), right.to(dtype)
