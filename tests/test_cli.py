@@ -24,7 +24,7 @@ import fxdecomp
 from fxdecomp.benchmark import LatencyComparison, LatencyStats
 from fxdecomp.cli import main
 from fxdecomp.progress import Progress
-from fxdecomp.report_html import render_html
+from fxdecomp.report import render_html
 from tests.cli_factory import small_cnn
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,10 +6,10 @@ import argparse
 import json
 
 from ..progress import Progress
+from ..report.text import format_table, num, ranks_text
 from .args import AddCommand, input_args, model_args
 from .errors import EXIT_OK
 from .loading import load_inputs, load_model, split_list, use_torch
-from .tables import format_table, num, ranks_text
 
 
 def register(command: AddCommand) -> None:
