@@ -20,7 +20,7 @@ from fxdecomp.passes import Pass, PassManager, known_passes, register_pass
 from fxdecomp.passes.plan import PlanPass
 from fxdecomp.records import MissingRecordError, ModelCost, PassContext, Request
 
-from .models import VGG
+from fxdecomp.examples.vision import VGG
 
 PASSES_DIR = Path(fxdecomp.__file__).parent / "passes"
 
