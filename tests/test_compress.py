@@ -218,7 +218,7 @@ def test_untraceable_model_names_the_module():
 
     with pytest.raises(TraceError, match="gate"):
         fxdecomp.compress(DataDependent(), (torch.ones(2, 4),), budget=0.5, partial=False)
-    # By default the capturable submodules are compressed instead (tests/test_capture.py), with a warning naming both.
+    # By default the capturable submodules are compressed instead (tests/capture/test_capture.py), with a warning naming both.
     with pytest.warns(UserWarning, match=r"gate.*submodules that can be: 'inner'"):
         result = fxdecomp.compress(DataDependent(), (torch.ones(2, 4),), budget=1.0)
     assert result.partial and [c.name for c in result.captured] == ["inner"]
