@@ -11,7 +11,7 @@ from fxdecomp.decomposers import get_decomposer
 from fxdecomp.factorize.svd import low_rank_factors, matrix_spectrum
 from fxdecomp.layer_spec import layer_spec, pad_input
 
-from .models import VGG
+from fxdecomp.examples.vision import VGG
 
 
 def test_linear_gram_equals_dense_computation():

@@ -1,4 +1,4 @@
-"""compress end to end on the architectures of tests/models.py, and MiniLM through torch.export."""
+"""compress end to end on the architectures of fxdecomp/examples/vision.py, and MiniLM through torch.export."""
 
 import json
 import warnings
@@ -11,7 +11,7 @@ import fxdecomp
 from fxdecomp import meta
 from fxdecomp.errors import BudgetError, InvalidInputError, RecipeError, TraceError, UnknownMethodError
 
-from .models import SharedLayer, VGG, image_models
+from fxdecomp.examples.vision import SharedLayer, VGG, image_models
 
 FAST_METHODS = ["svd", "spatial_svd", "tucker2", "tt", "tiled_svd"]
 
@@ -104,7 +104,7 @@ def test_module_called_twice_is_decomposed_once():
 
 
 def test_functional_forms_become_candidates_and_lose_their_weights():
-    from .models import Functional
+    from fxdecomp.examples.vision import Functional
 
     torch.manual_seed(0)
     model, x = Functional().eval(), torch.randn(2, 3, 16, 16)
@@ -218,7 +218,7 @@ def test_untraceable_model_names_the_module():
 
     with pytest.raises(TraceError, match="gate"):
         fxdecomp.compress(DataDependent(), (torch.ones(2, 4),), budget=0.5, partial=False)
-    # By default the capturable submodules are compressed instead (tests/test_capture.py), with a warning naming both.
+    # By default the capturable submodules are compressed instead (tests/capture/test_capture.py), with a warning naming both.
     with pytest.warns(UserWarning, match=r"gate.*submodules that can be: 'inner'"):
         result = fxdecomp.compress(DataDependent(), (torch.ones(2, 4),), budget=1.0)
     assert result.partial and [c.name for c in result.captured] == ["inner"]

@@ -12,7 +12,7 @@ from torch import nn
 import fxdecomp
 from fxdecomp.errors import BudgetError, InvalidInputError, RecipeError
 
-from .models import VGG
+from fxdecomp.examples.vision import VGG
 
 # ---- random architectures -----------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_leaves
 
 import fxdecomp
 from fxdecomp.export_capture import SHAPES_META
-from tests.hf_models import TINY
+from fxdecomp.examples.huggingface import TINY
 
 EXAMPLE = (2, 8)  # (batch, sequence) the models are compressed at
 OTHER_SHAPES = ((1, 5), (3, 11))  # run at these afterwards

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from fxdecomp.examples.kernels import trained_like  # noqa: E402  (the trained-like kernel the tests use)
 from fxdecomp.factorize.cp import cp_conv_kernel  # noqa: E402
-from tests.test_cp import trained_like  # noqa: E402  (the trained-like kernel the tests use)
 
 
 def gaussian_kernel(n: int, seed: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import fxdecomp  # noqa: E402
-from tests.hf_models import TINY  # noqa: E402  (the tiny configs the tests use)
+from fxdecomp.examples.huggingface import TINY  # noqa: E402  (the tiny configs the tests use)
 
 EXAMPLE = (2, 8)  # (batch, sequence length) compressed at
 EXCLUDE = {

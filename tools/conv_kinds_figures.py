@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxdecomp
 from fxdecomp.errors import UnsupportedLayerError
+from fxdecomp.examples.conv_kinds import end_to_end_cases
 
 METHODS = ["svd", "spatial_svd", "tucker2", "cp", "tt", "tiled_svd"]
 
@@ -81,44 +81,6 @@ def support_matrix() -> None:
         print(f"| {kind} | " + " | ".join(cells) + " |")
 
 
-class AudioFrontEnd(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.convs = nn.ModuleList([nn.Conv1d(1, 32, 10, stride=5), nn.Conv1d(32, 32, 3, stride=2), nn.Conv1d(32, 32, 2, stride=2)])
-        self.pos = nn.Conv1d(32, 32, 8, padding="same", groups=4)
-        self.head = nn.Linear(32, 16)
-
-    def forward(self, wave):
-        x = wave
-        for conv in self.convs:
-            x = F.gelu(conv(x))
-        return self.head((x + self.pos(x)).transpose(1, 2))
-
-
-class VideoNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv3d(3, 16, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False)
-        self.conv1 = nn.Conv3d(16, 32, 3, padding=1, bias=False)
-        self.conv2 = nn.Conv3d(32, 32, 3, padding=1, bias=False)
-        self.down = nn.Conv3d(16, 32, 1, bias=False)
-
-    def forward(self, clip):
-        x = torch.relu(self.stem(clip))
-        return torch.relu(self.conv2(torch.relu(self.conv1(x))) + self.down(x))
-
-
-class Decoder(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up1 = nn.ConvTranspose2d(32, 32, 4, stride=2, padding=1)
-        self.up2 = nn.ConvTranspose2d(32, 16, 3, stride=2, padding=1, output_padding=1, groups=2)
-        self.out = nn.Conv2d(16, 3, 3, padding=1)
-
-    def forward(self, z):
-        return self.out(torch.relu(self.up2(torch.relu(self.up1(z)))))
-
-
 def flops(module: nn.Module, x: torch.Tensor) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(x)
@@ -129,13 +91,7 @@ def end_to_end() -> None:
     print("\n## compress at budget 0.5 (FLOPs by torch.utils.flop_counter), full-rank plan, ONNX parity\n")
     print("| model | FLOPs kept | decisions | full-rank rel. error | ONNX max abs diff (batch 3) |")
     print("|---|---|---|---|---|")
-    torch.manual_seed(0)
-    cases = [
-        ("audio Conv1d", AudioFrontEnd().eval(), torch.randn(2, 1, 800)),
-        ("video Conv3d", VideoNet().eval(), torch.randn(1, 3, 4, 16, 16)),
-        ("decoder ConvTranspose2d", Decoder().eval(), torch.randn(1, 32, 6, 6)),
-    ]
-    for name, model, x in cases:
+    for name, model, x in end_to_end_cases():
         result = fxdecomp.compress(model, (x,), budget=0.5)
         kept = flops(result.graph_module, x) / flops(model, x)
         layers = dict(model.named_modules())

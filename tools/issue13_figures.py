@@ -1,4 +1,4 @@
-"""Before/after figures for issue 13, kinds 1-4 and 6, on the issue's own examples.
+"""Before/after figures for issue 13, kinds 1-4 and 6, on the issue's examples (fxdecomp.examples.graphs).
 
 Run from a checkout:  PYTHONPATH=$PWD OMP_NUM_THREADS=1 python tools/issue13_figures.py
 (point PYTHONPATH at another checkout to get its figures). Every figure is counted
@@ -6,7 +6,6 @@ here, independently of fxdecomp: outputs against the original model, FLOPs by ha
 formula, parameters by unique storage.
 """
 
-import math
 import warnings
 
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 
 import fxdecomp
 from fxdecomp import Budget
+from fxdecomp.examples.graphs import AttentionNet, Holder, SideEffect
 
 warnings.filterwarnings("ignore")
 
@@ -34,53 +34,24 @@ def attempt(label, fn):
         print(label, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
 
 
-class MulNet(nn.Module):  # kind 1
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
-
-    def forward(self, x):
-        t = self.a(x)
-        t.mul_(2.0)
-        return self.b(t)
-
-
 def kind1():
     torch.manual_seed(0)
-    m, x = MulNet().eval(), torch.randn(2, 3, 8, 8)
+    m, x = SideEffect("mul_").eval(), torch.randn(2, 3, 8, 8)  # kind 1: t.mul_ between two convs
     r = fxdecomp.compress(m, (x,), plan={"a": ("svd", (8,)), "b": ("svd", (8,))})
     with torch.no_grad():
         return f"full-rank error vs the model {rel(r.graph_module(x), m(x)):.3g}, reported output_error {r.output_error:.3g}"
 
 
-class QKV(nn.Module):  # kind 2
-    def __init__(self, d=32):
-        super().__init__()
-        self.wq, self.wk, self.wv = (nn.Parameter(torch.randn(d, d) / d**0.5) for _ in range(3))
-
-    def forward(self, x):
-        return F.linear(x, self.wq) + F.linear(x, self.wk) + F.linear(x, self.wv)
-
-
-class Holder(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.attn = QKV()
-
-    def forward(self, x):
-        return self.attn(x)
-
-
 def kind2():
     torch.manual_seed(0)
-    m, x = Holder().eval(), torch.randn(2, 5, 32)
+    m, x = Holder().eval(), torch.randn(2, 5, 32)  # kind 2: wq, wk, wv by F.linear in one module
     r = fxdecomp.compress(m, (x,), budget=0.5)
     flops_after = sum(2 * 10 * mod.in_features * mod.out_features for mod in r.graph_module.modules() if isinstance(mod, nn.Linear))
     kept = sum(2 * 10 * 32 * 32 for d in r.decisions if not d.decomposed)
     return f"budget 0.5: candidates {[d.name for d in r.decisions]}, FLOPs kept (hand count) {(flops_after + kept) / (3 * 2 * 10 * 32 * 32):.4f}"
 
 
-class Tied(nn.Module):  # kind 3
+class Tied(nn.Module):  # kind 3, the issue's own model (fxdecomp.examples.graphs.TiedLM adds a hidden layer)
     def __init__(self, functional, vocab=200, d=32):
         super().__init__()
         self.functional = functional
@@ -103,18 +74,9 @@ def kind3(functional, budget=0.8):
     return run
 
 
-class MHANet(nn.Module):  # kind 4
-    def __init__(self, d=64):
-        super().__init__()
-        self.att, self.fc = nn.MultiheadAttention(d, 4, batch_first=True), nn.Linear(d, d)
-
-    def forward(self, x):
-        return self.fc(self.att(x, x, x, need_weights=False)[0])
-
-
 def kind4():
     torch.manual_seed(0)
-    m, x = MHANet().eval(), torch.randn(2, 16, 64)
+    m, x = AttentionNet().eval(), torch.randn(2, 16, 64)  # kind 4: MultiheadAttention + Linear
     tokens, attention = 32, 2 * (2 * 2 * 16 * 16 * 64)
     hand = 2 * tokens * 64 * 192 + 2 * 2 * tokens * 64 * 64 + attention
     counted = fxdecomp.count_flops(m, (x,))

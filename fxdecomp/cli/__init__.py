@@ -6,7 +6,7 @@ one line (``fxdecomp: error: ...``) and a hint; ``--verbose`` adds the traceback
 Layout: `app` (main), `parser` (the parser, ``--version``), `errors` (exit codes, error
 lines), `console` (warnings, log), `args` (shared flags), one module per command
 (`compress` with apply, `inspect`, `export`, `bench`, `demo`), `loading` (model, inputs,
-budget), `outputs` (path checks, reports by extension), `tables` (text tables).
+budget), `outputs` (path checks); reports and text tables live in `fxdecomp.report`.
 
 Example::
 
@@ -17,11 +17,11 @@ Example::
 """
 
 from ..progress import Progress
+from ..report.text import format_table, layers_table, summary_table
 from .app import main
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
 from .loading import load_inputs, load_model, parse_budget, parse_shape
 from .parser import build_parser
-from .tables import format_table, layers_table, summary_table
 
 __all__ = [
     "EXIT_FAILURE",

@@ -11,10 +11,10 @@ import math
 import os
 
 from ..progress import Progress
+from ..report.text import format_table, num, speed_text, spread_text
 from .args import AddCommand, input_args, positive_int, provider_args, provider_options
 from .errors import EXIT_OK, UsageError
 from .loading import load_inputs, use_torch
-from .tables import format_table, num, speed_text, spread_text
 
 
 def register(command: AddCommand) -> None:

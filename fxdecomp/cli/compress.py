@@ -10,11 +10,12 @@ from typing import Any
 
 from ..onnxrt.files import atomic_write, atomic_write_text
 from ..progress import Progress
+from ..report import render_report
+from ..report.text import summary_table
 from .args import AddCommand, input_args, model_args, output_args
 from .errors import EXIT_OK, UsageError
-from .loading import load_calibration, load_inputs, load_model, parse_budget, read_json, split_list, use_torch
-from .outputs import check_paths, input_paths, render_report, requested_outputs
-from .tables import summary_table
+from .loading import load_calibration, load_model_and_inputs, parse_budget, read_json, split_list, use_torch
+from .outputs import check_paths, input_paths, requested_outputs
 
 OUT_NOTE = (
     "--out is a torch.fx.GraphModule saved whole; load it with\n"
@@ -76,9 +77,7 @@ def _compress_like(args: argparse.Namespace, plan: Any) -> int:
     torch = use_torch(args.threads)
     import fxdecomp
 
-    with progress.stage("loading the model"):
-        model = load_model(args.model, args.weights)
-        inputs = load_inputs(args.input_shape, args.inputs)
+    model, inputs = load_model_and_inputs(args, progress)
     if plan is None:
         budget = parse_budget(args.budget)
         methods = split_list(args.methods)

@@ -14,11 +14,11 @@ import time
 
 from ..onnxrt.files import atomic_write_text
 from ..progress import Progress
+from ..report import render_report
+from ..report.text import budget_text, format_table, layers_table, num, speed_text
 from .args import AddCommand, positive_int
 from .errors import EXIT_OK, UsageError
 from .loading import parse_budget, split_list, use_torch
-from .outputs import render_report
-from .tables import budget_text, format_table, layers_table, num, speed_text
 
 
 def register(command: AddCommand) -> None:

@@ -7,7 +7,7 @@ import argparse
 from ..progress import Progress
 from .args import AddCommand, input_args, model_args, positive_int
 from .errors import EXIT_OK
-from .loading import load_inputs, load_model, use_torch
+from .loading import load_model_and_inputs, use_torch
 from .outputs import check_paths, input_paths
 
 
@@ -30,9 +30,7 @@ def run(args: argparse.Namespace) -> int:
     check_paths({"--out": args.out}, input_paths(args))
     use_torch(args.threads)
     progress = Progress.on_terminal(args.quiet)
-    with progress.stage("loading the model"):
-        model = load_model(args.model, args.weights)
-        inputs = load_inputs(args.input_shape, args.inputs)
+    model, inputs = load_model_and_inputs(args, progress)
     with progress.stage(f"exporting {args.out}"):
         report = fxdecomp.export_onnx(model, inputs, args.out, opset=args.opset, dynamic_batch=not args.static_batch)
     diff = f"max abs diff vs torch {report.max_abs_diff:.3g}" if report.max_abs_diff is not None else "parity not checked"

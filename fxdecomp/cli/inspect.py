@@ -6,10 +6,10 @@ import argparse
 import json
 
 from ..progress import Progress
+from ..report.text import format_table, num, ranks_text
 from .args import AddCommand, input_args, model_args
 from .errors import EXIT_OK
-from .loading import load_inputs, load_model, split_list, use_torch
-from .tables import format_table, num, ranks_text
+from .loading import load_model_and_inputs, split_list, use_torch
 
 
 def register(command: AddCommand) -> None:
@@ -30,9 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     use_torch(args.threads)
     progress = Progress.on_terminal(args.quiet)
-    with progress.stage("loading the model"):
-        model = load_model(args.model, args.weights)
-        inputs = load_inputs(args.input_shape, args.inputs)
+    model, inputs = load_model_and_inputs(args, progress)
     with progress.stage("analysing (shapes, candidates, costs, rank estimates)"):
         layers = inspect_model(model, inputs, methods=split_list(args.methods) or (), exclude=args.exclude)
     if args.json:

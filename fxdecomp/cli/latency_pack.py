@@ -7,7 +7,7 @@ import argparse
 from ..progress import Progress
 from .args import AddCommand, input_args, model_args
 from .errors import EXIT_OK
-from .loading import load_inputs, load_model, split_list, use_torch
+from .loading import load_model_and_inputs, split_list, use_torch
 
 
 def register(command: AddCommand) -> None:
@@ -31,9 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     use_torch(args.threads)
     progress = Progress.on_terminal(args.quiet)
-    with progress.stage("loading the model"):
-        model = load_model(args.model, args.weights)
-        inputs = load_inputs(args.input_shape, args.inputs)
+    model, inputs = load_model_and_inputs(args, progress)
     with progress.stage(f"writing the latency pack {args.out}"):
         pack = latency_pack(model, inputs, args.out, methods=split_list(args.methods), exclude=args.exclude, pipeline=args.recipe)
     print(

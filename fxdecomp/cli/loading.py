@@ -95,6 +95,12 @@ def load_inputs(shapes: Sequence[str] | None, path: str | None) -> tuple:
     return tuple(torch.randn(parse_shape(s), generator=generator) for s in shapes or ())
 
 
+def load_model_and_inputs(args, progress) -> tuple[Any, tuple]:
+    """The model (``--model``, ``--weights``) and its example inputs (``--input-shape``, ``--inputs``), as one progress stage."""
+    with progress.stage("loading the model"):
+        return load_model(args.model, args.weights), load_inputs(args.input_shape, args.inputs)
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(part) for part in text.replace("x", ",").split(","))

@@ -1,30 +1,26 @@
-"""The files a command writes: checked before any work, written atomically, reports by extension.
+"""The files a command writes: checked before any work, written atomically (reports: `fxdecomp.report`).
 
 Example::
 
     outputs = requested_outputs(args)            # {"--onnx": "small.onnx", ...}
     check_paths(outputs, input_paths(args))      # no output over an input, no two on one path
-    atomic_write_text(outputs["--report"], render_report(result, outputs["--report"]))
+    atomic_write_text(outputs["--report"], render_report(result, outputs["--report"]))   # fxdecomp.report
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
+from ..report import report_format
 from .errors import UsageError
-
-REPORT_FORMATS = {".md": "md", ".markdown": "md", ".json": "json", ".html": "html", ".htm": "html"}
 
 
 def requested_outputs(args: argparse.Namespace) -> dict[str, str]:
     outputs = {flag: getattr(args, flag[2:]) for flag in ("--out", "--onnx", "--report", "--plan") if getattr(args, flag[2:], None)}
     report = outputs.get("--report")
-    if report and Path(report).suffix.lower() not in REPORT_FORMATS:
+    if report and report_format(report) is None:
         raise UsageError(f"--report {report!r}: unknown format", "end the file name in .md, .json or .html")
     return outputs
 
@@ -50,27 +46,3 @@ def check_paths(outputs: dict[str, str], inputs: Sequence[str]) -> None:
         parent = os.path.dirname(real)
         if not os.path.isdir(parent):
             raise UsageError(f"{flag} {path!r}: directory {parent!r} does not exist", "create it first")
-
-
-
-def render_report(result, path: str | os.PathLike, latency=None) -> str:
-    """The report in the format that ``path``'s extension names (.md, .json, .html)."""
-    kind = REPORT_FORMATS.get(Path(path).suffix.lower(), "md")
-    if kind == "html":
-        from ..report_html import render_html
-
-        return render_html(result, latency)
-    if kind == "json":
-        data = result.to_dict()
-        if latency is not None:
-            ratio = latency.ratio if math.isfinite(latency.ratio) else None
-            data["latency"] = {"original": latency.a.to_dict(), "compressed": latency.b.to_dict(), "ratio": ratio}
-        return json.dumps(data, indent=2, allow_nan=False)
-    text = result.report()
-    if latency is not None:
-        text += (
-            f"\n\nMedian onnxruntime latency: {latency.a.median_ms:.3f} ms -> {latency.b.median_ms:.3f} ms "
-            f"({latency.a.threads} thread(s), {latency.a.runs} interleaved runs)."
-        )
-    return text + "\n"
-

@@ -11,26 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxdecomp.errors import InvalidInputError
+from fxdecomp.examples.kernels import trained_like
 from fxdecomp.factorize.cp import CPFactors, cp_conv_kernel, max_cp_rank
-
-
-def trained_like(t: int, s: int, kh: int, kw: int, seed: int = 0) -> torch.Tensor:
-    """A stand-in for trained weights: decaying spectrum (s_k = 1/k) on the lowered matrix,
-    plus a CP part with weights 1/k, plus 5% noise."""
-    g = torch.Generator().manual_seed(seed)
-    n = s * kh * kw
-    m = min(t, n)
-    u = torch.linalg.qr(torch.randn(t, m, generator=g, dtype=torch.float64)).Q
-    v = torch.linalg.qr(torch.randn(n, m, generator=g, dtype=torch.float64)).Q
-    sv = 1.0 / torch.arange(1, m + 1, dtype=torch.float64)
-    lowered = ((u * sv) @ v.T).reshape(t, s, kh, kw)
-    r0 = min(t, s)
-    fs = [torch.randn(d, r0, generator=g, dtype=torch.float64) for d in (t, s, kh, kw)]
-    fs = [f / f.norm(dim=0) for f in fs]
-    w = 1.0 / torch.arange(1, r0 + 1, dtype=torch.float64)
-    cp = torch.einsum("tr,sr,ir,jr->tsij", fs[0] * w, fs[1], fs[2], fs[3])
-    noise = torch.randn(t, s, kh, kw, generator=g, dtype=torch.float64)
-    return (0.5 * lowered / lowered.norm() + 0.5 * cp / cp.norm() + 0.05 * noise / noise.norm()).float()
 
 
 def rel_err(kernel: torch.Tensor, approx: torch.Tensor) -> float:

@@ -22,6 +22,7 @@ import fxdecomp
 from fxdecomp.cost import module_macs, spec_macs
 from fxdecomp.decomposers import get_decomposer
 from fxdecomp.errors import BudgetError, UnsupportedLayerError
+from fxdecomp.examples.conv_kinds import end_to_end_cases
 from fxdecomp.latency import original_module
 from fxdecomp.layer_spec import layer_spec, reference_conv
 
@@ -152,58 +153,8 @@ def test_transposed_conv_macs_follow_the_input_positions():
     assert spec_macs(layer_spec(layer), (3, 6, 5, 7)) == 6 * 4 * 6 * 35 * 3
 
 
-class AudioFrontEnd(nn.Module):
-    """A wav2vec2-style feature encoder: strided Conv1d stack, a grouped 'same' conv, a Linear head."""
-
-    def __init__(self):
-        super().__init__()
-        self.convs = nn.ModuleList([nn.Conv1d(1, 32, 10, stride=5), nn.Conv1d(32, 32, 3, stride=2), nn.Conv1d(32, 32, 2, stride=2)])
-        self.pos = nn.Conv1d(32, 32, 8, padding="same", groups=4)
-        self.head = nn.Linear(32, 16)
-
-    def forward(self, wave):
-        x = wave
-        for conv in self.convs:
-            x = F.gelu(conv(x))
-        x = x + self.pos(x)
-        return self.head(x.transpose(1, 2))
-
-
-class VideoNet(nn.Module):
-    """An r3d-style stem and block: Conv3d only."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv3d(3, 16, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False)
-        self.conv1 = nn.Conv3d(16, 32, 3, padding=1, bias=False)
-        self.conv2 = nn.Conv3d(32, 32, 3, padding=1, bias=False)
-        self.down = nn.Conv3d(16, 32, 1, bias=False)
-
-    def forward(self, clip):
-        x = torch.relu(self.stem(clip))
-        return torch.relu(self.conv2(torch.relu(self.conv1(x))) + self.down(x))
-
-
-class Decoder(nn.Module):
-    """A segmentation-style decoder: ConvTranspose2d upsampling (one grouped, one with output_padding)."""
-
-    def __init__(self):
-        super().__init__()
-        self.up1 = nn.ConvTranspose2d(32, 32, 4, stride=2, padding=1)
-        self.up2 = nn.ConvTranspose2d(32, 16, 3, stride=2, padding=1, output_padding=1, groups=2)
-        self.out = nn.Conv2d(16, 3, 3, padding=1)
-
-    def forward(self, z):
-        return self.out(torch.relu(self.up2(torch.relu(self.up1(z)))))
-
-
 def _models():
-    torch.manual_seed(0)
-    return [
-        (AudioFrontEnd(), torch.randn(2, 1, 800)),
-        (VideoNet(), torch.randn(1, 3, 4, 16, 16)),
-        (Decoder(), torch.randn(1, 32, 6, 6)),
-    ]
+    return [(model, x) for _, model, x in end_to_end_cases()]
 
 
 def _snapshot(model):

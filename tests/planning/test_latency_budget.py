@@ -9,7 +9,7 @@ import torch
 def test_latency_budget_plans_on_measurements(tmp_path, monkeypatch):
     monkeypatch.setenv("FXDECOMP_CACHE_DIR", str(tmp_path))
     import fxdecomp
-    from tests.models import VGG
+    from fxdecomp.examples.vision import VGG
 
     torch.manual_seed(0)
     model, x = VGG(widths=(32, "M", 64, "M", 64)).eval(), torch.randn(1, 3, 16, 16)
@@ -48,7 +48,7 @@ def test_min_efficiency_makes_a_flop_plan_follow_latency(monkeypatch):
     import fxdecomp
     import fxdecomp.passes.plan as plan_module
     from fxdecomp.layer_spec import layer_spec
-    from tests.models import VGG
+    from fxdecomp.examples.vision import VGG
 
     torch.manual_seed(0)
     model, x = VGG(widths=(32, "M", 64, "M", 64)).eval(), torch.randn(1, 3, 16, 16)
@@ -121,7 +121,7 @@ def _leaf_ms(module, x):
 def slower_than_its_layers(monkeypatch):
     """(model, x) whose decomposed variants run 25 % slower, whole, than _MemoryBoundTimer's layer sum predicts."""
     import fxdecomp.passes.plan as plan_module
-    from tests.models import VGG
+    from fxdecomp.examples.vision import VGG
 
     torch.manual_seed(0)
     model, x = VGG(widths=(32, "M", 64, "M", 64)).eval(), torch.randn(1, 3, 16, 16)

@@ -15,6 +15,7 @@ from torch import nn
 import fxdecomp
 from fxdecomp import Budget
 from fxdecomp.errors import BudgetError, InvalidInputError
+from fxdecomp.examples.graphs import AttentionNet, Holder, SideEffect, TiedLM
 
 # ---- helpers: the untouched-model oracle, full-rank plans, independent counts ---------------
 
@@ -91,41 +92,6 @@ def module_flops(module, inputs):
 # ---- kind 1: side effects survive, verification runs on separate copies ----------------------
 
 
-class SideEffect(nn.Module):
-    """conv -> an in-place op whose result is not used -> conv."""
-
-    def __init__(self, form):
-        super().__init__()
-        self.form = form
-        self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.b = nn.Conv2d(8, 8, 3, padding=1)
-        self.act = nn.ReLU(inplace=True)
-        self.register_buffer("scale", torch.ones(()))
-
-    def forward(self, x):
-        if self.form == "input_mul_":
-            x.mul_(2.0)
-        t = self.a(x)
-        if self.form == "mul_":
-            t.mul_(2.0)
-        elif self.form == "torch.relu_":
-            torch.relu_(t)
-        elif self.form == "copy_":
-            t.copy_(t * 3.0)
-        elif self.form == "index_put_":
-            t.index_put_((torch.tensor([0]),), torch.zeros(8, 8, 8))
-        elif self.form == "setitem":
-            t[:, 0] = 0.0
-        elif self.form == "inplace_kwarg":
-            F.relu(t, inplace=True)
-        elif self.form == "inplace_module":
-            self.act(t)
-        elif self.form == "buffer":
-            self.scale.add_(1.0)
-            t = t * self.scale
-        return self.b(t)
-
-
 SIDE_SIDES = {"a": (8, 27), "b": (8, 72)}
 
 
@@ -159,24 +125,6 @@ def test_mul_model_from_the_issue_keeps_the_in_place_node():
 
 
 # ---- kind 2: several weights behind one module, every call form ----------------------------
-
-
-class QKV(nn.Module):
-    def __init__(self, d=32):
-        super().__init__()
-        self.wq, self.wk, self.wv = (nn.Parameter(torch.randn(d, d) / d**0.5) for _ in range(3))
-
-    def forward(self, x):
-        return F.linear(x, self.wq) * F.linear(x, self.wk).sigmoid() + F.linear(x, self.wv)
-
-
-class Holder(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.attn = QKV()
-
-    def forward(self, x):
-        return self.attn(x)
 
 
 def test_three_functional_weights_in_one_module_are_three_candidates_and_budget_half_is_reachable():
@@ -259,22 +207,6 @@ def test_every_call_form_is_a_candidate_exact_at_full_rank(form):
 # ---- kind 3: shared and tied weights -------------------------------------------------------
 
 
-class TiedLM(nn.Module):
-    """Embedding -> two Linears -> an output head sharing the embedding's weight."""
-
-    def __init__(self, functional, vocab=200, d=32, hidden=128):
-        super().__init__()
-        self.functional = functional
-        self.emb = nn.Embedding(vocab, d)
-        self.up, self.down = nn.Linear(d, hidden), nn.Linear(hidden, d)
-        self.head = nn.Linear(d, vocab, bias=False)
-        self.head.weight = self.emb.weight
-
-    def forward(self, ids):
-        h = self.down(torch.relu(self.up(self.emb(ids))))
-        return F.linear(h, self.emb.weight) if self.functional else self.head(h)
-
-
 def _svd_params(out, cin, rank, bias=True):
     return rank * cin + out * rank + (out if bias else 0)
 
@@ -318,17 +250,6 @@ def test_count_params_counts_one_storage_once():
 
 
 # ---- kind 4: every FLOP counted, attention included; MHA projections are candidates ----------
-
-
-class AttentionNet(nn.Module):
-    def __init__(self, d=64, heads=4, need_weights=False):
-        super().__init__()
-        self.need_weights = need_weights
-        self.att = nn.MultiheadAttention(d, heads, batch_first=True)
-        self.fc = nn.Linear(d, d)
-
-    def forward(self, x):
-        return self.fc(self.att(x, x, x, need_weights=self.need_weights)[0])
 
 
 def attention_net_flops(batch, length, d):

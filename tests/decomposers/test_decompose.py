@@ -12,7 +12,7 @@ from torch import nn
 import fxdecomp
 from fxdecomp.errors import InvalidInputError, UnknownMethodError, UnsupportedLayerError
 
-from .strategies import conv_layers
+from tests.strategies import conv_layers
 
 CONV_METHODS = ["svd", "spatial_svd", "tucker2", "cp", "tt", "tiled_svd"]
 LINEAR_METHODS = ["svd", "tt", "tiled_svd"]

@@ -20,7 +20,7 @@ from fxdecomp.passes import Pass, PassManager, known_passes, register_pass
 from fxdecomp.passes.plan import PlanPass
 from fxdecomp.records import MissingRecordError, ModelCost, PassContext, Request
 
-from .models import VGG
+from fxdecomp.examples.vision import VGG
 
 PASSES_DIR = Path(fxdecomp.__file__).parent / "passes"
 
@@ -213,7 +213,7 @@ def test_verify_times_the_result_at_the_threads_the_plan_was_timed_at(monkeypatc
     """The thread count comes from the plan's latency record (its options), not from its per-layer timer."""
     import fxdecomp.passes.plan as plan_module
 
-    from .test_latency_budget import _leaf_ms, _MemoryBoundTimer
+    from tests.planning.test_latency_budget import _leaf_ms, _MemoryBoundTimer
 
     model, x = _small()
     threads_seen = []

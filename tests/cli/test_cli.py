@@ -24,10 +24,10 @@ import fxdecomp
 from fxdecomp.benchmark import LatencyComparison, LatencyStats
 from fxdecomp.cli import main
 from fxdecomp.progress import Progress
-from fxdecomp.report_html import render_html
+from fxdecomp.report import render_html
 from tests.cli_factory import small_cnn
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FACTORY = "tests.cli_factory:small_cnn"
 SHAPE = "1,3,16,16"
 COMMANDS = ("compress", "inspect", "export", "bench", "apply", "demo")

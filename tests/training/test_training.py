@@ -22,7 +22,7 @@ from fxdecomp.training import (
     low_rank,
 )
 
-from .models import VGG, Functional, SharedLayer
+from fxdecomp.examples.vision import VGG, Functional, SharedLayer
 
 
 def snapshot(model: nn.Module) -> dict:
