@@ -415,7 +415,7 @@ def fitted_cp(
         exact = cp_conv_kernel(kernel, rank, **options)
         return CPFactors(exact.out, exact.inp, exact.vertical, exact.horizontal, 0.0 if total <= 0.0 else exact.relative_error)
 
-    roots = [(psd_power(m, 0.5), psd_power(m, -0.5)) for m in mode_grams(g, dims[1:])]
+    roots = [psd_power(m, 0.5, -0.5) for m in mode_grams(g, dims[1:])]
     whitened = torch.einsum("tsij,sa,ib,jc->tabc", w, roots[0][0], roots[1][0], roots[2][0])
     if sqrt is not None:
         whitened = (sqrt @ whitened.reshape(t_dim, -1)).to(torch.float64).reshape(dims)
