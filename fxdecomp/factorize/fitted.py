@@ -38,10 +38,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import InvalidInputError
 from .svd import Spectrum
 
 # Multiply-adds of one rotation of the Gram matrix above which it runs in float32 (2x faster).
 _FLOAT32_WORK = 2**30
+# Width (C*k) above which the kept Cholesky factor is stored in float32.
+_FLOAT32_CHOL = 2048
 
 
 def psd_power(matrix: torch.Tensor, *exponents: float) -> torch.Tensor | list[torch.Tensor]:
@@ -127,7 +130,7 @@ class ProjectedFit:
     def factors(self, r_in: int, r_out: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(A (r_in x C), B (T x r_in*k) or the core (r_out x r_in*k), the output factor (T x r_out) or None), float64."""
         m = r_in * self.taps
-        chol = self.chol[:m, :m]
+        chol = self.chol[:m, :m].to(torch.float64)
         # B L_m = W (Q (x) I) L[:, :m]  (the weighted least-squares fit, see the module doc)
         fit = torch.linalg.solve_triangular(chol.T, self.fitted[:, :m].T, upper=True).T
         first = self.basis[:, :r_in].T.contiguous()
@@ -145,13 +148,19 @@ class ProjectedFit:
 def _cholesky(matrix: torch.Tensor) -> torch.Tensor:
     """Cholesky factor of a symmetric positive semi-definite matrix, with a growing ridge if it is singular."""
     scale = float(matrix.diagonal().mean()) if matrix.numel() else 1.0
-    ridge = 0.0
+    chol, info = torch.linalg.cholesky_ex(matrix)
+    ridge = 1e-12 * max(scale, 1e-300)
     for _ in range(8):
-        chol, info = torch.linalg.cholesky_ex(matrix + ridge * torch.eye(len(matrix), dtype=matrix.dtype))
         if int(info) == 0:
             return chol
-        ridge = max(ridge * 100.0, 1e-12 * max(scale, 1e-300))
-    raise torch.linalg.LinAlgError("the calibration Gram matrix is not positive definite even with a ridge")
+        chol, info = torch.linalg.cholesky_ex(matrix + ridge * torch.eye(len(matrix), dtype=matrix.dtype))
+        ridge *= 100.0
+    if int(info) == 0:
+        return chol
+    raise InvalidInputError(
+        "the calibration Gram matrix is not positive definite even with a ridge (non-finite activations?); "
+        "check the calibration batches, or exclude this layer"
+    )
 
 
 def projected_fit(
@@ -190,7 +199,11 @@ def projected_fit(
     g_rot = (g_rot.permute(0, 1, 3, 2).reshape(-1, c) @ q).reshape(c, k, k, c).permute(0, 1, 3, 2)
     g_rot = g_rot.reshape(width, width).to(torch.float64)
     chol = _cholesky((g_rot + g_rot.T) / 2)
-    fitted = w_rot @ chol
+    if width > _FLOAT32_CHOL:
+        # Kept (width^2 numbers) until the rewrite asks for factors: float32 halves it. The fit below is
+        # made with this rounded factor itself, so full rank stays exact and errors stay consistent.
+        chol = chol.to(torch.float32)
+    fitted = w_rot @ chol.to(torch.float64)
     whitened = fitted if sqrt is None else (sqrt @ fitted).to(torch.float64)
     kept = whitened.pow(2).reshape(t_dim, c, k).sum(dim=(0, 2)).cumsum(0)
     in_spectrum = Spectrum.with_basis(energies, vectors, "left", (c, t_dim * k))
