@@ -131,11 +131,11 @@ class ProjectedFit:
         """(A (r_in x C), B (T x r_in*k) or the core (r_out x r_in*k), the output factor (T x r_out) or None), float64."""
         m = r_in * self.taps
         chol = self.chol[:m, :m].to(torch.float64)
-        # B L_m = W (Q (x) I) L[:, :m]  (the weighted least-squares fit, see the module doc)
-        fit = torch.linalg.solve_triangular(chol.T, self.fitted[:, :m].T, upper=True).T
         first = self.basis[:, :r_in].T.contiguous()
         if r_out is None:
-            return first, fit, None
+            # B L_m = W (Q (x) I) L[:, :m]  (the weighted least-squares fit, see the module doc)
+            return first, torch.linalg.solve_triangular(chol.T, self.fitted[:, :m].T, upper=True).T, None
+        # The best rank-r_out B in the metric of H and P^T G P: H^(-1/2) U U^T H^(1/2) B, U the top of Y_m.
         y = self.whitened[:, :m]
         _, vectors = torch.linalg.eigh(y @ y.T)
         top = vectors.flip(1)[:, :r_out]
