@@ -154,11 +154,12 @@ def test_compress_fits_the_factors_unless_asked_not_to(method):
     plan = {"a": ("keep", ()), "b": (method, ranks)}
     results = {
         fit: fxdecomp.compress(model, (x,), methods=[method], calibration=batches, plan=plan, pipeline=recipe.with_options(plan={"fit": fit}))
-        for fit in ("data", "weights")
+        for fit in ("data", "svd", "weights")
     }
     inputs = torch.cat([torch.relu(model.a(b[0])) for b in batches]).detach()
     errors = {fit: output_error(r.graph_module.get_submodule("b"), layer, inputs) for fit, r in results.items()}
     assert errors["data"] < errors["weights"], errors
+    assert errors["svd"] == pytest.approx(errors["weights"], rel=1e-5), errors  # "svd": only svd fitted, as before #16
     decision = next(d for d in results["data"].decisions if d.name == "b")
     # The planner's predicted error is the fitted module's error on the (damped) calibration statistics.
     assert decision.error == pytest.approx(errors["data"], rel=0.1)
