@@ -12,7 +12,8 @@ other photos (for the digits CNN: training images vs test images).
 
     python tools/bench_fitted.py                       # ~2-4 min on 2 loaded cores
     python tools/bench_fitted.py --only digits
-    python tools/bench_fitted.py --model-budget 0.8    # also: whole Lite0 compressed, fit="svd" vs fit="data"
+    python tools/bench_fitted.py --only digits --digits-budget 0.3   # also: the whole digits CNN, fit weights/svd/data
+    python tools/bench_fitted.py --model-budget 0.8    # also: whole Lite0 compressed, fit="svd" vs fit="data" (slow)
 """
 
 from __future__ import annotations
@@ -183,12 +184,38 @@ def model_rows(budget: float, methods) -> list[dict]:
     return rows
 
 
+def digits_model_rows(budget: float, methods) -> list[dict]:
+    """The whole digits CNN at ``budget`` of its FLOPs, calibrated on training images, for each ``fit``: test logit error and accuracy."""
+    from fxdecomp.digits import DigitsCNN, accuracy, load_digits_split, train_classifier
+
+    train, test = load_digits_split()
+    torch.manual_seed(0)
+    model = train_classifier(DigitsCNN(), train, epochs=12).eval()
+    calibration = [(images,) for images, _ in train.batches(64)][:12]
+    with torch.no_grad():
+        reference = torch.cat([model(images) for images, _ in test.batches(256)])
+    rows = []
+    recipe = fxdecomp.load_recipe("default")
+    for fit in ("weights", "svd", "data"):
+        start = time.perf_counter()
+        result = fxdecomp.compress(model, (train.images[:8],), budget=budget, methods=methods, calibration=calibration,
+                                   pipeline=recipe.with_options(plan={"fit": fit}))
+        seconds = time.perf_counter() - start
+        with torch.no_grad():
+            logits = torch.cat([result.graph_module(images) for images, _ in test.batches(256)])
+        rows.append({"fit": fit, "logit error": float((logits - reference).norm() / reference.norm()),
+                     "accuracy": accuracy(result.graph_module, test), "s": seconds,
+                     "methods": sorted({d.method for d in result.decisions})})
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["lite0", "digits"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--methods", default="spatial_svd,tucker2,cp", help="comma-separated")
     parser.add_argument("--model-budget", type=float, default=0.0, help="also compress the whole Lite0 to this FLOP fraction")
+    parser.add_argument("--digits-budget", type=float, default=0.0, help="also compress the whole digits CNN to this FLOP fraction")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
@@ -203,6 +230,10 @@ def main():
     for r in rows:
         print(f"{r['layer']:52} {r['method']:11} {str(r['ranks']):10} {r['weights calib']:13.4f} {r['data calib']:10.4f} "
               f"{r['predicted']:9.4f} {r['weights held-out']:16.4f} {r['data held-out']:13.4f} {r['s']:5.1f}")
+    if args.digits_budget:
+        for r in digits_model_rows(args.digits_budget, methods):
+            print(f"digits CNN at FLOPs x{args.digits_budget}, fit={r['fit']:7}: test logit error {r['logit error']:.4f}, "
+                  f"accuracy {r['accuracy']:.4f} ({r['s']:.0f} s; methods {r['methods']})")
     if args.model_budget:
         for r in model_rows(args.model_budget, methods):
             print(f"Lite0 at FLOPs x{args.model_budget}, fit={r['fit']:5}, {r['images']:18}: top-1 agreement {r['top-1 agreement']:.3f} ({r['s']:.0f} s)")
