@@ -119,12 +119,16 @@ class Verification:
 
 @dataclass
 class Factorizations:
-    """Caches any pass may fill, computed once per run: (candidate, method, calibrated) -> (decomposer, state),
+    """Caches any pass may fill, computed once per run: (candidate, method, fitted to data) -> (decomposer, state),
     candidate -> output whitening weights, and the per-candidate output energies (None until computed)."""
 
     states: dict[tuple[str, str, bool], Any] = field(default_factory=dict)
     output_weights: dict[str, Any] = field(default_factory=dict)
     output_energies: dict[str, float] | None = None
+    # Which methods fit their factors to calibration data: "data" (every data-aware one),
+    # "svd" (svd only, as before #16) or "weights" (none); set by the plan pass's option ``fit``.
+    fit: str = "data"
+    fitted: dict[tuple[str, str, str], bool] = field(default_factory=dict)  # (candidate, method, fit) -> fitted?
 
 
 # Record name -> (type, what it is). Passes name these in ``requires`` and ``provides``.

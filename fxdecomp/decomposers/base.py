@@ -78,9 +78,20 @@ class Decomposer(ABC):
         """
         raise NotImplementedError
 
+    def can_fit(self, spec: Spec, grams: Sequence[Any]) -> bool:
+        """Whether `factorize_whitened` can fit this layer to these Gram matrices (dense tensors or sketches).
+
+        Where it cannot, the planner uses the weight-only factors and measures their error on the data.
+        """
+        return self.data_aware
+
     @abstractmethod
     def error(self, spec: Spec, state: Any, ranks: Ranks) -> float:
-        """Relative Frobenius error of the layer's weight at ``ranks``."""
+        """Relative Frobenius error of the layer's weight at ``ranks``; of its outputs on the data for a fitted state.
+
+        A state from `factorize_whitened` reports ||H^(1/2) (W - W_hat) G^(1/2)|| / ||H^(1/2) W G^(1/2)||
+        (G the input Gram matrix, H the output one or the identity), the error the planner scores.
+        """
 
     def estimate_error(self, spec: Spec, state: Any, ranks: Ranks) -> float:
         """What the planner uses for `error`: the same, unless a method has a cheaper bound (CP)."""
@@ -279,6 +290,11 @@ def refuse_groups(spec: ConvSpec, method: str) -> None:
             f"{method}: grouped convolutions (groups={spec.groups}) are not supported; use svd, "
             f"{'' if spec.ndim == 1 else 'spatial_svd, '}tucker2 or cp"
         )
+
+
+def dense_conv_grams(spec: Spec, grams: Sequence[Any]) -> bool:
+    """Whether a conv's input Gram matrices are dense tensors of its im2col patches (not sketches; not transposed)."""
+    return isinstance(spec, ConvSpec) and not spec.transposed and all(isinstance(g, torch.Tensor) for g in grams)
 
 
 def combined_error(errors: Sequence[float], norms: Sequence[float]) -> float:

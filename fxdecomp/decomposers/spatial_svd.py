@@ -5,6 +5,12 @@ matrix. Stride, dilation and padding split by axis between the two convs.
 Grouped convs are factorised group by group. Conv3d (and ConvTranspose2d/3d) split
 the same way, the first spatial axis from the rest: (kd x 1 x 1) then (1 x kh x kw).
 A Conv1d has one spatial axis, nothing to split: `check` refuses it.
+
+With calibration data (`factorize_whitened`) the factors minimise the output error
+||H^(1/2) (W - W_hat) G^(1/2)|| instead of the weight error: the first conv's subspace is the
+whitened SVD's under a Kronecker-factored input Gram matrix and the second conv is the exact
+weighted least-squares fit given the first (`fxdecomp.factorize.fitted`; data-driven as in
+Zhang et al., TPAMI 2015, for the scheme-2 structure of Jaderberg et al. 2014 / Tai et al. 2016).
 """
 
 from __future__ import annotations
@@ -15,11 +21,13 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedLayerError
+from ..factorize.fitted import GroupFits, projected_fit
 from ..factorize.svd import low_rank_factors, matrix_spectrum
 from .base import (
     CONV_KINDS,
     Decomposer,
     combined_error,
+    dense_conv_grams,
     group_slices,
     layer_kernel,
     leading_pad,
@@ -41,6 +49,7 @@ def spatial_matrix(kernel: torch.Tensor) -> torch.Tensor:
 class ConvSpatialSVD(Decomposer):
     kind, method = "conv2d", "spatial_svd"
     kinds = CONV_KINDS
+    data_aware = True
 
     def check(self, spec):
         if spec.ndim == 1:
@@ -67,11 +76,27 @@ class ConvSpatialSVD(Decomposer):
         blocks = group_slices(spec, weight)
         return blocks, [matrix_spectrum(spatial_matrix(b)) for b in blocks]
 
+    def can_fit(self, spec, grams):
+        return dense_conv_grams(spec, grams)
+
+    def factorize_whitened(self, spec, weight, grams, output_weights=None):
+        blocks = group_slices(spec, weight)
+        channels = spec.in_per_group * spec.kernel_size[0]
+        fits = [
+            projected_fit(b.reshape(b.shape[0], -1), gram, output_weights[g] if output_weights else None, channels)
+            for g, (b, gram) in enumerate(zip(blocks, grams))
+        ]
+        return GroupFits(blocks, fits)
+
     def error(self, spec, state, ranks):
+        if isinstance(state, GroupFits):
+            return state.relative_error(ranks[0])
         blocks, spectra = state
         return combined_error([s.relative_error(ranks[0]) for s in spectra], blocks.norms)
 
     def reconstruct(self, spec, state, ranks):
+        if isinstance(state, GroupFits):
+            return layer_kernel(spec, state.reconstruct(ranks[0]))
         blocks = []
         for block, spectrum in zip(*state):
             t, s, k0, *rest = block.shape
@@ -84,6 +109,14 @@ class ConvSpatialSVD(Decomposer):
         first, second = module[-2], module[-1]
         first_kernel, second_kernel = new_kernel(first), new_kernel(second)
         tg, ones = spec.out_per_group, [1] * (spec.ndim - 1)
+        if isinstance(state, GroupFits):
+            for g, (block, (projection, fit, _)) in enumerate(zip(state.blocks, state.factors(r))):
+                t, s, k0, *rest = block.shape
+                first_kernel[g * r : (g + 1) * r] = projection.reshape(r, s, k0, *ones)
+                second_kernel[g * tg : (g + 1) * tg] = fit.reshape(t, r, 1, *rest)
+            set_kernel(first, first_kernel)
+            set_kernel(second, second_kernel)
+            return
         for g, (block, spectrum) in enumerate(zip(*state)):
             t, s, k0, *rest = block.shape
             left, right = low_rank_factors(spatial_matrix(block), r, spectrum)
@@ -94,4 +127,6 @@ class ConvSpatialSVD(Decomposer):
         set_kernel(second, second_kernel)
 
     def rank_spectra(self, spec, state):
+        if isinstance(state, GroupFits):
+            return [[f.in_spectrum for f in state.fits]]
         return [state[1]]

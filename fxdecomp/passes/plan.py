@@ -32,12 +32,13 @@ from typing import Any
 
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ..errors import BudgetError
+from ..errors import BudgetError, RecipeError
 from ..graph.rewrite import rewrite_graph
 from ..latency import LayerLatency, compare_models_ms, model_ms
 from ..onnxrt import LatencyTable, measured_rank_multiple
 from ..onnxrt.table import LatencyTableError
 from ..planning.budget import allowed_methods, model_total
+from ..planning.factors import FIT_MODES
 from ..planning.grid import Choice, rank_grid  # noqa: F401  (re-exported)
 from ..planning.latency import follows_latency, measures_latency
 from ..planning.replay import replay
@@ -69,10 +70,14 @@ class PlanPass(Pass):
         provider: str = ""  # onnxruntime execution provider of latency timings ("": the CPU provider, or the table's)
         provider_options: dict[str, Any] = field(default_factory=dict)  # that provider's options
         latency_table: str = ""  # a table measured on the device (device_bench.py): plan on it instead of timing here
+        fit: str = "data"  # with calibration: "data" fits every data-aware method's factors, "svd" only svd's, "weights" none
 
     def run(self, gm):
         ctx, options = self.context, self.options
         self._timer = None  # the per-layer onnxruntime timer, made on first use
+        if options.fit not in FIT_MODES:
+            raise RecipeError(f"plan: option fit={options.fit!r} is not one of {list(FIT_MODES)}")
+        ctx.factorizations.fit = options.fit  # read by every later factorisation (the rewrite's too)
         if ctx.fixed_plan is not None:
             ctx.provide("plan", Plan(replay(ctx, ctx.fixed_plan)))
             ctx.provide("latency", LatencyRecord(None, options.latency_threads, provider=options.provider, provider_options=options.provider_options))

@@ -17,7 +17,7 @@ import torch
 
 from ..calibration import OutputErrorMeter, output_energy
 from ..graph.candidates import Candidate
-from .factors import factorization, gram_matrices, output_gram_matrices, output_weights
+from .factors import factorization, fitted_to_data, gram_matrices, output_gram_matrices, output_weights
 
 
 def predicted_error(ctx, candidate: Candidate, method: str, ranks: tuple[int, ...]) -> float:
@@ -28,7 +28,7 @@ def predicted_error(ctx, candidate: Candidate, method: str, ranks: tuple[int, ..
     """
     decomposer, state = factorization(ctx, candidate, method)
     gram = ctx.grams.get(candidate.name)
-    if gram is None or decomposer.data_aware:
+    if gram is None or fitted_to_data(ctx, candidate, method):
         return decomposer.estimate_error(candidate.spec, state, ranks)
     weight_blocks = weight_matrices(candidate.spec, candidate.layer.weight.detach())
     meter = ctx.error_meters.get(candidate.name)

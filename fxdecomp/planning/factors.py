@@ -23,14 +23,18 @@ from ..graph.candidates import Candidate
 log = logging.getLogger("fxdecomp")
 
 
+FIT_MODES = ("data", "svd", "weights")
+
+
 def factorization(ctx, candidate: Candidate, method: str):
     """(decomposer, state) for a candidate and method, computed once per compress call; state None if n/a.
 
-    With calibration data, data-aware decomposers (svd) factorise the whitened weight
-    (on both sides when the calibration was output-aware).
+    With calibration data, data-aware decomposers (svd, spatial_svd, tucker2, cp) fit
+    their factors to it (`fitted_to_data`), on both sides when the calibration was output-aware.
     """
     gram = ctx.grams.get(candidate.name)
-    key = (candidate.name, method, gram is not None)
+    fitted = fitted_to_data(ctx, candidate, method)
+    key = (candidate.name, method, fitted)
     if key not in ctx.states:
         decomposer = get_decomposer(candidate.kind, method) if method in methods_for(candidate.kind) else None
         state = None
@@ -38,7 +42,7 @@ def factorization(ctx, candidate: Candidate, method: str):
             weight = candidate.layer.weight.detach()
             try:
                 decomposer.check(candidate.spec)
-                if gram is not None and decomposer.data_aware:
+                if fitted:
                     state = decomposer.factorize_whitened(
                         candidate.spec, weight, gram_matrices(gram), output_weights(ctx, candidate)
                     )
@@ -48,6 +52,28 @@ def factorization(ctx, candidate: Candidate, method: str):
                 log.info("%s: %s does not apply (%s)", candidate.name, method, exc)
         ctx.states[key] = (decomposer, state)
     return ctx.states[key]
+
+
+def fitted_to_data(ctx, candidate: Candidate, method: str) -> bool:
+    """Whether ``method``'s factors of ``candidate`` are fitted to the calibration data (else weight-only).
+
+    Yes when there is calibration data, the decomposer is data-aware and can fit this
+    layer (`Decomposer.can_fit`), and the plan pass's ``fit`` option allows it: "data"
+    (default) every data-aware method, "svd" only svd (the behaviour before issue #16),
+    "weights" none (for ablations). Unfitted factors are still scored on the data.
+    """
+    mode = ctx.factorizations.fit
+    key = (candidate.name, method, mode)
+    cache = ctx.factorizations.fitted
+    if key not in cache:
+        gram = ctx.grams.get(candidate.name)
+        allowed = mode == "data" or (mode == "svd" and method == "svd")
+        fitted = False
+        if gram is not None and allowed and method in methods_for(candidate.kind):
+            decomposer = get_decomposer(candidate.kind, method)
+            fitted = decomposer.data_aware and decomposer.can_fit(candidate.spec, gram_matrices(gram))
+        cache[key] = fitted
+    return cache[key]
 
 
 def gram_matrices(gram) -> list[torch.Tensor]:
