@@ -3,7 +3,9 @@
 Conv: the kernel as the 4-way tensor (S, kh, kw, T), a TT of four cores realised
 as a chain of convs: 1x1 (S->r1), kh x 1 (r1->r2), 1 x kw (r2->r3), 1x1 (r3->T).
 Conv1d and Conv3d get one conv per spatial axis (2 and 4 bonds); transposed convs
-get transposed convs on their axes.
+get transposed convs on their axes. Grouped convs: every conv of the chain is grouped
+like the layer, each group its own TT at the same bonds. With calibration data the
+conv's output core is refitted to the data (`ConvTT`).
 Linear: a TT-matrix over factorisations of in/out features (Novikov et al. 2015),
 realised by `fxdecomp.layers.TTLinear`. Ranks are the bonds, input side first.
 The error reported is the TT-SVD bound sqrt(sum eps_k^2) of Oseledets (2011).
@@ -13,32 +15,37 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from ..calibration import OutputErrorMeter
 from ..errors import InvalidInputError
-from ..factorize.svd import matrix_spectrum
+from ..factorize.svd import Spectrum, matrix_spectrum
+from ..factorize.tiles import refit_last_factor
 from ..factorize.tt import tt_error_bound, tt_max_ranks, tt_reconstruct, tt_svd
 from ..layers import TTLinear
+from ..sketch import LowRankPSD
 from .base import (
     CONV_KINDS,
+    Blocks,
     Decomposer,
-    canonical_kernel,
+    combined_error,
+    group_slices,
     layer_kernel,
     leading_pad,
+    new_kernel,
     pointwise,
     pointwise_kernel,
-    refuse_groups,
     register,
     set_kernel,
     spatial_conv,
 )
 
 
-def _conv_tensor(spec, kernel: torch.Tensor) -> torch.Tensor:
-    """(S, k_1, ..., k_n, T): the order the input meets the modes."""
-    canonical = canonical_kernel(spec, kernel.detach())
+def _conv_tensor(canonical: torch.Tensor) -> torch.Tensor:
+    """A canonical kernel block (T/g, S/g, *k) as (S/g, k_1, ..., k_n, T/g): the order the input meets the modes."""
     return canonical.permute(1, *range(2, canonical.dim()), 0)
 
 
@@ -47,52 +54,109 @@ def _unfoldings(tensor: torch.Tensor) -> list[torch.Tensor]:
     return [tensor.reshape(math.prod(shape[: k + 1]), -1) for k in range(len(shape) - 1)]
 
 
+@dataclass(frozen=True, eq=False)
+class ConvTTState:
+    """Per group: the kernel as (S/g, *k, T/g) and its unfoldings' spectra; with calibration data, the refit's inputs."""
+
+    tensors: list[torch.Tensor]
+    spectra: list[list[Spectrum]]  # per group, one per bond
+    groups: Blocks  # the lowered weight per group (T/g, S/g*area)
+    fit: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per group: (G, W G)
+    meter: OutputErrorMeter | None = None
+
+
 @register
 class ConvTT(Decomposer):
-    """TT of a conv kernel: 1x1 (S->r1), one conv per spatial axis, 1x1 (->T); n+1 bonds for n axes."""
+    """TT of a conv kernel: 1x1 (S->r1), one conv per spatial axis, 1x1 (->T); n+1 bonds for n axes.
+
+    A grouped conv is decomposed group by group: every conv of the chain has the layer's groups
+    and each group holds its own TT at the same bonds (r per group). With calibration data the
+    last core (the output 1x1) is refitted by least squares, L = W G M^T (M G M^T)^+ with M the
+    product of the other cores: the output error tr(H dW G dW^T) is then the least these cores
+    allow (for any output Gram H, see `fxdecomp.factorize.tiles.refit_last_factor`).
+    """
 
     kind, method = "conv2d", "tt"
     kinds = CONV_KINDS
-
-    def check(self, spec):
-        refuse_groups(spec, "tt")
+    data_aware = True
 
     def max_ranks(self, spec):
-        return tt_max_ranks((spec.in_channels, *spec.kernel_size, spec.out_channels))
+        return tt_max_ranks((spec.in_per_group, *spec.kernel_size, spec.out_per_group))
 
     def structure(self, spec, ranks):
         pads, padding = leading_pad(spec)
-        bonds = (spec.in_channels, *ranks)
+        g = spec.groups
+        bonds = (spec.in_channels, *(g * r for r in ranks))
         return nn.Sequential(
             *pads,
-            pointwise(spec, spec.in_channels, ranks[0]),
-            *(spatial_conv(spec, bonds[i + 1], bonds[i + 2], padding, axes=(i,)) for i in range(spec.ndim)),
-            pointwise(spec, ranks[-1], spec.out_channels, bias=spec.has_bias),
+            pointwise(spec, spec.in_channels, bonds[1], groups=g),
+            *(spatial_conv(spec, bonds[i + 1], bonds[i + 2], padding, axes=(i,), groups=g) for i in range(spec.ndim)),
+            pointwise(spec, bonds[-1], spec.out_channels, groups=g, bias=spec.has_bias),
         )
 
     def factorize(self, spec, weight):
-        tensor = _conv_tensor(spec, weight)
-        return tensor, [matrix_spectrum(u) for u in _unfoldings(tensor)]
+        blocks = group_slices(spec, weight)
+        tensors = [_conv_tensor(block) for block in blocks]
+        groups = Blocks(block.reshape(block.shape[0], -1) for block in blocks)
+        return ConvTTState(tensors, [[matrix_spectrum(u) for u in _unfoldings(t)] for t in tensors], groups)
+
+    def factorize_whitened(self, spec, weight, grams, output_weights=None):
+        state = self.factorize(spec, weight)
+        meter = OutputErrorMeter(list(grams), state.groups, output_sqrt=[w[0] for w in output_weights] if output_weights else None)
+        if any(isinstance(g, LowRankPSD) for g in grams):  # sketched: no dense G to solve with
+            return replace(state, meter=meter)
+        fit = [(g.to(torch.float64), w.to(torch.float64) @ g.to(torch.float64)) for g, w in zip(grams, state.groups)]
+        return replace(state, fit=fit, meter=meter)
+
+    def _cores(self, state: ConvTTState, ranks) -> list[list[torch.Tensor]]:
+        """Per group: (1,S/g,r1) (r1,k_1,r2) ... (r_{n+1},T/g,1), the last core refitted when there is data."""
+        per_group = []
+        for g, tensor in enumerate(state.tensors):
+            cores = tt_svd(tensor, ranks)
+            if state.fit is not None:
+                gram, weight_gram = state.fit[g]
+                head = tt_reconstruct([*cores[:-1], torch.eye(ranks[-1], dtype=torch.float64)[:, :, None]])  # (S/g, *k, r)
+                left = refit_last_factor(weight_gram, gram, head.reshape(-1, ranks[-1]).T)  # (T/g, r)
+                cores[-1] = left.T[:, :, None]
+            per_group.append(cores)
+        return per_group
 
     def error(self, spec, state, ranks):
-        return tt_error_bound(state[1], ranks)
+        if state.meter is None:  # the TT-SVD bound of each group
+            return combined_error([tt_error_bound(s, ranks) for s in state.spectra], state.groups.norms)
+        return state.meter.relative_error(state.groups, self._dense(spec, state, ranks))
+
+    def _dense(self, spec, state, ranks) -> list[torch.Tensor]:
+        """The lowered (T/g, S/g*area) matrix of each group at ``ranks``."""
+        blocks = []
+        for cores in self._cores(state, ranks):
+            dense = tt_reconstruct(cores)  # (S/g, *k, T/g)
+            blocks.append(dense.reshape(-1, dense.shape[-1]).T)
+        return blocks
 
     def reconstruct(self, spec, state, ranks):
-        dense = tt_reconstruct(tt_svd(state[0], ranks))  # (S, *k, T)
-        return layer_kernel(spec, dense.permute(dense.dim() - 1, *range(dense.dim() - 1)))
+        canonical = torch.cat(self._dense(spec, state, ranks)).reshape(spec.out_channels, spec.in_per_group, *spec.kernel_size)
+        return layer_kernel(spec, canonical)
 
     def load(self, module, spec, state, ranks):
-        cores = tt_svd(state[0], ranks)  # (1,S,r1) (r1,k_1,r2) ... (r_n,k_n,r_{n+1}) (r_{n+1},T,1)
         layers = list(module)[-(spec.ndim + 2) :]
-        set_kernel(layers[0], pointwise_kernel(cores[0][0].T, spec.ndim))
-        for axis, (layer, core) in enumerate(zip(layers[1:-1], cores[1:-1])):
-            shape = [1] * spec.ndim
-            shape[axis] = core.shape[1]
-            set_kernel(layer, core.permute(2, 0, 1).reshape(core.shape[2], core.shape[0], *shape))
-        set_kernel(layers[-1], pointwise_kernel(cores[-1][..., 0].T, spec.ndim))
+        kernels = [new_kernel(layer) for layer in layers]
+        for g, cores in enumerate(self._cores(state, ranks)):
+            # cores: (1,S/g,r1) (r1,k_1,r2) ... (r_n,k_n,r_{n+1}) (r_{n+1},T/g,1); group g's block of each kernel.
+            first = pointwise_kernel(cores[0][0].T, spec.ndim)
+            kernels[0][g * first.shape[0] : (g + 1) * first.shape[0]] = first
+            for axis, core in enumerate(cores[1:-1]):
+                shape = [1] * spec.ndim
+                shape[axis] = core.shape[1]
+                block = core.permute(2, 0, 1).reshape(core.shape[2], core.shape[0], *shape)
+                kernels[axis + 1][g * block.shape[0] : (g + 1) * block.shape[0]] = block
+            last = pointwise_kernel(cores[-1][..., 0].T, spec.ndim)
+            kernels[-1][g * last.shape[0] : (g + 1) * last.shape[0]] = last
+        for layer, kernel in zip(layers, kernels):
+            set_kernel(layer, kernel)
 
     def rank_spectra(self, spec, state):
-        return [[s] for s in state[1]]
+        return [list(bond) for bond in zip(*state.spectra)]
 
 
 def balanced_factors(n: int, count: int) -> tuple[int, ...]:
