@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from ..calibration import OutputErrorMeter
+from ..calibration import OutputErrorMeter, output_whitening
 from ..errors import InvalidInputError
 from ..factorize.svd import Spectrum, matrix_spectrum
 from ..factorize.tiles import refit_last_factor
@@ -61,7 +61,7 @@ class ConvTTState:
     tensors: list[torch.Tensor]
     spectra: list[list[Spectrum]]  # per group, one per bond
     groups: Blocks  # the lowered weight per group (T/g, S/g*area)
-    fit: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per group: (G, W G)
+    fit: list[tuple[torch.Tensor, torch.Tensor, tuple]] | None = None  # per group: (G, W G, channel whitening)
     meter: OutputErrorMeter | None = None
 
 
@@ -71,7 +71,9 @@ class ConvTT(Decomposer):
 
     A grouped conv is decomposed group by group: every conv of the chain has the layer's groups
     and each group holds its own TT at the same bonds (r per group). With calibration data the
-    last core (the output 1x1) is refitted by least squares, L = W G M^T (M G M^T)^+ with M the
+    first core (the input 1x1) is the input channels' whitened truncation (`tt_svd`'s
+    ``first_weight``: the channels' Gram matrix, summed over kernel positions), and the last
+    core (the output 1x1) is refitted by least squares, L = W G M^T (M G M^T)^+ with M the
     product of the other cores: the output error tr(H dW G dW^T) is then the least these cores
     allow (for any output Gram H, see `fxdecomp.factorize.tiles.refit_last_factor`).
     """
@@ -105,19 +107,26 @@ class ConvTT(Decomposer):
         meter = OutputErrorMeter(list(grams), state.groups, output_sqrt=[w[0] for w in output_weights] if output_weights else None)
         if any(isinstance(g, LowRankPSD) for g in grams):  # sketched: no dense G to solve with
             return replace(state, meter=meter)
-        fit = [(g.to(torch.float64), w.to(torch.float64) @ g.to(torch.float64)) for g, w in zip(grams, state.groups)]
+        fit = []
+        for gram, w in zip(grams, state.groups):
+            gram = gram.to(torch.float64)
+            # The input channels' own Gram matrix (summed over kernel positions) weights the first core.
+            channels = gram.reshape(spec.in_per_group, spec.kernel_area, spec.in_per_group, spec.kernel_area)
+            fit.append((gram, w.to(torch.float64) @ gram, output_whitening(channels.diagonal(dim1=1, dim2=3).sum(-1))))
         return replace(state, fit=fit, meter=meter)
 
     def _cores(self, state: ConvTTState, ranks) -> list[list[torch.Tensor]]:
         """Per group: (1,S/g,r1) (r1,k_1,r2) ... (r_{n+1},T/g,1), the last core refitted when there is data."""
         per_group = []
         for g, tensor in enumerate(state.tensors):
-            cores = tt_svd(tensor, ranks)
-            if state.fit is not None:
-                gram, weight_gram = state.fit[g]
-                head = tt_reconstruct([*cores[:-1], torch.eye(ranks[-1], dtype=torch.float64)[:, :, None]])  # (S/g, *k, r)
-                left = refit_last_factor(weight_gram, gram, head.reshape(-1, ranks[-1]).T)  # (T/g, r)
-                cores[-1] = left.T[:, :, None]
+            if state.fit is None:
+                per_group.append(tt_svd(tensor, ranks))
+                continue
+            gram, weight_gram, channel_weight = state.fit[g]
+            cores = tt_svd(tensor, ranks, channel_weight)
+            head = tt_reconstruct([*cores[:-1], torch.eye(ranks[-1], dtype=torch.float64)[:, :, None]])  # (S/g, *k, r)
+            left = refit_last_factor(weight_gram, gram, head.reshape(-1, ranks[-1]).T)  # (T/g, r)
+            cores[-1] = left.T[:, :, None]
             per_group.append(cores)
         return per_group
 
