@@ -30,7 +30,7 @@ from torch import nn
 from ..calibration import OutputErrorMeter, output_whitening, whitened_spectrum
 from ..errors import InvalidInputError
 from ..factorize.svd import Spectrum, matrix_spectrum
-from ..factorize.tiles import TileLayout, offsets, refit_left
+from ..factorize.tiles import TileLayout, offsets, refit_left, relative_output_error
 from ..layers import TiledLinear
 from ..layer_spec import ConvSpec
 from ..sketch import LowRankPSD
@@ -63,7 +63,7 @@ class TiledState:
     spectra: list[Spectrum]
     unweights: list[torch.Tensor | None]  # H_aa^(-1/2) per tile, or None
     fit: list[tuple] | None = None  # per group: (W, G, W G, H or None) for `refit_left`
-    meter: OutputErrorMeter | None = None  # measures output errors on the calibration data
+    meter: OutputErrorMeter | None = None  # output errors on a sketched Gram matrix (no fit)
 
 
 class _Tiled(Decomposer):
@@ -103,10 +103,10 @@ class _Tiled(Decomposer):
     def factorize_whitened(self, spec, weight, grams, output_weights=None):
         layout, groups = self.layout(spec), self.group_matrices(spec, weight)
         outputs = [sqrt @ sqrt for sqrt, _ in output_weights] if output_weights else [None] * layout.groups
-        meter = OutputErrorMeter(list(grams), groups, output_sqrt=[w[0] for w in output_weights] if output_weights else None)
         if any(isinstance(g, LowRankPSD) for g in grams):
             # A sketched Gram (over fxdecomp.sketch.MAX_DENSE_DIM inputs) has no blocks: weight-only
             # factors, errors still measured on the calibration data.
+            meter = OutputErrorMeter(list(grams), groups, output_sqrt=[w[0] for w in output_weights] if output_weights else None)
             return TiledState(**{**self.factorize(spec, weight).__dict__, "meter": meter})
         tiles = Blocks(layout.tile_matrices(groups))
         matrices, spectra, unweights, fit = [], [], [], []
@@ -123,23 +123,35 @@ class _Tiled(Decomposer):
                 spectra.append(whitened_spectrum(matrix, gram[span, span]))
                 unweights.append(row_weights[a][1] if row_weights[a] is not None else None)
             fit.append((w, gram, w @ gram, out))
-        return TiledState(layout, groups, tiles, matrices, spectra, unweights, fit, meter)
+        return TiledState(layout, groups, tiles, matrices, spectra, unweights, fit)
 
     def tile_factors(self, state: TiledState, ranks) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(left (rows_a, r), right (r, cols_b*area)) per tile, float64, fitted to the data when there is some."""
+        return self._fitted(state, ranks)[0]
+
+    def _fitted(self, state: TiledState, ranks):
+        """(tile factors, per group W_hat G or None without a dense Gram matrix)."""
         base = [factors(m, r, s, u, torch.float64) for m, r, s, u in zip(state.matrices, ranks, state.spectra, state.unweights)]
         if state.fit is None:
-            return base
+            return base, None
         per = state.layout.per_group
-        fitted = []
+        fitted, approximation_grams = [], []
         for g, (w, gram, weight_gram, out) in enumerate(state.fit):
-            fitted += refit_left(state.layout, w, gram, weight_gram, out, base[g * per : (g + 1) * per])
-        return fitted
+            tiles, approximation_gram = refit_left(state.layout, w, gram, weight_gram, out, base[g * per : (g + 1) * per])
+            fitted += tiles
+            approximation_grams.append(approximation_gram)
+        return fitted, approximation_grams
 
     def _dense_groups(self, state: TiledState, ranks) -> list[torch.Tensor]:
         return state.layout.assemble([left @ right for left, right in self.tile_factors(state, ranks)])
 
     def error(self, spec, state, ranks):
+        """Weight-only: the tiles' exact truncation error; with data: the exact output error tr(H dW G dW^T), relative."""
+        if state.fit is not None:
+            tiles, approximation_grams = self._fitted(state, ranks)
+            approximations = state.layout.assemble([left @ right for left, right in tiles])
+            weights, _, weight_grams, outputs = zip(*state.fit)
+            return relative_output_error(weights, weight_grams, approximations, approximation_grams, outputs)
         if state.meter is not None:
             return state.meter.relative_error(state.groups, self._dense_groups(state, ranks))
         return combined_error([s.relative_error(r) for s, r in zip(state.spectra, ranks)], state.tiles.norms)

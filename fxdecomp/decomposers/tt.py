@@ -23,7 +23,7 @@ from torch import nn
 from ..calibration import OutputErrorMeter, output_whitening
 from ..errors import InvalidInputError
 from ..factorize.svd import Spectrum, matrix_spectrum
-from ..factorize.tiles import refit_last_factor
+from ..factorize.tiles import refit_last_factor, relative_output_error
 from ..factorize.tt import tt_error_bound, tt_max_ranks, tt_reconstruct, tt_svd
 from ..layers import TTLinear
 from ..sketch import LowRankPSD
@@ -61,8 +61,8 @@ class ConvTTState:
     tensors: list[torch.Tensor]
     spectra: list[list[Spectrum]]  # per group, one per bond
     groups: Blocks  # the lowered weight per group (T/g, S/g*area)
-    fit: list[tuple[torch.Tensor, torch.Tensor, tuple]] | None = None  # per group: (G, W G, channel whitening)
-    meter: OutputErrorMeter | None = None
+    fit: list[tuple] | None = None  # per group: (G, W G, channel whitening, H or None)
+    meter: OutputErrorMeter | None = None  # output errors on a sketched Gram matrix (no fit)
 
 
 @register
@@ -104,44 +104,51 @@ class ConvTT(Decomposer):
 
     def factorize_whitened(self, spec, weight, grams, output_weights=None):
         state = self.factorize(spec, weight)
-        meter = OutputErrorMeter(list(grams), state.groups, output_sqrt=[w[0] for w in output_weights] if output_weights else None)
         if any(isinstance(g, LowRankPSD) for g in grams):  # sketched: no dense G to solve with
-            return replace(state, meter=meter)
+            output_sqrt = [w[0] for w in output_weights] if output_weights else None
+            return replace(state, meter=OutputErrorMeter(list(grams), state.groups, output_sqrt=output_sqrt))
         fit = []
-        for gram, w in zip(grams, state.groups):
+        for g, (gram, w) in enumerate(zip(grams, state.groups)):
             gram = gram.to(torch.float64)
             # The input channels' own Gram matrix (summed over kernel positions) weights the first core.
             channels = gram.reshape(spec.in_per_group, spec.kernel_area, spec.in_per_group, spec.kernel_area)
-            fit.append((gram, w.to(torch.float64) @ gram, output_whitening(channels.diagonal(dim1=1, dim2=3).sum(-1))))
-        return replace(state, fit=fit, meter=meter)
+            output = output_weights[g][0] @ output_weights[g][0] if output_weights else None
+            fit.append((gram, w.to(torch.float64) @ gram, output_whitening(channels.diagonal(dim1=1, dim2=3).sum(-1)), output))
+        return replace(state, fit=fit)
 
     def _cores(self, state: ConvTTState, ranks) -> list[list[torch.Tensor]]:
-        """Per group: (1,S/g,r1) (r1,k_1,r2) ... (r_{n+1},T/g,1), the last core refitted when there is data."""
-        per_group = []
+        return self._fitted(state, ranks)[0]
+
+    def _fitted(self, state: ConvTTState, ranks):
+        """(per group: (1,S/g,r1) (r1,k_1,r2) ... (r_{n+1},T/g,1), per group W_hat G or None without data)."""
+        per_group, approximation_grams = [], []
         for g, tensor in enumerate(state.tensors):
             if state.fit is None:
                 per_group.append(tt_svd(tensor, ranks))
                 continue
-            gram, weight_gram, channel_weight = state.fit[g]
+            gram, weight_gram, channel_weight, _ = state.fit[g]
             cores = tt_svd(tensor, ranks, channel_weight)
             head = tt_reconstruct([*cores[:-1], torch.eye(ranks[-1], dtype=torch.float64)[:, :, None]])  # (S/g, *k, r)
-            left = refit_last_factor(weight_gram, gram, head.reshape(-1, ranks[-1]).T)  # (T/g, r)
+            left, approximation_gram = refit_last_factor(weight_gram, gram, head.reshape(-1, ranks[-1]).T)  # (T/g, r)
             cores[-1] = left.T[:, :, None]
             per_group.append(cores)
-        return per_group
+            approximation_grams.append(approximation_gram)
+        return per_group, (approximation_grams if state.fit is not None else None)
 
     def error(self, spec, state, ranks):
-        if state.meter is None:  # the TT-SVD bound of each group
-            return combined_error([tt_error_bound(s, ranks) for s in state.spectra], state.groups.norms)
-        return state.meter.relative_error(state.groups, self._dense(spec, state, ranks))
+        """Weight-only: the TT-SVD bound per group; with data: the exact output error tr(H dW G dW^T), relative."""
+        if state.fit is not None:
+            per_group, approximation_grams = self._fitted(state, ranks)
+            approximations = [_lowered(cores) for cores in per_group]
+            _, weight_grams, _, outputs = zip(*state.fit)
+            return relative_output_error(state.groups, weight_grams, approximations, approximation_grams, outputs)
+        if state.meter is not None:
+            return state.meter.relative_error(state.groups, self._dense(spec, state, ranks))
+        return combined_error([tt_error_bound(s, ranks) for s in state.spectra], state.groups.norms)
 
     def _dense(self, spec, state, ranks) -> list[torch.Tensor]:
         """The lowered (T/g, S/g*area) matrix of each group at ``ranks``."""
-        blocks = []
-        for cores in self._cores(state, ranks):
-            dense = tt_reconstruct(cores)  # (S/g, *k, T/g)
-            blocks.append(dense.reshape(-1, dense.shape[-1]).T)
-        return blocks
+        return [_lowered(cores) for cores in self._cores(state, ranks)]
 
     def reconstruct(self, spec, state, ranks):
         canonical = torch.cat(self._dense(spec, state, ranks)).reshape(spec.out_channels, spec.in_per_group, *spec.kernel_size)
@@ -166,6 +173,12 @@ class ConvTT(Decomposer):
 
     def rank_spectra(self, spec, state):
         return [list(bond) for bond in zip(*state.spectra)]
+
+
+def _lowered(cores: list[torch.Tensor]) -> torch.Tensor:
+    """The (T/g, S/g*area) matrix of one group's cores."""
+    dense = tt_reconstruct(cores)  # (S/g, *k, T/g)
+    return dense.reshape(-1, dense.shape[-1]).T
 
 
 def balanced_factors(n: int, count: int) -> tuple[int, ...]:

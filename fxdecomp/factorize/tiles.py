@@ -99,14 +99,15 @@ class TileLayout:
         return groups
 
 
-def _stacked_right(layout: TileLayout, rights: Sequence[torch.Tensor], width: int) -> torch.Tensor:
-    """One row tile's right factors as one (sum r, width) matrix, block b at its lowered columns."""
-    stacked = torch.zeros(sum(r.shape[0] for r in rights), width, dtype=torch.float64)
-    start = 0
-    for b, right in enumerate(rights):
-        stacked[start : start + right.shape[0], layout.lowered_cols(b)] = right
-        start += right.shape[0]
-    return stacked
+def psd_solve(rhs: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """rhs @ matrix^+ for a symmetric positive semi-definite ``matrix``: Cholesky, or eigh past a singular one."""
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs.T, factor).T
+    values, vectors = torch.linalg.eigh(matrix)
+    keep = values > float(values.max().clamp_min(0.0)) * matrix.shape[0] * torch.finfo(matrix.dtype).eps
+    vectors = vectors[:, keep]
+    return ((rhs @ vectors) / values[keep]) @ vectors.T
 
 
 def refit_left(
@@ -116,32 +117,36 @@ def refit_left(
     weight_gram: torch.Tensor,
     output_gram: torch.Tensor | None,
     factors: Sequence[tuple[torch.Tensor, torch.Tensor]],
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One group's tile factors with every row tile's left factors refitted to the calibration data.
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """One group's tile factors with every row tile's left factors refitted to the calibration data, and W_hat G.
 
     ``weight`` (T/g, n), ``gram`` G (n, n), ``weight_gram`` = weight @ G, ``output_gram`` H (T/g, T/g)
     or None; ``factors`` (left (rows_a, r), right (r, cols_b*area)) per tile of the group, row-major.
     Row tile a's left factors L_a = [L_a1 .. L_aB] are the minimiser of tr(H dW G dW^T) with the right
-    factors fixed: W_a G R_a^T (R_a G R_a^T)^+ when H is None (the row tiles do not interact); with H,
-    one block-coordinate sweep over the row tiles, each step the exact minimiser given the others.
+    factors R_a (block-diagonal) fixed: W_a G R_a^T (R_a G R_a^T)^+ when H is None (the row tiles do not
+    interact); with H, one block-coordinate sweep over the row tiles, each step the exact minimiser
+    given the others. Also returns W_hat G (T/g, n) of the refitted factors, for `relative_output_error`.
     """
     cols = len(layout.col_sizes)
-    width = weight.shape[1]
     rows = [factors[a * cols : (a + 1) * cols] for a in range(len(layout.row_sizes))]
-    stacked = [_stacked_right(layout, [right for _, right in row], width) for row in rows]
-    right_gram = [s @ gram for s in stacked]  # R_a G
+    # R_a G, block by block (R_a is block-diagonal over the column tiles), and R_a^T's column blocks.
+    right_gram = [torch.cat([right.to(torch.float64) @ gram[layout.lowered_cols(b)] for b, (_, right) in enumerate(row)]) for row in rows]
     lefts = [torch.cat([left.to(torch.float64) for left, _ in row], dim=1) for row in rows]
-    for a, (s, rg) in enumerate(zip(stacked, right_gram)):
+
+    def times_right_t(matrix: torch.Tensor, a: int) -> torch.Tensor:
+        """matrix (.., n) @ R_a^T (n, sum r), block by block."""
+        return torch.cat([matrix[:, layout.lowered_cols(b)] @ right.to(torch.float64).T for b, (_, right) in enumerate(rows[a])], dim=1)
+
+    for a, rg in enumerate(right_gram):
         span = layout.rows(a)
-        inverse = torch.linalg.pinv(rg @ s.T, hermitian=True)
+        normal = times_right_t(rg, a)  # R_a G R_a^T
         if output_gram is None:
-            lefts[a] = weight_gram[span] @ s.T @ inverse
+            lefts[a] = psd_solve(times_right_t(weight_gram[span], a), normal)
             continue
-        # Residual's E G R_a^T over all rows, then the H-weighted step for row tile a's block.
-        residual = weight_gram @ s.T
+        residual = times_right_t(weight_gram, a)  # E G R_a^T over all rows, then the H-weighted step
         for other, (left, rg_other) in enumerate(zip(lefts, right_gram)):
-            residual[layout.rows(other)] -= left @ (rg_other @ s.T)
-        step = torch.linalg.solve(output_gram[span, span], (output_gram[span] @ residual) @ inverse)
+            residual[layout.rows(other)] -= left @ times_right_t(rg_other, a)
+        step = torch.linalg.solve(output_gram[span, span], psd_solve(output_gram[span] @ residual, normal))
         lefts[a] = lefts[a] + step
     fitted = []
     for row, left in zip(rows, lefts):
@@ -149,13 +154,31 @@ def refit_left(
         for _, right in row:
             fitted.append((left[:, start : start + right.shape[0]], right.to(torch.float64)))
             start += right.shape[0]
-    return fitted
+    return fitted, torch.cat([left @ rg for left, rg in zip(lefts, right_gram)])
 
 
-def refit_last_factor(weight_gram: torch.Tensor, gram: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """The left factor L (out, r) minimising tr(H (W - L M) G (W - L M)^T) for a fixed M = ``right`` (r, n), any H > 0.
+def refit_last_factor(weight_gram: torch.Tensor, gram: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, L M G): the left factor L (out, r) minimising tr(H (W - L M) G (W - L M)^T) for a fixed M = ``right`` (r, n), any H > 0.
 
     L = W G M^T (M G M^T)^+: the normal equations do not involve H, because L is unconstrained.
     """
     right = right.to(torch.float64)
-    return weight_gram @ right.T @ torch.linalg.pinv(right @ gram @ right.T, hermitian=True)
+    right_gram = right @ gram
+    left = psd_solve(weight_gram @ right.T, right_gram @ right.T)
+    return left, left @ right_gram
+
+
+def relative_output_error(
+    weights: Sequence[torch.Tensor],
+    weight_grams: Sequence[torch.Tensor],
+    approximations: Sequence[torch.Tensor],
+    approximation_grams: Sequence[torch.Tensor],
+    output_grams: Sequence[torch.Tensor | None],
+) -> float:
+    """sqrt(sum_g tr(H dW G dW^T) / sum_g tr(H W G W^T)) over groups, from W G and W_hat G (H = I where None)."""
+    error = total = 0.0
+    for w, wg, approx, approx_gram, h in zip(weights, weight_grams, approximations, approximation_grams, output_grams):
+        delta = w.to(torch.float64) - approx
+        error += float(((delta if h is None else h @ delta) * (wg - approx_gram)).sum())
+        total += float(((w if h is None else h @ w.to(torch.float64)) * wg).sum())
+    return (max(error, 0.0) / total) ** 0.5 if total > 0 else 0.0
