@@ -197,26 +197,30 @@ def _output_error(module, layer, x, output_grams):
     return (error / energy) ** 0.5
 
 
-FITTED = [
-    ("tiled_svd", nn.Conv2d(10, 9, 3, padding=1), {"tiles": (2, 3)}),
-    ("tiled_svd", nn.Conv2d(8, 12, 3, groups=2), {"tiles": (2, 2)}),
-    ("tiled_svd", nn.Linear(13, 11), {"tiles": (3, 2)}),
-    ("tiled_svd", nn.Linear(12, 8), {"tiles": (2, 2)}),  # the compact form
-    ("tt", nn.Conv2d(10, 9, 3, padding=1), {}),
-    ("tt", nn.Conv2d(8, 12, (3, 2), groups=2), {}),
+FITTED = [  # (method, layer factory, options); layers are built under a fixed seed in the test
+    ("tiled_svd", lambda: nn.Conv2d(10, 9, 3, padding=1), {"tiles": (2, 3)}),
+    ("tiled_svd", lambda: nn.Conv2d(8, 12, 3, groups=2), {"tiles": (2, 2)}),
+    ("tiled_svd", lambda: nn.Linear(13, 11), {"tiles": (3, 2)}),
+    ("tiled_svd", lambda: nn.Linear(12, 8), {"tiles": (2, 2)}),  # the compact form
+    ("tt", lambda: nn.Conv2d(10, 9, 3, padding=1), {}),
+    ("tt", lambda: nn.Conv2d(8, 12, (3, 2), groups=2), {}),
+    ("tt", lambda: nn.Linear(12, 18), {}),
+    ("tt", lambda: nn.Linear(16, 8), {"modes": ((4, 4), (2, 4))}),
 ]
 
 
 @pytest.mark.parametrize("output_aware", [False, True], ids=["input-gram", "input-and-output-gram"])
-@pytest.mark.parametrize("method, layer, options", FITTED, ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else None)
-def test_data_fitted_factors_beat_weight_only_at_every_rank(method, layer, options, output_aware):
-    torch.manual_seed(0)
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("method, make, options", FITTED, ids=[f"{m}-{i}" for i, (m, _, _) in enumerate(FITTED)])
+def test_data_fitted_factors_beat_weight_only_at_every_rank(method, make, options, output_aware, seed):
+    torch.manual_seed(seed)
+    layer = make()
     spec, decomposer = layer_spec(layer), get_decomposer(layer_spec(layer).kind, method, **options)
-    x = _correlated(layer)
+    x = _correlated(layer, seed=seed)
     gram = GramAccumulator.for_spec(spec)
     gram.update(x)
     grams = [gram.matrix(g, damping=0.0) for g in range(gram.groups)]
-    output_grams = _output_gram(layer) if output_aware else None
+    output_grams = _output_gram(layer, seed=seed + 3) if output_aware else None
     output_weights = [output_whitening(h) for h in output_grams] if output_aware else None
     plain = decomposer.factorize(spec, layer.weight)
     fitted = decomposer.factorize_whitened(spec, layer.weight, grams, output_weights)
