@@ -23,6 +23,7 @@ from torch import nn
 from .errors import InvalidInputError
 from .layer_spec import CONV_TYPES, PAD_TYPES, ConvSpec, LinearSpec, torch_class, layer_spec
 from .layers import TiledLinear, TTLinear
+from .tile_grid import TileGrid
 
 FLOPS_PER_MAC = 2
 
@@ -67,6 +68,8 @@ def _walk(module: nn.Module, shape: tuple[int, ...]) -> tuple[int, tuple[int, ..
         return 0, (*shape[: -len(grown)], *reversed(grown))
     if isinstance(module, (nn.ChannelShuffle, nn.Identity)):
         return 0, shape
+    if isinstance(module, TileGrid):
+        return module.macs(shape, _walk)
     tokens = math.prod(shape[:-1])
     if isinstance(module, nn.Linear):
         return tokens * module.in_features * module.out_features, (*shape[:-1], module.out_features)

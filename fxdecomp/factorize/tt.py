@@ -36,14 +36,27 @@ def tt_error_bound(spectra: Sequence[Spectrum], ranks: Sequence[int]) -> float:
     return math.sqrt(sum(s.relative_error(r) ** 2 for s, r in zip(spectra, ranks)))
 
 
-def tt_svd(tensor: torch.Tensor, ranks: Sequence[int]) -> list[torch.Tensor]:
+def tt_svd(
+    tensor: torch.Tensor, ranks: Sequence[int], first_weight: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> list[torch.Tensor]:
+    """TT cores (r_{k-1}, n_k, r_k) of ``tensor`` at ``ranks``, left to right.
+
+    ``first_weight`` = (A^(1/2), A^(-1/2)) of a positive definite A on the first mode weights the
+    first truncation: the first core spans the leading left singular vectors of A^(1/2) T_(1)
+    (mapped back by A^(-1/2)), the best rank-r_1 fit in the A-norm (A: the input channels' Gram matrix).
+    """
     shape = tensor.shape
     cores = []
     rest = tensor.detach().to(torch.float64)
     previous = 1
     for k, rank in enumerate(ranks):
         matrix = rest.reshape(previous * shape[k], -1)
-        left, rest = low_rank_factors(matrix, rank)
+        if k == 0 and first_weight is not None:
+            root, inverse_root = (w.to(torch.float64) for w in first_weight)
+            basis, rest = low_rank_factors(root @ matrix, rank)
+            left = inverse_root @ basis
+        else:
+            left, rest = low_rank_factors(matrix, rank)
         # A bond wider than the unfolding allows (after a narrow previous bond) gets zero padding,
         # so every core has exactly the requested shape.
         missing = rank - left.shape[1]

@@ -66,15 +66,13 @@ def _refusal(layer, method):
     """The words of the expected refusal, or None where the method applies."""
     if method == "spatial_svd" and layer.weight.dim() == 3:
         return "one spatial axis"
-    if method in ("tt", "tiled_svd") and layer.groups > 1:
-        return "groups"
     return None
 
 
 @pytest.mark.parametrize("method", METHODS)
-@given(layer=conv_layers())
-def test_full_rank_reproduces_every_conv_kind(method, layer):
-    options = {"tiles": (1, 1)} if method == "tiled_svd" else {}
+@given(layer=conv_layers(), tiles=st.tuples(st.integers(1, 3), st.integers(1, 3)))
+def test_full_rank_reproduces_every_conv_kind(method, layer, tiles):
+    options = {"tiles": tiles} if method == "tiled_svd" else {}
     words = _refusal(layer, method)
     if words is not None:
         with pytest.raises(UnsupportedLayerError, match=words):
