@@ -21,7 +21,7 @@ from fxdecomp.decomposers import get_decomposer
 from fxdecomp.errors import RecipeError
 from fxdecomp.layer_spec import layer_spec
 
-from .strategies import conv_layers
+from tests.strategies import conv_layers
 
 METHODS = ["spatial_svd", "tucker2", "cp"]
 
