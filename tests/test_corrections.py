@@ -243,3 +243,19 @@ def test_fold_batchnorm_refuses_training_mode_and_a_late_position():
     late = steps[:2] + [Step("fold_batchnorm", {})] + steps[2:]
     with pytest.raises(RecipeError, match="before find_candidates"):
         fxdecomp.compress(model.eval(), (x,), budget=0.5, pipeline=Recipe("late", "", tuple(late)))
+
+
+def test_keep_the_model_mode_carries_folding_and_batchnorm_statistics():
+    model = _perturbed_resnet(seed=8)
+    g = torch.Generator().manual_seed(9)
+    batches = [(torch.randn(6, 3, 16, 16, generator=g),) for _ in range(3)]
+    recipe = _recipe(fold_batchnorm={})
+    folded = _compress(model, batches, recipe, budget=0.5)
+    kept = folded.apply_to(model)  # no example inputs: the copy must be right by construction
+    fixed = _compress(model, batches, _recipe(reestimate_batchnorm={}, correct_factors={}), budget=0.5)
+    kept_fixed = fixed.apply_to(model)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(kept(x), folded.graph_module(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(kept_fixed(x), fixed.graph_module(x), rtol=1e-4, atol=1e-5)
+    assert type(kept) is type(model) and isinstance(kept.layers[0].bn1, nn.Identity)

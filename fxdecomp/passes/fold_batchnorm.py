@@ -36,6 +36,7 @@ from ..graph.effects import fresh_inputs
 from .base import Pass, log, register_pass
 
 PATTERNS = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d), (nn.Linear, nn.BatchNorm1d))
+FOLDED = "fxdecomp.folded_batchnorm"  # gm.meta: ((layer path, BatchNorm path), ...) folded
 TOLERANCE = 1e-4  # relative L2 error of a folded pair on the example inputs (float32 rounding is ~1e-7)
 
 
@@ -82,7 +83,7 @@ def fold_batchnorm(gm: fx.GraphModule, example_inputs: tuple) -> tuple[fx.GraphM
     folded = copy.deepcopy(gm)
     nodes = [n for n in folded.graph.nodes if n.name in {m.name for m in nodes}]
     inputs = _layer_inputs(folded, {n.args[0] for n in nodes}, example_inputs)
-    count, refused = 0, []
+    pairs, refused = [], []
     for node in nodes:
         source = node.args[0]
         layer, norm = folded.get_submodule(source.target), folded.get_submodule(node.target)
@@ -97,13 +98,15 @@ def fold_batchnorm(gm: fx.GraphModule, example_inputs: tuple) -> tuple[fx.GraphM
         setattr(folded.get_submodule(parent) if parent else folded, attribute, fused)
         node.replace_all_uses_with(source)
         folded.graph.erase_node(node)
-        count += 1
+        pairs.append((source.target, node.target))
     if refused:
         warnings.warn(f"fxdecomp: {refused[:3]} do not compute a plain conv of their weight; their BatchNorm is not folded", stacklevel=3)
     folded.delete_all_unused_submodules()
     folded.graph.lint()
     folded.recompile()
-    return folded, count
+    # Keep-the-model mode (`fxdecomp.keep_model`) swaps these into the user's model copy too.
+    folded.meta[FOLDED] = tuple(gm.meta.get(FOLDED, ())) + tuple(pairs)
+    return folded, len(pairs)
 
 
 def _layer_inputs(gm: fx.GraphModule, nodes: set[fx.Node], example_inputs: tuple) -> dict[fx.Node, torch.Tensor]:
