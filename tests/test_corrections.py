@@ -173,6 +173,22 @@ def _perturbed_resnet(seed=3):
     return model.eval()
 
 
+def _batch_statistics(model, name, batches):
+    """Mean over batches of each batch's channel mean and unbiased variance at ``name``'s input."""
+    means, variances = [], []
+
+    def record(module, args, output):
+        means.append(args[0].mean((0, 2, 3)))
+        variances.append(args[0].var((0, 2, 3), unbiased=True))
+
+    hook = model.get_submodule(name).register_forward_hook(record)
+    with torch.no_grad():
+        for (x,) in batches:
+            model(x)
+    hook.remove()
+    return torch.stack(means).mean(0), torch.stack(variances).mean(0)
+
+
 def test_batchnorm_statistics_match_the_rewritten_models_activations():
     model = _perturbed_resnet()
     g = torch.Generator().manual_seed(4)
@@ -185,26 +201,21 @@ def test_batchnorm_statistics_match_the_rewritten_models_activations():
     fixed = _compress(model, batches, _recipe(reestimate_batchnorm={}), plan=plan)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert fixed.graph_module.meta["fxdecomp.batchnorm_stats"].batchnorms == ("layers.1.bn2",)
-    means, variances = [], []
-
-    def record(module, args, output):
-        means.append(args[0].mean((0, 2, 3)))
-        variances.append(args[0].var((0, 2, 3), unbiased=True))
-
-    hook = plain.graph_module.get_submodule("layers.1.bn2").register_forward_hook(record)
-    with torch.no_grad():
-        for (x,) in batches:
-            plain.graph_module(x)
-    hook.remove()
+    mean, var = _batch_statistics(plain.graph_module, "layers.1.bn2", batches)
     bn = fixed.graph_module.get_submodule("layers.1.bn2")
-    torch.testing.assert_close(bn.running_mean, torch.stack(means).mean(0), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(bn.running_var, torch.stack(variances).mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_mean, mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, var, rtol=1e-5, atol=1e-6)
     assert not bn.training and bn.momentum == model.layers[1].bn2.momentum
     for name in ("layers.0.bn2", "layers.1.bn1", "stem.1"):  # not after a decomposed layer: untouched
         for buffer in ("running_mean", "running_var"):
             assert torch.equal(getattr(fixed.graph_module.get_submodule(name), buffer), before[f"{name}.{buffer}"])
     plain_bn = plain.graph_module.get_submodule("layers.1.bn2")
     assert torch.equal(plain_bn.running_mean, before["layers.1.bn2.running_mean"])  # the plain result keeps the original's
+    # mode "shift": the trained statistics moved by the drift between the original's and the rewritten's activations.
+    shifted = _compress(model, batches, _recipe(reestimate_batchnorm={"mode": "shift"}), plan=plan).graph_module.get_submodule("layers.1.bn2")
+    original_mean, original_var = _batch_statistics(model, "layers.1.bn2", batches)
+    torch.testing.assert_close(shifted.running_mean, before["layers.1.bn2.running_mean"] + mean - original_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shifted.running_var, before["layers.1.bn2.running_var"] * var / original_var, rtol=1e-4, atol=1e-6)
 
 
 def test_fold_batchnorm_keeps_outputs_and_leaves_no_batchnorm():
