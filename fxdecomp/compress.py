@@ -22,6 +22,7 @@ from .budget import Budget
 from .cost import count_flops, count_params
 from .decomposers import all_methods
 from .capture.hidden import OPAQUE_WEIGHTS
+from .calibration_batches import replayable
 from .capture.partial import compress_partial
 from .errors import BudgetError, InvalidInputError, TraceError, UnknownMethodError
 from .frontend import capture_with_source
@@ -115,7 +116,7 @@ def compress(
             budget=budget,
             methods=methods,
             exclude=exclude,
-            calibration=calibration,
+            calibration=replayable(calibration, recipe.steps),  # a generator's batches kept if a pass runs them again
             sensitivity=sensitivity,
             progress=stderr_is_terminal() if progress is None else bool(progress),
             frontend=frontend_used,

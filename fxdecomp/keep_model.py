@@ -58,6 +58,7 @@ def apply_to_model(
     for d in decided:
         _check_shape(d.name, modules[d.name], installed_module(result.graph_module, d.name))
     new = copy.deepcopy(model)
+    _carry_batchnorm(result.graph_module, new, {d.name for d in decided})
     for d in decided:
         old = new.get_submodule(d.name)
         module = copy.deepcopy(installed_module(result.graph_module, d.name))
@@ -69,6 +70,21 @@ def apply_to_model(
     if example_inputs is not None:
         _check_outputs(result.graph_module, new, example_inputs, rtol, atol)
     return new
+
+
+def _carry_batchnorm(gm: nn.Module, new: nn.Module, decomposed: set[str]) -> None:
+    """The BatchNorm changes of the correction passes: a folded BatchNorm becomes an Identity after its
+    folded layer (`fxdecomp.passes.fold_batchnorm`; a kept layer is swapped for its folded copy, a
+    decomposed one is swapped afterwards), a re-estimated one takes the graph's statistics."""
+    meta = getattr(gm, "meta", {})
+    for layer, norm in meta.get("fxdecomp.folded_batchnorm", ()):
+        swaps = [(norm, nn.Identity())] + ([] if layer in decomposed else [(layer, copy.deepcopy(gm.get_submodule(layer)))])
+        for path, module in swaps:
+            parent, _, leaf = path.rpartition(".")
+            setattr(new.get_submodule(parent) if parent else new, leaf, module)
+    stats = meta.get("fxdecomp.batchnorm_stats")
+    for name in stats.batchnorms if stats is not None else ():
+        new.get_submodule(name).load_state_dict(gm.get_submodule(name).state_dict())
 
 
 def _replaceable(module: nn.Module | None) -> bool:

@@ -117,6 +117,28 @@ class Verification:
     latency_after_ms: float | None = None
 
 
+@dataclass(frozen=True)
+class LayerCorrection:
+    """One decomposed layer's relative output error on the calibration data (sqrt of the summed squared
+    error over the summed squared original output) before and after the least-squares correction of its
+    last factor; ``accepted`` false: the factor was left as built. ``ridge``: lambda / mean Gram diagonal."""
+
+    error_before: float
+    error_after: float
+    accepted: bool
+    ridge: float | None = None
+
+
+@dataclass(frozen=True)
+class Corrections:
+    """What the correction passes changed: decomposed layer name -> `LayerCorrection`
+    (`fxdecomp.passes.correct_factors`), and the BatchNorm modules whose running statistics were
+    re-estimated on the calibration data (`fxdecomp.passes.reestimate_batchnorm`)."""
+
+    layers: Mapping[str, LayerCorrection] = field(default_factory=dict)
+    batchnorms: tuple[str, ...] = ()
+
+
 @dataclass
 class Factorizations:
     """Caches any pass may fill, computed once per run: (candidate, method, fitted to data) -> (decomposer, state),
@@ -141,6 +163,8 @@ RECORDS: dict[str, tuple[type, str]] = {
     "plan": (Plan, "one decision per candidate"),
     "latency": (LatencyRecord, "onnxruntime timings of the reference"),
     "verification": (Verification, "the result's output error and latency"),
+    "corrections": (Corrections, "least-squares corrections of last factors on the calibration data"),
+    "batchnorm_stats": (Corrections, "BatchNorm statistics re-estimated on the calibration data"),
 }
 # Records an accessor hands out empty when no pass provided them (optional inputs).
 _EMPTY: dict[str, Callable[[], Any]] = {
