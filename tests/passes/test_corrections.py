@@ -19,7 +19,7 @@ from fxdecomp.frontend import capture_with_source
 from fxdecomp.passes.fold_batchnorm import fold_batchnorm
 from fxdecomp.recipes import Recipe, Step
 
-from .models import ResNet
+from fxdecomp.examples.vision import ResNet
 
 
 class Mixed(nn.Module):
