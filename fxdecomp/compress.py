@@ -26,6 +26,7 @@ from .capture.partial import compress_partial
 from .errors import BudgetError, InvalidInputError, TraceError, UnknownMethodError
 from .frontend import capture_with_source
 from .passes import PassManager
+from .passes.compensate import keep_for_replay
 from .planning.replay import normalize_plan
 from .progress import stderr_is_terminal
 from .records import PassContext, Request, Verification
@@ -115,7 +116,7 @@ def compress(
             budget=budget,
             methods=methods,
             exclude=exclude,
-            calibration=calibration,
+            calibration=keep_for_replay(calibration, recipe),
             sensitivity=sensitivity,
             progress=stderr_is_terminal() if progress is None else bool(progress),
             frontend=frontend_used,

@@ -10,7 +10,7 @@ from fxdecomp.recipes import available_recipes
 
 ROOT = Path(__file__).resolve().parents[1]
 SVD_FAMILY = ("svd", "spatial_svd", "tucker2")
-FULL = ["shape_prop", "find_candidates", "annotate_cost", "calibrate", "estimate_ranks", "plan", "rewrite", "verify"]
+FULL = ["shape_prop", "find_candidates", "annotate_cost", "calibrate", "estimate_ranks", "plan", "compensate", "rewrite", "verify"]
 NO_RANKS = [name for name in FULL if name != "estimate_ranks"]
 
 # What passes/*.toml said before fast, hardware and thorough extended default (each listed every pass).

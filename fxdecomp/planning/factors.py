@@ -30,7 +30,7 @@ def factorization(ctx, candidate: Candidate, method: str):
     (on both sides when the calibration was output-aware).
     """
     gram = ctx.grams.get(candidate.name)
-    key = (candidate.name, method, gram is not None)
+    key = _key(ctx, candidate, method)
     if key not in ctx.states:
         decomposer = get_decomposer(candidate.kind, method) if method in methods_for(candidate.kind) else None
         state = None
@@ -48,6 +48,16 @@ def factorization(ctx, candidate: Candidate, method: str):
                 log.info("%s: %s does not apply (%s)", candidate.name, method, exc)
         ctx.states[key] = (decomposer, state)
     return ctx.states[key]
+
+
+def store_factorization(ctx, candidate: Candidate, method: str, decomposer, state) -> None:
+    """Make (decomposer, state) what `factorization` answers for this candidate and method from now on
+    (the compensate pass's factors, fitted on the compressed model's inputs)."""
+    ctx.states[_key(ctx, candidate, method)] = (decomposer, state)
+
+
+def _key(ctx, candidate: Candidate, method: str) -> tuple[str, str, bool]:
+    return candidate.name, method, ctx.grams.get(candidate.name) is not None
 
 
 def gram_matrices(gram) -> list[torch.Tensor]:
