@@ -96,7 +96,7 @@ def test_cycles_are_errors(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ('extends = "nope"\n', r"mine\.toml extends 'nope', which is no recipe; known recipes: \['default', "),
+        ('extends = "nope"\n', r"mine\.toml extends 'nope', which is no recipe; known recipes: \[.*'default', "),
         ('extends = "missing.toml"\n', r"extends 'missing\.toml', which is no recipe"),
         ("extends = 3\n", r"extends must name a recipe"),
         ('extends = "default"\nwithout = ["tune"]\n', r"without must list passes of its base 'default'"),
@@ -114,5 +114,5 @@ def test_bad_extends_name_the_problem(tmp_path, text, message):
 
 
 def test_unknown_recipe_lists_the_shipped_ones():
-    with pytest.raises(RecipeError, match=r"no recipe 'nope'; known recipes: \['default', 'fast', 'hardware', 'thorough'\]"):
+    with pytest.raises(RecipeError, match=r"no recipe 'nope'; known recipes: \['compensated', 'default', 'fast', 'hardware', 'thorough'\]"):
         load_recipe("nope")
