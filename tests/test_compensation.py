@@ -69,6 +69,24 @@ def test_target_is_the_ridge_least_squares_solution():
     torch.testing.assert_close(shifted, x_hat.T @ x_hat / n + lam * torch.eye(12, dtype=torch.float64))
 
 
+def test_held_error_is_the_output_error_on_the_held_out_rows():
+    torch.manual_seed(3)
+    layer = nn.Linear(6, 4).double()
+    fit, held = torch.randn(50, 6, dtype=torch.float64), torch.randn(40, 6, dtype=torch.float64)
+    held_hat = held + 0.5 * torch.randn_like(held)
+    paired = PairedGram(layer_spec(layer))
+    paired.update(fit, fit + 0.5 * torch.randn_like(fit))
+    paired.update(held, held_hat, held_out=True)
+    w, b = layer.weight.detach(), torch.randn(4, 6, dtype=torch.float64)
+    h = torch.randn(4, 4, dtype=torch.float64)
+    h = h @ h.T  # an output Gram matrix weights the errors: ||H^(1/2) (W X - B X_hat)||^2
+    for weights, metric in ((None, torch.eye(4, dtype=torch.float64)), ([h], h)):
+        error, zero = held @ w.T - held_hat @ b.T, held @ w.T
+        wanted = (((error @ metric) * error).sum() - ((zero @ metric) * zero).sum()) / len(held)
+        assert paired.held_error(w, b, weights) == pytest.approx(float(wanted), rel=1e-9)
+    assert paired.count == 50 and paired.held_count == 40
+
+
 def test_grouped_conv_target_matches_each_group_alone():
     torch.manual_seed(1)
     conv = nn.Conv2d(4, 6, 3, padding=1, groups=2).double()

@@ -18,16 +18,19 @@ and the objective is, up to a constant, || (B - B*) M^(1/2) ||_F^2: the best
 rank-r B is the whitened SVD of B* on the Gram matrix M (closed form, the SVD
 `fxdecomp.decomposers.svd` already does); every data-aware decomposer fitted to
 B* with the Gram M minimises the same objective, and a weight-only one fits B*
-in the Frobenius norm (`PairedGram.error` then tells which of its fits is better).
+in the Frobenius norm. The statistics are kept in two parts (fitting and
+held-out batches), so that `PairedGram.held_error` can score fits made on one
+part on the other (the choice of lam, and whether to refit at all).
 
-Memory: per layer and group, two d x d float64 matrices (d = in_features, or
+Memory: per layer and group, four d x d float64 matrices (d = in_features, or
 S*kh*kw/groups for a conv), whatever the number of batches.
 
 Example::
 
     paired = PairedGram(spec)
-    for x, x_hat in zip(original_inputs, compressed_inputs): paired.update(x, x_hat)
-    target, grams = paired.target(weight)            # B* (the layer's layout) and M per group
+    for i, (x, x_hat) in enumerate(zip(original_inputs, compressed_inputs)): paired.update(x, x_hat, held_out=i % 2 == 1)
+    target, grams = paired.target(weight, damping=0.01, part="fit")   # B* (the layer's layout) and M per group
+    paired.held_error(weight, reconstructed)        # lower is better
 """
 
 from __future__ import annotations
