@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -53,6 +54,7 @@ from ..graph.waves import candidate_waves
 from ..planning.compensation import PairedGram
 from ..planning.factors import factorization, output_gram_matrices, output_weights, store_factorization
 from ..progress import Progress
+from ..records import Plan
 from ..sketch import MAX_DENSE_DIM
 from .base import Pass, log, pass_class, register_pass
 
@@ -88,7 +90,7 @@ class CompensatePass(Pass):
         waves = [chunk for wave in candidate_waves(gm.graph, sites) for chunk in self._split(wave)]
         reference = ctx.reference if ctx.reference is not None else gm
         work = copy.deepcopy(gm)
-        refitted = 0
+        refitted: dict[str, float] = {}  # name -> the ridge its refit used
         with _evaluating(reference, work), Progress("compensating wave", len(waves), ctx.progress) as progress:
             for wave in waves:
                 progress.step(wave[0])
@@ -96,9 +98,17 @@ class CompensatePass(Pass):
                 if grams and not self._observe(reference, work, grams):
                     break
                 for name in wave:
-                    refitted += name in grams and self._refit(name, grams.pop(name))
+                    ridge = self._refit(name, grams.pop(name)) if name in grams else None
+                    if ridge is not None:
+                        refitted[name] = ridge
                 rewrite_graph(work, ctx, {n: ctx.plan.decisions[n] for n in wave})
-        log.info("compensate: %d of %d decomposed layers refitted on the compressed model's inputs", refitted, len(decided))
+        log.info("compensate: %d of %d decomposed layers refitted on the compressed model's inputs", len(refitted), len(decided))
+        # The decisions stay; their notes say which layers were refitted (the plan record, annotated).
+        decisions = dict(ctx.plan.decisions)
+        for name, ridge in refitted.items():
+            note = f"refitted on the compressed model's inputs (ridge {ridge:g})"
+            decisions[name] = dataclasses.replace(decisions[name], note="; ".join(filter(None, (decisions[name].note, note))))
+        ctx.provide("plan", Plan(decisions))
         return PassResult(gm, False)
 
     def _compensable(self, name: str) -> bool:
@@ -150,8 +160,8 @@ class CompensatePass(Pass):
             raise InvalidInputError("calibration yielded no batch to compensate with; pass a list of input tuples")
         return True
 
-    def _refit(self, name: str, paired: PairedGram) -> bool:
-        """Store the layer's compensated factorisation unless the plan's does better; True if stored.
+    def _refit(self, name: str, paired: PairedGram) -> float | None:
+        """Store the layer's compensated factorisation unless the plan's does better; the ridge used if stored, else None.
 
         With held-out batches, the ridge is chosen among `DAMPINGS` (and the plan's own factors) by
         the error on them of factors fitted on the other batches; then refitted on all of them.
@@ -160,7 +170,7 @@ class CompensatePass(Pass):
         candidate, decision = ctx.candidates[name], ctx.plan.decisions[name]
         decomposer, planned = factorization(ctx, candidate, decision.method)
         if planned is None or paired.count + paired.held_count == 0:
-            return False
+            return None
         spec, ranks, weight = candidate.spec, decision.ranks, candidate.layer.weight.detach()
         aware = self.options.output_aware
         weights, heavy = (output_weights(ctx, candidate), output_gram_matrices(ctx, candidate)) if aware else (None, None)
@@ -180,20 +190,20 @@ class CompensatePass(Pass):
                 damping = min(scores, key=scores.get)
                 if paired.held_error(weight, decomposer.reconstruct(spec, planned, ranks), heavy) <= scores[damping]:
                     log.info("compensate: %s keeps the plan's factors (better on held-out batches)", name)
-                    return False
+                    return None
             state, target, grams = fit(damping, "all")
         except FxDecompError as exc:
             log.info("compensate: %s keeps the plan's factors (%s)", name, exc)
-            return False
+            return None
         if not selected:  # no held-out batches: keep the refit only if it beats the plan's factors on its own objective
             new = paired.error(target, decomposer.reconstruct(spec, state, ranks), grams, heavy)
             old = paired.error(target, decomposer.reconstruct(spec, planned, ranks), grams, heavy)
             if new > old:
                 log.info("compensate: %s keeps the plan's factors (its refit is worse: %.3g > %.3g)", name, new, old)
-                return False
+                return None
         log.debug("compensate: %s refitted with ridge %g", name, damping)
         store_factorization(ctx, candidate, decision.method, decomposer, state)
-        return True
+        return damping
 
 
 class _Stop(Exception):
