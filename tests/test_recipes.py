@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SVD_FAMILY = ("svd", "spatial_svd", "tucker2")
 FULL = ["shape_prop", "find_candidates", "annotate_cost", "calibrate", "estimate_ranks", "plan", "rewrite", "verify"]
 NO_RANKS = [name for name in FULL if name != "estimate_ranks"]
-CORRECTIONS = ["fold_batchnorm", "correct_factors", "reestimate_batchnorm"]  # in default, switched off
+CORRECTIONS = ["fold_batchnorm", "compensate", "correct_factors", "reestimate_batchnorm"]  # in default, switched off
 
 # What passes/*.toml said before fast, hardware and thorough extended default (each listed every pass).
 BEFORE_EXTENDS = {

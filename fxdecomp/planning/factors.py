@@ -33,8 +33,8 @@ def factorization(ctx, candidate: Candidate, method: str):
     their factors to it (`fitted_to_data`), on both sides when the calibration was output-aware.
     """
     gram = ctx.grams.get(candidate.name)
-    fitted = fitted_to_data(ctx, candidate, method)
-    key = (candidate.name, method, fitted)
+    key = _key(ctx, candidate, method)
+    fitted = key[2]
     if key not in ctx.states:
         decomposer = get_decomposer(candidate.kind, method) if method in methods_for(candidate.kind) else None
         state = None
@@ -74,6 +74,17 @@ def fitted_to_data(ctx, candidate: Candidate, method: str) -> bool:
             fitted = decomposer.data_aware and decomposer.can_fit(candidate.spec, gram_matrices(gram))
         cache[key] = fitted
     return cache[key]
+
+
+def store_factorization(ctx, candidate: Candidate, method: str, decomposer, state) -> None:
+    """Make (decomposer, state) what `factorization` answers for this candidate and method from now on
+    (the compensate pass's factors, fitted on the compressed model's inputs)."""
+    ctx.states[_key(ctx, candidate, method)] = (decomposer, state)
+
+
+def _key(ctx, candidate: Candidate, method: str) -> tuple[str, str, bool]:
+    """The cache key: the candidate, the method, and whether its factors are fitted to the data."""
+    return candidate.name, method, fitted_to_data(ctx, candidate, method)
 
 
 def gram_matrices(gram) -> list[torch.Tensor]:
