@@ -68,9 +68,11 @@ class World:
                     dist.all_reduce(sketch.trace)
             else:
                 dist.all_reduce(gram.sum)
-            count = torch.tensor([gram.count], dtype=torch.float64)
+                dist.all_reduce(gram.unit_squares)
+            count = torch.tensor([gram.count, gram.units], dtype=torch.float64)
             dist.all_reduce(count)
-            gram.count = int(count.item())
+            gram.count = int(count[0].item())
+            gram.units = int(count[1].item()) if count[1] >= 0 and gram.units >= 0 else -1
 
     def gather(self, local: dict) -> dict:
         """The union of every rank's ``local`` mapping."""
