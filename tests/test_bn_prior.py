@@ -8,6 +8,7 @@ from torch import nn
 
 import fxdecomp
 from fxdecomp.bn_prior import rectified_second_moment
+from fxdecomp.planning.damage import retained_energy_damage
 from fxdecomp.errors import InvalidInputError
 
 
@@ -55,7 +56,7 @@ def test_batchnorm_prior_keeps_a_lean_network_working():
     budget = 1 - 0.4 * pointwise / total  # one pointwise layer keeps about a quarter of its rank
     kwargs = dict(budget=budget, methods=["svd"], exclude=("0", "3"))
     old = fxdecomp.compress(net, (x,), pipeline=fxdecomp.load_recipe("default").with_options(calibrate={"weight_prior": "none"}), **kwargs)
-    new = fxdecomp.compress(net, (x,), **kwargs)  # the default: "batchnorm"
+    new = fxdecomp.compress(net, (x,), pipeline=fxdecomp.load_recipe("default").with_options(calibrate={"weight_prior": "batchnorm"}), **kwargs)
     chosen = lambda result: {d.name for d in result.decisions if d.method != "keep"}  # noqa: E731
     assert chosen(old) == {"6"} and chosen(new) == {"9"}
     old_error, new_error = _output_error(net, old.graph_module, test), _output_error(net, new.graph_module, test)
@@ -74,3 +75,17 @@ def test_unknown_weight_prior_is_refused():
     recipe = fxdecomp.load_recipe("default").with_options(calibrate={"weight_prior": "bn"})
     with pytest.raises(InvalidInputError, match="weight_prior"):
         fxdecomp.compress(net, (torch.randn(1, 3, 8, 8),), budget=0.8, pipeline=recipe)
+
+
+def test_retained_energy_damage_is_squared_error_when_small_and_adds_up_over_a_chain():
+    assert retained_energy_damage(0.01) == pytest.approx(1e-4, rel=1e-3)
+    assert retained_energy_damage(0.999) > 5 * 0.999**2  # grows without bound as e -> 1
+    errors = [0.3, 0.5, 0.2]
+    kept = math.prod(1 - e**2 for e in errors)  # energy fraction surviving the chain
+    assert sum(retained_energy_damage(e) for e in errors) == pytest.approx(-math.log(kept))
+
+
+def test_unknown_weight_damage_is_refused():
+    recipe = fxdecomp.load_recipe("default").with_options(calibrate={"weight_damage": "cubic"})
+    with pytest.raises(InvalidInputError, match="weight_damage"):
+        fxdecomp.compress(_lean_net(), (torch.randn(1, 3, 8, 8),), budget=0.8, pipeline=recipe)

@@ -49,7 +49,9 @@ VARIANTS: list[tuple[str, Variant]] = [
     ("weight-only (old)", Variant(calibrate=False, options={"calibrate": {"weight_prior": "none", "weight_damage": "squared"}})),
     ("weight-only + BN prior", Variant(calibrate=False, options={"calibrate": {"weight_prior": "batchnorm", "weight_damage": "squared"}})),
     ("weight-only + -log(1-e^2)", Variant(calibrate=False, options={"calibrate": {"weight_prior": "none", "weight_damage": "retained_energy"}})),
-    ("weight-only: both (default)", Variant(calibrate=False, options={"calibrate": {"weight_prior": "batchnorm", "weight_damage": "retained_energy"}})),
+    ("weight-only: both", Variant(calibrate=False, options={"calibrate": {"weight_prior": "batchnorm", "weight_damage": "retained_energy"}})),
+    ("weight-only: both, svd only", Variant(calibrate=False, options={"calibrate": {"weight_prior": "batchnorm", "weight_damage": "retained_energy"}},
+                                            kwargs={"methods": ["svd"]})),
     ("calibrated (today)", Variant(options={"calibrate": {"shrinkage": 0.0}})),
     ("calibrated + shrinkage", Variant(options={"calibrate": {"shrinkage": "auto"}})),
     # Other parts of issue 16 go here, one line each, alone and then together, e.g.

@@ -97,10 +97,10 @@ class CalibratePass(Pass):
         # Without calibration data: "batchnorm" measures errors (and fits svd) on the output of the
         # BatchNorm after each conv, with input scales from the one before (`fxdecomp.bn_prior`); "none":
         # plain weight errors.
-        weight_prior: str = "batchnorm"
+        weight_prior: str = "none"
         # The planner's damage of an error not measured on the model's outputs: "retained_energy"
         # (-log(1 - e^2), `fxdecomp.planning.damage.retained_energy_damage`) or "squared" (e^2).
-        weight_damage: str = "retained_energy"
+        weight_damage: str = "squared"
 
     def run(self, gm):
         ctx = self.context

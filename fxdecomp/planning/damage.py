@@ -76,13 +76,15 @@ def retained_energy_damage(error: float) -> float:
     fractions multiply, so -log of each adds up to -log of the fraction that reaches the
     outputs. For small e it is e^2 (the old damage); as e -> 1 it grows without bound, so
     a plan no longer buys FLOPs by emptying one layer (on EfficientNet-Lite0 at 0.8 of its
-    FLOPs the e^2 plan cut the head conv to a relative error of 0.85 and broke the model).
+    FLOPs the e^2 plan cut the head conv to a relative error of 0.85; this alone did not save
+    that model: see the report of issue 16).
     """
     return -math.log(max(1.0 - error**2, 1e-6))
 
 
 def output_damage(ctx, candidate: Candidate, error: float) -> float | None:
-    """error^2 in the unit of the model's outputs (output-aware calibration), else `retained_energy_damage`."""
+    """error^2 in the unit of the model's outputs (output-aware calibration), else None (error^2) or,
+    with the calibrate option ``weight_damage = "retained_energy"``, `retained_energy_damage`."""
     energies = output_energies(ctx)
     if not energies:
         if ctx.calibration_stats.weight_damage == "squared":
