@@ -59,13 +59,28 @@ class GramAccumulator:
         self.sketches = [NystromSketch(dim, seed=g) for g in range(self.groups)] if dim > limit else None
         self.sum = None if self.sketches else torch.zeros(self.groups, dim, dim, dtype=torch.float64)
         self.count = 0
+        # For shrinkage (`ledoit_wolf_shrinkage`): per group, the sum over sampling units (one image,
+        # one sequence, one row of a 2-d input) of ||C_u||_F^2, C_u = the unit's own X_u^T X_u.
+        self.unit_squares = torch.zeros(self.groups, dtype=torch.float64)
+        self.units = 0
+        self.shrinkage: float | str = 0.0  # 0: none; "auto": Ledoit-Wolf over the units; a float in [0, 1]: fixed
 
-    def _add(self, group: int, block: torch.Tensor) -> None:
-        """Add rows (n, dim) of one group."""
+    def _add(self, group: int, block: torch.Tensor, units: int = 0) -> None:
+        """Add rows (n, dim) of one group, ``units`` equal-sized sampling units of n / units rows each (0: none)."""
         if self.sketches is not None:
             self.sketches[group].update(block)
-        else:
+            return
+        if units <= 0:
             self.sum[group].addmm_(block.T, block)
+            return
+        per_unit = block.reshape(units, -1, block.shape[-1])  # (U, P, d)
+        if per_unit.shape[1] >= per_unit.shape[2]:  # d x d per unit: the sum comes for free
+            grams = torch.bmm(per_unit.transpose(1, 2), per_unit)
+            self.sum[group].add_(grams.sum(0))
+        else:  # ||X^T X||_F = ||X X^T||_F: the P x P side is the smaller one
+            self.sum[group].addmm_(block.T, block)
+            grams = torch.bmm(per_unit, per_unit.transpose(1, 2))
+        self.unit_squares[group] += grams.pow(2).sum()
 
     @staticmethod
     def _layout(spec: ConvSpec | LinearSpec) -> tuple[int, int]:
@@ -83,15 +98,18 @@ class GramAccumulator:
             self.sketches = [sketch.to(device) for sketch in self.sketches]
         else:
             self.sum = self.sum.to(device)
+        self.unit_squares = self.unit_squares.to(device)
         return self
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         """Add a batch of the layer's inputs (any batch size)."""
         rows = self._rows(x.detach())
+        units = _units(x) if self.shrinkage == "auto" else 0  # per-unit statistics cost a product: only when used
         for g in range(self.groups):
-            self._add(g, rows[g].to(torch.float64))
+            self._add(g, rows[g].to(torch.float64), units)
         self.count += rows.shape[1]
+        self._count_units(units)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """(groups, samples, dim) input rows."""
@@ -103,11 +121,37 @@ class GramAccumulator:
         patches = patches.reshape(n, self.groups, -1, positions).permute(1, 0, 3, 2)
         return patches.reshape(self.groups, n * positions, -1)
 
+    def _count_units(self, units: int) -> None:
+        # One update without units (a 1-d input) leaves the unit statistics incomplete: none then.
+        self.units = self.units + units if units > 0 and self.units >= 0 else -1
+
+    def shrinkage_intensity(self, group: int = 0) -> float:
+        """The weight a in [0, 1] of the scaled identity in the shrunk Gram matrix (see ``shrinkage``).
+
+        "auto": the Ledoit-Wolf intensity with the sampling units (images, sequences) as
+        the samples, `ledoit_wolf_shrinkage`; 0 for a sketched Gram or without unit statistics.
+        """
+        if isinstance(self.shrinkage, str):
+            if self.shrinkage != "auto":
+                raise ValueError(f"shrinkage must be 'auto' or a float in [0, 1], got {self.shrinkage!r}")
+            if self.sketches is not None or self.units < 2:
+                return 0.0
+            return ledoit_wolf_shrinkage(self.sum[group], float(self.unit_squares[group]), self.units)
+        return float(self.shrinkage)
+
     def matrix(self, group: int = 0, damping: float = DAMPING) -> torch.Tensor | LowRankPSD:
-        """The group's mean Gram matrix, damped (see DAMPING); a `LowRankPSD` past the dense limit."""
+        """The group's mean Gram matrix, shrunk (``shrinkage``) and damped (see DAMPING); a `LowRankPSD` past the dense limit.
+
+        Shrinkage: (1 - a) G + a tr(G)/d I, toward the weight-only limit (a Gram matrix
+        proportional to I makes every whitened error a weight error), trace kept.
+        """
         if self.sketches is not None:
             return self.sketches[group].matrix(1.0 / max(self.count, 1), damping)
         gram = self.sum[group] / max(self.count, 1)
+        a = self.shrinkage_intensity(group)
+        if a > 0 and gram.numel():
+            mean = float(gram.diagonal().mean())
+            gram.mul_(1 - a).diagonal().add_(a * mean)
         ridge = damping * float(gram.diagonal().mean()) if gram.numel() else 0.0
         gram.diagonal().add_(ridge)  # in place: an 11008-dim Gram is 1 GB, and eye() would add three more
         return gram
@@ -138,12 +182,46 @@ class OutputGramAccumulator(GramAccumulator):
             rows = grad.reshape(1, -1, self.spec.out_features)
         else:  # (N, T, H, W) -> (groups, N*H*W, T/groups)
             rows = grad.movedim(1, -1).reshape(-1, self.groups, self.spec.out_per_group).transpose(0, 1)
+        units = _units(grad) if self.shrinkage == "auto" else 0
         for g in range(self.groups):
-            self._add(g, rows[g].to(torch.float64))
+            self._add(g, rows[g].to(torch.float64), units)
         self.updates += 1
+        self._count_units(units)
 
     def end_probe(self) -> None:
         self.count += 1
+
+
+def _units(x: torch.Tensor) -> int:
+    """Independent sampling units in a layer's input or output gradient: the batch entries (images,
+    sequences) of a batched tensor, the rows of a 2-d one; 0 (no unit statistics) for a 1-d one."""
+    if x.dim() < 2 or x.shape[0] == 0:
+        return 0
+    return x.shape[0]
+
+
+def ledoit_wolf_shrinkage(total: torch.Tensor, unit_squares: float, units: int) -> float:
+    """Ledoit-Wolf shrinkage intensity of a mean of per-unit matrices toward a scaled identity.
+
+    ``total`` is the sum of the units' matrices C_u (d x d), ``unit_squares`` the sum of
+    their ||C_u||_F^2, ``units`` their number U. With m = total / U, mu = tr(m) / d:
+    a = min(1, b^2 / d^2), b^2 = (sum ||C_u||^2 / U - ||m||^2) / U (the estimated squared
+    error of m), d^2 = ||m - mu I||^2 (its distance from the target). This is Ledoit and
+    Wolf (2004), "A well-conditioned estimator for large-dimensional covariance matrices",
+    Lemma 3.2-3.4 (scikit-learn's `ledoit_wolf_shrinkage` with ``assume_centered=True``), with
+    the unit's matrix in place of x x^T: the rows of one image (its patches) or of one
+    sequence (its tokens) are not independent, the units roughly are.
+    """
+    if units < 2:
+        return 0.0
+    m = total.to(torch.float64) / units
+    squared = float(m.pow(2).sum())
+    mu = float(m.diagonal().mean())
+    distance = squared - m.shape[0] * mu**2
+    error = max(unit_squares / units - squared, 0.0) / units
+    if distance <= 0.0:
+        return 1.0 if error > 0 else 0.0
+    return min(1.0, error / distance)
 
 
 def output_whitening(gram: torch.Tensor | LowRankPSD) -> tuple[torch.Tensor, torch.Tensor]:

@@ -78,6 +78,9 @@ class CalibrationStats:
     grams: Mapping[str, Any] = field(default_factory=dict)  # GramAccumulator
     output_grams: Mapping[str, Any] = field(default_factory=dict)  # OutputGramAccumulator
     error_meters: dict[str, Any] = field(default_factory=dict)  # OutputErrorMeter
+    # Damage of an error not measured on the model's outputs (`fxdecomp.planning.damage.output_damage`):
+    # "retained_energy" (-log(1 - e^2)) or "squared" (e^2).
+    weight_damage: str = "squared"
 
 
 @dataclass(frozen=True)

