@@ -270,8 +270,9 @@ def report() -> str:
     equivalent = load_equivalent()
     rows = ["| module | mutants (sampled / all) | killed | timeout | survived | equivalent | not run | % killed of non-equivalent |",
             "|---|---|---|---|---|---|---|---|"]
-    notes = []
-    for name, target in MODULES.items():
+    notes: list[str] = []
+    explained: list[str] = []
+    for name in MODULES:
         path = RESULTS / f"{name}.json"
         if not path.exists():
             rows.append(f"| {name} | not run | | | | | | |")
@@ -289,14 +290,22 @@ def report() -> str:
         rows.append(f"| {name}{stale} | {len(st)} / {record['mutants_total']} | {killed} | {timeout} | {len(survived)} | "
                     f"{len(eq)} | {not_run} | {pct} |")
         for m in survived:
-            notes.append(f"- survived `{m}`: `{record['diffs'].get(m, '').splitlines()[-1] if record['diffs'].get(m) else ''}`")
+            notes.append(f"- `{m}`: `{_last_line(record['diffs'].get(m, ''))}`")
+        for m in sorted(eq):
+            explained.append(f"- `{m}`: `{_last_line(record['diffs'].get(m, ''))}`: {' '.join(equivalent[name][m].split())}")
     sample_line = (f"Each module's mutants are ranked by SHA-1 of the mutmut name and the first {SAMPLE} are run "
                    "(tools/mutation/run.py, `--sample`); a timeout counts as killed; equivalent mutants "
                    "(tools/mutation/equivalent.toml, each with its reason) leave the denominator.")
     text = "# Mutation testing of the core modules\n\n" + sample_line + "\n\n" + "\n".join(rows) + "\n"
     if notes:
         text += "\nSurvivors not yet killed or explained:\n\n" + "\n".join(notes) + "\n"
+    if explained:
+        text += "\nEquivalent mutants (they cannot change behaviour):\n\n" + "\n".join(explained) + "\n"
     return text
+
+
+def _last_line(diff: str) -> str:
+    return diff.splitlines()[-1].strip() if diff else ""
 
 
 def main(argv: list[str] | None = None) -> int:
