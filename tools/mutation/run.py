@@ -106,7 +106,16 @@ MODULES: dict[str, Target] = {
         tuple(f"fxdecomp/decomposers/{m}.py" for m in ("base", "svd", "spatial_svd", "tucker2", "cp", "tt", "tiled_svd")),
         ("tests/test_decompose.py", "tests/test_cost.py", "tests/test_cp.py", "tests/test_conv_kinds.py"),
     ),
-    "export": Target(("fxdecomp/export.py",), ("tests/test_export.py",)),
+    "export": Target(
+        ("fxdecomp/export.py",),
+        tuple(f"tests/test_export.py::test_{t}" for t in (
+            "decomposed_conv_parity[svd]", "decomposed_conv_parity[tucker2-reflect]", "decomposed_conv_parity[cp-circular]",
+            "decomposed_conv_parity[spatial-stride2]", "decomposed_linear_parity[tt]", "same_padding_with_dilation_uses_explicit_pads",
+            "small_cnn_dynamic_batch", "input_module_unchanged", "mixed_modes_and_hooks_restored", "node_names_contain_module_paths",
+            "parity_failure_raises_and_keeps_target", "parity_catches_an_error_just_above_the_tolerance", "impossible_tolerance_raises",
+            "fixed_batch", "external_data_and_names", "export_failure_is_wrapped", "fixed_batch_model_needs_dynamic_batch_off",
+            "export_prints_nothing", "bad_export_arguments", "latency_stats", "compare_latency", "benchmark_bad_inputs")),
+    ),
     "training": Target(
         tuple(f"fxdecomp/training/{m}.py" for m in ("deeptwist", "factorized", "finetune", "distill", "reconstruct",
                                                      "plan", "data")),
