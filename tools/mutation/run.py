@@ -277,14 +277,15 @@ def run_module(name: str, target: Target, args, env: dict) -> int:
 
 def report() -> str:
     equivalent = load_equivalent()
-    rows = ["| module | mutants (sampled / all) | killed | timeout | survived | equivalent | not run | % killed of non-equivalent |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| module | mutants (sampled / all) | killed | timeout | survived | equivalent (rounding-level) | not run "
+            "| % killed of non-equivalent | % counting rounding-level as survived |",
+            "|---|---|---|---|---|---|---|---|---|"]
     notes: list[str] = []
     explained: list[str] = []
     for name in MODULES:
         path = RESULTS / f"{name}.json"
         if not path.exists():
-            rows.append(f"| {name} | not run | | | | | | |")
+            rows.append(f"| {name} | not run | | | | | | | |")
             continue
         record = json.loads(path.read_text())
         st = record["statuses"]
@@ -293,18 +294,22 @@ def report() -> str:
         timeout = sum(s == "timeout" for s in st.values())
         survived = [m for m, s in st.items() if s in ("survived", "no tests", "suspicious", "segfault") and m not in eq]
         not_run = sum(s in ("not checked", "skipped") for s in st.values())
+        rounding = {m for m in eq if equivalent[name][m].startswith("Rounding-level")}
         judged = killed + timeout + len(survived)
         pct = f"{100 * (killed + timeout) / judged:.1f} %" if judged else "-"
+        strict = f"{100 * (killed + timeout) / (judged + len(rounding)):.1f} %" if judged + len(rounding) else "-"
         stale = "" if record["source_hash"] == source_hash(tuple(record["files"])) else " (source changed since)"
         rows.append(f"| {name}{stale} | {len(st)} / {record['mutants_total']} | {killed} | {timeout} | {len(survived)} | "
-                    f"{len(eq)} | {not_run} | {pct} |")
+                    f"{len(eq)} ({len(rounding)}) | {not_run} | {pct} | {strict} |")
         for m in survived:
             notes.append(f"- `{m}`: `{_last_line(record['diffs'].get(m, ''))}`")
         for m in sorted(eq):
             explained.append(f"- `{m}`: `{_last_line(record['diffs'].get(m, ''))}`: {' '.join(equivalent[name][m].split())}")
     sample_line = (f"Each module's mutants are ranked by SHA-1 of the mutmut name and the first {SAMPLE} are run "
                    "(tools/mutation/run.py, `--sample`); a timeout counts as killed; equivalent mutants "
-                   "(tools/mutation/equivalent.toml, each with its reason) leave the denominator.")
+                   "(tools/mutation/equivalent.toml, each with its reason) leave the denominator; 'rounding-level' ones change "
+                   "only floating-point rounding, and the last column counts them as survivors. 'not run': sampled "
+                   "mutants a capped run did not reach (resume with the same command).")
     text = "# Mutation testing of the core modules\n\n" + sample_line + "\n\n" + "\n".join(rows) + "\n"
     if notes:
         text += "\nSurvivors not yet killed or explained:\n\n" + "\n".join(notes) + "\n"
