@@ -87,3 +87,32 @@ def test_follow_latency_rescales_sub_millisecond_predictions_by_measured_over_pr
     # Predicted (uncorrected) efficiencies: [1, 0] 0.5 / 0.35 * 0.9 = 1.286, [1, 1] 0.5 / 0.3 * 0.85 = 1.417.
     assert timed == [[1, 0], [1, 1]]
     assert state == [1, 1]
+
+
+def test_a_plan_of_the_wrong_type_is_named_in_the_error():
+    import pytest
+
+    from fxdecomp.errors import InvalidInputError
+    from fxdecomp.planning.replay import normalize_plan
+
+    for bad, name in ((42, "int"), (3.5, "float"), ("svd", "str")):
+        with pytest.raises(InvalidInputError, match=f"^cannot read a plan from {name}; give result.decisions"):
+            normalize_plan(bad)
+
+
+def test_decisions_record_the_calls_and_why_a_layer_was_kept():
+    from .models import SharedLayer
+
+    torch.manual_seed(0)
+    model, x = SharedLayer().eval(), torch.randn(2, 3, 16, 16)
+    result = fxdecomp.compress(model, (x,), budget=0.9, methods=["svd"], exclude=["head"])
+    sites = {}  # call sites counted on torch.fx's own trace
+    for node in torch.fx.symbolic_trace(model).graph.nodes:
+        if node.op == "call_module":
+            sites[node.target] = sites.get(node.target, 0) + 1
+    by_name = {d.name: d for d in result.decisions}
+    assert by_name["shared"].calls == sites["shared"] == 2
+    assert by_name["head"].reason == "excluded"
+    kept = [d for d in result.decisions if not d.decomposed and d.name != "head"]
+    assert kept, "budget 0.9 keeps some layer"
+    assert all(d.reason == "budget" for d in kept)
