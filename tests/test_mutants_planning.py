@@ -116,3 +116,21 @@ def test_decisions_record_the_calls_and_why_a_layer_was_kept():
     kept = [d for d in result.decisions if not d.decomposed and d.name != "head"]
     assert kept, "budget 0.9 keeps some layer"
     assert all(d.reason == "budget" for d in kept)
+
+
+def test_output_aware_calibrated_plan_meets_the_budget_and_reports_the_true_error():
+    # Runs the calibrated paths of the planner: whitened factorizations, predicted errors on the
+    # calibration data, and the output energies that weight them.
+    torch.manual_seed(5)
+    model, x = VGG().eval(), torch.randn(2, 3, 16, 16)
+    batches = [(torch.randn(4, 3, 16, 16),) for _ in range(2)]
+    recipe = fxdecomp.load_recipe("default").with_options(calibrate={"output_aware": True})
+    result = fxdecomp.compress(model, (x,), budget=0.5, methods=["svd", "tucker2"], calibration=batches, pipeline=recipe)
+    assert result.flops_after <= 0.5 * result.flops_before
+    assert result.flops_after == fxdecomp.count_flops(result.graph_module, (x,))
+    with torch.no_grad():
+        expected, got = model(x).double(), result.graph_module(x).double()
+    import pytest
+
+    assert result.output_error == pytest.approx(float((got - expected).norm() / expected.norm()), rel=1e-4)
+    assert any(d.decomposed for d in result.decisions)
