@@ -1,0 +1,136 @@
+"""Tests written to kill mutation-testing survivors in fxdecomp/planning/ and passes/plan.py
+(tools/mutation/run.py planning).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+import fxdecomp
+import fxdecomp.passes.plan as plan_pass
+from fxdecomp.passes.plan import PlanPass
+
+from .models import VGG
+
+
+def test_sensitivity_scores_the_reference_once_then_each_option_with_only_its_layer_decomposed():
+    torch.manual_seed(0)
+    model, x = VGG().eval(), torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+    seen = []
+
+    def score(module):
+        """A user's metric: minus the relative output error against the original model."""
+        with torch.no_grad():
+            error = float((module(x) - expected).norm() / expected.norm())
+        seen.append((set(module.state_dict()), error))
+        return -error
+
+    result = fxdecomp.compress(model, (x,), budget=0.5, methods=["svd"], sensitivity=score)
+    assert result.flops_after <= 0.5 * result.flops_before
+    (baseline_keys, baseline_error), *variants = seen
+    assert baseline_error < 1e-6  # the baseline is the reference itself, scored first and once
+    assert len(variants) > len(result.decisions)
+    names = {d.name for d in result.decisions}
+    for keys, error in variants:
+        gone = {k.rsplit(".", 1)[0] for k in baseline_keys - keys}
+        assert len(gone) == 1 and gone <= names  # exactly one layer decomposed in each scored variant
+        assert error > 0.0
+
+
+def test_model_latency_before_is_timed_on_the_plans_provider(monkeypatch):
+    calls = []
+
+    def model_ms(reference, example_inputs, *, threads, provider, provider_options):
+        calls.append((reference, example_inputs, threads, provider, provider_options))
+        return 7.5
+
+    monkeypatch.setattr(plan_pass, "model_ms", model_ms)
+    reference, inputs = torch.nn.Linear(2, 2), (torch.randn(1, 2),)
+    ctx = SimpleNamespace(reference=reference, example_inputs=inputs)
+    for provider, expected in (("", None), ("CPUExecutionProvider", "CPUExecutionProvider")):
+        options = dict(provider=provider, provider_options={"intra_op_num_threads": 1}, latency_threads=3)
+        planner = PlanPass(ctx, **options)
+        planner._timer = None  # as run() starts
+        assert planner._model_ms_before() == 7.5
+        assert calls.pop() == (reference, inputs, 3, expected, {"intra_op_num_threads": 1})
+
+
+def test_follow_latency_rescales_sub_millisecond_predictions_by_measured_over_predicted():
+    """A 0.5 ms model: the plan's measured latency is 1.5x the layer sum, so the corrected efficiency of the
+    first repair (1.286 / 1.5 < 1.2) misses the target and the repair goes on to cut the second layer too."""
+    import pytest
+
+    from fxdecomp.planning.grid import Choice
+    from fxdecomp.planning.latency import follow_latency
+    from fxdecomp.planning.solver import Option
+
+    def choice(latency_ms, flops):
+        return Choice("svd", (1,), flops, 0, 0.0, latency_ms=latency_ms)
+
+    planned = [("a", [choice(0.2, 40), choice(0.05, 30)]), ("b", [choice(0.2, 40), choice(0.15, 35)])]
+    groups = [[Option(40, 0.0), Option(30, 1.0)], [Option(40, 0.0), Option(35, 0.1)]]
+    timed = []
+
+    def measure(planned_, state):
+        timed.append(list(state))
+        saved = sum(c[0].latency_ms - c[i].latency_ms for (_, c), i in zip(planned_, state))
+        return 1.5 * (0.5 - saved)
+
+    options = SimpleNamespace(min_efficiency=1.2, measure_rounds=2)
+    with pytest.warns(UserWarning, match="no plan under this budget is predicted to reach efficiency 1.2"):
+        state = follow_latency(groups, planned, [0, 0], 1000.0, model_ms_before=0.5, flops_before=100,
+                               options=options, measure=measure)
+    # Predicted (uncorrected) efficiencies: [1, 0] 0.5 / 0.35 * 0.9 = 1.286, [1, 1] 0.5 / 0.3 * 0.85 = 1.417.
+    assert timed == [[1, 0], [1, 1]]
+    assert state == [1, 1]
+
+
+def test_a_plan_of_the_wrong_type_is_named_in_the_error():
+    import pytest
+
+    from fxdecomp.errors import InvalidInputError
+    from fxdecomp.planning.replay import normalize_plan
+
+    for bad, name in ((42, "int"), (3.5, "float"), ("svd", "str")):
+        with pytest.raises(InvalidInputError, match=f"^cannot read a plan from {name}; give result.decisions"):
+            normalize_plan(bad)
+
+
+def test_decisions_record_the_calls_and_why_a_layer_was_kept():
+    from .models import SharedLayer
+
+    torch.manual_seed(0)
+    model, x = SharedLayer().eval(), torch.randn(2, 3, 16, 16)
+    result = fxdecomp.compress(model, (x,), budget=0.9, methods=["svd"], exclude=["head"])
+    sites = {}  # call sites counted on torch.fx's own trace
+    for node in torch.fx.symbolic_trace(model).graph.nodes:
+        if node.op == "call_module":
+            sites[node.target] = sites.get(node.target, 0) + 1
+    by_name = {d.name: d for d in result.decisions}
+    assert by_name["shared"].calls == sites["shared"] == 2
+    assert by_name["head"].reason == "excluded"
+    kept = [d for d in result.decisions if not d.decomposed and d.name != "head"]
+    assert kept, "budget 0.9 keeps some layer"
+    assert all(d.reason == "budget" for d in kept)
+
+
+def test_output_aware_calibrated_plan_meets_the_budget_and_reports_the_true_error():
+    # Runs the calibrated paths of the planner: whitened factorizations, predicted errors on the
+    # calibration data, and the output energies that weight them.
+    torch.manual_seed(5)
+    model, x = VGG().eval(), torch.randn(2, 3, 16, 16)
+    batches = [(torch.randn(4, 3, 16, 16),) for _ in range(2)]
+    recipe = fxdecomp.load_recipe("default").with_options(calibrate={"output_aware": True})
+    result = fxdecomp.compress(model, (x,), budget=0.5, methods=["svd", "tucker2"], calibration=batches, pipeline=recipe)
+    assert result.flops_after <= 0.5 * result.flops_before
+    assert result.flops_after == fxdecomp.count_flops(result.graph_module, (x,))
+    with torch.no_grad():
+        expected, got = model(x).double(), result.graph_module(x).double()
+    import pytest
+
+    assert result.output_error == pytest.approx(float((got - expected).norm() / expected.norm()), rel=1e-4)
+    assert any(d.decomposed for d in result.decisions)
