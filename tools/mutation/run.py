@@ -7,14 +7,14 @@ Usage (from the repository root)::
     python tools/mutation/run.py vbmf --recheck       # run the survivors again (after adding tests)
     python tools/mutation/run.py --report             # the per-module table -> tools/mutation/REPORT.md
     python tools/mutation/run.py --list               # the modules, their files and tests
-    python tools/mutation/run.py fxdecomp/ranks.py --tests tests/test_decompose.py   # any file
+    python tools/mutation/run.py fxdecomp/ranks.py --tests tests/decomposers/test_decompose.py   # any file
 
 The checkout's tracked and untracked-but-not-ignored files are copied into a
 scratch folder (``--workdir``, default ``$TMPDIR/fxdecomp-mutation/<module>``,
 kept between runs so that a capped run resumes), a ``setup.cfg`` with the
 ``[mutmut]`` section is written there, and ``mutmut run`` runs there: nothing
 in the checkout is changed. Only the module's own files are mutated and only its
-tests run (plus ``tests/test_mutants_<module>.py``, the tests written to kill its
+tests run (plus ``test_mutants_<module>.py`` in the module's tests/ folder, the tests written to kill its
 survivors); mutmut then runs, for each mutant, only the tests that call the
 mutated function.
 
@@ -93,18 +93,18 @@ MODULES: dict[str, Target] = {
     "planning": Target(
         tuple(f"fxdecomp/planning/{m}.py" for m in ("solver", "grid", "search", "budget", "damage", "replay", "factors",
                                                      "sensitivity", "latency")) + ("fxdecomp/passes/plan.py",),
-        ("tests/test_planner.py", "tests/test_pass_manager.py", "tests/test_latency_budget.py")
+        ("tests/planning/test_planner.py", "tests/passes/test_pass_manager.py", "tests/planning/test_latency_budget.py")
         + _compress("unreachable_budget_names_the_smallest", "parameter_budget", "bad_budgets", "exclude_and_report",
                     "saved_plan_reapplies_the_same_structure", "same_inputs_same_plan")
         + _budget("0.5-vgg", "0.3-mobilenetv2"),
     ),
     "factorize": Target(
         tuple(f"fxdecomp/factorize/{m}.py" for m in ("svd", "tucker", "tt", "cp")),
-        ("tests/test_decompose.py", "tests/test_cp.py", "tests/test_calibration.py"),
+        ("tests/decomposers/test_decompose.py", "tests/factorize/test_cp.py", "tests/test_calibration.py"),
     ),
     "decomposers": Target(
         tuple(f"fxdecomp/decomposers/{m}.py" for m in ("base", "svd", "spatial_svd", "tucker2", "cp", "tt", "tiled_svd")),
-        ("tests/test_decompose.py", "tests/test_cost.py", "tests/test_cp.py", "tests/test_conv_kinds.py"),
+        ("tests/decomposers/test_decompose.py", "tests/test_cost.py", "tests/factorize/test_cp.py", "tests/decomposers/test_conv_kinds.py"),
     ),
     "export": Target(
         ("fxdecomp/export.py",),
@@ -119,7 +119,7 @@ MODULES: dict[str, Target] = {
     "training": Target(
         tuple(f"fxdecomp/training/{m}.py" for m in ("deeptwist", "factorized", "finetune", "distill", "reconstruct",
                                                      "plan", "data")),
-        ("tests/test_training.py",),
+        ("tests/training/test_training.py",),
     ),
 }
 
@@ -151,8 +151,13 @@ def source_hash(files: tuple[str, ...]) -> str:
     return digest.hexdigest()[:16]
 
 
+# Where each module's mutant-killing tests live (tests/ mirrors the package; cost and vbmf are top-level modules).
+OWN_TEST_FOLDERS = {"factorize": "factorize", "planning": "planning", "rewrite": "graph", "training": "training", "verify": "passes", "decomposers": "decomposers", "export": ""}
+
+
 def own_tests(module: str) -> str:
-    return f"tests/test_mutants_{module}.py"
+    folder = OWN_TEST_FOLDERS.get(module, "")
+    return f"tests/{folder + '/' if folder else ''}test_mutants_{module}.py"
 
 
 def make_scratch(root: Path, workdir: Path, module: str, files: tuple[str, ...]) -> None:

@@ -12,7 +12,7 @@ import fxdecomp
 import fxdecomp.passes.plan as plan_pass
 from fxdecomp.passes.plan import PlanPass
 
-from .models import VGG
+from fxdecomp.examples.vision import VGG
 
 
 def test_sensitivity_scores_the_reference_once_then_each_option_with_only_its_layer_decomposed():
@@ -101,7 +101,7 @@ def test_a_plan_of_the_wrong_type_is_named_in_the_error():
 
 
 def test_decisions_record_the_calls_and_why_a_layer_was_kept():
-    from .models import SharedLayer
+    from fxdecomp.examples.vision import SharedLayer
 
     torch.manual_seed(0)
     model, x = SharedLayer().eval(), torch.randn(2, 3, 16, 16)

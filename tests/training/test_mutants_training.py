@@ -15,7 +15,7 @@ from torch import nn
 from fxdecomp.errors import InvalidInputError
 from fxdecomp.training import DeepTwist, distillation_loss, factorized_model, finetune
 
-from .models import VGG
+from fxdecomp.examples.vision import VGG
 
 
 def test_epoch_losses_are_the_mean_over_the_epochs_batches():
