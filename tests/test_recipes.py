@@ -84,7 +84,7 @@ def test_extends_a_path_relative_to_the_recipe_and_chains(tmp_path):
     write(tmp_path, "base.toml", 'extends = "fast"\ndescription = "base"\n[options.plan]\nround_to = 8\n')
     leaf = load_recipe(write(tmp_path / "sub", "leaf.toml", 'extends = "../base.toml"\nmethods = "all"\n[options.plan]\ngrid = 3\n'))
     plan = next(s for s in leaf.steps if s.name == "plan")
-    assert plan.options == {"grid": 3, "cp_grid": 4, "round_to": 8}
+    assert plan.options == {"grid": 3, "cp_grid": 4, "round_to": 8, "min_efficiency": 0.9, "latency_model": "static"}
     assert (leaf.description, leaf.methods, [s.name for s in leaf.steps]) == ("base", None, NO_RANKS)
 
 

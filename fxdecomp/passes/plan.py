@@ -18,6 +18,14 @@ damage first, until it holds (`fxdecomp.planning.latency.follow_latency`). Layer
 their FLOPs, such as VGG-16's memory-bound classifier, are then decomposed
 too; the FLOP budget still holds.
 
+With ``latency_model = "static"`` (the default recipe) those latencies are not
+timed but predicted by `fxdecomp.onnxrt.static_model.StaticLatency` (three probe
+layers timed once per CPU and thread count, cached on disk), the model's latency
+before is the sum of its candidates' predictions, and nothing is re-timed; a
+latency budget, a device table or another execution provider always times.
+``round_to = 0`` rounds ranks to this CPU's SIMD block (`preferred_rank_multiple`),
+adapted to small bonds (`fxdecomp.planning.grid.bond_multiple`).
+
 This pass is the wrapper: the planning itself is plain functions in
 `fxdecomp.planning`; the pass owns the onnxruntime timings (the reference
 model, each option, each planned variant) and hands them in as functions.
