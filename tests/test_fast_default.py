@@ -170,3 +170,16 @@ def test_bond_multiple_and_recipe_switches(no_timing):
         _compress(model, x, 0.5, latency_model="guess")
     hardware = dict(next(s for s in fxdecomp.load_recipe("hardware").steps if s.name == "plan").options)
     assert hardware["latency_model"] == "measured" and hardware["round_to"] == 16
+
+
+def test_a_budget_only_small_ranks_reach_falls_back_to_flops_alone(no_timing):
+    """Rounding and the latency filter must not make a budget unreachable: below what they reach, every rank is used."""
+    model, x = _model()
+    with pytest.raises(fxdecomp.BudgetError) as caught:
+        _compress(model, x, 0.001, round_to=1, min_efficiency=0.0)
+    smallest = caught.value.smallest_reachable  # the FLOP-only plan's floor
+    with pytest.raises(fxdecomp.BudgetError) as again:
+        _compress(model, x, 0.001)
+    assert again.value.smallest_reachable == pytest.approx(smallest)
+    result = _compress(model, x, smallest * 1.01)
+    assert fxdecomp.count_flops(result.graph_module, (x,)) <= smallest * 1.01 * fxdecomp.count_flops(model, (x,))

@@ -178,7 +178,13 @@ class PlanPass(Pass):
         before_ms = sum(self._layer_ms(c, None, ()) for c in ctx.candidates.values())
         with warnings.catch_warnings(record=True) as caught:  # a prediction short of the target: logged, not warned
             warnings.simplefilter("always")
-            decisions = self._search_static(before_ms)
+            try:
+                decisions = self._search_static(before_ms)
+            except BudgetError:
+                # The budget comes first: rounded ranks and options predicted faster than their layer cannot reach
+                # it (small layers), so plan on FLOPs alone, on every rank; its error names the smallest reachable.
+                log.warning("fxdecomp: no plan on rounded, predicted-faster options reaches this budget; planned on FLOPs alone")
+                decisions = self._search_flops_only()
         for warning in caught:
             if "predicted to reach efficiency" in str(warning.message):
                 log.info("%s", warning.message)
@@ -187,6 +193,14 @@ class PlanPass(Pass):
         ctx.provide("plan", Plan(decisions))
         ctx.provide("latency", LatencyRecord(None, options.latency_threads, self._timer))
         return PassResult(gm, False)
+
+    def _search_flops_only(self):
+        ctx, options = self.context, self.options
+        flops_only = dataclasses.replace(options, round_to=1, min_efficiency=0.0, latency_filter=False)
+        return search(
+            ctx, allowed_methods(ctx.methods), flops_only, total=model_total(ctx.budget.metric, ctx.cost, None), round_to=1,
+            score=score_drops(ctx) if ctx.sensitivity is not None else None,
+        )
 
     def _search_static(self, before_ms: float):
         ctx, options = self.context, self.options
