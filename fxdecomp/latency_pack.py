@@ -142,7 +142,9 @@ def _requests(context: PassContext, plan) -> dict[str, tuple]:
                 continue
             for multiple in sorted({max(plan.options.round_to, m) for m in CANDIDATE_MULTIPLES}):
                 steps = grid_steps(plan.options, method, sensitivity=False, measures_latency=True)
-                for ranks in rank_grid(decomposer.planning_max_ranks(candidate.spec), steps, multiple):
+                adaptive = (False, True) if plan.options.round_to == 0 else (False,)  # round_to 0 adapts to small bonds
+                grids = [rank_grid(decomposer.planning_max_ranks(candidate.spec), steps, multiple, a) for a in adaptive]
+                for ranks in dict.fromkeys(r for grid in grids for r in grid):
                     option_flops, option_params = structure_cost(decomposer, candidate, ranks)
                     if option_flops >= flops and option_params >= params:
                         continue  # the plan never times an option cheaper in neither

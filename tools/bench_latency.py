@@ -11,18 +11,21 @@ latency planner uses: the measured original, minus each replaced layer's time
 alone, plus its replacement's (`fxdecomp.latency.LayerLatency`).
 
 Weights come from `tools/zoo.py`: torchvision's definitions, seeded, with k^-0.7
-spectra so the plan has something to keep. Ranks are rounded to
-`fxdecomp.latency.preferred_rank_multiple()` (16 on AVX-512, 8 on AVX2) unless
-``--round-to`` says otherwise: the plan pass of ``--pipeline`` gets that option,
-``latency_threads`` (plans are made per thread count), ``min_efficiency``
-(``--min-efficiency``, default 0.9: FLOP plans timed in onnxruntime and pushed
-to a predicted efficiency of at least that; 0 turns it off) and, with
-``--latency-filter``, ``latency_filter`` for the FLOP budgets too.
+spectra so the plan has something to keep. The plan pass of ``--pipeline``
+(default: the default recipe) keeps its own options unless told: ``--round-to``
+(the default recipe rounds to this CPU's SIMD block, 16 on AVX-512, 8 on AVX2),
+``--min-efficiency`` (the default recipe: 0.9, on its static latency model;
+``hardware``: 0.9, every option timed in onnxruntime; 0 turns it off),
+``--latency-model`` (static or measured) and, with ``--latency-filter``,
+``latency_filter``; it always gets ``latency_threads`` (plans that follow
+latency are made per thread count).
 
 Usage::
 
     python tools/bench_latency.py                                  # everything: ~25 minutes (onnxruntime timings cached on disk after)
     python tools/bench_latency.py --models vgg16 --budgets 0.5 --threads 1 --no-latency-budget
+    python tools/bench_latency.py --no-latency-budget --round-to 1 --min-efficiency 0   # the default recipe before #16 item 6
+    python tools/bench_latency.py --no-latency-budget --pipeline hardware                # every option timed
     python tools/bench_latency.py --methods all --round-to 8 --json out/latency.json
 """
 
@@ -158,21 +161,20 @@ def run_model(name: str, args, scratch: Path, rows: list[Row]) -> None:
 
     for fraction in args.budgets:
         # With min_efficiency the plan depends on the thread count it is timed at: one compress per count.
-        plan_threads = args.threads if args.min_efficiency > 0 else args.threads[:1]
+        follows = plan_option(args, "min_efficiency") > 0
+        plan_threads = args.threads if follows else args.threads[:1]
         for plan_thread in plan_threads:
-            options = {"round_to": args.round_to, "latency_filter": args.latency_filter, "latency_threads": plan_thread,
-                       "min_efficiency": args.min_efficiency}
-            recipe = load_recipe(args.pipeline).with_options(plan=options)
+            recipe = load_recipe(args.pipeline).with_options(plan=plan_options(args, latency_threads=plan_thread))
             path = scratch / f"{name}-flops{fraction}-{plan_thread}.onnx"
             result, seconds = compress_and_export(model, x, fraction, args, recipe, path)
             print(f"  {name} flops={fraction} (planned for {plan_thread} thread(s)): compress {seconds:.1f} s, "
                   f"FLOPs kept {result.flops_ratio:.3f}, {method_mix(result)}", flush=True)
-            timed = [plan_thread] if args.min_efficiency > 0 else args.threads
+            timed = [plan_thread] if follows else args.threads
             time_flop_plan(name, fraction, result, seconds, path, original, shapes, timers, timed, model, x, args, rows)
     for fraction in args.latency_budgets:
         # A latency plan is made for one thread count (the plan pass's latency_threads): one compress per count.
         for threads in args.threads:
-            options = {"round_to": args.round_to, "latency_threads": threads}
+            options = {"latency_threads": threads} | ({"round_to": args.round_to} if args.round_to is not None else {})
             recipe = load_recipe(args.pipeline).with_options(plan=options)
             path = scratch / f"{name}-latency{fraction}-{threads}.onnx"
             try:
@@ -191,6 +193,24 @@ def run_model(name: str, args, scratch: Path, rows: list[Row]) -> None:
             rows.append(Row(name, "latency", fraction, threads, result.flops_ratio, result.params_ratio,
                             timing.a.median_ms, timing.b.median_ms, seconds, predicted, method_mix(result)))
             print("   ", format_row(rows[-1]), flush=True)
+
+
+def plan_options(args, **extra) -> dict:
+    """The plan options the command line sets (the recipe keeps the others), plus ``extra``."""
+    given = {"round_to": args.round_to, "min_efficiency": args.min_efficiency, "latency_model": args.latency_model}
+    options = {k: v for k, v in given.items() if v is not None} | extra
+    if args.latency_filter:
+        options["latency_filter"] = True
+    return options
+
+
+def plan_option(args, name: str):
+    """The plan pass's option ``name`` as the run uses it: the command line's, else the recipe's, else the pass default."""
+    from fxdecomp.passes.plan import PlanPass
+
+    recipe = load_recipe(args.pipeline).with_options(plan=plan_options(args))
+    step = next(s for s in recipe.steps if s.name == "plan")
+    return dict(step.options).get(name, getattr(PlanPass.Options(), name))
 
 
 def time_flop_plan(name, fraction, result, seconds, path, original, shapes, timers, threads_list, model, x, args, rows):
@@ -238,11 +258,14 @@ def main(argv=None) -> int:
         help=f"allowed methods (default: {' '.join(LATENCY_METHODS)}); 'all': every method (cp's ALS makes VGG's compress ~20 min)",
     )
     parser.add_argument("--pipeline", default="default", help="base recipe: its plan pass gets --round-to")
-    parser.add_argument("--round-to", type=int, default=None, help="rank multiple (default: preferred_rank_multiple())")
+    parser.add_argument("--round-to", type=int, default=None,
+                        help="plan option round_to: the rank multiple (default: the recipe's; 0: this CPU's SIMD block)")
     parser.add_argument("--latency-filter", action="store_true",
                         help="FLOP budgets too drop options that measure no faster than their layer (plan option latency_filter)")
-    parser.add_argument("--min-efficiency", type=float, default=0.9,
-                        help="plan option min_efficiency for the FLOP budgets (0: plan on FLOPs alone)")
+    parser.add_argument("--min-efficiency", type=float, default=None,
+                        help="plan option min_efficiency for the FLOP budgets (default: the recipe's; 0: plan on FLOPs alone)")
+    parser.add_argument("--latency-model", choices=["static", "measured"], default=None,
+                        help="plan option latency_model: option latencies predicted or timed (default: the recipe's)")
     parser.add_argument("--rounds", type=int, default=30, help="interleaved timed runs per model")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
@@ -254,12 +277,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.methods == ["all"]:
         args.methods = None
-    if args.round_to is None:
-        args.round_to = preferred_rank_multiple()
     torch.set_num_threads(1)  # steady factorisations; onnxruntime gets its own thread counts
 
-    print(f"CPU: {cpu_model()}; onnxruntime threads {args.threads}; ranks rounded to {args.round_to}; "
-          f"pipeline {args.pipeline}; methods {args.methods or 'pipeline default'}; load average {os.getloadavg()}", flush=True)
+    print(f"CPU: {cpu_model()}; onnxruntime threads {args.threads}; pipeline {args.pipeline}, plan options "
+          f"round_to={plan_option(args, 'round_to')} (0: {preferred_rank_multiple()}), "
+          f"min_efficiency={plan_option(args, 'min_efficiency')}, latency_model={plan_option(args, 'latency_model')}; methods {args.methods or 'pipeline default'}; load average {os.getloadavg()}", flush=True)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp:
         scratch = Path(args.keep) if args.keep else Path(tmp)

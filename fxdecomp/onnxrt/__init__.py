@@ -11,6 +11,7 @@ Modules:
 - `layer_cache`: `LayerLatency`, the per-layer timings cached on disk
 - `table`: `LatencyTable`, timings read from a table measured on the device
 - `hardware`: CPU model, measured rank multiple
+- `static_model`: `StaticLatency`, latencies predicted from shapes (probes calibrated once per CPU)
 - `layers`: a direct ONNX builder for single layers and decomposed structures
 - `flops`: FLOPs and parameters counted on an ONNX graph
 - `device_bench.py`: the standalone script that times a latency pack on the device

@@ -18,6 +18,14 @@ damage first, until it holds (`fxdecomp.planning.latency.follow_latency`). Layer
 their FLOPs, such as VGG-16's memory-bound classifier, are then decomposed
 too; the FLOP budget still holds.
 
+With ``latency_model = "static"`` (the default recipe) those latencies are not
+timed but predicted by `fxdecomp.onnxrt.static_model.StaticLatency` (three probe
+layers timed once per CPU and thread count, cached on disk), the model's latency
+before is the sum of its candidates' predictions, and nothing is re-timed; a
+latency budget, a device table or another execution provider always times.
+``round_to = 0`` rounds ranks to this CPU's SIMD block (`preferred_rank_multiple`),
+adapted to small bonds (`fxdecomp.planning.grid.bond_multiple`).
+
 This pass is the wrapper: the planning itself is plain functions in
 `fxdecomp.planning`; the pass owns the onnxruntime timings (the reference
 model, each option, each planned variant) and hands them in as functions.
@@ -27,6 +35,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +45,9 @@ from torch.fx.passes.infra.pass_base import PassResult
 from ..errors import BudgetError, RecipeError
 from ..graph.rewrite import rewrite_graph
 from ..latency import LayerLatency, compare_models_ms, model_ms
-from ..onnxrt import LatencyTable, measured_rank_multiple
+from ..errors import RecipeError
+from ..onnxrt import LatencyTable, measured_rank_multiple, preferred_rank_multiple
+from ..onnxrt.static_model import StaticLatency
 from ..onnxrt.table import LatencyTableError
 from ..planning.budget import allowed_methods, model_total
 from ..planning.factors import FIT_MODES
@@ -46,6 +58,15 @@ from ..planning.search import TIE_BREAK, search  # noqa: F401  (re-exported)
 from ..planning.sensitivity import score_drops
 from ..records import LatencyRecord, Plan
 from .base import Pass, register_pass
+
+
+log = logging.getLogger("fxdecomp")
+LATENCY_MODELS = ("measured", "static")
+
+
+def auto_round_to(options) -> int:
+    """The plan's rank multiple: ``round_to``, or with ``round_to = 0`` this CPU's SIMD block (`preferred_rank_multiple`)."""
+    return options.round_to if options.round_to >= 1 else preferred_rank_multiple(options.latency_threads)
 
 
 @register_pass
@@ -59,7 +80,7 @@ class PlanPass(Pass):
         grid: int = 24  # rank grid points per method
         cp_grid: int = 4  # CP needs an ALS run per rank: a coarser grid
         sensitivity_grid: int = 6  # ranks per method scored by the sensitivity callback
-        round_to: int = 1  # round ranks up to a multiple (8 or 16 suit SIMD kernels)
+        round_to: int = 1  # round ranks up to a multiple (8 or 16 suit SIMD kernels); 0: this CPU's SIMD block
         max_front: int = 50_000  # Pareto front size beyond which the solver thins it (see planner)
         latency_grid: int = 6  # ranks per method measured in onnxruntime (latency budgets)
         latency_threads: int = 1  # onnxruntime intra-op threads of the target
@@ -71,6 +92,9 @@ class PlanPass(Pass):
         provider_options: dict[str, Any] = field(default_factory=dict)  # that provider's options
         latency_table: str = ""  # a table measured on the device (device_bench.py): plan on it instead of timing here
         fit: str = "data"  # with calibration: "data" fits every data-aware method's factors, "svd" only svd's, "weights" none
+        # Where FLOP / parameter plans get option latencies (latency_filter, min_efficiency): "measured" times each in
+        # onnxruntime (cached); "static" predicts them (fxdecomp.onnxrt.static_model, calibrated once per CPU, cached).
+        latency_model: str = "measured"
 
     def run(self, gm):
         ctx, options = self.context, self.options
@@ -85,13 +109,17 @@ class PlanPass(Pass):
         if ctx.budget is None:
             raise BudgetError("the plan pass needs a budget (or a saved plan to re-apply); give compress(..., budget=...)")
         metric = ctx.budget.metric
+        if options.latency_model not in LATENCY_MODELS:
+            raise RecipeError(f"plan option latency_model must be one of {LATENCY_MODELS}, got {options.latency_model!r}")
+        if self._static(metric):
+            return self._run_static(gm)
         from_table = bool(options.latency_table)
         before_ms = None
         if metric == "latency" or follows_latency(options, metric):
             before_ms = self._model_ms_before()
         timed = measures_latency(options, metric)
         # The rank multiple the target rewards, from its timings (cached here, or the device table's).
-        round_to = max(options.round_to, measured_rank_multiple(self.timer)) if timed else options.round_to
+        round_to = max(auto_round_to(options), measured_rank_multiple(self.timer)) if timed else auto_round_to(options)
 
         def measure(decisions):
             """onnxruntime latency of the reference with ``decisions`` applied, in units of the first timing.
@@ -135,6 +163,67 @@ class PlanPass(Pass):
             ),
         )
         return PassResult(gm, False)
+
+    def _static(self, metric: str) -> bool:
+        """Plan on the static latency model: asked for, a FLOP or parameter budget, on this machine's CPU provider."""
+        options = self.options
+        return (
+            options.latency_model == "static" and metric != "latency" and measures_latency(options, metric)
+            and not options.latency_table and options.provider in ("", "CPUExecutionProvider")
+        )
+
+    def _run_static(self, gm):
+        """The FLOP / parameter plan with option latencies predicted by `StaticLatency`: nothing is timed but its probes.
+
+        The model's latency before is the sum of its candidates' predictions (the rest of the model
+        is taken as fixed and small); the plan is never re-timed (``measure_rounds`` 0).
+        """
+        ctx, options = self.context, self.options
+        self._timer = StaticLatency(threads=options.latency_threads)
+        before_ms = sum(self._layer_ms(c, None, ()) for c in ctx.candidates.values())
+        with warnings.catch_warnings(record=True) as caught:  # a prediction short of the target: logged, not warned
+            warnings.simplefilter("always")
+            try:
+                decisions = self._search_static(before_ms)
+            except BudgetError:
+                # The budget comes first: rounded ranks and options predicted faster than their layer cannot reach
+                # it (small layers), so plan on FLOPs alone, on every rank; its error names the smallest reachable.
+                log.warning("fxdecomp: no plan on rounded, predicted-faster options reaches this budget; planned on FLOPs alone")
+                decisions = self._search_flops_only()
+        for warning in caught:
+            if "predicted to reach efficiency" in str(warning.message):
+                log.info("%s", warning.message)
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        ctx.provide("plan", Plan(decisions))
+        ctx.provide("latency", LatencyRecord(None, options.latency_threads, self._timer))
+        return PassResult(gm, False)
+
+    def _search_flops_only(self):
+        ctx, options = self.context, self.options
+        flops_only = dataclasses.replace(options, round_to=1, min_efficiency=0.0, latency_filter=False)
+        return search(
+            ctx, allowed_methods(ctx.methods), flops_only, total=model_total(ctx.budget.metric, ctx.cost, None), round_to=1,
+            score=score_drops(ctx) if ctx.sensitivity is not None else None,
+        )
+
+    def _search_static(self, before_ms: float):
+        ctx, options = self.context, self.options
+
+        def measure(decisions):
+            raise AssertionError("a static plan is never timed")  # measure_rounds is 0
+
+        return search(
+            ctx,
+            allowed_methods(ctx.methods),
+            dataclasses.replace(options, measure_rounds=0, replan_tolerance=0.0),
+            total=model_total(ctx.budget.metric, ctx.cost, None),
+            round_to=auto_round_to(options),
+            layer_ms=self._layer_ms,
+            measure=measure,
+            latency_before_ms=before_ms,
+            score=score_drops(ctx) if ctx.sensitivity is not None else None,
+        )
 
     @property
     def timer(self):

@@ -55,12 +55,24 @@ class Choice:
         return self.damage if self.damage is not None else self.error**2
 
 
-def rank_grid(maxima: tuple[int, ...], steps: int, round_to: int) -> list[tuple[int, ...]]:
-    """Ranks proportional to each maximum, on a grid dense at low ranks, rounded up to ``round_to``."""
+def bond_multiple(maximum: int, block: int) -> int:
+    """The rank multiple of a bond of maximum rank ``maximum`` under adaptive rounding to ``block`` (plan ``round_to = 0``).
+
+    ``block`` where the bond has room for at least 4 of them; else the largest power of two
+    at most a quarter of the maximum (a 16-channel layer keeps ranks 4, 8, 12), at least 1.
+    """
+    quarter = max(maximum // 4, 1)
+    return min(block, 1 << (quarter.bit_length() - 1))
+
+
+def rank_grid(maxima: tuple[int, ...], steps: int, round_to: int, adaptive: bool = False) -> list[tuple[int, ...]]:
+    """Ranks proportional to each maximum, on a grid dense at low ranks, rounded up to ``round_to``
+    (``adaptive``: to `bond_multiple` of each maximum and ``round_to``)."""
     fractions = np.unique(np.concatenate([np.geomspace(1 / 64, 1, steps // 2), np.linspace(1 / steps, 1, steps)]))
+    multiples = [bond_multiple(m, round_to) if adaptive else round_to for m in maxima]
     grid = []
     for f in fractions:
-        ranks = tuple(min(m, max(round_to, math.ceil(math.ceil(f * m) / round_to) * round_to)) for m in maxima)
+        ranks = tuple(min(m, max(q, math.ceil(math.ceil(f * m) / q) * q)) for m, q in zip(maxima, multiples))
         if ranks not in grid:
             grid.append(ranks)
     return grid
@@ -119,7 +131,8 @@ def option_grid(
         if state is None:
             continue
         steps = grid_steps(options, method, score is not None, layer_ms is not None)
-        for ranks in rank_grid(decomposer.planning_max_ranks(candidate.spec), steps, round_to):
+        adaptive = getattr(options, "round_to", 1) == 0  # round_to = 0: this CPU's block, adapted to small bonds
+        for ranks in rank_grid(decomposer.planning_max_ranks(candidate.spec), steps, round_to, adaptive):
             flops, params = structure_cost(decomposer, candidate, ranks)
             if (params >= keep.params) if metric == "params" else (flops >= keep.flops):
                 continue  # never chosen: costs at least as much as the layer

@@ -48,7 +48,9 @@ def pack(tmp_path_factory):
 
 
 def _recipe(**plan):
-    return fxdecomp.load_recipe("default").with_options(plan={"round_to": 1, "replan_tolerance": 0.0, "measure_rounds": 0, **plan})
+    return fxdecomp.load_recipe("default").with_options(
+        plan={"round_to": 1, "replan_tolerance": 0.0, "measure_rounds": 0, "latency_model": "measured", **plan}
+    )
 
 
 def _decisions(result):

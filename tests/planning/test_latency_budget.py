@@ -97,7 +97,7 @@ def test_min_efficiency_makes_a_flop_plan_follow_latency(monkeypatch):
 def _recipe_with(plan_options):
     import fxdecomp
 
-    return fxdecomp.load_recipe("default").with_options(plan=plan_options)
+    return fxdecomp.load_recipe("default").with_options(plan={"latency_model": "measured", **plan_options})
 
 
 def _leaf_ms(module, x):

@@ -1,0 +1,185 @@
+"""Fast by default (#16 item 6): the default recipe rounds ranks to the CPU's block and follows a static latency model.
+
+Every test pins the static model's rates (no probe is timed) and forbids any
+onnxruntime timing, so the plan is deterministic and the checks recompute
+the rules by hand: ranks on the adaptive multiple, the FLOP budget, every
+chosen option predicted faster than its layer, and a memory-bound Linear
+decomposed because the model says it dominates the latency.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxdecomp
+from fxdecomp.decomposers import get_decomposer
+from fxdecomp.errors import RecipeError
+from fxdecomp.layer_spec import layer_spec
+from fxdecomp.onnxrt import static_model
+from fxdecomp.onnxrt.static_model import Rates, StaticLatency, fit_rates, predict_ms, probes
+from fxdecomp.planning.grid import bond_multiple
+
+RATES = Rates(macs_per_ms=1e8, output_macs=100.0, bytes_per_ms=2e6, block=16)
+
+
+@pytest.fixture
+def no_timing(monkeypatch):
+    """The static model's rates pinned to RATES; any onnxruntime timing fails the test."""
+
+    def timed(*args, **kwargs):
+        raise AssertionError("the default recipe timed something in onnxruntime")
+
+    monkeypatch.setattr(static_model, "calibrate", lambda *a, **k: RATES)
+    monkeypatch.setattr("fxdecomp.onnxrt.layer_cache.LayerLatency._measure", timed)
+    monkeypatch.setattr("fxdecomp.passes.plan.model_ms", timed)
+    monkeypatch.setattr("fxdecomp.passes.plan.compare_models_ms", timed)
+    monkeypatch.setattr("fxdecomp.latency.model_ms", timed)
+    monkeypatch.setattr("fxdecomp.passes.plan.preferred_rank_multiple", lambda threads=1: RATES.block)
+
+
+def _hand_ms(module: nn.Module, shape) -> float:
+    """The static model's formula, written out for one plain Conv2d (channels padded to 16) or Linear."""
+    if isinstance(module, nn.Linear):
+        return max(module.in_features * module.out_features / RATES.macs_per_ms,
+                   module.weight.numel() * 4 / RATES.bytes_per_ms)
+    out = module(torch.zeros(shape)).shape
+    pad = lambda c: c if c < 8 else 16 * math.ceil(c / 16)  # noqa: E731
+    positions = out[-1] * out[-2]
+    macs = positions * pad(module.in_channels) * pad(module.out_channels) * module.kernel_size[0] * module.kernel_size[1]
+    return (macs + RATES.output_macs * positions * pad(module.out_channels)) / RATES.macs_per_ms
+
+
+def test_static_model_follows_its_formula():
+    for module, shape in [
+        (nn.Conv2d(20, 24, 3, padding=1), (1, 20, 10, 10)),
+        (nn.Conv2d(64, 33, (3, 1), padding=(1, 0)), (1, 64, 9, 7)),
+        (nn.Conv2d(3, 16, 3, stride=2), (1, 3, 17, 17)),
+        (nn.Linear(1000, 300), (1, 1000)),
+    ]:
+        assert predict_ms(module, shape, RATES) == pytest.approx(_hand_ms(module, shape), rel=1e-9)
+    # a structure is the sum of its nodes: svd of a conv is a kxk conv to r channels, then a 1x1 back
+    spec = layer_spec(nn.Conv2d(64, 64, 3, padding=1))
+    model = StaticLatency(rates=RATES)
+    expected = _hand_ms(nn.Conv2d(64, 17, 3, padding=1), (1, 64, 8, 8)) + _hand_ms(nn.Conv2d(17, 64, 1), (1, 17, 8, 8))
+    assert model.layer_ms(spec, (1, 64, 8, 8), "svd", (17,)) == pytest.approx(expected)
+    # rank 17 pays for 32 channels: no faster than rank 32
+    assert model.layer_ms(spec, (1, 64, 8, 8), "svd", (17,)) == pytest.approx(model.layer_ms(spec, (1, 64, 8, 8), "svd", (32,)))
+
+
+def test_rates_are_recovered_from_probe_times():
+    times = []
+    for spec, shape in probes():
+        with torch.device("cpu"):
+            module = nn.Linear(spec.in_features, spec.out_features) if spec.kind == "linear" else nn.Conv2d(
+                spec.in_channels, spec.out_channels, spec.kernel_size, padding=spec.pads[0]
+            )
+        times.append(_hand_ms(module, shape))
+    fitted = fit_rates(times, block=16)
+    assert fitted.macs_per_ms == pytest.approx(RATES.macs_per_ms, rel=1e-6)
+    assert fitted.output_macs == pytest.approx(RATES.output_macs, rel=1e-6)
+    assert fitted.bytes_per_ms == pytest.approx(RATES.bytes_per_ms, rel=1e-6)
+    with pytest.raises(fxdecomp.FxDecompError, match="three positive"):
+        fit_rates([1.0, 0.0, 2.0], block=16)
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(64, 96, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(96, 24, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(24, 24, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(24 * 8 * 8, 512), nn.ReLU(), nn.Linear(512, 10),
+    ).eval(), torch.randn(1, 3, 8, 8)
+
+
+def _inputs(model, x):
+    shapes = {}
+    def record(name):
+        def hook(module, inputs, output):
+            shapes.setdefault(name, tuple(inputs[0].shape))
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in model.named_modules()]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return shapes
+
+
+def _compress(model, x, budget, **plan):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default recipe warns about nothing here
+        return fxdecomp.compress(model, (x,), budget=budget, pipeline=fxdecomp.load_recipe("default").with_options(plan=plan))
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.3])
+def test_default_plan_rounds_filters_and_keeps_the_budget(no_timing, budget):
+    model, x = _model()
+    result = _compress(model, x, budget)
+    modules, shapes = dict(model.named_modules()), _inputs(model, x)
+    timer = StaticLatency(rates=RATES)
+    decomposed = [d for d in result.decisions if d.decomposed]
+    assert decomposed
+    for d in decomposed:
+        spec = layer_spec(modules[d.name])
+        maxima = get_decomposer(spec.kind, d.method).planning_max_ranks(spec)
+        for rank, maximum in zip(d.ranks, maxima):
+            # the rule: a multiple of 16 where the bond holds 4 of them, else of the largest power of two <= maximum / 4
+            multiple = 16 if maximum >= 64 else 2 ** int(math.log2(max(maximum // 4, 1)))
+            assert rank == maximum or rank % multiple == 0, (d.name, d.method, d.ranks, maxima)
+        # the filter: never an option the model predicts no faster than its layer
+        assert timer.layer_ms(spec, shapes[d.name], d.method, d.ranks) < timer.layer_ms(spec, shapes[d.name])
+    assert fxdecomp.count_flops(result.graph_module, (x,)) <= budget * fxdecomp.count_flops(model, (x,))
+    assert result.latency_before_ms is None  # nothing was timed
+
+
+def test_default_plan_decomposes_a_memory_bound_linear(no_timing):
+    """The Linear holds ~0.3 % of the FLOPs and (per the model) most of the latency: a FLOP-only plan keeps it."""
+    model, x = _model()
+    modules, shapes = dict(model.named_modules()), _inputs(model, x)
+    timer = StaticLatency(rates=RATES)
+    flops_before = fxdecomp.count_flops(model, (x,))
+
+    def predicted_efficiency(result):
+        layers = {n: timer.layer_ms(layer_spec(m), shapes[n]) for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))}
+        after = {d.name: timer.layer_ms(layer_spec(modules[d.name]), shapes[d.name], d.method, d.ranks) for d in result.decisions if d.decomposed}
+        before_ms, after_ms = sum(layers.values()), sum(after.get(n, ms) for n, ms in layers.items())
+        return before_ms / after_ms * fxdecomp.count_flops(result.graph_module, (x,)) / flops_before
+
+    flop_only = _compress(model, x, 0.5, min_efficiency=0.0)
+    default = _compress(model, x, 0.5)
+    linear = {d.name: d for d in default.decisions if d.op == "linear"}
+    assert not any(d.decomposed for d in flop_only.decisions if d.op == "linear")
+    assert linear["9"].decomposed
+    assert predicted_efficiency(flop_only) < 0.9 <= predicted_efficiency(default)
+    assert default.flops_after <= 0.5 * default.flops_before
+
+
+def test_bond_multiple_and_recipe_switches(no_timing):
+    assert [bond_multiple(m, 16) for m in (1, 3, 8, 16, 32, 63, 64, 4096)] == [1, 1, 2, 4, 8, 8, 16, 16]
+    assert bond_multiple(4096, 8) == 8
+    model, x = _model()
+    with pytest.raises(RecipeError, match="latency_model"):
+        _compress(model, x, 0.5, latency_model="guess")
+    hardware = dict(next(s for s in fxdecomp.load_recipe("hardware").steps if s.name == "plan").options)
+    assert hardware["latency_model"] == "measured" and hardware["round_to"] == 16
+
+
+def test_a_budget_only_small_ranks_reach_falls_back_to_flops_alone(no_timing):
+    """Rounding and the latency filter must not make a budget unreachable: below what they reach, every rank is used."""
+    model, x = _model()
+    with pytest.raises(fxdecomp.BudgetError) as caught:
+        _compress(model, x, 0.001, round_to=1, min_efficiency=0.0)
+    smallest = caught.value.smallest_reachable  # the FLOP-only plan's floor
+    with pytest.raises(fxdecomp.BudgetError) as again:
+        _compress(model, x, 0.001)
+    assert again.value.smallest_reachable == pytest.approx(smallest)
+    result = _compress(model, x, smallest * 1.01)
+    assert fxdecomp.count_flops(result.graph_module, (x,)) <= smallest * 1.01 * fxdecomp.count_flops(model, (x,))
