@@ -69,6 +69,10 @@ def test_static_model_follows_its_formula():
     assert model.layer_ms(spec, (1, 64, 8, 8), "svd", (17,)) == pytest.approx(expected)
     # rank 17 pays for 32 channels: no faster than rank 32
     assert model.layer_ms(spec, (1, 64, 8, 8), "svd", (17,)) == pytest.approx(model.layer_ms(spec, (1, 64, 8, 8), "svd", (32,)))
+    # a Linear called on one vector (as detection heads do, torch allows 1-d inputs) costs one row
+    linear = layer_spec(nn.Linear(32, 4))
+    assert model.layer_ms(linear, (32,)) == pytest.approx(_hand_ms(nn.Linear(32, 4), (1, 32)), rel=1e-9)
+    assert model.layer_ms(linear, (32,), "svd", (2,)) == model.layer_ms(linear, (1, 32), "svd", (2,))
 
 
 def test_rates_are_recovered_from_probe_times():
