@@ -15,19 +15,16 @@ FULL = ["shape_prop", "find_candidates", "annotate_cost", "calibrate", "estimate
 NO_RANKS = [name for name in FULL if name != "estimate_ranks"]
 CORRECTIONS = ["fold_batchnorm", "compensate", "correct_factors", "reestimate_batchnorm"]  # in default, switched off
 
-# Fast by default (#16 item 6): the default recipe, and the recipes extending it, round ranks to the CPU's block
-# and follow the static latency model; before, {"round_to": 1} alone. hardware keeps timing every option.
-FAST_BY_DEFAULT = {"round_to": 0, "min_efficiency": 0.9, "latency_model": "static"}
 
 # What passes/*.toml said before fast, hardware and thorough extended default (each listed every pass).
 BEFORE_EXTENDS = {
     "default": (
         "weight-aware plan over svd, spatial_svd and tucker2; exact knapsack on a fine cost grid",
-        SVD_FAMILY, FULL, {"grid": 24, "cp_grid": 4, **FAST_BY_DEFAULT},
+        SVD_FAMILY, FULL, {"grid": 24, "cp_grid": 4, "round_to": 1},
     ),
     "fast": (
         "svd / spatial_svd / tucker2 only, coarse rank grid, no VBMF annotation",
-        SVD_FAMILY, NO_RANKS, {"grid": 12, **FAST_BY_DEFAULT},
+        SVD_FAMILY, NO_RANKS, {"grid": 12},
     ),
     "hardware": (
         "svd, spatial_svd and tucker2 (the methods that keep their FLOP savings in onnxruntime), ranks rounded up to "
@@ -36,7 +33,7 @@ BEFORE_EXTENDS = {
     ),
     "thorough": (
         "every method: svd, spatial_svd, tucker2, tt, tiled_svd and cp",
-        None, FULL, {"grid": 24, "cp_grid": 4, **FAST_BY_DEFAULT},
+        None, FULL, {"grid": 24, "cp_grid": 4, "round_to": 1},
     ),
 }  # fmt: skip
 
@@ -88,7 +85,7 @@ def test_extends_a_path_relative_to_the_recipe_and_chains(tmp_path):
     write(tmp_path, "base.toml", 'extends = "fast"\ndescription = "base"\n[options.plan]\nround_to = 8\n')
     leaf = load_recipe(write(tmp_path / "sub", "leaf.toml", 'extends = "../base.toml"\nmethods = "all"\n[options.plan]\ngrid = 3\n'))
     plan = next(s for s in leaf.steps if s.name == "plan")
-    assert plan.options == {"grid": 3, "cp_grid": 4, "round_to": 8, "min_efficiency": 0.9, "latency_model": "static"}
+    assert plan.options == {"grid": 3, "cp_grid": 4, "round_to": 8}
     assert (leaf.description, leaf.methods, [name for name, _ in effective(leaf)]) == ("base", None, NO_RANKS)
 
 

@@ -213,7 +213,7 @@ def test_non_finite_weights_name_the_layer():
 def test_unknown_pass_and_option_in_a_recipe_list_the_known_ones(tmp_path):
     model = VGG().eval()
     unknown_pass = tmp_path / "bad_pass.toml"
-    unknown_pass.write_text('[[pass]]\nname = "shape_prop"\n[[pass]]\nname = "fold_batchnorm"\n')
+    unknown_pass.write_text('[[pass]]\nname = "shape_prop"\n[[pass]]\nname = "fold_everything"\n')
     unknown_option = tmp_path / "bad_option.toml"
     unknown_option.write_text('[[pass]]\nname = "plan"\noptions = { grid = 8, speed = "max" }\n')
     for recipe, words in ((unknown_pass, "known passes: .*plan"), (unknown_option, "its options are .*grid")):

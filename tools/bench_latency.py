@@ -13,8 +13,8 @@ alone, plus its replacement's (`fxdecomp.latency.LayerLatency`).
 Weights come from `tools/zoo.py`: torchvision's definitions, seeded, with k^-0.7
 spectra so the plan has something to keep. The plan pass of ``--pipeline``
 (default: the default recipe) keeps its own options unless told: ``--round-to``
-(the default recipe rounds to this CPU's SIMD block, 16 on AVX-512, 8 on AVX2),
-``--min-efficiency`` (the default recipe: 0.9, on its static latency model;
+(the cpu recipe rounds to this CPU's SIMD block, 16 on AVX-512, 8 on AVX2),
+``--min-efficiency`` (the cpu recipe: 0.9, on its static latency model;
 ``hardware``: 0.9, every option timed in onnxruntime; 0 turns it off),
 ``--latency-model`` (static or measured) and, with ``--latency-filter``,
 ``latency_filter``; it always gets ``latency_threads`` (plans that follow

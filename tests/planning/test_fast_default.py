@@ -1,4 +1,4 @@
-"""Fast by default (#16 item 6): the default recipe rounds ranks to the CPU's block and follows a static latency model.
+"""The "cpu" recipe (#16 item 6): ranks rounded to the CPU's block, plans on a static onnxruntime latency model.
 
 Every test pins the static model's rates (no probe is timed) and forbids any
 onnxruntime timing, so the plan is deterministic and the checks recompute
@@ -32,7 +32,7 @@ def no_timing(monkeypatch):
     """The static model's rates pinned to RATES; any onnxruntime timing fails the test."""
 
     def timed(*args, **kwargs):
-        raise AssertionError("the default recipe timed something in onnxruntime")
+        raise AssertionError("the cpu recipe timed something in onnxruntime")
 
     monkeypatch.setattr(static_model, "calibrate", lambda *a, **k: RATES)
     monkeypatch.setattr("fxdecomp.onnxrt.layer_cache.LayerLatency._measure", timed)
@@ -119,8 +119,8 @@ def _inputs(model, x):
 
 def _compress(model, x, budget, **plan):
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the default recipe warns about nothing here
-        return fxdecomp.compress(model, (x,), budget=budget, pipeline=fxdecomp.load_recipe("default").with_options(plan=plan))
+        warnings.simplefilter("error")  # the cpu recipe warns about nothing here
+        return fxdecomp.compress(model, (x,), budget=budget, pipeline=fxdecomp.load_recipe("cpu").with_options(plan=plan))
 
 
 @pytest.mark.parametrize("budget", [0.5, 0.3])
