@@ -52,11 +52,17 @@ VARIANTS: list[tuple[str, Variant]] = [
     ("weight-only: both", Variant(calibrate=False, options={"calibrate": {"weight_prior": "batchnorm", "weight_damage": "retained_energy"}})),
     ("weight-only: both, svd only", Variant(calibrate=False, options={"calibrate": {"weight_prior": "batchnorm", "weight_damage": "retained_energy"}},
                                             kwargs={"methods": ["svd"]})),
-    ("calibrated (today)", Variant(options={"calibrate": {"shrinkage": 0.0}})),
-    ("calibrated + shrinkage", Variant(options={"calibrate": {"shrinkage": "auto"}})),
-    # Other parts of issue 16 go here, one line each, alone and then together, e.g.
-    # ("+ data-fitted factors", Variant(options={...})), ("+ LS correction", ...), ("+ BN re-estimation", ...),
-    # ("+ cross-layer compensation", Variant(recipe="compensate")), ("all together", Variant(options={...})).
+    ("calibrated (today)", Variant(options={"calibrate": {"shrinkage": 0.0}, "plan": {"fit": "svd"}})),
+    ("+ shrinkage", Variant(options={"calibrate": {"shrinkage": "auto"}, "plan": {"fit": "svd"}})),
+    ("+ data-fitted factors", Variant(options={"calibrate": {"shrinkage": 0.0}, "plan": {"fit": "data"}})),
+    ("+ LS correction", Variant(options={"calibrate": {"shrinkage": 0.0}, "plan": {"fit": "svd"},
+                                         "correct_factors": {"enabled": True, "inputs": "compressed"}})),
+    ("+ BN re-estimation", Variant(options={"calibrate": {"shrinkage": 0.0}, "plan": {"fit": "svd"},
+                                            "reestimate_batchnorm": {"enabled": True, "mode": "shift"}})),
+    ("+ compensation", Variant(options={"calibrate": {"shrinkage": 0.0}, "plan": {"fit": "svd"}, "compensate": {"enabled": True}})),
+    ("all together", Variant(options={"calibrate": {"shrinkage": "auto"}, "plan": {"fit": "data"}, "compensate": {"enabled": True},
+                                      "correct_factors": {"enabled": True, "inputs": "compressed"},
+                                      "reestimate_batchnorm": {"enabled": True, "mode": "shift"}})),
 ]
 
 
