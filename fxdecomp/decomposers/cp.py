@@ -11,7 +11,7 @@ depthwise kd x 1 x 1 conv, then a depthwise 1 x kh x kw one; the (kh, kw) taps a
 not split further). Transposed convs get transposed depthwise convs.
 
 With calibration data (`factorize_whitened`) every rank's factors are fitted to the data
-(`fxdecomp.factorize.cp.fitted_cp`: ALS on the kernel whitened mode by mode with the
+(`fxdecomp.factorize.fitted_cp.fitted_cp`: ALS on the kernel whitened mode by mode with the
 Kronecker factors of the input Gram matrix and the output one, then the output factor
 refitted by exact weighted least squares), and the errors are relative output errors.
 """
@@ -23,7 +23,8 @@ import math
 import torch
 from torch import nn
 
-from ..factorize.cp import cp_conv_kernel, fitted_cp, max_cp_rank
+from ..factorize.cp import cp_conv_kernel, max_cp_rank
+from ..factorize.fitted_cp import fitted_cp
 from ..factorize.svd import matrix_spectrum
 from .base import (
     CONV_KINDS,

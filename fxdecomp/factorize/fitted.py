@@ -27,7 +27,7 @@ approximations of Zhang, Zou, He and Sun, "Accelerating Very Deep Convolutional 
 for Classification and Detection" (TPAMI 2015: W_hat fitted to the layer's responses, a
 generalised SVD) and of ASVD / SVD-LLM (whitening by the input Gram matrix), applied to
 the structures of Jaderberg et al. 2014 / Tai et al. 2016 (spatial split) and Kim et al.
-2016 (Tucker-2); `fitted_cp` does the same for Lebedev et al.'s CP (ICLR 2015).
+2016 (Tucker-2); `fxdecomp.factorize.fitted_cp` does the same for Lebedev et al.'s CP (ICLR 2015).
 
 At full rank (r = C, r_out = T) the fit is exact: P is invertible and B = W (Q (x) I).
 """
