@@ -92,8 +92,10 @@ class CalibratePass(Pass):
         seed: int = 0  # of the random projections: the result is deterministic
         # Gram matrices shrunk toward their weight-only limit (a scaled identity): "auto" (Ledoit-Wolf,
         # images / sequences as the samples: `fxdecomp.calibration.ledoit_wolf_shrinkage`), a fixed
-        # weight in [0, 1], or 0 (none). Input and output-side Gram matrices alike.
-        shrinkage: float | str = 0.0
+        # weight in [0, 1], or 0 (none). Input and output-side Gram matrices alike. "auto" by default:
+        # on EfficientNet-Lite0 at 0.8 of its FLOPs it lifts unseen-photo agreement from 3 % to 22 %
+        # and halves the KL on held-out crops (tools/bench_calibration.py --only efficientnet).
+        shrinkage: float | str = "auto"
         # Without calibration data: "batchnorm" measures errors (and fits svd) on the output of the
         # BatchNorm after each conv, with input scales from the one before (`fxdecomp.bn_prior`); "none":
         # plain weight errors.
