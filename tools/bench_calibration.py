@@ -148,7 +148,7 @@ def main():
     methods = args.methods.split(",")
     rows = []
     if args.only in (None, "minilm"):
-        pipeline = fxdecomp.load_recipe("default").with_options(calibrate={"shrinkage": args.shrinkage}) if args.shrinkage else None
+        pipeline = fxdecomp.load_recipe("default").with_options(calibrate={"shrinkage": args.shrinkage}) if args.shrinkage is not None else None
         rows += minilm_rows((0.8, 0.6), [m for m in methods if m in fxdecomp.methods_for("linear")], not args.no_sensitivity, pipeline)
     if args.only in (None, "digits"):
         rows += digits_rows((0.5, 0.3), methods)
