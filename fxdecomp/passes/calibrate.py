@@ -100,7 +100,7 @@ class CalibratePass(Pass):
         weight_prior: str = "none"
         # The planner's damage of an error not measured on the model's outputs: "retained_energy"
         # (-log(1 - e^2), `fxdecomp.planning.damage.retained_energy_damage`) or "squared" (e^2).
-        weight_damage: str = "squared"
+        weight_damage: str = "retained_energy"
 
     def run(self, gm):
         ctx = self.context
