@@ -98,15 +98,16 @@ class CalibratePass(Pass):
         # BatchNorm after each conv, with input scales from the one before (`fxdecomp.bn_prior`); "none":
         # plain weight errors.
         weight_prior: str = "none"
-        # The planner's damage of an error not measured on the model's outputs: "retained_energy"
-        # (-log(1 - e^2), `fxdecomp.planning.damage.retained_energy_damage`) or "squared" (e^2).
-        weight_damage: str = "retained_energy"
+        # The planner's damage of an error not measured on the model's outputs: "signal_share" (-log(1 - e^2)
+        # times the layer's share of the signal at the residual sum it joins, `fxdecomp.planning.signal_share`),
+        # "retained_energy" (-log(1 - e^2), `fxdecomp.planning.damage.retained_energy_damage`) or "squared" (e^2).
+        weight_damage: str = "squared"
 
     def run(self, gm):
         ctx = self.context
-        if self.options.weight_damage not in ("retained_energy", "squared"):
+        if self.options.weight_damage not in ("signal_share", "retained_energy", "squared"):
             raise InvalidInputError(
-                f"calibrate: weight_damage must be 'retained_energy' or 'squared', got {self.options.weight_damage!r}"
+                f"calibrate: weight_damage must be 'signal_share', 'retained_energy' or 'squared', got {self.options.weight_damage!r}"
             )
         if ctx.calibration is None:
             ctx.provide("calibration", dataclasses.replace(self._prior(gm), weight_damage=self.options.weight_damage))
