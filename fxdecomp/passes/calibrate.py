@@ -101,7 +101,7 @@ class CalibratePass(Pass):
         # The planner's damage of an error not measured on the model's outputs: "signal_share" (-log(1 - e^2)
         # times the layer's share of the signal at the residual sum it joins, `fxdecomp.planning.signal_share`),
         # "retained_energy" (-log(1 - e^2), `fxdecomp.planning.damage.retained_energy_damage`) or "squared" (e^2).
-        weight_damage: str = "squared"
+        weight_damage: str = "signal_share"
 
     def run(self, gm):
         ctx = self.context
