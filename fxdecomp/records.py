@@ -79,7 +79,7 @@ class CalibrationStats:
     output_grams: Mapping[str, Any] = field(default_factory=dict)  # OutputGramAccumulator
     error_meters: dict[str, Any] = field(default_factory=dict)  # OutputErrorMeter
     # Damage of an error not measured on the model's outputs (`fxdecomp.planning.damage.output_damage`):
-    # "retained_energy" (-log(1 - e^2)) or "squared" (e^2).
+    # "retained_energy" (-log(1 - e^2)), "signal_share" (that times the layer's share of the signal) or "squared" (e^2).
     weight_damage: str = "squared"
 
 
@@ -150,6 +150,7 @@ class Factorizations:
     states: dict[tuple[str, str, bool], Any] = field(default_factory=dict)
     output_weights: dict[str, Any] = field(default_factory=dict)
     output_energies: dict[str, float] | None = None
+    signal_shares: dict[str, float] | None = None  # weight_damage = "signal_share" (planning.signal_share)
     # Which methods fit their factors to calibration data: "data" (every data-aware one),
     # "svd" (svd only, as before #16) or "weights" (none); set by the plan pass's option ``fit``.
     fit: str = "data"

@@ -19,6 +19,7 @@ import torch
 
 from ..calibration import OutputErrorMeter, output_energy
 from ..graph.candidates import Candidate
+from .signal_share import signal_shares
 from .factors import factorization, fitted_to_data, gram_matrices, output_gram_matrices, output_weights
 
 
@@ -82,13 +83,25 @@ def retained_energy_damage(error: float) -> float:
     return -math.log(max(1.0 - error**2, 1e-6))
 
 
+def candidate_share(ctx, candidate: Candidate) -> float:
+    """The candidate's share of the signal at the residual sum its error joins (`fxdecomp.planning.signal_share`), cached."""
+    if ctx.factorizations.signal_shares is None:
+        site = next((c.sites[0] for c in ctx.candidates.values() if c.sites), None)
+        gm = site.node.graph.owning_module if site is not None else None
+        ctx.factorizations.signal_shares = signal_shares(gm, ctx.candidates, ctx.example_inputs) if gm is not None else {}
+    return ctx.factorizations.signal_shares.get(candidate.name, 1.0)
+
+
 def output_damage(ctx, candidate: Candidate, error: float) -> float | None:
     """error^2 in the unit of the model's outputs (output-aware calibration), else None (error^2) or,
-    with the calibrate option ``weight_damage = "retained_energy"``, `retained_energy_damage`."""
+    with the calibrate option ``weight_damage = "retained_energy"``, `retained_energy_damage`, and with
+    ``"signal_share"`` that times the layer's share of the signal (`candidate_share`)."""
     energies = output_energies(ctx)
     if not energies:
         if ctx.calibration_stats.weight_damage == "squared":
             return None
+        if ctx.calibration_stats.weight_damage == "signal_share":
+            return candidate_share(ctx, candidate) * retained_energy_damage(error)
         return retained_energy_damage(error)
     # A layer the calibration could not observe counts like an average one.
     energy = energies.get(candidate.name, sum(energies.values()) / len(energies))

@@ -1,0 +1,127 @@
+"""Weight-only damage on a lean residual network: a layer's error counts by its share of the signal (issue 16)."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxdecomp
+from fxdecomp.errors import InvalidInputError
+
+WIDTH = 32
+
+
+class _Block(nn.Module):
+    """An inverted-residual-like block: x + BN(project(ReLU6(BN(dw(ReLU6(BN(expand(x))))))))."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand, self.bn1 = nn.Conv2d(WIDTH, WIDTH, 1, bias=False), nn.BatchNorm2d(WIDTH)
+        self.dw, self.bn2 = nn.Conv2d(WIDTH, WIDTH, 3, padding=1, groups=WIDTH, bias=False), nn.BatchNorm2d(WIDTH)
+        self.project, self.bn3 = nn.Conv2d(WIDTH, WIDTH, 1, bias=False), nn.BatchNorm2d(WIDTH)
+
+    def forward(self, x):
+        act = nn.functional.relu6
+        return x + self.bn3(self.project(act(self.bn2(self.dw(act(self.bn1(self.expand(x))))))))
+
+
+class _LeanNet(nn.Module):
+    """stem -> BN -> ReLU6 -> transition (flat spectrum, on the main path) -> BN -> two residual blocks.
+
+    The blocks' pointwise convs have slowly decaying spectra (0.97^i) and their branches are weak next
+    to the skip; the transition's singular values are all equal, so any truncation of it removes its
+    share of the signal from everything after it.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, WIDTH, 3, padding=1, bias=False), nn.BatchNorm2d(WIDTH)
+        self.transition, self.bnt = nn.Conv2d(WIDTH, WIDTH, 1, bias=False), nn.BatchNorm2d(WIDTH)
+        self.blocks = nn.Sequential(_Block(), _Block())
+
+    def forward(self, x):
+        return self.blocks(self.bnt(self.transition(nn.functional.relu6(self.bn0(self.stem(x))))))
+
+
+def _spectrum(generator, decay: float) -> torch.Tensor:
+    q1, _ = torch.linalg.qr(torch.randn(WIDTH, WIDTH, generator=generator))
+    q2, _ = torch.linalg.qr(torch.randn(WIDTH, WIDTH, generator=generator))
+    return (q1 @ torch.diag(decay ** torch.arange(WIDTH, dtype=torch.float32)) @ q2.T)[:, :, None, None]
+
+
+def _lean_net() -> _LeanNet:
+    generator = torch.Generator().manual_seed(0)
+    net = _LeanNet()
+    with torch.no_grad():
+        net.transition.weight.copy_(_spectrum(generator, 1.0))
+        for block in net.blocks:
+            block.expand.weight.copy_(_spectrum(generator, 0.97))
+            block.project.weight.copy_(_spectrum(generator, 0.97))
+            block.bn3.weight.fill_(0.5)
+    return net.eval()
+
+
+def _compress(net, x, budget, weight_damage):
+    recipe = fxdecomp.load_recipe("default").with_options(
+        calibrate={"weight_damage": weight_damage}, plan={"round_to": 1, "min_efficiency": 0}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxdecomp.compress(net, (x,), budget=budget, methods=["svd"], exclude=("stem",), pipeline=recipe)
+
+
+def _output_error(model, compressed, x) -> float:
+    with torch.no_grad():
+        reference = model(x)
+        return float((compressed(x) - reference).norm() / reference.norm())
+
+
+def test_signal_share_keeps_the_main_path_of_a_lean_residual_net():
+    net = _lean_net()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    test = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    squared = _compress(net, x, 0.4, "squared")
+    shared = _compress(net, x, 0.4, "signal_share")
+    for result in (squared, shared):
+        assert result.flops_after <= 0.4 * result.flops_before * (1 + 1e-9)
+    transition = lambda result: next(d for d in result.decisions if d.name == "transition")  # noqa: E731
+    # e^2 is at most 1: the old plan buys FLOPs by emptying the main-path conv, and the output is gone.
+    assert transition(squared).error > 0.95
+    assert _output_error(net, squared.graph_module, test) > 0.95
+    # Weighted by its share of the signal, the main path is cut far less and the output survives.
+    assert transition(shared).error < 0.8
+    assert _output_error(net, shared.graph_module, test) < 0.8
+
+
+def test_signal_shares_match_the_branch_energy_at_the_residual_sum():
+    from types import SimpleNamespace
+
+    from fxdecomp.planning.signal_share import signal_shares
+
+    net = _lean_net()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    gm = torch.fx.symbolic_trace(net)
+    names = ("stem", "transition", "blocks.0.expand", "blocks.0.project", "blocks.1.expand")
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    candidates = {name: SimpleNamespace(sites=[SimpleNamespace(node=nodes[name])]) for name in names}
+    shares = signal_shares(gm, candidates, (x,))
+    act = nn.functional.relu6
+    with torch.no_grad():  # the oracle: the blocks' branches recomputed from the modules
+        h = net.bnt(net.transition(act(net.bn0(net.stem(x)))))
+        expected = {}
+        for i, block in enumerate(net.blocks):
+            branch = block.bn3(block.project(act(block.bn2(block.dw(act(block.bn1(block.expand(h))))))))
+            expected[f"blocks.{i}"] = float(branch.double().pow(2).sum() / (h + branch).double().pow(2).sum())
+            h = h + branch
+    assert shares["stem"] == 1.0 and shares["transition"] == 1.0  # every sum after them adds two of their own paths
+    assert shares["blocks.0.expand"] == pytest.approx(expected["blocks.0"], rel=1e-6)
+    assert shares["blocks.0.project"] == pytest.approx(expected["blocks.0"], rel=1e-6)
+    assert shares["blocks.1.expand"] == pytest.approx(expected["blocks.1"], rel=1e-6)
+    assert 0.0 < expected["blocks.0"] < 0.5
+
+
+def test_unknown_weight_damage_names_signal_share():
+    recipe = fxdecomp.load_recipe("default").with_options(calibrate={"weight_damage": "cubic"})
+    with pytest.raises(InvalidInputError, match="signal_share"):
+        fxdecomp.compress(_lean_net(), (torch.randn(1, 3, 8, 8),), budget=0.9, pipeline=recipe)
