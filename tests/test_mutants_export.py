@@ -47,19 +47,25 @@ def test_a_difference_equal_to_the_tolerance_is_accepted(tmp_path):
     assert report.max_abs_diff == 0.0 and report.max_rel_diff == 0.0
 
 
-class Add(nn.Module):
+class Independent(nn.Module):
+    """Two inputs that nothing ties together: only the exporter's dynamic-batch spec can make them share a dim."""
+
     def forward(self, x, y):
-        return x + y
+        return x * 2, y * 3
 
 
-def test_one_dimensional_inputs_of_one_batch_share_the_batch_dim(tmp_path):
-    x, y = torch.arange(3.0), torch.arange(3.0) * 10
-    report = export_onnx(Add(), (x, y), tmp_path / "add.onnx")
-    (bx,), (by,) = report.inputs[0].shape, report.inputs[1].shape
-    assert isinstance(bx, str) and bx == by  # x + y needs equal sizes: one symbol for both
-    x5, y5 = torch.arange(5.0), torch.ones(5)
-    (got,) = _ort(tmp_path / "add.onnx", x5, y5)
-    np.testing.assert_array_equal(got, (x5 + y5).numpy())
+@pytest.mark.parametrize("ndim", [1, 2])
+def test_inputs_of_one_batch_size_share_one_batch_dim(tmp_path, ndim):
+    x, y = torch.arange(3.0 ** ndim).reshape((3,) * ndim), torch.ones((3,) * ndim)
+    report = export_onnx(Independent(), (x, y), tmp_path / "two.onnx")
+    batch = report.inputs[0].shape[0]
+    assert isinstance(batch, str)
+    assert [t.shape[0] for t in report.inputs + report.outputs] == [batch] * 4  # one batch, also for 1-D inputs
+    assert [t.shape[1:] for t in report.inputs] == [(3,) * (ndim - 1)] * 2
+    x5, y5 = torch.randn((5,) + (3,) * (ndim - 1)), torch.randn((5,) + (3,) * (ndim - 1))
+    got = _ort(tmp_path / "two.onnx", x5, y5)
+    np.testing.assert_array_equal(got[0], (x5 * 2).numpy())
+    np.testing.assert_array_equal(got[1], (y5 * 3).numpy())
 
 
 def test_a_captured_graph_keeps_every_free_dim_free(tmp_path):
