@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 import fxdecomp
@@ -134,3 +135,22 @@ def test_output_aware_calibrated_plan_meets_the_budget_and_reports_the_true_erro
 
     assert result.output_error == pytest.approx(float((got - expected).norm() / expected.norm()), rel=1e-4)
     assert any(d.decomposed for d in result.decisions)
+
+
+def test_weight_only_factors_get_their_error_measured_on_input_only_calibration():
+    """fit="weights" with input-only calibration: the planner's error is the decomposed layer's output error on that data."""
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Conv2d(6, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1)).eval()
+    batches = [(torch.randn(4, 6, 8, 8, generator=torch.Generator().manual_seed(s)),) for s in range(3)]
+    recipe = fxdecomp.load_recipe("default").with_options(plan={"fit": "weights"})
+    result = fxdecomp.compress(model, batches[0], methods=["tucker2"], calibration=batches,
+                               plan={"0": ("keep", ()), "2": ("tucker2", (6, 6))}, pipeline=recipe)
+    decision = next(d for d in result.decisions if d.name == "2")
+    with torch.no_grad():
+        inputs = torch.cat([model[1](model[0](b[0])) for b in batches])
+        layer, new = model[2], result.graph_module.get_submodule("2")
+        bias = layer.bias[None, :, None, None]
+        want, got = layer(inputs) - bias, new(inputs) - bias  # the error of W x (what the Gram matrices measure)
+    measured = float((got - want).norm() / want.norm())
+    assert measured > 0.05  # rank 6 of 16: a real error, not a rounding one
+    assert decision.error == pytest.approx(measured, rel=0.1)  # on damped calibration statistics, as in test_fitted_methods
