@@ -16,7 +16,9 @@ from fxdecomp.passes.plan import PlanPass
 from fxdecomp.examples.vision import VGG
 
 
-def test_sensitivity_scores_the_reference_once_then_each_option_with_only_its_layer_decomposed():
+# "static": the default recipe's static-latency plan; "flops-only": the FLOP plan of run() (nothing timed).
+@pytest.mark.parametrize("plan_options", [{}, {"min_efficiency": 0.0, "round_to": 1}], ids=["static", "flops-only"])
+def test_sensitivity_scores_the_reference_once_then_each_option_with_only_its_layer_decomposed(plan_options):
     torch.manual_seed(0)
     model, x = VGG().eval(), torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -30,7 +32,8 @@ def test_sensitivity_scores_the_reference_once_then_each_option_with_only_its_la
         seen.append((set(module.state_dict()), error))
         return -error
 
-    result = fxdecomp.compress(model, (x,), budget=0.5, methods=["svd"], sensitivity=score)
+    pipeline = fxdecomp.load_recipe("default").with_options(plan=plan_options)
+    result = fxdecomp.compress(model, (x,), budget=0.5, methods=["svd"], sensitivity=score, pipeline=pipeline)
     assert result.flops_after <= 0.5 * result.flops_before
     (baseline_keys, baseline_error), *variants = seen
     assert baseline_error < 1e-6  # the baseline is the reference itself, scored first and once
