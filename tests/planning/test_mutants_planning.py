@@ -157,3 +157,26 @@ def test_weight_only_factors_get_their_error_measured_on_input_only_calibration(
     measured = float((got - want).norm() / want.norm())
     assert measured > 0.05  # rank 6 of 16: a real error, not a rounding one
     assert decision.error == pytest.approx(measured, rel=0.1)  # on damped calibration statistics, as in test_fitted_methods
+
+
+def test_a_budget_rounded_ranks_cannot_reach_falls_back_to_a_flop_plan_and_says_so():
+    """8-channel convs with ranks rounded to 16: no rounded option saves FLOPs, so the plan falls back to every rank."""
+    import logging
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1)).eval()
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("fxdecomp")
+    logger.addHandler(handler)
+    try:
+        result = fxdecomp.compress(model, (torch.randn(1, 8, 8, 8),), budget=0.3,
+                                   pipeline=fxdecomp.load_recipe("default").with_options(plan={"round_to": 16}))
+    finally:
+        logger.removeHandler(handler)
+    assert result.flops_after <= 0.3 * result.flops_before
+    decomposed = [d for d in result.decisions if d.ranks]
+    assert decomposed and all(r % 16 for d in decomposed for r in d.ranks)  # ranks below the rounding: the fallback's
+    messages = [r.getMessage() for r in records]
+    assert any("no plan on rounded, predicted-faster options reaches this budget; planned on FLOPs alone" in m for m in messages), messages
