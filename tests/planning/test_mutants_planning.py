@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 import fxdecomp
@@ -15,7 +16,9 @@ from fxdecomp.passes.plan import PlanPass
 from fxdecomp.examples.vision import VGG
 
 
-def test_sensitivity_scores_the_reference_once_then_each_option_with_only_its_layer_decomposed():
+# "static": the default recipe's static-latency plan; "flops-only": the FLOP plan of run() (nothing timed).
+@pytest.mark.parametrize("plan_options", [{}, {"min_efficiency": 0.0, "round_to": 1}], ids=["static", "flops-only"])
+def test_sensitivity_scores_the_reference_once_then_each_option_with_only_its_layer_decomposed(plan_options):
     torch.manual_seed(0)
     model, x = VGG().eval(), torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -29,7 +32,8 @@ def test_sensitivity_scores_the_reference_once_then_each_option_with_only_its_la
         seen.append((set(module.state_dict()), error))
         return -error
 
-    result = fxdecomp.compress(model, (x,), budget=0.5, methods=["svd"], sensitivity=score)
+    pipeline = fxdecomp.load_recipe("default").with_options(plan=plan_options)
+    result = fxdecomp.compress(model, (x,), budget=0.5, methods=["svd"], sensitivity=score, pipeline=pipeline)
     assert result.flops_after <= 0.5 * result.flops_before
     (baseline_keys, baseline_error), *variants = seen
     assert baseline_error < 1e-6  # the baseline is the reference itself, scored first and once
@@ -134,3 +138,45 @@ def test_output_aware_calibrated_plan_meets_the_budget_and_reports_the_true_erro
 
     assert result.output_error == pytest.approx(float((got - expected).norm() / expected.norm()), rel=1e-4)
     assert any(d.decomposed for d in result.decisions)
+
+
+def test_weight_only_factors_get_their_error_measured_on_input_only_calibration():
+    """fit="weights" with input-only calibration: the planner's error is the decomposed layer's output error on that data."""
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Conv2d(6, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1)).eval()
+    batches = [(torch.randn(4, 6, 8, 8, generator=torch.Generator().manual_seed(s)),) for s in range(3)]
+    recipe = fxdecomp.load_recipe("default").with_options(plan={"fit": "weights"}, calibrate={"output_aware": False})
+    result = fxdecomp.compress(model, batches[0], methods=["tucker2"], calibration=batches,
+                               plan={"0": ("keep", ()), "2": ("tucker2", (6, 6))}, pipeline=recipe)
+    decision = next(d for d in result.decisions if d.name == "2")
+    with torch.no_grad():
+        inputs = torch.cat([model[1](model[0](b[0])) for b in batches])
+        layer, new = model[2], result.graph_module.get_submodule("2")
+        bias = layer.bias[None, :, None, None]
+        want, got = layer(inputs) - bias, new(inputs) - bias  # the error of W x (what the Gram matrices measure)
+    measured = float((got - want).norm() / want.norm())
+    assert measured > 0.05  # rank 6 of 16: a real error, not a rounding one
+    assert decision.error == pytest.approx(measured, rel=0.1)  # on damped calibration statistics, as in test_fitted_methods
+
+
+def test_a_budget_rounded_ranks_cannot_reach_falls_back_to_a_flop_plan_and_says_so():
+    """8-channel convs with ranks rounded to 16: no rounded option saves FLOPs, so the plan falls back to every rank."""
+    import logging
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1)).eval()
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("fxdecomp")
+    logger.addHandler(handler)
+    try:
+        result = fxdecomp.compress(model, (torch.randn(1, 8, 8, 8),), budget=0.3,
+                                   pipeline=fxdecomp.load_recipe("default").with_options(plan={"round_to": 16}))
+    finally:
+        logger.removeHandler(handler)
+    assert result.flops_after <= 0.3 * result.flops_before
+    decomposed = [d for d in result.decisions if d.ranks]
+    assert decomposed and all(r % 16 for d in decomposed for r in d.ranks)  # ranks below the rounding: the fallback's
+    messages = [r.getMessage() for r in records]
+    assert any("no plan on rounded, predicted-faster options reaches this budget; planned on FLOPs alone" in m for m in messages), messages

@@ -104,7 +104,8 @@ MODULES: dict[str, Target] = {
     ),
     "decomposers": Target(
         tuple(f"fxdecomp/decomposers/{m}.py" for m in ("base", "svd", "spatial_svd", "tucker2", "cp", "tt", "tiled_svd")),
-        ("tests/decomposers/test_decompose.py", "tests/test_cost.py", "tests/factorize/test_cp.py", "tests/decomposers/test_conv_kinds.py"),
+        ("tests/decomposers/test_decompose.py", "tests/test_cost.py", "tests/factorize/test_cp.py", "tests/decomposers/test_conv_kinds.py",
+         "tests/decomposers/test_fitted_methods.py", "tests/decomposers/test_tiling.py"),  # the fitted paths
     ),
     "export": Target(
         ("fxdecomp/export.py",),
