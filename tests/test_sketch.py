@@ -83,9 +83,10 @@ def test_compress_with_a_sketched_head_plans_like_the_dense_one(monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 400)).eval()
     batches = [(torch.randn(16, 32),) for _ in range(4)]
-    dense = fxdecomp.compress(model, (torch.randn(4, 32),), budget=0.6, calibration=batches)
+    raw = fxdecomp.load_recipe("default").with_options(calibrate={"shrinkage": 0.0})  # a sketch is never shrunk
+    dense = fxdecomp.compress(model, (torch.randn(4, 32),), budget=0.6, calibration=batches, pipeline=raw)
     monkeypatch.setattr("fxdecomp.calibration.MAX_DENSE_DIM", 200)  # the 400-way head is now sketched
-    sketched = fxdecomp.compress(model, (torch.randn(4, 32),), budget=0.6, calibration=batches)
+    sketched = fxdecomp.compress(model, (torch.randn(4, 32),), budget=0.6, calibration=batches, pipeline=raw)
     for a, b in zip(dense.decisions, sketched.decisions):
         assert a.name == b.name
         assert abs(a.flops_after - b.flops_after) <= 0.25 * a.flops_before
