@@ -60,3 +60,25 @@ def test_cp_with_lossy_channel_compression_is_polished_to_the_uncompressed_fit(m
     assert compressed.relative_error == pytest.approx(recomputed, rel=1e-4)
     # 5 of 12 output and 5 of 10 input directions hold nearly all of a rank-3 kernel's energy.
     assert recomputed <= 1.05 * plain.relative_error
+
+
+def test_tt_svd_weights_its_first_truncation_in_float64_whatever_the_weights_dtype():
+    """A float32 (A^(1/2), A^(-1/2)) pair weights the float64 unfolding as the float64 pair does, and the
+    first core is the A-norm optimum recomputed here: A^(-1/2) times the leading left vectors of A^(1/2) T_(1)."""
+    from fxdecomp.factorize.tt import tt_svd
+
+    torch.manual_seed(0)
+    tensor = torch.randn(6, 5, 4, dtype=torch.float64)
+    x = torch.randn(40, 6, dtype=torch.float64)
+    a = x.T @ x / 40 + 0.1 * torch.eye(6, dtype=torch.float64)
+    values, vectors = torch.linalg.eigh(a)
+    root, inverse_root = (vectors * values.sqrt()) @ vectors.T, (vectors / values.sqrt()) @ vectors.T
+    cores64 = tt_svd(tensor, (3, 2), (root, inverse_root))
+    cores32 = tt_svd(tensor, (3, 2), (root.float(), inverse_root.float()))
+    for c64, c32 in zip(cores64, cores32):
+        assert c32.dtype == torch.float64
+        torch.testing.assert_close(c32, c64, rtol=1e-5, atol=1e-6)
+    u = torch.linalg.svd(root @ tensor.reshape(6, -1), full_matrices=False).U[:, :3]
+    first = cores64[0].reshape(6, 3)
+    expected = inverse_root @ u  # the first core spans A^(-1/2) U_r
+    torch.testing.assert_close(first @ torch.linalg.pinv(first), expected @ torch.linalg.pinv(expected), rtol=1e-8, atol=1e-8)
