@@ -93,7 +93,8 @@ MODULES: dict[str, Target] = {
     "planning": Target(
         tuple(f"fxdecomp/planning/{m}.py" for m in ("solver", "grid", "search", "budget", "damage", "replay", "factors",
                                                      "sensitivity", "latency")) + ("fxdecomp/passes/plan.py",),
-        ("tests/planning/test_planner.py", "tests/passes/test_pass_manager.py", "tests/planning/test_latency_budget.py")
+        ("tests/planning/test_planner.py", "tests/passes/test_pass_manager.py", "tests/planning/test_latency_budget.py",
+         "tests/planning/test_fast_default.py", "tests/planning/test_signal_share.py")
         + _compress("unreachable_budget_names_the_smallest", "parameter_budget", "bad_budgets", "exclude_and_report",
                     "saved_plan_reapplies_the_same_structure", "same_inputs_same_plan")
         + _budget("0.5-vgg", "0.3-mobilenetv2"),
