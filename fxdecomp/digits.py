@@ -81,6 +81,18 @@ def train_classifier(model: nn.Module, data: Split, epochs: int = 10, lr: float 
 
 
 @torch.no_grad()
+def logits(model: nn.Module, data: Split, batch_size: int = 256) -> torch.Tensor:
+    """The model's logits (N, 10) on every image of ``data``, without gradients."""
+    with torch.no_grad():
+        return torch.cat([model(images) for images, _ in data.batches(batch_size)])
+
+
+def logit_error(model: nn.Module, reference: torch.Tensor, data: Split) -> float:
+    """||logits - reference|| / ||reference||: the relative L2 error of ``model``'s logits on ``data``
+    against the original's (``reference = logits(original, data)``); unlike accuracy, it does not saturate."""
+    return float((logits(model, data) - reference).norm() / reference.norm())
+
+
 def accuracy(model: nn.Module, data: Split, batch_size: int = 256) -> float:
     was_training = model.training
     model.eval()

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import fxdecomp
-from fxdecomp.digits import DigitsCNN, accuracy, load_digits_split, train_classifier
+from fxdecomp.digits import DigitsCNN, accuracy, load_digits_split, logit_error, logits, train_classifier
 
 SENTENCES = Path(__file__).parent / "data" / "sentences.txt"
 BATCH, LENGTH = 8, 32
@@ -110,14 +110,7 @@ def digits_rows(fractions, methods):
     x = train.images[:8]
     calibration = [(images,) for images, _ in train.batches(64)][:12]
     rows = [{"case": "digits CNN, original", "metric": "accuracy", "weight-only": accuracy(model, test), "calibrated": accuracy(model, test)}]
-    with torch.no_grad():
-        reference = torch.cat([model(images) for images, _ in test.batches(256)])
-
-    def logit_error(module):
-        """Relative L2 error of the test logits against the original's: accuracy saturates on digits, this does not."""
-        with torch.no_grad():
-            logits = torch.cat([module(images) for images, _ in test.batches(256)])
-        return float((logits - reference).norm() / reference.norm())
+    reference = logits(model, test)  # relative logit errors: accuracy saturates on digits, they do not
 
     for fraction in fractions:
         row = {"case": f"digits CNN, FLOPs x{fraction}", "metric": "accuracy"}
@@ -127,7 +120,7 @@ def digits_rows(fractions, methods):
             result = fxdecomp.compress(model, (x,), budget=fraction, methods=methods, calibration=calib)
             row[label] = accuracy(result.graph_module, test)
             row[f"{label} s"] = time.perf_counter() - start
-            error_row[label] = logit_error(result.graph_module)
+            error_row[label] = logit_error(result.graph_module, reference, test)
         rows += [row, error_row]
     return rows
 

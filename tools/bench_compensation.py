@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import fxdecomp
-from fxdecomp.digits import DigitsCNN, accuracy, load_digits_split, train_classifier
+from fxdecomp.digits import DigitsCNN, accuracy, load_digits_split, logit_error, logits, train_classifier
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_calibration import BATCH, LENGTH, SENTENCES  # noqa: E402  (the same harness)
@@ -50,18 +50,12 @@ def digits_rows(fractions, methods):
     torch.manual_seed(0)
     model = train_classifier(DigitsCNN(), train, epochs=12)
     batches = [(images,) for images, _ in train.batches(64)][:12]
-    with torch.no_grad():
-        reference = torch.cat([model(images) for images, _ in test.batches(256)])
-
-    def logit_error(module):
-        with torch.no_grad():
-            logits = torch.cat([module(images) for images, _ in test.batches(256)])
-        return float((logits - reference).norm() / reference.norm())
+    reference = logits(model, test)
 
     rows = []
     for fraction in fractions:
         (a0, e0), (a1, e1), seconds = compare(
-            model, (train.images[:8],), fraction, methods, lambda: iter(batches), lambda m: (accuracy(m, test), logit_error(m))
+            model, (train.images[:8],), fraction, methods, lambda: iter(batches), lambda m: (accuracy(m, test), logit_error(m, reference, test))
         )
         rows.append((f"digits CNN, FLOPs x{fraction}", "accuracy", a0, a1, seconds))
         rows.append((f"digits CNN, FLOPs x{fraction}", "logit error", e0, e1, seconds))

@@ -186,14 +186,13 @@ def model_rows(budget: float, methods) -> list[dict]:
 
 def digits_model_rows(budget: float, methods) -> list[dict]:
     """The whole digits CNN at ``budget`` of its FLOPs, calibrated on training images, for each ``fit``: test logit error and accuracy."""
-    from fxdecomp.digits import DigitsCNN, accuracy, load_digits_split, train_classifier
+    from fxdecomp.digits import DigitsCNN, accuracy, load_digits_split, logit_error, logits, train_classifier
 
     train, test = load_digits_split()
     torch.manual_seed(0)
     model = train_classifier(DigitsCNN(), train, epochs=12).eval()
     calibration = [(images,) for images, _ in train.batches(64)][:12]
-    with torch.no_grad():
-        reference = torch.cat([model(images) for images, _ in test.batches(256)])
+    reference = logits(model, test)
     rows = []
     recipe = fxdecomp.load_recipe("default")
     for fit in ("weights", "svd", "data"):
@@ -201,9 +200,7 @@ def digits_model_rows(budget: float, methods) -> list[dict]:
         result = fxdecomp.compress(model, (train.images[:8],), budget=budget, methods=methods, calibration=calibration,
                                    pipeline=recipe.with_options(plan={"fit": fit}))
         seconds = time.perf_counter() - start
-        with torch.no_grad():
-            logits = torch.cat([result.graph_module(images) for images, _ in test.batches(256)])
-        rows.append({"fit": fit, "logit error": float((logits - reference).norm() / reference.norm()),
+        rows.append({"fit": fit, "logit error": logit_error(result.graph_module, reference, test),
                      "accuracy": accuracy(result.graph_module, test), "s": seconds,
                      "methods": sorted({d.method for d in result.decisions})})
     return rows

@@ -79,7 +79,10 @@ def original_module(spec: Spec) -> nn.Module:
 
 
 def check_shape(spec: Spec, input_shape: Sequence[int]) -> tuple[int, ...]:
+    """The input shape as the timers use it; a Linear on one vector (torch allows 1-d inputs) is one row."""
     shape = tuple(int(d) for d in input_shape)
+    if isinstance(spec, LinearSpec) and len(shape) == 1:
+        shape = (1, *shape)
     if any(d < 1 for d in shape):
         raise InvalidInputError(f"input_shape must hold positive sizes, got {shape}")
     if isinstance(spec, LinearSpec):

@@ -220,8 +220,6 @@ class StaticLatency(LayerTimer):
         options: Mapping[str, Any] | None = None,
     ) -> float:
         """Predicted ms of the layer (``method=None``) or of ``method``'s structure at ``ranks`` on ``input_shape``."""
-        if isinstance(spec, LinearSpec) and len(input_shape) == 1:
-            input_shape = (1, *input_shape)  # a Linear on one vector (torch allows it) costs one row
         shape = check_shape(spec, input_shape)
         key = (spec, shape, method, tuple(int(r) for r in ranks), tuple(sorted((options or {}).items())))
         if key not in self._memo:
