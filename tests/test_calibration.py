@@ -273,3 +273,16 @@ def test_whitened_spectrum_of_a_tall_matrix_equals_the_out_side_one(shape):
         error = float(((weight - left @ right) @ root).norm())
         assert error == pytest.approx(float(((weight - ref_left @ ref_right) @ root).norm()), rel=1e-7, abs=1e-9)
         assert error / float((weight @ root).norm()) == pytest.approx(fast.relative_error(rank), abs=1e-9)
+
+
+@pytest.mark.parametrize("definite", [True, False])
+def test_gram_root_is_a_square_root_of_definite_and_singular_grams(definite):
+    """Cholesky for a definite Gram; the symmetric root where Cholesky fails (a rank-deficient, undamped one)."""
+    from fxdecomp.calibration import gram_root
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(12 if definite else 3, 6, generator=generator, dtype=torch.float64)
+    gram = x.T @ x
+    root = gram_root(gram)
+    assert torch.allclose(root @ root.T, gram, atol=1e-10)
+    assert torch.equal(root, root.tril()) == definite  # the Cholesky factor is lower triangular
