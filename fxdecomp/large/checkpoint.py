@@ -6,8 +6,8 @@ A Hugging Face model directory holds ``config.json`` and either one
 (safetensors memory-maps the shards, so a tensor costs its own bytes only while
 it is held); `LazyCheckpoint.materialize` fills a module built on the meta device
 (`empty_model`) with its tensors, and `release` sends it back to meta.
-`ShardWriter` writes tensors as they come into shards of bounded size plus the
-index that ``from_pretrained`` reads.
+`fxdecomp.large.shards.ShardWriter` writes tensors as they come into shards of
+bounded size plus the index that ``from_pretrained`` reads.
 
 Libraries: safetensors for the file format, accelerate's ``init_empty_weights``
 for the meta-device skeleton, transformers for the model classes.
@@ -36,10 +36,9 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError
+from .shards import INDEX_FILE, SINGLE_FILE, ShardWriter  # noqa: F401 (ShardWriter: re-exported)
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 
 
 class LazyCheckpoint:
@@ -175,64 +174,6 @@ def empty_model(checkpoint: LazyCheckpoint, dtype: torch.dtype | None = None) ->
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # from_config on the meta device leaves tied heads untied
     return model.eval()
-
-
-class ShardWriter:
-    """Writes tensors into safetensors shards of at most ``max_shard_bytes`` and the index beside them.
-
-    Tensors are held only until their shard is full. ``close`` writes the last
-    shard and ``model.safetensors.index.json`` (or a single ``model.safetensors``
-    when everything fit in one shard), in the layout ``from_pretrained`` reads.
-    """
-
-    def __init__(self, path: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3, metadata: dict[str, str] | None = None):
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.max_shard_bytes = max_shard_bytes
-        self.metadata = {"format": "pt", **(metadata or {})}
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[list[str]] = []
-        self._total = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        tensor = tensor.detach().contiguous().cpu()
-        size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.clone() if tensor.untyped_storage().nbytes() != size else tensor
-        self._pending_bytes += size
-        self._total += size
-
-    def add_module(self, module: nn.Module, prefix: str) -> None:
-        """Every parameter and persistent buffer of ``module`` under ``prefix.`` (shared tensors once)."""
-        for name, tensor in module.state_dict(prefix=f"{prefix}." if prefix else "", keep_vars=False).items():
-            self.add(name, tensor)
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        index = len(self._shards)
-        save_file(self._pending, self.path / f"shard-{index:05d}.safetensors.tmp", metadata=self.metadata)
-        self._shards.append(list(self._pending))
-        self._pending, self._pending_bytes = {}, 0
-
-    def close(self) -> list[Path]:
-        """Finish the files; returns the shard paths."""
-        if self._pending or not self._shards:
-            self._flush()
-        count = len(self._shards)
-        if count == 1:
-            os.replace(self.path / "shard-00000.safetensors.tmp", self.path / SINGLE_FILE)
-            return [self.path / SINGLE_FILE]
-        names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-        weight_map = {}
-        for i, (name, keys) in enumerate(zip(names, self._shards)):
-            os.replace(self.path / f"shard-{i:05d}.safetensors.tmp", self.path / name)
-            weight_map.update({key: name for key in keys})
-        index = {"metadata": {"total_size": self._total}, "weight_map": weight_map}
-        (self.path / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        return [self.path / name for name in names]
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
