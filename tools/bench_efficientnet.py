@@ -43,6 +43,7 @@ class Variant:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # pass name -> options
     recipe: str = "default"
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra fxdecomp.compress keywords
+    sensitivity: bool = False  # score options by the KL of the whole model on the calibration crops
 
 
 VARIANTS: list[tuple[str, Variant]] = [
@@ -61,6 +62,7 @@ VARIANTS: list[tuple[str, Variant]] = [
     ("+ BN re-estimation", Variant(options={"calibrate": {"shrinkage": 0.0}, "plan": {"fit": "svd"},
                                             "reestimate_batchnorm": {"enabled": True, "mode": "shift"}})),
     ("+ compensation", Variant(options={"calibrate": {"shrinkage": 0.0}, "plan": {"fit": "svd"}, "compensate": {"enabled": True}})),
+    ("+ sensitivity (KL)", Variant(options={"calibrate": {"shrinkage": "auto"}}, sensitivity=True)),
     ("all together", Variant(options={"calibrate": {"shrinkage": "auto"}, "plan": {"fit": "data"}, "compensate": {"enabled": True},
                                       "correct_factors": {"enabled": True, "inputs": "compressed"},
                                       "reestimate_batchnorm": {"enabled": True, "mode": "shift"}})),
@@ -119,7 +121,11 @@ def efficientnet_rows(fractions, variants=None, size: int = 224, crops_per_photo
     held_out = torch.cat([crops(n, crops_per_photo, size, seed=100 + i) for i, n in enumerate(CALIBRATION_PHOTOS)])
     unseen = torch.cat([crops(n, crops_per_photo, size, seed=200 + i) for i, n in enumerate(UNSEEN_PHOTOS)])
     with torch.no_grad():
-        reference_held, reference_unseen = model(held_out), model(unseen)
+        reference_held, reference_unseen, reference_calibration = model(held_out), model(unseen), model(calibration)
+
+    def calibration_score(module) -> float:
+        """-KL(original || module) on the calibration crops: the sensitivity callback (never the measured crops)."""
+        return -agreement_and_kl(module, calibration, reference_calibration)[1]
     batches = [(calibration[i : i + batch],) for i in range(0, len(calibration), batch)]
     chosen = [(n, v) for n, v in VARIANTS if variants is None or n in variants]
     rows = []
@@ -133,7 +139,7 @@ def efficientnet_rows(fractions, variants=None, size: int = 224, crops_per_photo
                 warnings.simplefilter("ignore")
                 result = fxdecomp.compress(
                     model, (calibration[:2],), budget=fraction, calibration=batches if variant.calibrate else None,
-                    pipeline=pipeline, **variant.kwargs,
+                    pipeline=pipeline, sensitivity=calibration_score if variant.sensitivity else None, **variant.kwargs,
                 )
             seconds = time.perf_counter() - start
             held = agreement_and_kl(result.graph_module, held_out, reference_held)
