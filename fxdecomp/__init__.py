@@ -16,6 +16,7 @@ from .compile import compile, compile_with_result
 from .cost import count_flops
 from .decompose import decompose_layer
 from .decomposers import all_methods, methods_for
+from .distilled import distilled_batches
 from .export import ExportReport, export_onnx
 from .inspect import LayerInfo, inspect_model
 from .recipes import Recipe, load_recipe
@@ -64,6 +65,7 @@ __all__ = [
     "compress",
     "count_flops",
     "decompose_layer",
+    "distilled_batches",
     "export_onnx",
     "factorized_model",
     "finetune",

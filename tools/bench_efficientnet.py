@@ -44,6 +44,7 @@ class Variant:
     recipe: str = "default"
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra fxdecomp.compress keywords
     sensitivity: bool = False  # score options by the KL of the whole model on the calibration crops
+    distilled: bool = False  # calibrate on inputs distilled from the BatchNorm statistics (no photo): fxdecomp.distilled_batches
 
 
 VARIANTS: list[tuple[str, Variant]] = [
@@ -54,6 +55,7 @@ VARIANTS: list[tuple[str, Variant]] = [
     ("weight-only: both, svd only", Variant(calibrate=False, options={"calibrate": {"weight_prior": "batchnorm", "weight_damage": "retained_energy"}},
                                             kwargs={"methods": ["svd"]})),
     ("weight-only: signal share", Variant(calibrate=False, options={"calibrate": {"weight_prior": "none", "weight_damage": "signal_share"}})),
+    ("no photo: distilled (ZeroQ)", Variant(distilled=True)),
     ("calibrated (today)", Variant(options={"calibrate": {"shrinkage": 0.0}, "plan": {"fit": "svd"}})),
     ("+ shrinkage", Variant(options={"calibrate": {"shrinkage": "auto"}, "plan": {"fit": "svd"}})),
     ("+ data-fitted factors", Variant(options={"calibrate": {"shrinkage": 0.0}, "plan": {"fit": "data"}})),
@@ -128,6 +130,11 @@ def efficientnet_rows(fractions, variants=None, size: int = 224, crops_per_photo
         return -agreement_and_kl(module, calibration, reference_calibration)[1]
     batches = [(calibration[i : i + batch],) for i in range(0, len(calibration), batch)]
     chosen = [(n, v) for n, v in VARIANTS if variants is None or n in variants]
+    distilled, distill_seconds = None, 0.0
+    if any(v.distilled for _, v in chosen):
+        start = time.perf_counter()
+        distilled = fxdecomp.distilled_batches(model, calibration[:2], count=len(calibration), batch_size=batch)
+        distill_seconds = time.perf_counter() - start  # counted in each distilled row's seconds
     rows = []
     for fraction in fractions:
         for name, variant in chosen:
@@ -138,10 +145,11 @@ def efficientnet_rows(fractions, variants=None, size: int = 224, crops_per_photo
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 result = fxdecomp.compress(
-                    model, (calibration[:2],), budget=fraction, calibration=batches if variant.calibrate else None,
+                    model, (calibration[:2],), budget=fraction,
+                    calibration=distilled if variant.distilled else batches if variant.calibrate else None,
                     pipeline=pipeline, sensitivity=calibration_score if variant.sensitivity else None, **variant.kwargs,
                 )
-            seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - start + (distill_seconds if variant.distilled else 0.0)
             held = agreement_and_kl(result.graph_module, held_out, reference_held)
             new = agreement_and_kl(result.graph_module, unseen, reference_unseen)
             rows.append({"variant": name, "fraction": fraction, "held_agree": held[0], "held_kl": held[1],

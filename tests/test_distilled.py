@@ -1,0 +1,74 @@
+"""fxdecomp.distilled_batches: inputs whose BatchNorm statistics match the running ones (ZeroQ)."""
+
+import pytest
+import torch
+from torch import nn
+
+import fxdecomp
+from fxdecomp.errors import InvalidInputError
+
+
+def _trained_like_net() -> nn.Module:
+    """A small conv net whose BatchNorms hold statistics far from what noise produces."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )
+    # The running statistics of "training data" unlike noise: shifted, scaled channels.
+    g = torch.Generator().manual_seed(1)
+    data = torch.randn(64, 3, 12, 12, generator=g) * torch.tensor([3.0, 0.5, 1.5]).view(1, 3, 1, 1) + torch.tensor([2.0, -1.0, 0.5]).view(1, 3, 1, 1)
+    for bn in (net[1], net[4]):
+        bn.momentum = None  # a cumulative average over the batches
+    with torch.no_grad():
+        net.train()
+        for chunk in data.split(16):
+            net(chunk)
+    return net.eval()
+
+
+def _distance(net: nn.Module, x: torch.Tensor) -> float:
+    """The ZeroQ loss recomputed here: each BatchNorm input's channel mean / std against the running ones."""
+    seen = []
+    handles = [m.register_forward_pre_hook(lambda m, a: seen.append((m, a[0]))) for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        net(x)
+    for h in handles:
+        h.remove()
+    total = 0.0
+    for bn, v in seen:
+        total += float((v.mean((0, 2, 3)) - bn.running_mean).norm() + (v.var((0, 2, 3), unbiased=False).add(bn.eps).sqrt() - bn.running_var.add(bn.eps).sqrt()).norm())
+    return total
+
+
+def test_distilled_inputs_match_the_batchnorm_statistics_and_leave_the_model_alone():
+    net = _trained_like_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    example = torch.randn(2, 3, 12, 12)
+    batches = fxdecomp.distilled_batches(net, (example,), count=12, batch_size=5, steps=150, lr=0.1)
+    assert [b[0].shape for b in batches] == [(5, 3, 12, 12), (5, 3, 12, 12), (2, 3, 12, 12)]
+    distilled = torch.cat([b[0] for b in batches])
+    noise = torch.randn(12, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    assert _distance(net, distilled) < 0.2 * _distance(net, noise)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(p.grad is None for p in net.parameters()) and not net.training
+    again = fxdecomp.distilled_batches(net, example, count=12, batch_size=5, steps=150, lr=0.1)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))  # seeded: the same inputs
+
+
+def test_distilled_data_calibrates_compress():
+    net = _trained_like_net()
+    example = torch.randn(2, 3, 12, 12)
+    data = fxdecomp.distilled_batches(net, example, count=8, batch_size=4, steps=20)
+    result = fxdecomp.compress(net, (example,), budget=0.6, calibration=data)
+    assert result.flops_after <= 0.6 * result.flops_before
+
+
+def test_models_that_cannot_be_distilled_are_refused_by_name():
+    with pytest.raises(InvalidInputError, match="no BatchNorm"):
+        fxdecomp.distilled_batches(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), torch.randn(2, 4))
+    with pytest.raises(InvalidInputError, match="floating-point input"):
+        fxdecomp.distilled_batches(_trained_like_net(), torch.zeros(2, 3, 8, 8, dtype=torch.long))
+    with pytest.raises(InvalidInputError, match="count >= 2"):
+        fxdecomp.distilled_batches(_trained_like_net(), torch.randn(2, 3, 8, 8), count=1)
