@@ -25,6 +25,20 @@ def small_cnn() -> nn.Module:
     return SmallCNN().eval()
 
 
+def bn_cnn() -> nn.Module:
+    """Convs with BatchNorms (whose running statistics distilled calibration matches). Input: (N, 3, 16, 16)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )  # fmt: skip
+    for bn in (model[1], model[4]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
 def broken() -> nn.Module:
     raise RuntimeError("this factory fails on purpose")
 

@@ -36,7 +36,11 @@ def register(command: AddCommand) -> None:
     sub.add_argument("--methods", help="comma-separated methods to allow, e.g. svd,tucker2 (default: the recipe's; default recipe: svd,spatial_svd,tucker2)")
     sub.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="layer name or glob left alone (repeatable)")
     sub.add_argument("--recipe", help="pass pipeline: a recipe name in passes/ (default, fast, hardware, thorough) or a .toml path")
-    sub.add_argument("--calibration", metavar="FILE", help="torch.save'd list of input tuples: activation-aware planning")
+    sub.add_argument(
+        "--calibration", metavar="FILE",
+        help="torch.save'd list of input tuples: activation-aware planning; 'distilled': inputs distilled from the "
+        "model's BatchNorm statistics (ZeroQ, fxdecomp.distilled_batches) when there is no data",
+    )  # fmt: skip
     sub.add_argument(
         "--dynamic-shapes", choices=("auto", "static"), default="auto",
         help="torch.export capture: 'auto' leaves batch and sequence dims free where the model allows (default); 'static' fixes the example's shapes",
@@ -81,7 +85,10 @@ def _compress_like(args: argparse.Namespace, plan: Any) -> int:
     if plan is None:
         budget = parse_budget(args.budget)
         methods = split_list(args.methods)
-        calibration = load_calibration(args.calibration) if args.calibration else None
+        calibration = load_calibration(args.calibration) if args.calibration and args.calibration != "distilled" else None
+        if args.calibration == "distilled":
+            with progress.stage("distilling calibration inputs from the BatchNorm statistics"):
+                calibration = fxdecomp.distilled_batches(model, inputs, progress=False)
         recipe = args.recipe
     else:
         budget, methods, calibration = 0.5, None, None  # a fixed plan needs none of them

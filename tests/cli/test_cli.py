@@ -374,3 +374,20 @@ def test_input_files_are_never_modified_whatever_happens(tmp_path, capsys):
     assert main(["compress", str(tmp_path / "whole.pt"), "--inputs", str(tmp_path / "inputs.pt"), "--out", str(tmp_path / "whole.pt"), "-q"]) == 2
     capsys.readouterr()
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
+
+
+def test_distilled_calibration_plans_a_batchnorm_net(tmp_path, monkeypatch):
+    made = []
+    real = fxdecomp.distilled_batches
+    monkeypatch.setattr(fxdecomp, "distilled_batches", lambda *a, **k: made.append(real(*a, **{**k, "steps": 10})) or made[-1])
+    code = main(["compress", "tests.cli_factory:bn_cnn", "--input-shape", SHAPE, "--calibration", "distilled", "--plan", str(tmp_path / "p.json"), "-q"])
+    plan = json.loads((tmp_path / "p.json").read_text())
+    assert code == 0 and plan["flops_after"] <= 0.5 * plan["flops_before"]
+    assert len(made) == 1 and made[0][0][0].shape == (8, 3, 16, 16)  # the inputs compress calibrated on
+
+
+def test_distilled_calibration_is_refused_by_name_without_batchnorm(tmp_path, capsys):
+    """--calibration distilled: ZeroQ inputs need BatchNorm statistics; the small CNN has none, and the error says so."""
+    code = main(["compress", FACTORY, "--input-shape", SHAPE, "--calibration", "distilled", "--plan", str(tmp_path / "p.json"), "-q"])
+    assert code != 0 and "no BatchNorm" in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()
