@@ -101,8 +101,8 @@ def compress_sequential(
     ``source`` is a model in memory (never modified; the result is a compressed
     copy, so peak memory is about twice the model), or a Hugging Face model
     directory / `LazyCheckpoint` read lazily (then ``out`` is required, the result
-    is written there, and peak memory is the modules outside the blocks, one
-    block's working set and the output shard being filled, ``shard_bytes``). ``example_inputs`` is one batch (a tuple of tensors) on
+    is written there, and peak memory is the modules outside the blocks and one
+    block's working set: shards go to disk tensor by tensor). ``example_inputs`` is one batch (a tuple of tensors) on
     which FLOPs are counted; ``calibration`` an iterable of such batches. ``budget``
     is a fraction of the FLOPs of the whole model (``scope="model"``, as in
     `fxdecomp.compress`) or of its candidate Linear layers (``scope="layers"``).
