@@ -33,6 +33,7 @@ SIZES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "0.8b": (2048, 5632, 16, 16, 4, 32000),
     "7b": (4096, 11008, 32, 32, 32, 32000),
     "7b-2l": (4096, 11008, 2, 32, 32, 32000),  # two blocks of the 7B shape: per-block time and peak, quickly
+    "7b-6l": (4096, 11008, 6, 32, 32, 32000),  # six: past the first 1 GiB output shard
 }
 
 CHILD = r"""
