@@ -41,7 +41,7 @@ def distilled_batches(
     steps: int = 200,
     lr: float = 0.1,
     seed: int = 0,
-    progress: bool | None = None,
+    progress: bool = False,
 ) -> list[tuple[torch.Tensor]]:
     """``count`` inputs shaped like one example input, distilled from ``model``'s BatchNorm statistics (ZeroQ).
 
@@ -53,6 +53,7 @@ def distilled_batches(
         count: distilled inputs, optimised together as one batch (the statistics are batch statistics).
         batch_size: inputs per returned calibration batch.
         steps: Adam steps on the inputs; lr: its learning rate; seed: of the starting noise.
+        progress: report the steps on stderr (`fxdecomp.progress.Progress`).
 
     Returns:
         ``ceil(count / batch_size)`` 1-tuples of inputs (batch_size, *example shape[1:]).
