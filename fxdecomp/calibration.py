@@ -274,7 +274,9 @@ def whitened_spectrum(matrix: torch.Tensor, gram: torch.Tensor | LowRankPSD) -> 
         w = matrix.detach().to(work)
         # W G in column chunks: a float32 copy of an 11008-dim Gram would be 0.5 GB more at the peak.
         step = max(1, 2**24 // max(cols, 1))
-        product = torch.cat([w @ gram[:, i : i + step].to(work) for i in range(0, cols, step)], 1)
+        product = w.new_empty(rows, cols)
+        for i in range(0, cols, step):
+            torch.matmul(w, gram[:, i : i + step].to(work), out=product[:, i : i + step])
         return spectrum_of_gram((product @ w.T).to(torch.float64), "left", (rows, cols))
     root = gram_root(gram)  # W G W^T = (W L) (W L)^T for any L L^T = G: same spectrum, same left vectors
     whitened = matrix.detach().to(work) @ root.to(work)

@@ -82,14 +82,19 @@ def distilled_batches(
     optimizer = torch.optim.Adam([x], lr=lr)
     observed: list[tuple[nn.Module, torch.Tensor]] = []
     handles = [norm.register_forward_pre_hook(lambda m, args: observed.append((m, args[0]))) for norm in norms]
-    training = model.training
+    modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        with Progress("distillation step", steps, progress) as report:
+        with torch.enable_grad(), Progress("distillation step", steps, progress) as report:
             for _ in range(steps):
                 report.step()
                 observed.clear()
                 model(x)
+                if not observed:
+                    raise InvalidInputError(
+                        "distilled_batches: none of the model's BatchNorms ran on the example input's shape; "
+                        "pass real calibration data"
+                    )
                 loss = sum(_statistics_loss(norm, value) for norm, value in observed)
                 optimizer.zero_grad()
                 (grad,) = torch.autograd.grad(loss, [x])  # gradients of the inputs only: the model's stay untouched
@@ -98,7 +103,8 @@ def distilled_batches(
     finally:
         for handle in handles:
             handle.remove()
-        model.train(training)
+        for module, training in modes.items():  # each module's own mode: a user's eval-mode Dropout stays so
+            module.training = training
     data = x.detach()
     return [(data[i : i + batch_size].clone(),) for i in range(0, count, batch_size)]
 

@@ -65,10 +65,29 @@ def test_distilled_data_calibrates_compress():
     assert result.flops_after <= 0.6 * result.flops_before
 
 
+def test_distillation_under_no_grad_restores_every_module_mode():
+    net = _trained_like_net().train()
+    net[2].eval()  # a user's own mix of modes
+    with torch.no_grad():
+        data = fxdecomp.distilled_batches(net, torch.randn(2, 3, 12, 12), count=4, batch_size=4, steps=3)
+    assert data[0][0].shape == (4, 3, 12, 12) and not data[0][0].requires_grad
+    assert [m.training for m in net.modules()] == [True, True, True, False] + [True] * 6
+
+
 def test_models_that_cannot_be_distilled_are_refused_by_name():
     with pytest.raises(InvalidInputError, match="no BatchNorm"):
         fxdecomp.distilled_batches(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), torch.randn(2, 4))
     with pytest.raises(InvalidInputError, match="floating-point input"):
         fxdecomp.distilled_batches(_trained_like_net(), torch.zeros(2, 3, 8, 8, dtype=torch.long))
+    class Unused(nn.Module):  # a BatchNorm that forward never calls
+        def __init__(self):
+            super().__init__()
+            self.norm, self.linear = nn.BatchNorm1d(4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.linear(x)
+
+    with pytest.raises(InvalidInputError, match="none of the model's BatchNorms ran"):
+        fxdecomp.distilled_batches(Unused().eval(), torch.randn(2, 4))
     with pytest.raises(InvalidInputError, match="count >= 2"):
         fxdecomp.distilled_batches(_trained_like_net(), torch.randn(2, 3, 8, 8), count=1)

@@ -85,8 +85,9 @@ def _compress_like(args: argparse.Namespace, plan: Any) -> int:
     if plan is None:
         budget = parse_budget(args.budget)
         methods = split_list(args.methods)
-        calibration = load_calibration(args.calibration) if args.calibration and args.calibration != "distilled" else None
-        if args.calibration == "distilled":
+        distilled = args.calibration == "distilled" and not os.path.isfile(args.calibration)  # a file of that name wins
+        calibration = load_calibration(args.calibration) if args.calibration and not distilled else None
+        if distilled:
             with progress.stage("distilling calibration inputs from the BatchNorm statistics"):
                 calibration = fxdecomp.distilled_batches(model, inputs, progress=False)
         recipe = args.recipe

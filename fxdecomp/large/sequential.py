@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import functools
 import json
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -189,31 +191,36 @@ def compress_sequential(
 
     # 3. Apply block by block, calibrated on the outputs of the compressed blocks before.
     writer = ShardWriter(out, shard_bytes) if out is not None and world.rank == 0 else None
-    decisions: dict[str, Decision] = {}
-    calls = capture_block_inputs(model, stack, batches) if batches else []
-    with Progress("compressing block", len(stack.blocks), progress) as report:
-        for index in range(len(stack.blocks)):
-            report.step(stack.name(index))
-            block = load(index)
-            layers = linears(block, stack.name(index), exclude)
-            grams = _grams(block, layers, calls, world)
-            decisions.update(_apply(model, layers, by_name, chosen, grams, world))
-            calls = [run_block(block, call) for call in calls]
-            if writer is not None:
-                for key, tensor in block.state_dict(prefix=stack.name(index) + ".").items():
-                    writer.add(key, tensor)
-            unload(block)
-    grams = _head_grams(model, stack, head_layers, batches, calls, tuple_output, world)
-    decisions.update(_apply(model, head_layers, by_name, chosen, grams, world))
+    try:
+        decisions: dict[str, Decision] = {}
+        calls = capture_block_inputs(model, stack, batches) if batches else []
+        with Progress("compressing block", len(stack.blocks), progress) as report:
+            for index in range(len(stack.blocks)):
+                report.step(stack.name(index))
+                block = load(index)
+                layers = linears(block, stack.name(index), exclude)
+                grams = _grams(block, layers, calls, world)
+                decisions.update(_apply(model, layers, by_name, chosen, grams, world))
+                calls = [run_block(block, call) for call in calls]
+                if writer is not None:
+                    for key, tensor in block.state_dict(prefix=stack.name(index) + ".").items():
+                        writer.add(key, tensor)
+                unload(block)
+        grams = _head_grams(model, stack, head_layers, batches, calls, tuple_output, world)
+        decisions.update(_apply(model, head_layers, by_name, chosen, grams, world))
 
-    ordered = [decisions[r.name] for r in records]
-    saved_params = sum(d.params_before - d.params_after for d in ordered)
-    if writer is not None:
-        for key, tensor in model.state_dict().items():
-            if not key.startswith(stack.path + "."):
-                writer.add(key, tensor)
-        writer.close()
-        _write_plan(Path(out), model, stack, ordered)
+        ordered = [decisions[r.name] for r in records]
+        saved_params = sum(d.params_before - d.params_after for d in ordered)
+        if writer is not None:
+            for key, tensor in model.state_dict().items():
+                if not key.startswith(stack.path + "."):
+                    writer.add(key, tensor)
+            writer.close()
+            _write_plan(Path(out), model, stack, ordered)
+    except BaseException:
+        if writer is not None:
+            writer.abort()  # no part files or half-written shards left in ``out``
+        raise
     if world.spread and out is not None:
         torch.distributed.barrier()  # the files are complete when any process returns
     element = bytes_before / params_before if params_before else 4
@@ -231,16 +238,26 @@ def compress_sequential(
     )
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None (another C library, another OS)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError, TypeError):
+        return None
+
+
 def release_freed_memory() -> None:
     """Hand the heap pages freed by a block's temporaries back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
 
     glibc keeps freed pieces below its mmap threshold in its arenas, where a block's
     many medium temporaries would otherwise stay counted in the process's RSS.
     """
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (AttributeError, OSError):
-        pass
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _grams(block: nn.Module, layers, calls: list[BlockCall], world: World) -> dict[str, GramAccumulator]:

@@ -51,11 +51,13 @@ class _OpenShard:
             raise InvalidInputError(f"{name}: dtype {tensor.dtype} has no safetensors name; cast it to a supported dtype first")
         if tensor.dtype not in self.parts:
             path = self.stem.with_name(f"{self.stem.name}.{SAFETENSORS_DTYPES[tensor.dtype]}.part")
-            self.parts[tensor.dtype] = (path, path.open("wb"))
+            self.parts[tensor.dtype] = (path, path.open("wb", buffering=0))  # unbuffered: written when add returns
         handle = self.parts[tensor.dtype][1]
         start = handle.tell()
         if tensor.numel():
-            handle.write(tensor.reshape(-1).view(torch.uint8).numpy().data)  # the tensor's own bytes, no copy
+            data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # the tensor's own bytes, no copy
+            while data:  # a raw write may be partial (Linux writes at most 2 GiB per call)
+                data = data[handle.write(data) :]
         self.entries[name] = (tensor.dtype, list(tensor.shape), start, handle.tell())
         self.bytes += handle.tell() - start
 
@@ -92,7 +94,8 @@ class ShardWriter:
     everything fit in one shard), in the layout ``from_pretrained`` reads.
 
     Raises:
-        InvalidInputError: a tensor whose dtype safetensors cannot store, or a name added twice.
+        InvalidInputError: a tensor whose dtype safetensors cannot store, a name added twice, or
+            metadata that is not strings.
     """
 
     def __init__(self, path: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3, metadata: dict[str, str] | None = None):
@@ -102,6 +105,8 @@ class ShardWriter:
         self.path.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
         self.metadata = {"format": "pt", **(metadata or {})}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
+            raise InvalidInputError(f"safetensors metadata maps strings to strings; got {self.metadata!r}")
         self._open: _OpenShard | None = None
         self._shards: list[list[str]] = []
         self._names: set[str] = set()
@@ -110,6 +115,8 @@ class ShardWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._names:
             raise InvalidInputError(f"{name} was already written to this checkpoint")
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise InvalidInputError(f"{name}: dtype {tensor.dtype} has no safetensors name; cast it to a supported dtype first")
         tensor = tensor.detach().contiguous().cpu()
         size = tensor.numel() * tensor.element_size()
         if self._open is not None and self._open.entries and self._open.bytes + size > self.max_shard_bytes:
@@ -129,6 +136,17 @@ class ShardWriter:
         shard = self._open or _OpenShard(self.path / f"shard-{len(self._shards):05d}")
         self._shards.append(shard.finish(self.path / f"shard-{len(self._shards):05d}.safetensors.tmp", self.metadata))
         self._open = None
+
+    def abort(self) -> None:
+        """Delete what an unfinished write left (part files, finished shards not yet renamed); for error paths."""
+        if self._open is not None:
+            for part, handle in self._open.parts.values():
+                handle.close()
+                part.unlink(missing_ok=True)
+            self._open = None
+        for i in range(len(self._shards)):
+            (self.path / f"shard-{i:05d}.safetensors.tmp").unlink(missing_ok=True)
+        self._shards = []
 
     def close(self) -> list[Path]:
         """Finish the files; returns the shard paths."""
