@@ -44,7 +44,7 @@ class Variant:
     recipe: str = "default"
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra fxdecomp.compress keywords
     sensitivity: bool = False  # score options by the KL of the whole model on the calibration crops
-    distilled: bool = False  # calibrate on inputs distilled from the BatchNorm statistics (no photo): fxdecomp.distilled_batches
+    distilled: bool = False  # also calibrate on inputs distilled from the BatchNorm statistics: fxdecomp.distilled_batches
 
 
 VARIANTS: list[tuple[str, Variant]] = [
@@ -55,7 +55,8 @@ VARIANTS: list[tuple[str, Variant]] = [
     ("weight-only: both, svd only", Variant(calibrate=False, options={"calibrate": {"weight_prior": "batchnorm", "weight_damage": "retained_energy"}},
                                             kwargs={"methods": ["svd"]})),
     ("weight-only: signal share", Variant(calibrate=False, options={"calibrate": {"weight_prior": "none", "weight_damage": "signal_share"}})),
-    ("no photo: distilled (ZeroQ)", Variant(distilled=True)),
+    ("no photo: distilled (ZeroQ)", Variant(calibrate=False, distilled=True)),
+    ("photos + distilled", Variant(distilled=True)),
     ("calibrated (today)", Variant(options={"calibrate": {"shrinkage": 0.0}, "plan": {"fit": "svd"}})),
     ("+ shrinkage", Variant(options={"calibrate": {"shrinkage": "auto"}, "plan": {"fit": "svd"}})),
     ("+ data-fitted factors", Variant(options={"calibrate": {"shrinkage": 0.0}, "plan": {"fit": "data"}})),
@@ -146,7 +147,7 @@ def efficientnet_rows(fractions, variants=None, size: int = 224, crops_per_photo
                 warnings.simplefilter("ignore")
                 result = fxdecomp.compress(
                     model, (calibration[:2],), budget=fraction,
-                    calibration=distilled if variant.distilled else batches if variant.calibrate else None,
+                    calibration=((batches if variant.calibrate else []) + (distilled if variant.distilled else [])) or None,
                     pipeline=pipeline, sensitivity=calibration_score if variant.sensitivity else None, **variant.kwargs,
                 )
             seconds = time.perf_counter() - start + (distill_seconds if variant.distilled else 0.0)
