@@ -6,26 +6,7 @@ from torch import nn
 
 import fxdecomp
 from fxdecomp.errors import InvalidInputError
-
-
-def _trained_like_net() -> nn.Module:
-    """A small conv net whose BatchNorms hold statistics far from what noise produces."""
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
-    )
-    # The running statistics of "training data" unlike noise: shifted, scaled channels.
-    g = torch.Generator().manual_seed(1)
-    data = torch.randn(64, 3, 12, 12, generator=g) * torch.tensor([3.0, 0.5, 1.5]).view(1, 3, 1, 1) + torch.tensor([2.0, -1.0, 0.5]).view(1, 3, 1, 1)
-    for bn in (net[1], net[4]):
-        bn.momentum = None  # a cumulative average over the batches
-    with torch.no_grad():
-        net.train()
-        for chunk in data.split(16):
-            net(chunk)
-    return net.eval()
+from tests.cli_factory import bn_cnn
 
 
 def _distance(net: nn.Module, x: torch.Tensor) -> float:
@@ -43,7 +24,7 @@ def _distance(net: nn.Module, x: torch.Tensor) -> float:
 
 
 def test_distilled_inputs_match_the_batchnorm_statistics_and_leave_the_model_alone():
-    net = _trained_like_net()
+    net = bn_cnn()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     example = torch.randn(2, 3, 12, 12)
     batches = fxdecomp.distilled_batches(net, (example,), count=12, batch_size=5, steps=150, lr=0.1)
@@ -58,15 +39,18 @@ def test_distilled_inputs_match_the_batchnorm_statistics_and_leave_the_model_alo
 
 
 def test_distilled_data_calibrates_compress():
-    net = _trained_like_net()
+    net = bn_cnn()
     example = torch.randn(2, 3, 12, 12)
     data = fxdecomp.distilled_batches(net, example, count=8, batch_size=4, steps=20)
     result = fxdecomp.compress(net, (example,), budget=0.6, calibration=data)
+    weight_only = fxdecomp.compress(net, (example,), budget=0.6)
     assert result.flops_after <= 0.6 * result.flops_before
+    # errors measured on the distilled inputs, not on the weights
+    assert [d.error for d in result.decisions] != [d.error for d in weight_only.decisions]
 
 
 def test_distillation_under_no_grad_restores_every_module_mode():
-    net = _trained_like_net().train()
+    net = bn_cnn().train()
     net[2].eval()  # a user's own mix of modes
     with torch.no_grad():
         data = fxdecomp.distilled_batches(net, torch.randn(2, 3, 12, 12), count=4, batch_size=4, steps=3)
@@ -78,7 +62,7 @@ def test_models_that_cannot_be_distilled_are_refused_by_name():
     with pytest.raises(InvalidInputError, match="no BatchNorm"):
         fxdecomp.distilled_batches(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), torch.randn(2, 4))
     with pytest.raises(InvalidInputError, match="floating-point input"):
-        fxdecomp.distilled_batches(_trained_like_net(), torch.zeros(2, 3, 8, 8, dtype=torch.long))
+        fxdecomp.distilled_batches(bn_cnn(), torch.zeros(2, 3, 8, 8, dtype=torch.long))
     class Unused(nn.Module):  # a BatchNorm that forward never calls
         def __init__(self):
             super().__init__()
@@ -90,4 +74,4 @@ def test_models_that_cannot_be_distilled_are_refused_by_name():
     with pytest.raises(InvalidInputError, match="none of the model's BatchNorms ran"):
         fxdecomp.distilled_batches(Unused().eval(), torch.randn(2, 4))
     with pytest.raises(InvalidInputError, match="count >= 2"):
-        fxdecomp.distilled_batches(_trained_like_net(), torch.randn(2, 3, 8, 8), count=1)
+        fxdecomp.distilled_batches(bn_cnn(), torch.randn(2, 3, 8, 8), count=1)

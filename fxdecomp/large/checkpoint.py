@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError
-from .shards import INDEX_FILE, SINGLE_FILE, ShardWriter  # noqa: F401 (ShardWriter: re-exported)
+from .shards import INDEX_FILE, SAFETENSORS_DTYPES, SINGLE_FILE, ShardWriter  # noqa: F401 (ShardWriter: re-exported)
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPE_BYTES = {name: dtype.itemsize for dtype, name in SAFETENSORS_DTYPES.items()}  # safetensors dtype name -> bytes
 
 
 class LazyCheckpoint:

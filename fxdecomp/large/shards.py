@@ -63,7 +63,7 @@ class _OpenShard:
 
     def finish(self, path: Path, metadata: dict[str, str]) -> list[str]:
         """Write the shard to ``path`` (header, then the parts widest dtype first); returns its tensor names."""
-        order = sorted(self.parts, key=lambda d: (-torch.empty(0, dtype=d).element_size(), SAFETENSORS_DTYPES[d]))
+        order = sorted(self.parts, key=lambda d: (-d.itemsize, SAFETENSORS_DTYPES[d]))
         base, bases = 0, {}
         for dtype in order:
             bases[dtype] = base
