@@ -56,7 +56,10 @@ def compress(
     every op counted) or a `Budget` of FLOPs, parameters or onnxruntime latency. ``methods``
     restricts the methods (None: the recipe's); ``exclude`` holds qualified names or glob patterns
     left alone; ``pipeline`` names a recipe in ``passes/``, a path to one, or is a `Recipe`
-    (``load_recipe("hardware").with_options(plan={"round_to": 8})``); ``frontend``
+    (``load_recipe("hardware").with_options(plan={"round_to": 8})``). The default recipe's
+    FLOP plan keeps its savings in onnxruntime latency on this CPU (ranks on its SIMD block,
+    a static latency model; ``pipeline="flops"``: the plain FLOP plan, the same on every
+    machine). ``frontend``
     forces "fx" or "export". ``dynamic_shapes`` (torch.export capture only): "auto" leaves
     every input dimension free that the model allows (batch, sequence length), "static" fixes
     all at the example's sizes, or a torch.export ``dynamic_shapes`` spec pins chosen ones

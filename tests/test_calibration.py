@@ -178,7 +178,8 @@ class TwoBranches(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.quiet, self.loud = nn.Linear(32, 32), nn.Linear(32, 32)
+        # 128 wide: the default plan rounds ranks to multiples of 8 or 16, and both twins at rank 8 would tie
+        self.quiet, self.loud = nn.Linear(128, 128), nn.Linear(128, 128)
         with torch.no_grad():
             self.loud.weight.copy_(self.quiet.weight)
             self.loud.bias.copy_(self.quiet.bias)
@@ -193,11 +194,11 @@ def _recipe(output_aware):
 
 def test_output_aware_calibration_spends_the_budget_where_the_output_does_not_care():
     torch.manual_seed(0)
-    model, x = TwoBranches().eval(), torch.randn(8, 32)
-    batches = [(torch.randn(16, 32),) for _ in range(4)]
+    model, x = TwoBranches().eval(), torch.randn(8, 128)
+    batches = [(torch.randn(16, 128),) for _ in range(4)]
     aware = fxdecomp.compress(model, (x,), budget=0.5, methods=["svd"], calibration=batches, pipeline=_recipe(True))
     blind = fxdecomp.compress(model, (x,), budget=0.5, methods=["svd"], calibration=batches, pipeline=_recipe(False))
-    aware_ranks, blind_ranks = ({d.name: (d.ranks[0] if d.decomposed else 32) for d in r.decisions} for r in (aware, blind))
+    aware_ranks, blind_ranks = ({d.name: (d.ranks[0] if d.decomposed else 128) for d in r.decisions} for r in (aware, blind))
     assert blind_ranks["quiet"] == blind_ranks["loud"]  # twins: the same error, the same rank
     assert aware_ranks["quiet"] < aware_ranks["loud"]
     with torch.no_grad():

@@ -16,15 +16,19 @@ NO_RANKS = [name for name in FULL if name != "estimate_ranks"]
 CORRECTIONS = ["fold_batchnorm", "compensate", "correct_factors", "reestimate_batchnorm"]  # in default, switched off
 
 
-# What passes/*.toml said before fast, hardware and thorough extended default (each listed every pass).
-BEFORE_EXTENDS = {
-    "default": (
-        "weight-aware plan over svd, spatial_svd and tucker2; exact knapsack on a fine cost grid",
-        SVD_FAMILY, FULL, {"grid": 24, "cp_grid": 4, "round_to": 1},
-    ),
+# The default plan follows latency on this CPU (#16 item 6): ranks on its SIMD block, a static latency model.
+CPU_AWARE = {"round_to": 0, "min_efficiency": 0.9, "latency_model": "static"}
+DEFAULT_DESCRIPTION = (
+    "weight-aware plan over svd, spatial_svd and tucker2; exact knapsack on a fine cost grid, repaired to keep its "
+    "savings in onnxruntime on this CPU"
+)
+
+# What each shipped recipe resolves to: its description, methods, passes and plan options.
+SHIPPED = {
+    "default": (DEFAULT_DESCRIPTION, SVD_FAMILY, FULL, {"grid": 24, "cp_grid": 4, **CPU_AWARE}),
     "fast": (
         "svd / spatial_svd / tucker2 only, coarse rank grid, no VBMF annotation",
-        SVD_FAMILY, NO_RANKS, {"grid": 12},
+        SVD_FAMILY, NO_RANKS, {"grid": 12, **CPU_AWARE},
     ),
     "hardware": (
         "svd, spatial_svd and tucker2 (the methods that keep their FLOP savings in onnxruntime), ranks rounded up to "
@@ -33,7 +37,18 @@ BEFORE_EXTENDS = {
     ),
     "thorough": (
         "every method: svd, spatial_svd, tucker2, tt, tiled_svd and cp",
-        None, FULL, {"grid": 24, "cp_grid": 4, "round_to": 1},
+        None, FULL, {"grid": 24, "cp_grid": 4, **CPU_AWARE},
+    ),
+    "cpu": (
+        "svd, spatial_svd and tucker2 with ranks rounded to this CPU's SIMD block and a static onnxruntime latency "
+        "model reaching 0.9 of the FLOP reduction in latency (nothing timed per option)",
+        SVD_FAMILY, FULL, {"grid": 24, "cp_grid": 4, **CPU_AWARE},
+    ),
+    # The default's plan before it followed latency: the same on every machine.
+    "flops": (
+        "svd, spatial_svd and tucker2 on the FLOP plan alone, the same on every machine (no rank rounding, no "
+        "latency model)",
+        SVD_FAMILY, FULL, {"grid": 24, "cp_grid": 4, "round_to": 1, "min_efficiency": 0.0, "latency_model": "measured"},
     ),
 }  # fmt: skip
 
@@ -45,9 +60,9 @@ def effective(recipe):
     return [(name, options) for name, options in steps if getattr(options, "enabled", True)]
 
 
-@pytest.mark.parametrize("name", sorted(BEFORE_EXTENDS))
-def test_shipped_recipes_run_as_before(name):
-    description, methods, passes, plan_options = BEFORE_EXTENDS[name]
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_recipes_resolve_to_their_pipelines(name):
+    description, methods, passes, plan_options = SHIPPED[name]
     recipe = load_recipe(name)
     expected = [(p, _PASSES[p].Options(**(plan_options if p == "plan" else {}))) for p in passes]
     assert (recipe.name, recipe.description, recipe.methods) == (name, description, methods)
@@ -57,7 +72,7 @@ def test_shipped_recipes_run_as_before(name):
 def test_only_default_lists_its_passes():
     for path in sorted((ROOT / "passes").glob("*.toml")):
         assert ("[[pass]]" in path.read_text()) == (path.stem == "default"), path.name
-    assert {load_recipe(n).extends for n in ("fast", "hardware", "thorough")} == {"default"}
+    assert {load_recipe(n).extends for n in ("fast", "hardware", "thorough", "cpu", "flops")} == {"default"}
 
 
 def test_available_recipes_are_the_files_in_passes():
@@ -85,7 +100,7 @@ def test_extends_a_path_relative_to_the_recipe_and_chains(tmp_path):
     write(tmp_path, "base.toml", 'extends = "fast"\ndescription = "base"\n[options.plan]\nround_to = 8\n')
     leaf = load_recipe(write(tmp_path / "sub", "leaf.toml", 'extends = "../base.toml"\nmethods = "all"\n[options.plan]\ngrid = 3\n'))
     plan = next(s for s in leaf.steps if s.name == "plan")
-    assert plan.options == {"grid": 3, "cp_grid": 4, "round_to": 8}
+    assert plan.options == {"grid": 3, "cp_grid": 4, **CPU_AWARE, "round_to": 8}
     assert (leaf.description, leaf.methods, [name for name, _ in effective(leaf)]) == ("base", None, NO_RANKS)
 
 

@@ -13,8 +13,8 @@ alone, plus its replacement's (`fxdecomp.latency.LayerLatency`).
 Weights come from `tools/zoo.py`: torchvision's definitions, seeded, with k^-0.7
 spectra so the plan has something to keep. The plan pass of ``--pipeline``
 (default: the default recipe) keeps its own options unless told: ``--round-to``
-(the cpu recipe rounds to this CPU's SIMD block, 16 on AVX-512, 8 on AVX2),
-``--min-efficiency`` (the cpu recipe: 0.9, on its static latency model;
+(the default recipe rounds to this CPU's SIMD block, 16 on AVX-512, 8 on AVX2),
+``--min-efficiency`` (the default recipe: 0.9, on its static latency model;
 ``hardware``: 0.9, every option timed in onnxruntime; 0 turns it off),
 ``--latency-model`` (static or measured) and, with ``--latency-filter``,
 ``latency_filter``; it always gets ``latency_threads`` (plans that follow
@@ -24,7 +24,7 @@ Usage::
 
     python tools/bench_latency.py                                  # everything: ~25 minutes (onnxruntime timings cached on disk after)
     python tools/bench_latency.py --models vgg16 --budgets 0.5 --threads 1 --no-latency-budget
-    python tools/bench_latency.py --no-latency-budget --round-to 1 --min-efficiency 0   # the default recipe before #16 item 6
+    python tools/bench_latency.py --no-latency-budget --pipeline flops                   # the plain FLOP plan (default before #16 item 6)
     python tools/bench_latency.py --no-latency-budget --pipeline hardware                # every option timed
     python tools/bench_latency.py --methods all --round-to 8 --json out/latency.json
 """

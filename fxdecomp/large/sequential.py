@@ -21,7 +21,10 @@ one block's working set beyond what it was given:
    decomposed ones, written out, freed.
 
 Without calibration both passes are weight-only, and the plan equals the one
-`fxdecomp.compress` makes with the default recipe on the same example inputs.
+`fxdecomp.compress` makes with the ``flops`` recipe (the plain FLOP plan, the
+same on every machine) on the same example inputs: a large model's plan does
+not depend on the CPU that makes it, and its Linear layers are not repaired
+toward onnxruntime latency as the default recipe's are.
 With a `LazyCheckpoint` as the source, weights are read per block from the
 safetensors shards and the compressed model is written as shards plus the plan
 (`ShardWriter`), loadable with `load_compressed`. Calibration uses the input

@@ -18,6 +18,10 @@ damage first, until it holds (`fxdecomp.planning.latency.follow_latency`). Layer
 their FLOPs, such as VGG-16's memory-bound classifier, are then decomposed
 too; the FLOP budget still holds.
 
+The repair raises the plan's summed damage to at most ``repair_damage`` times the
+FLOP plan's, so it never overrides a sensitivity callback that scores an option
+far worse than the plan.
+
 With ``latency_model = "static"`` (the default recipe) those latencies are not
 timed but predicted by `fxdecomp.onnxrt.static_model.StaticLatency` (three probe
 layers timed once per CPU and thread count, cached on disk), the model's latency
@@ -45,7 +49,6 @@ from torch.fx.passes.infra.pass_base import PassResult
 from ..errors import BudgetError, RecipeError
 from ..graph.rewrite import rewrite_graph
 from ..latency import LayerLatency, compare_models_ms, model_ms
-from ..errors import RecipeError
 from ..onnxrt import LatencyTable, measured_rank_multiple, preferred_rank_multiple
 from ..onnxrt.static_model import StaticLatency
 from ..onnxrt.table import LatencyTableError
@@ -86,6 +89,7 @@ class PlanPass(Pass):
         latency_threads: int = 1  # onnxruntime intra-op threads of the target
         latency_filter: bool = False  # drop options that measure no faster than their layer, whatever the budget
         min_efficiency: float = 0.0  # FLOP / parameter budgets: predicted speed-up / FLOP reduction to reach (0: off)
+        repair_damage: float = 2.0  # min_efficiency: the repaired plan's damage at most this times the FLOP plan's (0: no limit)
         replan_tolerance: float = 0.03  # latency budgets: re-plan if the measured plan misses by more (0: never)
         measure_rounds: int = 2  # latency budgets and min_efficiency: plans timed whole to correct the layer sum
         provider: str = ""  # onnxruntime execution provider of latency timings ("": the CPU provider, or the table's)
@@ -101,6 +105,8 @@ class PlanPass(Pass):
         self._timer = None  # the per-layer onnxruntime timer, made on first use
         if options.fit not in FIT_MODES:
             raise RecipeError(f"plan: option fit={options.fit!r} is not one of {list(FIT_MODES)}")
+        if options.repair_damage < 0:
+            raise RecipeError(f"plan: option repair_damage={options.repair_damage!r} must be >= 0 (0: no limit)")
         ctx.factorizations.fit = options.fit  # read by every later factorisation (the rewrite's too)
         if ctx.fixed_plan is not None:
             ctx.provide("plan", Plan(replay(ctx, ctx.fixed_plan)))
@@ -118,8 +124,14 @@ class PlanPass(Pass):
         if metric == "latency" or follows_latency(options, metric):
             before_ms = self._model_ms_before()
         timed = measures_latency(options, metric)
-        # The rank multiple the target rewards, from its timings (cached here, or the device table's).
-        round_to = max(auto_round_to(options), measured_rank_multiple(self.timer)) if timed else auto_round_to(options)
+        # The rank multiple the target rewards, from its timings (cached here, or the device table's). This CPU's
+        # SIMD block (round_to = 0) is a prior for this CPU only, not for a device table or another provider.
+        elsewhere = from_table or options.provider not in ("", "CPUExecutionProvider")
+        if timed:
+            floor = 1 if elsewhere and options.round_to == 0 else auto_round_to(options)
+            round_to = max(floor, measured_rank_multiple(self.timer))
+        else:
+            round_to = auto_round_to(options)
 
         def measure(decisions):
             """onnxruntime latency of the reference with ``decisions`` applied, in units of the first timing.

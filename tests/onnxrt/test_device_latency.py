@@ -299,3 +299,30 @@ def test_rank_multiple_comes_from_timings():
     assert rank_multiple_from_times({c: 1.0 for c in channels}) == 1  # flat: nothing to round for
     with pytest.raises(InvalidInputError):
         rank_multiple_from_times({32: 1.0})
+
+
+def test_this_cpus_simd_block_is_no_floor_for_a_device_table(pack, tmp_path, monkeypatch):
+    """round_to = 0 (the default) rounds to this CPU's block only when planning for this CPU: with a device table
+    whose probes reward no multiple, the plan looks up ranks that are no multiples of this CPU's block."""
+    from fxdecomp.onnxrt.table import LatencyTable
+
+    monkeypatch.setattr("fxdecomp.passes.plan.preferred_rank_multiple", lambda threads=1: 16)  # an AVX-512 host
+    model, x, pack_dir, _ = pack
+    asked = []
+    real = LatencyTable.layer_ms
+
+    def spy(self, spec, shape, method=None, ranks=(), options=None):
+        if method is not None and spec.kind == "conv2d" and spec.in_channels >= 32:
+            asked.extend(ranks)
+        return real(self, spec, shape, method, ranks, options)
+
+    monkeypatch.setattr(LatencyTable, "layer_ms", spy)
+    table = _synthetic_table(pack_dir, tmp_path / "flat.json", probe_block=1)
+    looked_up = []
+    for round_to in (0, 1):
+        asked.clear()
+        fxdecomp.compress(model, (x,), fxdecomp.Budget(latency=0.8), methods=["svd", "tucker2"],
+                          pipeline=_recipe(latency_table=str(table), round_to=round_to))
+        looked_up.append(sorted(asked))
+    assert looked_up[0] and looked_up[0] == looked_up[1]  # the plain grid, as round_to = 1 asks
+    assert any(r % 16 for r in looked_up[0])

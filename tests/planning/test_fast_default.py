@@ -1,4 +1,4 @@
-"""The "cpu" recipe (#16 item 6): ranks rounded to the CPU's block, plans on a static onnxruntime latency model.
+"""The default plan (#16 item 6): ranks rounded to the CPU's block, plans on a static onnxruntime latency model.
 
 Every test pins the static model's rates (no probe is timed) and forbids any
 onnxruntime timing, so the plan is deterministic and the checks recompute
@@ -32,7 +32,7 @@ def no_timing(monkeypatch):
     """The static model's rates pinned to RATES; any onnxruntime timing fails the test."""
 
     def timed(*args, **kwargs):
-        raise AssertionError("the cpu recipe timed something in onnxruntime")
+        raise AssertionError("the default recipe timed something in onnxruntime")
 
     monkeypatch.setattr(static_model, "calibrate", lambda *a, **k: RATES)
     monkeypatch.setattr("fxdecomp.onnxrt.layer_cache.LayerLatency._measure", timed)
@@ -117,10 +117,10 @@ def _inputs(model, x):
     return shapes
 
 
-def _compress(model, x, budget, **plan):
+def _compress(model, x, budget, recipe="default", **plan):
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the cpu recipe warns about nothing here
-        return fxdecomp.compress(model, (x,), budget=budget, pipeline=fxdecomp.load_recipe("cpu").with_options(plan=plan))
+        warnings.simplefilter("error")  # the default recipe warns about nothing here
+        return fxdecomp.compress(model, (x,), budget=budget, pipeline=fxdecomp.load_recipe(recipe).with_options(plan=plan))
 
 
 @pytest.mark.parametrize("budget", [0.5, 0.3])
@@ -187,3 +187,57 @@ def test_a_budget_only_small_ranks_reach_falls_back_to_flops_alone(no_timing):
     assert again.value.smallest_reachable == pytest.approx(smallest)
     result = _compress(model, x, smallest * 1.01)
     assert fxdecomp.count_flops(result.graph_module, (x,)) <= smallest * 1.01 * fxdecomp.count_flops(model, (x,))
+
+
+def test_plain_compress_follows_latency_and_the_flops_recipe_does_not(no_timing):
+    """compress(model, x, budget) with no recipe named is the latency-following plan; "flops" is the plain FLOP plan."""
+    model, x = _model()
+    plain = fxdecomp.compress(model, (x,), budget=0.5)
+    default, cpu = _compress(model, x, 0.5), _compress(model, x, 0.5, recipe="cpu")
+    flops, flop_only = _compress(model, x, 0.5, recipe="flops"), _compress(model, x, 0.5, round_to=1, min_efficiency=0.0)
+    plan = lambda result: [(d.name, d.method, d.ranks) for d in result.decisions]  # noqa: E731
+    assert plan(plain) == plan(default) == plan(cpu)
+    assert plan(flops) == plan(flop_only) != plan(default)
+    assert any(d.decomposed and d.op == "linear" for d in plain.decisions)  # the memory-bound Linear, see above
+
+
+def _repair(groups, latencies, plan, capacity, repair_damage):
+    """follow_latency on hand-made options: ``latencies[k][i]`` ms and FLOPs equal to the budget cost."""
+    from types import SimpleNamespace
+
+    from fxdecomp.planning.latency import follow_latency
+
+    planned = [(None, [SimpleNamespace(latency_ms=ms, flops=o.cost) for ms, o in zip(times, group)])
+               for times, group in zip(latencies, groups)]
+    options = SimpleNamespace(min_efficiency=0.9, repair_damage=repair_damage, measure_rounds=0)
+    flops_before = sum(group[0].cost for group in groups)
+    model_ms_before = sum(times[0] for times in latencies)
+    return follow_latency(groups, planned, plan, capacity, model_ms_before=model_ms_before, flops_before=flops_before,
+                          options=options, measure=None)
+
+
+def test_the_latency_repair_never_overrides_the_damage_it_minimises():
+    """Only decomposing the protected layer raises the efficiency; its damage (a sensitivity score of 100) is far over
+    the FLOP plan's, so the repair keeps it, unless the ceiling is lifted (repair_damage = 0)."""
+    from fxdecomp.planning.solver import Option
+
+    groups = [
+        [Option(100.0, 0.0), Option(50.0, 0.01)],  # a conv: the FLOP plan halves it
+        [Option(1.0, 0.0), Option(0.5, 100.0)],  # a memory-bound Linear the user's metric protects
+    ]
+    latencies = [[10.0, 5.0], [10.0, 1.0]]
+    flop_plan = [1, 0]  # FLOPs 51 of 101; latency 15 of 20 ms: efficiency 20/15 * 51/101 = 0.67
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _repair(groups, latencies, flop_plan, 51.0, repair_damage=2.0) == [1, 0]
+    assert "predicted to reach efficiency 0.9" in str(caught[0].message)
+    assert _repair(groups, latencies, flop_plan, 51.0, repair_damage=0.0) == [1, 1]  # no limit: 20/6 * 50.5/101 = 1.67
+    # a protected layer whose damage the ceiling allows (2 x 0.01) is taken
+    groups[1][1] = Option(0.5, 0.01)
+    assert _repair(groups, latencies, flop_plan, 51.0, repair_damage=2.0) == [1, 1]
+
+
+def test_repair_damage_must_not_be_negative(no_timing):
+    model, x = _model()
+    with pytest.raises(RecipeError, match="repair_damage"):
+        _compress(model, x, 0.5, repair_damage=-1.0)

@@ -84,7 +84,7 @@ def test_follow_latency_rescales_sub_millisecond_predictions_by_measured_over_pr
         saved = sum(c[0].latency_ms - c[i].latency_ms for (_, c), i in zip(planned_, state))
         return 1.5 * (0.5 - saved)
 
-    options = SimpleNamespace(min_efficiency=1.2, measure_rounds=2)
+    options = SimpleNamespace(min_efficiency=1.2, measure_rounds=2, repair_damage=0.0)  # 0: no damage ceiling
     with pytest.warns(UserWarning, match="no plan under this budget is predicted to reach efficiency 1.2"):
         state = follow_latency(groups, planned, [0, 0], 1000.0, model_ms_before=0.5, flops_before=100,
                                options=options, measure=measure)
