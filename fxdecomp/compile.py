@@ -59,7 +59,9 @@ def compile(  # noqa: A001  (fxdecomp.compile, after torch.compile)
 
     Keyword arguments of `compress` go to it; the others (backend, mode, fullgraph,
     dynamic, options) go to torch.compile (see `compile_with_result`). The
-    CompressionResult is the returned callable's ``compression`` attribute.
+    CompressionResult is the returned callable's ``compression`` attribute. The default
+    recipe's plan follows onnxruntime latency on this CPU; for inductor on another
+    device, ``pipeline="flops"`` plans on FLOPs alone.
     """
     compiled, result = compile_with_result(model, example_inputs, budget, **kwargs)
     # OptimizedModule forwards attribute writes to the wrapped module; keep this one on the wrapper.

@@ -36,7 +36,7 @@ def compare(model, example, budget, methods, calibration, measure):
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plain = fxdecomp.compress(model, example, budget=budget, methods=methods, calibration=calibration())
+        plain = fxdecomp.compress(model, example, budget=budget, methods=methods, calibration=calibration(), pipeline="flops")
         middle = time.perf_counter()
         compensated = fxdecomp.compress(
             model, example, methods=methods, calibration=calibration(), plan=plain.decisions, pipeline="compensated"
@@ -93,7 +93,7 @@ def minilm_rows(fractions, methods):
     example = next(batches(calibration_half, fixed=True))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        unchanged = fxdecomp.compress(bert, example, budget=1.0, methods=methods)
+        unchanged = fxdecomp.compress(bert, example, budget=1.0, methods=methods, pipeline="flops")
     linear = sum(d.flops_before for d in unchanged.decisions)
     rows = []
     for fraction in fractions:

@@ -44,7 +44,7 @@ VARIANTS = {  # name -> options of the correction passes on top of the default r
 
 
 def recipe(variant: str):
-    return fxdecomp.load_recipe("default").with_options(**VARIANTS[variant])
+    return fxdecomp.load_recipe("flops").with_options(**VARIANTS[variant])  # the plain FLOP plan: see bench_calibration
 
 
 # ---- digits ----------------------------------------------------------------------------------

@@ -171,7 +171,7 @@ def model_rows(budget: float, methods) -> list[dict]:
     with torch.no_grad():
         reference = {"calibration photos": model(calib_eval).argmax(1), "other photos": model(held_out).argmax(1)}
     rows = []
-    recipe = fxdecomp.load_recipe("default")
+    recipe = fxdecomp.load_recipe("flops")  # the plain FLOP plan: see bench_calibration
     for fit in ("svd", "data"):
         start = time.perf_counter()
         result = fxdecomp.compress(model, (calib[0][0][:1],), budget=budget, methods=methods, calibration=calib,
@@ -194,7 +194,7 @@ def digits_model_rows(budget: float, methods) -> list[dict]:
     calibration = [(images,) for images, _ in train.batches(64)][:12]
     reference = logits(model, test)
     rows = []
-    recipe = fxdecomp.load_recipe("default")
+    recipe = fxdecomp.load_recipe("flops")  # the plain FLOP plan: see bench_calibration
     for fit in ("weights", "svd", "data"):
         start = time.perf_counter()
         result = fxdecomp.compress(model, (train.images[:8],), budget=budget, methods=methods, calibration=calibration,

@@ -35,7 +35,11 @@ def register(command: AddCommand) -> None:
     sub.add_argument("--budget", default="0.5", help="fraction of the model's FLOPs to keep (0.5), or params:F / flops:F (default 0.5)")
     sub.add_argument("--methods", help="comma-separated methods to allow, e.g. svd,tucker2 (default: the recipe's; default recipe: svd,spatial_svd,tucker2)")
     sub.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="layer name or glob left alone (repeatable)")
-    sub.add_argument("--recipe", help="pass pipeline: a recipe name in passes/ (default, fast, hardware, thorough) or a .toml path")
+    sub.add_argument(
+        "--recipe",
+        help="pass pipeline: a recipe name in passes/ (default: plans that keep their savings in onnxruntime on this CPU; "
+        "flops: the plain FLOP plan, the same on every machine; fast, hardware, thorough, ...) or a .toml path",
+    )
     sub.add_argument(
         "--calibration", metavar="FILE",
         help="torch.save'd list of input tuples: activation-aware planning; 'distilled': inputs distilled from the "

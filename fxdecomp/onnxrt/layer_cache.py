@@ -36,6 +36,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,9 +61,14 @@ PROTOCOL = 1  # bump when the way layers are built or timed changes: old cache e
 
 
 def default_cache_dir() -> Path:
-    """``$FXDECOMP_CACHE_DIR``, else ``~/.cache/fxdecomp``."""
+    """``$FXDECOMP_CACHE_DIR``, else ``~/.cache/fxdecomp`` (without a home directory, a folder in the temporary one)."""
     env = os.environ.get("FXDECOMP_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fxdecomp"
+    if env:
+        return Path(env).expanduser()
+    try:
+        return Path.home() / ".cache" / "fxdecomp"
+    except RuntimeError:  # no home directory to be found: a per-user folder in the temporary directory
+        return Path(tempfile.gettempdir()) / f"fxdecomp-cache-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
 
 
 def original_module(spec: Spec) -> nn.Module:
@@ -309,12 +315,20 @@ class LayerLatency(LayerTimer):
         self._memory[key] = record
         if not self.persist:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with locked(self.path.with_name(self.path.name + ".lock")):
-            self._reload()
-            self._disk[key] = record
-            atomic_write_text(self.path, json.dumps(self._disk, indent=0, sort_keys=True))
-            self._seen = signature(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with locked(self.path.with_name(self.path.name + ".lock")):
+                self._reload()
+                self._disk[key] = record
+                atomic_write_text(self.path, json.dumps(self._disk, indent=0, sort_keys=True))
+                self._seen = signature(self.path)
+        except OSError as exc:  # a read-only home or cache folder: time as before, remember in memory only
+            self.persist = False
+            warnings.warn(
+                f"fxdecomp: cannot write the latency cache {self.path} ({exc}); timings are kept in memory for "
+                "this process only. Set FXDECOMP_CACHE_DIR to a writable folder to keep them.",
+                stacklevel=2,
+            )
 
 
 def _exported_bytes(module: nn.Module, shape: tuple[int, ...]) -> bytes:

@@ -105,8 +105,11 @@ class PlanPass(Pass):
         self._timer = None  # the per-layer onnxruntime timer, made on first use
         if options.fit not in FIT_MODES:
             raise RecipeError(f"plan: option fit={options.fit!r} is not one of {list(FIT_MODES)}")
-        if options.repair_damage < 0:
-            raise RecipeError(f"plan: option repair_damage={options.repair_damage!r} must be >= 0 (0: no limit)")
+        if options.repair_damage != 0 and options.repair_damage < 1:
+            raise RecipeError(
+                f"plan: option repair_damage={options.repair_damage!r} must be 0 (no limit) or at least 1 (below 1 the "
+                "FLOP plan itself is over the ceiling and nothing can be repaired)"
+            )
         ctx.factorizations.fit = options.fit  # read by every later factorisation (the rewrite's too)
         if ctx.fixed_plan is not None:
             ctx.provide("plan", Plan(replay(ctx, ctx.fixed_plan)))
@@ -127,11 +130,8 @@ class PlanPass(Pass):
         # The rank multiple the target rewards, from its timings (cached here, or the device table's). This CPU's
         # SIMD block (round_to = 0) is a prior for this CPU only, not for a device table or another provider.
         elsewhere = from_table or options.provider not in ("", "CPUExecutionProvider")
-        if timed:
-            floor = 1 if elsewhere and options.round_to == 0 else auto_round_to(options)
-            round_to = max(floor, measured_rank_multiple(self.timer))
-        else:
-            round_to = auto_round_to(options)
+        floor = 1 if elsewhere and options.round_to == 0 else auto_round_to(options)
+        round_to = max(floor, measured_rank_multiple(self.timer)) if timed else floor
 
         def measure(decisions):
             """onnxruntime latency of the reference with ``decisions`` applied, in units of the first timing.
@@ -225,10 +225,14 @@ class PlanPass(Pass):
         def measure(decisions):
             raise AssertionError("a static plan is never timed")  # measure_rounds is 0
 
+        # Predictions cost arithmetic only: the full rank grid, not the coarser one (latency_grid) timing needs.
+        predicted = dataclasses.replace(
+            options, measure_rounds=0, replan_tolerance=0.0, latency_grid=max(options.grid, options.latency_grid)
+        )
         return search(
             ctx,
             allowed_methods(ctx.methods),
-            dataclasses.replace(options, measure_rounds=0, replan_tolerance=0.0),
+            predicted,
             total=model_total(ctx.budget.metric, ctx.cost, None),
             round_to=auto_round_to(options),
             layer_ms=self._layer_ms,

@@ -237,7 +237,40 @@ def test_the_latency_repair_never_overrides_the_damage_it_minimises():
     assert _repair(groups, latencies, flop_plan, 51.0, repair_damage=2.0) == [1, 1]
 
 
-def test_repair_damage_must_not_be_negative(no_timing):
+def test_repair_damage_must_be_zero_or_at_least_one(no_timing):
     model, x = _model()
-    with pytest.raises(RecipeError, match="repair_damage"):
-        _compress(model, x, 0.5, repair_damage=-1.0)
+    for bad in (-1.0, 0.5):
+        with pytest.raises(RecipeError, match="repair_damage"):
+            _compress(model, x, 0.5, repair_damage=bad)
+
+
+def test_the_static_plan_searches_the_full_rank_grid(no_timing, monkeypatch):
+    """Predictions cost no timing: the default plan looks at `grid` ranks per method, not the coarser `latency_grid`."""
+    model, x = _model()
+    asked = set()
+    real = StaticLatency.layer_ms
+
+    def spy(self, spec, shape, method=None, ranks=(), options=None):
+        if method == "svd" and getattr(spec, "out_features", 0) == 512:
+            asked.add(tuple(ranks))
+        return real(self, spec, shape, method, ranks, options)
+
+    monkeypatch.setattr(StaticLatency, "layer_ms", spy)
+    _compress(model, x, 0.5)
+    from fxdecomp.passes.plan import PlanPass
+
+    options = PlanPass.Options()
+    assert len(asked) > options.latency_grid
+
+
+@pytest.mark.host_latency  # the probes are really timed, and cached
+def test_an_unwritable_cache_folder_warns_and_plans(tmp_path, monkeypatch):
+    """The default recipe times its probes once and caches them; a cache folder that cannot be written is no error."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("FXDECOMP_CACHE_DIR", str(blocker / "cache"))
+    model, x = _model()
+    with pytest.warns(UserWarning, match="cannot write the latency cache"):
+        result = fxdecomp.compress(model, (x,), budget=0.5)
+    assert result.flops_after <= 0.5 * result.flops_before
+    assert blocker.read_text() == "not a folder"
