@@ -11,6 +11,11 @@ is one more line, e.g.::
 
     ("+ LS correction", Variant(options={"correct": {"enabled": True}})),
 
+Rows plan on the plain FLOP plan (the ``flops`` recipe) unless they name another; the
+row "default (latency-following plan)" is the default recipe's. The row "oracle:
+calibrated on the unseen photos" is an upper bound no user can reach: it calibrates on
+other crops of the photos it is measured on.
+
     python tools/bench_calibration.py --only efficientnet            # ~minutes per variant on 2 loaded cores
     python tools/bench_calibration.py --only efficientnet --variants "weight-only (old),calibrated (today)"
 
