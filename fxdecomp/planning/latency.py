@@ -98,8 +98,7 @@ def follow_latency(
     summed damage to at most ``options.repair_damage`` times the FLOP plan's (0:
     no limit), so the repair trades a bounded share of accuracy for latency and
     never takes an option that a sensitivity callback scored far worse than the
-    plan (a layer the user's metric says must stay). On VGG-16 and ResNet-50 the
-    repairs that reach the target raise the damage 1.25-1.64 times.
+    plan (a layer the user's metric says must stay).
 
     Layers timed alone do not add up exactly to the model (at 2 threads VGG-16's
     plan ran 37 % slower than predicted): the planned model is timed, the
