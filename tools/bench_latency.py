@@ -171,8 +171,9 @@ def run_model(name: str, args, scratch: Path, rows: list[Row]) -> None:
 
     for fraction in args.budgets:
         # With min_efficiency the plan depends on the thread count it is timed at: one compress per count.
-        follows = plan_option(args, "min_efficiency") > 0
-        plan_threads = args.threads if follows else args.threads[:1]
+        # --plan-threads N: one plan, made for N threads (a user's default is 1), timed at every thread count.
+        follows = plan_option(args, "min_efficiency") > 0 and args.plan_threads is None
+        plan_threads = args.threads if follows else [args.plan_threads or args.threads[0]]
         for plan_thread in plan_threads:
             recipe = load_recipe(args.pipeline).with_options(plan=plan_options(args, latency_threads=plan_thread))
             path = scratch / f"{name}-flops{fraction}-{plan_thread}.onnx"
@@ -277,6 +278,9 @@ def main(argv=None) -> int:
                         help="plan option min_efficiency for the FLOP budgets (default: the recipe's; 0: plan on FLOPs alone)")
     parser.add_argument("--latency-model", choices=["static", "measured"], default=None,
                         help="plan option latency_model: option latencies predicted or timed (default: the recipe's)")
+    parser.add_argument("--plan-threads", type=int, default=None,
+                        help="plan once for this many onnxruntime threads (plan option latency_threads) and time that plan at "
+                        "every --threads; default: plans that follow latency are made for each thread count they are timed at")
     parser.add_argument("--rounds", type=int, default=30, help="interleaved timed runs per model")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
