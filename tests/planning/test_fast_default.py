@@ -1,7 +1,7 @@
 """The default plan (#16 item 6): ranks rounded to the CPU's block, plans on a static onnxruntime latency model.
 
-Every test pins the static model's rates (no probe is timed) and forbids any
-onnxruntime timing, so the plan is deterministic and the checks recompute
+Every test but the unwritable-cache one (marked host_latency: its probes are
+timed) pins the static model's rates and forbids any onnxruntime timing, so the plan is deterministic and the checks recompute
 the rules by hand: ranks on the adaptive multiple, the FLOP budget, every
 chosen option predicted faster than its layer, and a memory-bound Linear
 decomposed because the model says it dominates the latency.
