@@ -178,7 +178,7 @@ class TwoBranches(nn.Module):
 
     def __init__(self):
         super().__init__()
-        # 128 wide: the default plan rounds ranks to multiples of 8 or 16, and both twins at rank 8 would tie
+        # 128 wide: room on the default plan's rounded rank grid (multiples of 8 or 16) for the twins' ranks to differ
         self.quiet, self.loud = nn.Linear(128, 128), nn.Linear(128, 128)
         with torch.no_grad():
             self.loud.weight.copy_(self.quiet.weight)

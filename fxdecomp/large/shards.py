@@ -47,8 +47,7 @@ class _OpenShard:
         self.bytes = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        if tensor.dtype not in SAFETENSORS_DTYPES:
-            raise InvalidInputError(f"{name}: dtype {tensor.dtype} has no safetensors name; cast it to a supported dtype first")
+        """Append ``tensor``'s bytes to its dtype's part file (`ShardWriter.add` checked the dtype)."""
         if tensor.dtype not in self.parts:
             path = self.stem.with_name(f"{self.stem.name}.{SAFETENSORS_DTYPES[tensor.dtype]}.part")
             self.parts[tensor.dtype] = (path, path.open("wb", buffering=0))  # unbuffered: written when add returns
@@ -122,7 +121,7 @@ class ShardWriter:
         if self._open is not None and self._open.entries and self._open.bytes + size > self.max_shard_bytes:
             self._flush()
         if self._open is None:
-            self._open = _OpenShard(self.path / f"shard-{len(self._shards):05d}")
+            self._open = _OpenShard(self._stem(len(self._shards)))
         self._open.write(name, tensor)
         self._names.add(name)
         self._total += size
@@ -132,9 +131,16 @@ class ShardWriter:
         for name, tensor in module.state_dict(prefix=f"{prefix}." if prefix else "", keep_vars=False).items():
             self.add(name, tensor)
 
+    def _stem(self, index: int) -> Path:
+        """Where shard ``index`` is written before `close` names it: its part files and ``.safetensors.tmp``."""
+        return self.path / f"shard-{index:05d}"
+
+    def _finished(self, index: int) -> Path:
+        return self.path / f"{self._stem(index).name}.safetensors.tmp"
+
     def _flush(self) -> None:
-        shard = self._open or _OpenShard(self.path / f"shard-{len(self._shards):05d}")
-        self._shards.append(shard.finish(self.path / f"shard-{len(self._shards):05d}.safetensors.tmp", self.metadata))
+        shard = self._open or _OpenShard(self._stem(len(self._shards)))
+        self._shards.append(shard.finish(self._finished(len(self._shards)), self.metadata))
         self._open = None
 
     def abort(self) -> None:
@@ -145,7 +151,7 @@ class ShardWriter:
                 part.unlink(missing_ok=True)
             self._open = None
         for i in range(len(self._shards)):
-            (self.path / f"shard-{i:05d}.safetensors.tmp").unlink(missing_ok=True)
+            self._finished(i).unlink(missing_ok=True)
         self._shards = []
 
     def close(self) -> list[Path]:
@@ -154,12 +160,12 @@ class ShardWriter:
             self._flush()
         count = len(self._shards)
         if count == 1:
-            os.replace(self.path / "shard-00000.safetensors.tmp", self.path / SINGLE_FILE)
+            os.replace(self._finished(0), self.path / SINGLE_FILE)
             return [self.path / SINGLE_FILE]
         names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
         weight_map = {}
         for i, (name, keys) in enumerate(zip(names, self._shards)):
-            os.replace(self.path / f"shard-{i:05d}.safetensors.tmp", self.path / name)
+            os.replace(self._finished(i), self.path / name)
             weight_map.update({key: name for key in keys})
         index = {"metadata": {"total_size": self._total}, "weight_map": weight_map}
         (self.path / INDEX_FILE).write_text(json.dumps(index, indent=2))

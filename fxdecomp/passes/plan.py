@@ -129,8 +129,7 @@ class PlanPass(Pass):
         timed = measures_latency(options, metric)
         # The rank multiple the target rewards, from its timings (cached here, or the device table's). This CPU's
         # SIMD block (round_to = 0) is a prior for this CPU only, not for a device table or another provider.
-        elsewhere = from_table or options.provider not in ("", "CPUExecutionProvider")
-        floor = 1 if elsewhere and options.round_to == 0 else auto_round_to(options)
+        floor = auto_round_to(options) if self._for_this_cpu() or options.round_to != 0 else 1
         round_to = max(floor, measured_rank_multiple(self.timer)) if timed else floor
 
         def measure(decisions):
@@ -181,8 +180,12 @@ class PlanPass(Pass):
         options = self.options
         return (
             options.latency_model == "static" and metric != "latency" and measures_latency(options, metric)
-            and not options.latency_table and options.provider in ("", "CPUExecutionProvider")
+            and self._for_this_cpu()
         )
+
+    def _for_this_cpu(self) -> bool:
+        """The plan's target is the CPU running compress: no device table, onnxruntime's CPU provider."""
+        return not self.options.latency_table and self.options.provider in ("", "CPUExecutionProvider")
 
     def _run_static(self, gm):
         """The FLOP / parameter plan with option latencies predicted by `StaticLatency`: nothing is timed but its probes.
