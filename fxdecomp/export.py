@@ -31,11 +31,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
 from .benchmark import TensorInfo, io_info, make_feed, open_session
 from .errors import ExportError, InvalidInputError, ParityError
+from .onnx_attention import has_attention, with_math_attention
 
 __all__ = ["ExportReport", "TensorInfo", "export_onnx"]
 
@@ -226,10 +227,10 @@ def _export(module, args, opset, dynamic_batch, input_names, output_names):
         # "Constraints violated (batch)". Capture at batch 2; the check below runs the user's batch.
         if all(a.dim() > 0 and a.shape[0] == 1 for a in args):
             export_args = tuple(torch.cat([a, a]) for a in args)
-    try:
+    def run(exported: nn.Module):
         with _quiet():
             return torch.onnx.export(
-                module,
+                exported,
                 export_args,
                 None,
                 dynamo=True,
@@ -239,8 +240,21 @@ def _export(module, args, opset, dynamic_batch, input_names, output_names):
                 input_names=list(input_names) if input_names is not None else None,
                 output_names=list(output_names) if output_names is not None else None,
             )
+
+    try:
+        return run(module)
     except Exception as exc:
+        if _is_view_stride_failure(exc) and isinstance(module, fx.GraphModule) and has_attention(module):
+            try:  # the exporter's SDPA decomposition changed strides under a view: export the math kernel instead
+                return run(with_math_attention(module))
+            except Exception:
+                pass
         raise ExportError(_export_failure(module, exc, opset, dynamic_batch)) from exc
+
+
+def _is_view_stride_failure(exc: Exception) -> bool:
+    """The exporter's decomposition produced strides an earlier ``view`` cannot take (see `fxdecomp.onnx_attention`)."""
+    return "Cannot view a tensor with shape" in str(exc)
 
 
 def _input_shapes(module: nn.Module):
@@ -307,6 +321,13 @@ def _export_failure(module: nn.Module, exc: Exception, opset: int, dynamic_batch
         )
         if dynamic_batch:
             fix += "; if the model fixes its batch size, pass dynamic_batch=False"
+    elif _is_view_stride_failure(exc):
+        fix = (
+            "the exporter's decomposition of an operator (usually scaled_dot_product_attention on transposed "
+            "heads, pytorch/pytorch#136543) broke a view; export the graph fxdecomp.compress returns, which is "
+            "retried with attention written out, or use the model's eager attention (transformers: "
+            "attn_implementation='eager')"
+        )
     elif isinstance(exc, ConversionError):
         fix = f"an operator has no ONNX translation at opset {opset}: try a newer opset, or replace the operator"
     else:
