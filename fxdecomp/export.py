@@ -227,6 +227,7 @@ def _export(module, args, opset, dynamic_batch, input_names, output_names):
         # "Constraints violated (batch)". Capture at batch 2; the check below runs the user's batch.
         if all(a.dim() > 0 and a.shape[0] == 1 for a in args):
             export_args = tuple(torch.cat([a, a]) for a in args)
+
     def run(exported: nn.Module):
         with _quiet():
             return torch.onnx.export(
@@ -244,12 +245,13 @@ def _export(module, args, opset, dynamic_batch, input_names, output_names):
     try:
         return run(module)
     except Exception as exc:
-        if _is_view_stride_failure(exc) and isinstance(module, fx.GraphModule) and has_attention(module):
+        retried = _is_view_stride_failure(exc) and isinstance(module, fx.GraphModule) and has_attention(module)
+        if retried:
             try:  # the exporter's SDPA decomposition changed strides under a view: export the math kernel instead
                 return run(with_math_attention(module))
             except Exception:
-                pass
-        raise ExportError(_export_failure(module, exc, opset, dynamic_batch)) from exc
+                pass  # report the first failure: the one the user's own graph hit
+        raise ExportError(_export_failure(module, exc, opset, dynamic_batch, retried)) from exc
 
 
 def _is_view_stride_failure(exc: Exception) -> bool:
@@ -307,7 +309,7 @@ def _second_inputs(module: nn.Module, args: tuple[torch.Tensor, ...], session) -
     return tuple(resized) if new_sizes and any(a.shape != b.shape for a, b in zip(args, resized)) else None
 
 
-def _export_failure(module: nn.Module, exc: Exception, opset: int, dynamic_batch: bool) -> str:
+def _export_failure(module: nn.Module, exc: Exception, opset: int, dynamic_batch: bool, retried: bool = False) -> str:
     from torch.onnx._internal.exporter._errors import ConversionError, TorchExportError
 
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
@@ -324,9 +326,10 @@ def _export_failure(module: nn.Module, exc: Exception, opset: int, dynamic_batch
     elif _is_view_stride_failure(exc):
         fix = (
             "the exporter's decomposition of an operator (usually scaled_dot_product_attention on transposed "
-            "heads, pytorch/pytorch#136543) broke a view; export the graph fxdecomp.compress returns, which is "
-            "retried with attention written out, or use the model's eager attention (transformers: "
-            "attn_implementation='eager')"
+            "heads, pytorch/pytorch#136543) broke a view; "
+            + ("the retry with attention written out failed too; " if retried else
+               "a graph fxdecomp.compress returns is retried with attention written out; ")
+            + "use the model's eager attention (transformers: attn_implementation='eager')"
         )
     elif isinstance(exc, ConversionError):
         fix = f"an operator has no ONNX translation at opset {opset}: try a newer opset, or replace the operator"
