@@ -94,7 +94,7 @@ def export_onnx(
         external_data = _weight_bytes(module) > EXTERNAL_DATA_BYTES
     with _eval_mode(module):
         expected = _torch_outputs(module, args) if check else None
-        program = _export(module, args, opset, dynamic_batch, input_names, output_names)
+        program, rewritten = _export(module, args, opset, dynamic_batch, input_names, output_names)
     model = program.model
     actual_opset = model.opset_imports.get("", opset)
     if actual_opset != opset:
@@ -111,13 +111,18 @@ def export_onnx(
         data = scratch / f"{target.name}.data"  # the exporter's side file, referenced by this relative name
         session = open_session(staged, threads=max(1, torch.get_num_threads()))
         diffs, checked = (None, None), ()
-        if expected is not None:
-            diffs, checked = _compare(session, args, expected, rtol, atol), (_shapes(args),)
-            second = _second_inputs(module, args, session) if dynamic_batch else None
-            if second is not None:
-                with _eval_mode(module):
-                    more = _compare(session, second, _torch_outputs(module, second), rtol, atol)
-                diffs, checked = (max(diffs[0], more[0]), max(diffs[1], more[1])), checked + (_shapes(second),)
+        try:
+            if expected is not None:
+                diffs, checked = _compare(session, args, expected, rtol, atol), (_shapes(args),)
+                second = _second_inputs(module, args, session) if dynamic_batch else None
+                if second is not None:
+                    with _eval_mode(module):
+                        more = _compare(session, second, _torch_outputs(module, second), rtol, atol)
+                    diffs, checked = (max(diffs[0], more[0]), max(diffs[1], more[1])), checked + (_shapes(second),)
+        except ParityError as exc:
+            if rewritten:
+                exc.add_note("the file was exported from a copy with attention as torch's math kernel (fxdecomp.onnx_attention)")
+            raise
         report = ExportReport(
             str(target),
             actual_opset,
@@ -215,7 +220,8 @@ def _dynamic_shapes(args: tuple[torch.Tensor, ...]) -> tuple:
     return tuple({0: d} if a.dim() > 0 else None for a, d in zip(args, dims))
 
 
-def _export(module, args, opset, dynamic_batch, input_names, output_names):
+def _export(module, args, opset, dynamic_batch, input_names, output_names) -> tuple[Any, bool]:
+    """(the torch.onnx.ONNXProgram, whether it was exported from a copy with attention written out)."""
     dynamic_shapes = None
     export_args = args
     shapes = _input_shapes(module)
@@ -228,7 +234,7 @@ def _export(module, args, opset, dynamic_batch, input_names, output_names):
         if all(a.dim() > 0 and a.shape[0] == 1 for a in args):
             export_args = tuple(torch.cat([a, a]) for a in args)
 
-    def run(exported: nn.Module):
+    def run(exported: nn.Module) -> Any:  # torch.onnx.ONNXProgram
         with _quiet():
             return torch.onnx.export(
                 exported,
@@ -243,20 +249,35 @@ def _export(module, args, opset, dynamic_batch, input_names, output_names):
             )
 
     try:
-        return run(module)
+        return run(module), False
     except Exception as exc:
-        retried = _is_view_stride_failure(exc) and isinstance(module, fx.GraphModule) and has_attention(module)
-        if retried:
+        retry = None
+        if _is_view_stride_failure(exc) and isinstance(module, fx.GraphModule) and has_attention(module):
             try:  # the exporter's SDPA decomposition changed strides under a view: export the math kernel instead
-                return run(with_math_attention(module))
-            except Exception:
-                pass  # report the first failure: the one the user's own graph hit
-        raise ExportError(_export_failure(module, exc, opset, dynamic_batch, retried)) from exc
+                return run(with_math_attention(module)), True
+            except Exception as again:  # report the user's graph's failure, the retry's as a note
+                retry = again
+        error = ExportError(_export_failure(module, exc, opset, dynamic_batch, retry))
+        if retry is not None:
+            error.add_note(f"the retry with attention as torch's math kernel failed too: {type(retry).__name__}: {retry}")
+        raise error from exc
 
 
 def _is_view_stride_failure(exc: Exception) -> bool:
     """The exporter's decomposition produced strides an earlier ``view`` cannot take (see `fxdecomp.onnx_attention`)."""
     return "Cannot view a tensor with shape" in str(exc)
+
+
+def _view_failure_hint(module: nn.Module, retry: Exception | None) -> str:
+    eager = "use the model's eager attention (transformers: attn_implementation='eager')"
+    if retry is not None:
+        return f"the retry with attention as torch's math kernel failed too (see the note); {eager}"
+    if isinstance(module, fx.GraphModule):  # no scaled_dot_product_attention call in the graph to write out
+        return f"the graph calls no scaled_dot_product_attention that could be written out; {eager}"
+    return (
+        "a GraphModule (the graph fxdecomp.compress returns, or torch.export.export(model, args).module()) "
+        f"is retried with attention written out; or {eager}"
+    )
 
 
 def _input_shapes(module: nn.Module):
@@ -309,7 +330,7 @@ def _second_inputs(module: nn.Module, args: tuple[torch.Tensor, ...], session) -
     return tuple(resized) if new_sizes and any(a.shape != b.shape for a, b in zip(args, resized)) else None
 
 
-def _export_failure(module: nn.Module, exc: Exception, opset: int, dynamic_batch: bool, retried: bool = False) -> str:
+def _export_failure(module: nn.Module, exc: Exception, opset: int, dynamic_batch: bool, retry: Exception | None = None) -> str:
     from torch.onnx._internal.exporter._errors import ConversionError, TorchExportError
 
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
@@ -326,10 +347,8 @@ def _export_failure(module: nn.Module, exc: Exception, opset: int, dynamic_batch
     elif _is_view_stride_failure(exc):
         fix = (
             "the exporter's decomposition of an operator (usually scaled_dot_product_attention on transposed "
-            "heads, pytorch/pytorch#136543) broke a view; "
-            + ("the retry with attention written out failed too; " if retried else
-               "a graph fxdecomp.compress returns is retried with attention written out; ")
-            + "use the model's eager attention (transformers: attn_implementation='eager')"
+            "heads, pytorch/pytorch#136543) left strides an earlier view cannot take; "
+            + _view_failure_hint(module, retry)
         )
     elif isinstance(exc, ConversionError):
         fix = f"an operator has no ONNX translation at opset {opset}: try a newer opset, or replace the operator"
