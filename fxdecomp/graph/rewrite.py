@@ -26,6 +26,10 @@ def rewrite_graph(gm: fx.GraphModule, ctx, plan: dict) -> bool:
 
     Call sites are found by node name, so ``gm`` may be a copy of the analysed graph.
     """
+    for unused in [n for n in gm.graph.nodes if n.op == "get_attr" and not n.users]:
+        # Capture can leave reads of a weight nothing uses (torch.export after a dtype check, as in T5's
+        # feed-forward); once the layer is replaced they would name a missing attribute.
+        gm.graph.erase_node(unused)
     nodes = {n.name: n for n in gm.graph.nodes}
     modified = False
     for candidate in ctx.candidates.values():
@@ -73,17 +77,23 @@ def _replace_site(gm: fx.GraphModule, node: fx.Node, value: fx.Node, path: str, 
 
 
 def _install_path(gm: fx.GraphModule, candidate: Candidate, site_nodes: set[fx.Node]) -> str:
+    """Where the decomposed module goes: in the layer's place when nothing else reads it, else beside it."""
     if candidate.form == "module":
-        return candidate.target
-    owner, _, attribute = candidate.target.rpartition(".")
-    still_read = {
-        n.target
-        for n in gm.graph.nodes
-        if n.op == "call_module" or (n.op == "get_attr" and any(user not in site_nodes for user in n.users))
-    }
-    if owner and not any(t == owner or t.startswith(owner + ".") for t in still_read):
-        return owner  # nothing else reads the weight's owner: the decomposed module takes its place
-    path = f"{owner}.{attribute}_lowrank" if owner else f"{attribute}_lowrank"
+        # The graph may read the module's weight itself (``self.fc.weight.sum()``): the module then stays.
+        target = candidate.target
+        if not any(n.op == "get_attr" and n.target.startswith(target + ".") for n in gm.graph.nodes):
+            return target
+        path = f"{target}_lowrank"
+    else:
+        owner, _, attribute = candidate.target.rpartition(".")
+        still_read = {
+            n.target
+            for n in gm.graph.nodes
+            if n.op == "call_module" or (n.op == "get_attr" and any(user not in site_nodes for user in n.users))
+        }
+        if owner and not any(t == owner or t.startswith(owner + ".") for t in still_read):
+            return owner  # nothing else reads the weight's owner: the decomposed module takes its place
+        path = f"{owner}.{attribute}_lowrank" if owner else f"{attribute}_lowrank"
     free, index = path, 2
     while _exists(gm, free):  # the same weight decomposed for another call configuration
         free, index = f"{path}{index}", index + 1

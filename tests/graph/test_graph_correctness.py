@@ -172,6 +172,11 @@ class CallForms(nn.Module):
             return self.fc(x) + F.linear(x.flip(0), self.fc.weight)
         if f == "conv_kwargs":
             return F.conv2d(x, weight=self.conv.weight, bias=self.conv.bias, padding=1, stride=2)
+        if f == "module_weight_read":  # the layer's own weight read by the graph: the layer must stay beside its factors
+            return self.fc(x) * self.fc.weight.abs().mean() + self.fc.bias.sum()
+        if f == "module_weight_read_unused":  # a read nothing uses (T5's dtype check leaves one): dropped, not dangling
+            self.fc.weight
+            return self.fc(x)
         raise AssertionError(f)
 
 
@@ -185,6 +190,8 @@ FORMS = {
     "module_and_functional": ({"fc": (12, 16)}, (4, 16)),
     "module_and_functional_no_bias": ({"fc": (12, 16), "fc.weight": (12, 16)}, (4, 16)),
     "conv_kwargs": ({"conv": (6, 36)}, (2, 4, 9, 9)),
+    "module_weight_read": ({"fc": (12, 16)}, (4, 16)),
+    "module_weight_read_unused": ({"fc": (12, 16)}, (4, 16)),
 }
 
 
