@@ -205,10 +205,16 @@ def tensors(output) -> list[torch.Tensor]:
 
 
 def flops(model: nn.Module, inputs: tuple) -> int:
-    """FlopCounterMode's count; attention runs torch's math kernel, whose matmuls it counts (it has no formula
-    for CPU's fused flash kernel, which would leave attention out of both sides of the ratio)."""
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(*clone(inputs))
+    """FlopCounterMode's count. Attention runs torch's math kernel and nn.MultiheadAttention its Python path,
+    whose matmuls it counts: it has no formula for CPU's fused flash kernel or the fused MHA fast path, which
+    would leave attention out of the count (of the original's only, for MHA: the captured graph has no fast path)."""
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(*clone(inputs))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
     return int(counter.get_total_flops())
 
 
