@@ -26,16 +26,16 @@ def rewrite_graph(gm: fx.GraphModule, ctx, plan: dict) -> bool:
 
     Call sites are found by node name, so ``gm`` may be a copy of the analysed graph.
     """
+    decomposed = [c for c in ctx.candidates.values() if plan.get(c.name) is not None and plan[c.name].decomposed]
+    if not decomposed:
+        return False
     for unused in [n for n in gm.graph.nodes if n.op == "get_attr" and not n.users]:
         # Capture can leave reads of a weight nothing uses (torch.export after a dtype check, as in T5's
         # feed-forward); once the layer is replaced they would name a missing attribute.
         gm.graph.erase_node(unused)
     nodes = {n.name: n for n in gm.graph.nodes}
-    modified = False
-    for candidate in ctx.candidates.values():
-        decision = plan.get(candidate.name)
-        if decision is None or not decision.decomposed:
-            continue
+    for candidate in decomposed:
+        decision = plan[candidate.name]
         decomposer, state = factorization(ctx, candidate, decision.method)
         layer = candidate.layer
         bias = layer.bias.detach() if layer.bias is not None else None
@@ -46,14 +46,12 @@ def rewrite_graph(gm: fx.GraphModule, ctx, plan: dict) -> bool:
         for node, value in sites:
             _replace_site(gm, node, value, path, module, decision)
         _set_submodule(gm, path, module)  # after the old get_attr nodes are gone: it may replace their owner
-        modified = True
-    if modified:
-        gm.graph.eliminate_dead_code(is_impure_node=has_side_effect)  # in-place ops whose result is unused stay
-        _drop_unused_attributes(gm)
-        gm.delete_all_unused_submodules()
-        gm.graph.lint()
-        gm.recompile()
-    return modified
+    gm.graph.eliminate_dead_code(is_impure_node=has_side_effect)  # in-place ops whose result is unused stay
+    _drop_unused_attributes(gm)
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    return True
 
 
 def _current(node: fx.Node, key: int | str) -> tuple[fx.Node, fx.Node]:
