@@ -87,6 +87,11 @@ def export_onnx(
     (None: when the weights exceed ~1.5 GB) writes the weights to ``<path>.data``.
     An output is accepted when ``|onnx - torch| <= atol + rtol * |torch|`` everywhere.
     The module is exported in eval mode; its modes, parameters and hooks are left as they were.
+    A GraphModule whose scaled_dot_product_attention trips torch.onnx's decomposition
+    (pytorch/pytorch#136543: T5's SDPA attention) is exported from a copy with attention as
+    torch's math kernel (`fxdecomp.onnx_attention`), checked against ``module`` all the same.
+    Raises `ExportError` (naming the exporter's failure and a fix) when torch.onnx cannot export,
+    `ParityError` when onnxruntime disagrees (``path`` is then left as it was).
     """
     args = _check_args(module, example_inputs, path, opset, rtol, atol, input_names)
     target = Path(path)
