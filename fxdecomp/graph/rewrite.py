@@ -77,9 +77,12 @@ def _replace_site(gm: fx.GraphModule, node: fx.Node, value: fx.Node, path: str, 
 def _install_path(gm: fx.GraphModule, candidate: Candidate, site_nodes: set[fx.Node]) -> str:
     """Where the decomposed module goes: in the layer's place when nothing else reads it, else beside it."""
     if candidate.form == "module":
-        # The graph may read the module's weight itself (``self.fc.weight.sum()``): the module then stays.
+        # The graph may read the module's weight for something else (``self.fc.weight.sum()``): the module then stays.
         target = candidate.target
-        if not any(n.op == "get_attr" and n.target.startswith(target + ".") for n in gm.graph.nodes):
+        if not any(
+            n.op == "get_attr" and n.target.startswith(target + ".") and any(user not in site_nodes for user in n.users)
+            for n in gm.graph.nodes
+        ):
             return target
         path = f"{target}_lowrank"
     else:

@@ -209,6 +209,11 @@ def test_every_call_form_is_a_candidate_exact_at_full_rank(form):
         assert relative_error(model(x), result.graph_module(x)) < 1e-5
     if form == "module_and_functional":
         assert result.decisions[0].calls == 2
+    children = dict(result.graph_module.named_children())
+    if form == "module_weight_read":  # the read weight stays, the factors sit beside it
+        assert isinstance(children["fc"], nn.Linear) and "fc_lowrank" in children
+    elif form in ("module_kwarg", "module_and_functional", "module_weight_read_unused"):  # nothing else reads the layer
+        assert not isinstance(children["fc"], nn.Linear) and "fc_lowrank" not in children
 
 
 # ---- kind 3: shared and tied weights -------------------------------------------------------
