@@ -35,7 +35,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
 from .benchmark import TensorInfo, io_info, make_feed, open_session
-from .errors import ExportError, InvalidInputError, ParityError
+from .errors import ExportError, InvalidInputError, ParityError, ShapeError
 from .onnx_attention import has_attention, with_math_attention
 
 __all__ = ["ExportReport", "TensorInfo", "export_onnx"]
@@ -119,11 +119,10 @@ def export_onnx(
         try:
             if expected is not None:
                 diffs, checked = _compare(session, args, expected, rtol, atol), (_shapes(args),)
-                second = _second_inputs(module, args, session) if dynamic_batch else None
+                second = _second_shape(module, args, session) if dynamic_batch else None
                 if second is not None:
-                    with _eval_mode(module):
-                        more = _compare(session, second, _torch_outputs(module, second), rtol, atol)
-                    diffs, checked = (max(diffs[0], more[0]), max(diffs[1], more[1])), checked + (_shapes(second),)
+                    more = _compare(session, second[0], second[1], rtol, atol)
+                    diffs, checked = (max(diffs[0], more[0]), max(diffs[1], more[1])), checked + (_shapes(second[0]),)
         except ParityError as exc:
             if rewritten:
                 exc.add_note("the file was exported from a copy with attention as torch's math kernel (fxdecomp.onnx_attention)")
@@ -313,26 +312,69 @@ def _shapes(args) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(int(n) for n in a.shape) for a in args)
 
 
-def _second_inputs(module: nn.Module, args: tuple[torch.Tensor, ...], session) -> tuple[torch.Tensor, ...] | None:
-    """``args`` with every dimension the ONNX file leaves symbolic resized (rows repeated cyclically); None if none.
+# How far the second parity shape moves a free dimension, tried in turn: a graph may accept only some
+# sizes (Swin: image sides divisible by its window), which its shape check refuses with a ShapeError.
+SECOND_SHAPE_STEPS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
 
-    Dimensions sharing a name change together; sizes stay within the graph's `InputShapes` ranges.
+
+def _second_shape(module: nn.Module, args: tuple[torch.Tensor, ...], session) -> tuple[tuple, list[torch.Tensor]] | None:
+    """(inputs at a second shape the module accepts, its outputs there), or None without one.
+
+    Each free dimension of the ONNX file (dimensions sharing a name together) is moved in turn by
+    the first step of `SECOND_SHAPE_STEPS` the module's shape check accepts, keeping the moves
+    already accepted; a dimension no step moves keeps its size. When none moves, warns and
+    returns None (parity is then checked at the example's shapes only). A failure other than
+    the shape check's `ShapeError` is raised (`InvalidInputError`).
+    """
+    names = list(dict.fromkeys(str(d) for info, x in zip(session.get_inputs(), args) for d in info.shape[: x.dim()] if not isinstance(d, int)))
+    steps: dict[str, int] = {}
+    accepted = None
+    for name in names:
+        for step in SECOND_SHAPE_STEPS:
+            second = _second_inputs(module, args, session, {**steps, name: step})
+            if second is None:
+                break  # its range admits no other size
+            try:
+                with _eval_mode(module):
+                    accepted = second, _torch_outputs(module, second)
+            except InvalidInputError as exc:
+                if not isinstance(exc.__cause__, ShapeError):
+                    raise
+                continue
+            steps[name] = step
+            break
+    if names and accepted is None:
+        warnings.warn(
+            f"fxdecomp: parity checked at the example's shapes only: the graph refuses every other size of its free "
+            f"dimensions tried ({', '.join(names)} moved by {', '.join(map(str, SECOND_SHAPE_STEPS))})",
+            stacklevel=3,
+        )
+    return accepted
+
+
+def _second_inputs(
+    module: nn.Module, args: tuple[torch.Tensor, ...], session, steps: dict[str, int]
+) -> tuple[torch.Tensor, ...] | None:
+    """``args`` with the ONNX file's symbolic dimensions named in ``steps`` resized (rows repeated cyclically).
+
+    A dimension grows by its step (shrinks, at its upper bound); dimensions sharing a name change
+    together; sizes stay within the graph's `InputShapes` ranges. None when no shape changes.
     """
     shapes = _input_shapes(module)
     new_sizes: dict[str, int] = {}
     resized = []
     for x, info, k in zip(args, session.get_inputs(), range(len(args))):
         for d, dim in enumerate(info.shape):
-            if isinstance(dim, int) or d >= x.dim():
+            if isinstance(dim, int) or d >= x.dim() or str(dim) not in steps:
                 continue
-            n, lo, hi = int(x.shape[d]), 1, None
+            n, lo, hi, step = int(x.shape[d]), 1, None, steps[str(dim)]
             if shapes is not None and k < len(shapes.sizes) and shapes.sizes[k] and isinstance(shapes.sizes[k][d], str):
                 lo, hi = shapes.range_of(shapes.sizes[k][d])
-            size = new_sizes.setdefault(str(dim), n + 1 if hi is None or n + 1 <= hi else max(n - 1, lo))
+            size = new_sizes.setdefault(str(dim), n + step if hi is None or n + step <= hi else max(n - step, lo))
             if size != n:
                 x = x.index_select(d, torch.arange(size) % n)
         resized.append(x)
-    return tuple(resized) if new_sizes and any(a.shape != b.shape for a, b in zip(args, resized)) else None
+    return tuple(resized) if any(a.shape != b.shape for a, b in zip(args, resized)) else None
 
 
 def _export_failure(module: nn.Module, exc: Exception, opset: int, dynamic_batch: bool, retry: Exception | None = None) -> str:

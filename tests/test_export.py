@@ -322,3 +322,30 @@ def test_benchmark_bad_inputs(cnn_export, tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with pytest.raises(InvalidInputError, match="cannot load"):
         benchmark_onnx(tmp_path / "junk.onnx", (x,))
+
+
+class _Pairs(nn.Module):
+    """Merges neighbouring positions: accepts only even sequence lengths (torch.export records the guard)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(32, 16)
+
+    def forward(self, x):
+        b, length, c = x.shape
+        return self.fc(x.reshape(b, length // 2, 2 * c))
+
+
+def test_second_parity_shape_is_one_the_graph_accepts(tmp_path):
+    """The second shape moves each free dimension by the first step the graph's shape check accepts
+    (batch by 1, the even length by 2); it used to move every one by 1 and fail with InvalidInputError."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 16)
+    gm = fxdecomp.compress(_Pairs().eval(), (x,), budget=0.6, methods=["svd"], frontend="export").graph_module
+    with pytest.raises(fxdecomp.ShapeError):
+        gm(torch.randn(3, 9, 16))
+    report = export_onnx(gm, (x,), tmp_path / "pairs.onnx")
+    assert report.checked_shapes == (((2, 8, 16),), ((3, 10, 16),))
+    other = torch.randn(5, 12, 16)
+    (got,) = _ort(tmp_path / "pairs.onnx", other)
+    np.testing.assert_allclose(got, gm(other).detach().numpy(), rtol=1e-4, atol=1e-5)
