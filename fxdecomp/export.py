@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import io
 import logging
-import math
 import os
 import re
 import shutil
@@ -29,14 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_leaves
 
-from .benchmark import TensorInfo, io_info, make_feed, open_session
-from .errors import ExportError, InvalidInputError, ParityError, ShapeError
+from .benchmark import TensorInfo, io_info, open_session
+from .errors import ExportError, InvalidInputError, ParityError
 from .onnx_attention import has_attention, with_math_attention
+from .onnx_parity import check_parity, eval_mode, graph_input_shapes, torch_outputs
 
 __all__ = ["ExportReport", "TensorInfo", "export_onnx"]
 
@@ -97,8 +95,8 @@ def export_onnx(
     target = Path(path)
     if external_data is None:
         external_data = _weight_bytes(module) > EXTERNAL_DATA_BYTES
-    with _eval_mode(module):
-        expected = _torch_outputs(module, args) if check else None
+    with eval_mode(module):
+        expected = torch_outputs(module, args) if check else None
         program, rewritten = _export(module, args, opset, dynamic_batch, input_names, output_names)
     model = program.model
     actual_opset = model.opset_imports.get("", opset)
@@ -116,17 +114,13 @@ def export_onnx(
         data = scratch / f"{target.name}.data"  # the exporter's side file, referenced by this relative name
         session = open_session(staged, threads=max(1, torch.get_num_threads()))
         diffs, checked = (None, None), ()
-        try:
-            if expected is not None:
-                diffs, checked = _compare(session, args, expected, rtol, atol), (_shapes(args),)
-                second = _second_shape(module, args, session) if dynamic_batch else None
-                if second is not None:
-                    more = _compare(session, second[0], second[1], rtol, atol)
-                    diffs, checked = (max(diffs[0], more[0]), max(diffs[1], more[1])), checked + (_shapes(second[0]),)
-        except ParityError as exc:
-            if rewritten:
-                exc.add_note("the file was exported from a copy with attention as torch's math kernel (fxdecomp.onnx_attention)")
-            raise
+        if expected is not None:
+            try:
+                diffs, checked = check_parity(module, session, args, expected, rtol, atol, second_shape=dynamic_batch)
+            except ParityError as exc:
+                if rewritten:
+                    exc.add_note("the file was exported from a copy with attention as torch's math kernel (fxdecomp.onnx_attention)")
+                raise
         report = ExportReport(
             str(target),
             actual_opset,
@@ -174,28 +168,6 @@ def _weight_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Eval mode inside; afterwards every submodule's own flag back (not one flag for all)."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-def _torch_outputs(module: nn.Module, args: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-    try:
-        with torch.no_grad():
-            out = module(*args)
-    except Exception as exc:
-        shapes = ", ".join(f"{a.dtype}{list(a.shape)}" for a in args)
-        raise InvalidInputError(f"the module fails on the example inputs ({shapes}): {exc}") from exc
-    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
 # ---- the exporter ------------------------------------------------------------------------
 
 
@@ -228,7 +200,7 @@ def _export(module, args, opset, dynamic_batch, input_names, output_names) -> tu
     """(the torch.onnx.ONNXProgram, whether it was exported from a copy with attention written out)."""
     dynamic_shapes = None
     export_args = args
-    shapes = _input_shapes(module)
+    shapes = graph_input_shapes(module)
     if dynamic_batch and shapes is not None and shapes.dynamic and len(shapes.sizes) == len(args):
         dynamic_shapes, export_args = _free_dims_spec(args, shapes)
     elif dynamic_batch and args:
@@ -284,13 +256,6 @@ def _view_failure_hint(module: nn.Module, retry: Exception | None) -> str:
     )
 
 
-def _input_shapes(module: nn.Module):
-    from .export_capture import SHAPES_META
-
-    meta = getattr(module, "meta", None)
-    return meta.get(SHAPES_META) if isinstance(meta, dict) else None
-
-
 def _free_dims_spec(args: tuple[torch.Tensor, ...], shapes) -> tuple[tuple, tuple[torch.Tensor, ...]]:
     """The torch.export spec keeping ``shapes``' free dims free (Dim.AUTO), and args with no free dim of size 1.
 
@@ -306,75 +271,6 @@ def _free_dims_spec(args: tuple[torch.Tensor, ...], shapes) -> tuple[tuple, tupl
                 x = torch.cat([x, x], dim=d)
         export_args.append(x)
     return tuple(spec), tuple(export_args)
-
-
-def _shapes(args) -> tuple[tuple[int, ...], ...]:
-    return tuple(tuple(int(n) for n in a.shape) for a in args)
-
-
-# How far the second parity shape moves a free dimension, tried in turn: a graph may accept only some
-# sizes (Swin: image sides divisible by its window), which its shape check refuses with a ShapeError.
-SECOND_SHAPE_STEPS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
-
-
-def _second_shape(module: nn.Module, args: tuple[torch.Tensor, ...], session) -> tuple[tuple, list[torch.Tensor]] | None:
-    """(inputs at a second shape the module accepts, its outputs there), or None without one.
-
-    Each free dimension of the ONNX file (dimensions sharing a name together) is moved in turn by
-    the first step of `SECOND_SHAPE_STEPS` the module's shape check accepts, keeping the moves
-    already accepted; a dimension no step moves keeps its size. When none moves, warns and
-    returns None (parity is then checked at the example's shapes only). A failure other than
-    the shape check's `ShapeError` is raised (`InvalidInputError`).
-    """
-    names = list(dict.fromkeys(str(d) for info, x in zip(session.get_inputs(), args) for d in info.shape[: x.dim()] if not isinstance(d, int)))
-    steps: dict[str, int] = {}
-    accepted = None
-    for name in names:
-        for step in SECOND_SHAPE_STEPS:
-            second = _second_inputs(module, args, session, {**steps, name: step})
-            if second is None:
-                break  # its range admits no other size
-            try:
-                with _eval_mode(module):
-                    accepted = second, _torch_outputs(module, second)
-            except InvalidInputError as exc:
-                if not isinstance(exc.__cause__, ShapeError):
-                    raise
-                continue
-            steps[name] = step
-            break
-    if names and accepted is None:
-        warnings.warn(
-            f"fxdecomp: parity checked at the example's shapes only: the graph refuses every other size of its free "
-            f"dimensions tried ({', '.join(names)} moved by {', '.join(map(str, SECOND_SHAPE_STEPS))})",
-            stacklevel=3,
-        )
-    return accepted
-
-
-def _second_inputs(
-    module: nn.Module, args: tuple[torch.Tensor, ...], session, steps: dict[str, int]
-) -> tuple[torch.Tensor, ...] | None:
-    """``args`` with the ONNX file's symbolic dimensions named in ``steps`` resized (rows repeated cyclically).
-
-    A dimension grows by its step (shrinks, at its upper bound); dimensions sharing a name change
-    together; sizes stay within the graph's `InputShapes` ranges. None when no shape changes.
-    """
-    shapes = _input_shapes(module)
-    new_sizes: dict[str, int] = {}
-    resized = []
-    for x, info, k in zip(args, session.get_inputs(), range(len(args))):
-        for d, dim in enumerate(info.shape):
-            if isinstance(dim, int) or d >= x.dim() or str(dim) not in steps:
-                continue
-            n, lo, hi, step = int(x.shape[d]), 1, None, steps[str(dim)]
-            if shapes is not None and k < len(shapes.sizes) and shapes.sizes[k] and isinstance(shapes.sizes[k][d], str):
-                lo, hi = shapes.range_of(shapes.sizes[k][d])
-            size = new_sizes.setdefault(str(dim), n + step if hi is None or n + step <= hi else max(n - step, lo))
-            if size != n:
-                x = x.index_select(d, torch.arange(size) % n)
-        resized.append(x)
-    return tuple(resized) if any(a.shape != b.shape for a, b in zip(args, resized)) else None
 
 
 def _export_failure(module: nn.Module, exc: Exception, opset: int, dynamic_batch: bool, retry: Exception | None = None) -> str:
@@ -429,47 +325,3 @@ def name_nodes_after_modules(model) -> None:
             name = f"{base}_{k}"
         taken.add(name)
         node.name = name
-
-
-# ---- parity ------------------------------------------------------------------------------
-
-
-def _compare(session, args, expected: list[torch.Tensor], rtol: float, atol: float) -> tuple[float, float]:
-    """(max abs diff, max rel diff) of onnxruntime against torch; ParityError beyond tolerance.
-
-    The relative difference is taken where torch's value is non-zero.
-    """
-    got = session.run(None, make_feed(session, args))
-    names = [o.name for o in session.get_outputs()]
-    if len(got) != len(expected):
-        raise ParityError(f"the ONNX model has {len(got)} outputs ({names}) but torch returns {len(expected)} tensors")
-    worst_abs = worst_rel = 0.0
-    bad: list[str] = []
-    for name, out, ref in zip(names, got, expected):
-        a = np.asarray(out, dtype=np.float64)
-        b = ref.detach().cpu().to(torch.float64).numpy()
-        if a.shape != b.shape:
-            bad.append(f"{name}: shape {list(a.shape)} vs torch {list(b.shape)}")
-            continue
-        diff = np.abs(a - b)
-        diff[np.isnan(a) & np.isnan(b)] = 0.0
-        diff[(a == b) & np.isinf(a)] = 0.0  # matching infinities
-        diff = np.nan_to_num(diff, nan=math.inf)
-        outside = int(np.count_nonzero(~(diff <= atol + rtol * np.abs(b))))
-        nonzero = b != 0
-        rel = float(np.max(diff[nonzero] / np.abs(b[nonzero]))) if nonzero.any() else 0.0
-        largest = float(diff.max()) if diff.size else 0.0
-        worst_abs, worst_rel = max(worst_abs, largest), max(worst_rel, rel)
-        if outside:
-            bad.append(
-                f"{name}: {outside} of {diff.size} elements differ, max abs diff {largest:.3g}, max rel diff {rel:.3g}"
-            )
-    if bad:
-        error = ParityError(
-            f"onnxruntime disagrees with torch beyond atol={atol:g}, rtol={rtol:g}: {'; '.join(bad)}. "
-            "Look for ops whose ONNX translation differs (padding, rounding, integer division), "
-            "or loosen rtol/atol if the difference is float noise; check=False writes the file anyway"
-        )
-        error.max_abs_diff, error.max_rel_diff = worst_abs, worst_rel
-        raise error
-    return worst_abs, worst_rel
