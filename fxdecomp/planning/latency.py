@@ -49,12 +49,20 @@ def replan_on_measurement(
 
     Layers timed alone do not add up exactly to the model (fusion, caches): the
     measured / predicted ratio of the last plan rescales the layer times for the
-    next solve, up to ``measure_rounds`` times.
+    next solve, up to ``measure_rounds`` times. A plan measured within the budget
+    is never traded for one that is not: of the plans measured within ``target``
+    (plus the tolerance), the least damaging is returned; only when none was, the
+    last re-plan is.
     """
+    within = target * (1 + options.replan_tolerance)
+    best: tuple[float, list[int]] | None = None  # (damage, plan) of the least damaging plan measured within budget
     for _ in range(max(options.measure_rounds, 1)):
         predicted = fixed + sum(choices[i].latency_ms for (_, choices), i in zip(planned, plan))
         measured = measure(planned, plan)
         log.info("latency plan: predicted %.3g ms, measured %.3g ms, budget %.3g ms", predicted, measured, target)
+        damage = sum(group[i].damage for group, i in zip(groups, plan))
+        if measured <= within and (best is None or damage < best[0]):
+            best = (damage, plan)
         if abs(measured - target) <= options.replan_tolerance * target or predicted <= 0:
             break
         ratio = measured / predicted
@@ -67,7 +75,7 @@ def replan_on_measurement(
         except Infeasible:
             break
         log.info("latency plan re-made with the layers' times scaled by %.3f", scale)
-    return plan
+    return plan if best is None else best[1]
 
 
 def follow_latency(
