@@ -186,7 +186,7 @@ def write_config(workdir: Path, target: Target) -> None:
         f"only_mutate ={lines(target.files)}\n"
         "also_copy =\n    passes\n    tools\n"
         f"pytest_add_cli_args_test_selection ={lines(target.tests)}\n"
-        "pytest_add_cli_args =\n    -p\n    no:cacheprovider\n    -x\n    -q\n"
+        "pytest_add_cli_args =\n    -p\n    no:cacheprovider\n    -n\n    0\n    -x\n    -q\n"
         "use_git_change_detection = false\n"
     )
     # mutmut reads [tool.mutmut] from pyproject.toml first; the scratch copy's has none, so setup.cfg rules.
