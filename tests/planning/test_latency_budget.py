@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 
+
 def test_latency_budget_plans_on_measurements(tmp_path, monkeypatch):
     """Real onnxruntime timings of every layer and option. The budget is set from what the timings reach.
 
