@@ -71,7 +71,6 @@ VARIANTS: list[tuple[str, Variant]] = [
     # The default recipe's plan follows onnxruntime latency on this CPU; the plain FLOP plan beside it.
     ("plain FLOP plan (flops recipe)", Variant(recipe="flops")),
     ("default (latency-following plan)", Variant(recipe="default")),
-    # The output-side Gram matrices from 16 random output projections per batch instead of 4.
     # The calibrate pass's output probes (backward passes per batch; 16 by default, 4 until 2026-11-30).
     ("plain FLOP plan with 4 output probes", Variant(recipe="flops", options={"calibrate": {"probes": 4}})),
     ("plain FLOP plan with 8 output probes", Variant(recipe="flops", options={"calibrate": {"probes": 8}})),

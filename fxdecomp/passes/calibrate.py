@@ -91,8 +91,8 @@ class CalibratePass(Pass):
         # Random output projections (backward passes) per batch. Fewer give a noisier output-side Gram matrix,
         # which the plan over-fits: EfficientNet-Lite0 at 0.8 of its FLOPs, unseen photos, 4 / 8 / 16 / 32 probes:
         # top-1 agreement 30.5 / 37.5 / 46.1 / 40.6 %, KL 1.81 / 1.70 / 1.62 / 1.60; MiniLM at 0.6, mean cosine
-        # 0.9245 (4) / 0.9290 (16) / 0.9299 (32) (tools/bench_calibration.py). 16 costs 1.4x (MiniLM) to 1.9x
-        # (EfficientNet-Lite0) the compress time of 4.
+        # 0.9245 (4) / 0.9290 (16) / 0.9299 (32) (tools/bench_calibration.py). 16 costs 1.4x (MiniLM) to about 2x
+        # (EfficientNet-Lite0, 1.7-2.6x over runs) the compress time of 4.
         probes: int = 16
         seed: int = 0  # of the random projections: the result is deterministic
         # Gram matrices shrunk toward their weight-only limit (a scaled identity): "auto" (Ledoit-Wolf,
