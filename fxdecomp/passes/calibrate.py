@@ -136,7 +136,7 @@ class CalibratePass(Pass):
             forward = self._hooks(grams, output_grams, taps)
         else:
             forward = self._interpreter(gm, grams, output_grams, taps)
-        batches = 0
+        batches = samples = 0
         progress = Progress("calibration batch", None, ctx.progress)
         with progress:
             for batch in ctx.calibration:
@@ -145,6 +145,7 @@ class CalibratePass(Pass):
                     raise InvalidInputError("calibration must yield input tuples (or single tensors) like example_inputs")
                 self._observe(forward, tuple(inputs), batches, output_grams)
                 batches += 1
+                samples += inputs[0].shape[0] if inputs[0].dim() else 1
                 progress.step()
                 if self.options.max_batches and batches >= self.options.max_batches:
                     break
@@ -156,7 +157,9 @@ class CalibratePass(Pass):
             # Layers no gradient reached (detached or integer outputs only) keep input-only errors.
             kept_output = {name: g for name, g in output_grams.items() if g.count and g.updates and name in kept}
         ctx.provide("calibration", CalibrationStats(kept, kept_output, weight_damage=self.options.weight_damage))
-        log.info("calibrated %d layers on %d batches (output-aware: %s)", len(ctx.grams), batches, self.differentiable)
+        # Samples (batch entries: dim 0 of the first input) because few of them cap what calibration can do (README).
+        log.info("calibrated %d layers on %d batches, %d samples (output-aware: %s)", len(ctx.grams), batches, samples,
+                 self.differentiable)
         return PassResult(gm, False)
 
     def _prior(self, gm) -> CalibrationStats:
