@@ -6,9 +6,10 @@
     (tools/data/sentences.txt): calibrate on one half, measure on the other.
     A third column adds sensitivity mode: options scored by that cosine on the
     calibration half (`compress(sensitivity=...)`); `--compensation` a fourth, the
-    compensate pass on (not cumulative with sensitivity). `--more-sentences N [M ...]` also calibrates on N sentences of
-    tools/data/calibration_sentences.txt (one set of rows per count; the measured half
-    is unchanged): few calibration samples are what caps the calibrated columns.
+    compensate pass on (not cumulative with sensitivity). `--more-sentences N [M ...]`
+    also calibrates on N sentences of tools/data/calibration_sentences.txt (one set of
+    rows per count; the measured half is unchanged): few calibration samples are what
+    caps the calibrated columns.
 (c) EfficientNet-Lite0 on crops of scikit-image's photos (tools/bench_efficientnet.py):
     top-1 agreement and KL on held-out crops and unseen photos, one row per variant.
 (b) A VGG-style CNN trained here on scikit-learn's digits, compressed to a
@@ -105,7 +106,8 @@ def minilm_rows(fractions, methods, sensitivity_column=True, pipeline=PLAIN, mor
         if sensitivity_column:
             columns.append(("+ sensitivity", calibration, score, pipeline))
         if compensation_column:
-            columns.append(("+ compensation", calibration, None, fxdecomp.load_recipe(pipeline).with_options(compensate={"enabled": True})))
+            compensated = fxdecomp.load_recipe(pipeline).with_options(compensate={"enabled": True})
+            columns.append(("+ compensation", calibration, None, compensated))
         for label, calib, sensitivity, column_pipeline in columns:
             start = time.perf_counter()
             with warnings.catch_warnings():
