@@ -27,7 +27,8 @@ from torch import fx
 
 from ..graph.candidates import Candidate
 
-_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+# torch.fx traces Python's + (operator.add); torch.export records the aten overloads.
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
 _ADD_METHODS = {"add", "add_"}
 
 

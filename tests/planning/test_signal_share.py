@@ -125,3 +125,21 @@ def test_unknown_weight_damage_names_signal_share():
     recipe = fxdecomp.load_recipe("default").with_options(calibrate={"weight_damage": "cubic"})
     with pytest.raises(InvalidInputError, match="signal_share"):
         fxdecomp.compress(_lean_net(), (torch.randn(1, 3, 8, 8),), budget=0.9, pipeline=recipe)
+
+
+def test_signal_shares_are_the_same_under_torch_export():
+    """torch.export records residual sums as aten.add.Tensor, not Python's +: the shares must not fall back to 1."""
+    net = _lean_net()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    recipe = fxdecomp.load_recipe("default").with_options(
+        calibrate={"weight_damage": "signal_share"}, plan={"round_to": 1, "min_efficiency": 0}
+    )
+    plans = {}
+    for frontend in ("fx", "export"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = fxdecomp.compress(
+                net, (x,), budget=0.4, methods=["svd"], exclude=("stem",), pipeline=recipe, frontend=frontend
+            )
+        plans[frontend] = {d.name: (d.method, tuple(d.ranks)) for d in result.decisions}
+    assert plans["export"] == plans["fx"]
