@@ -45,9 +45,17 @@ PRIOR_DAMPING = 1e-6
 
 # Elementwise activations a prior may look through (modules and functions).
 _ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity)
-_ACTIVATION_FUNCTIONS = {F.relu, F.relu6, F.silu, F.hardswish, F.gelu, F.leaky_relu, F.elu, F.mish, torch.relu}
+_aten = torch.ops.aten
+# torch.fx records the functions; torch.export their aten overloads (nn.ReLU6 as hardtanh(x, 0, 6), F.relu6 as relu6).
+_ACTIVATION_FUNCTIONS = {
+    F.relu, F.relu6, F.silu, F.hardswish, F.gelu, F.leaky_relu, F.elu, F.mish, torch.relu,
+    _aten.relu.default, _aten.relu_.default, _aten.relu6.default, _aten.hardtanh.default, _aten.hardtanh_.default, _aten.silu.default,
+    _aten.silu_.default, _aten.hardswish.default, _aten.hardswish_.default, _aten.gelu.default, _aten.leaky_relu.default,
+    _aten.leaky_relu_.default, _aten.elu.default, _aten.elu_.default, _aten.mish.default, _aten.mish_.default,
+}  # fmt: skip
 _RECTIFIERS = (nn.ReLU, nn.ReLU6)
-_RECTIFIER_FUNCTIONS = {F.relu, F.relu6, torch.relu}
+_RECTIFIER_FUNCTIONS = {F.relu, F.relu6, torch.relu, _aten.relu.default, _aten.relu_.default, _aten.relu6.default}
+_HARDTANH = {_aten.hardtanh.default, _aten.hardtanh_.default}
 
 
 @dataclass
@@ -108,7 +116,9 @@ def _input_moments(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
         )
         if not is_activation or not node.args or not isinstance(node.args[0], fx.Node):
             return None
-        rectified = isinstance(module, _RECTIFIERS) or (node.op == "call_function" and node.target in _RECTIFIER_FUNCTIONS)
+        rectified = isinstance(module, _RECTIFIERS) or (node.op == "call_function" and node.target in _RECTIFIER_FUNCTIONS) or (
+            node.op == "call_function" and node.target in _HARDTANH and len(node.args) > 1 and node.args[1] == 0
+        )
         node = node.args[0]
     return None
 

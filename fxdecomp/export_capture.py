@@ -229,36 +229,159 @@ def as_module(program: torch.export.ExportedProgram) -> fx.GraphModule:
             del hooks[key]
             gm._forward_hooks_always_called.pop(key, None)
     gm._tracer_cls = None  # torch.load re-traces the code: export's tracer cannot be rebuilt, fx's default can
-    _dropout_as_modules(gm)
+    changed = _dropout_as_modules(gm)
+    changed = _batchnorm_as_modules(gm) or changed
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
     return gm.eval()
 
 
-def _dropout_as_modules(gm: fx.GraphModule) -> None:
-    """Replace ``aten.dropout(x, p, False)`` by calls of an ``nn.Dropout(p)`` named after its source module."""
+# Export records a mode-dependent module as an aten op with its eval-mode flag baked in, so that
+# gm.train() (fine-tuning) would not reach it; they become modules again, which follow the mode as
+# under torch.fx. Feature dropout by the input's rank (batched inputs).
+_FEATURE_DROPOUT = {3: nn.Dropout1d, 4: nn.Dropout2d, 5: nn.Dropout3d}
+_BATCHNORM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+
+
+def _dropout_module(node: fx.Node) -> nn.Module | None:
+    """The nn dropout module that computes ``node`` (an aten dropout op in eval mode), or None."""
+    aten = torch.ops.aten
+    dropouts = (aten.dropout.default, aten.alpha_dropout.default, aten.feature_alpha_dropout.default, aten.feature_dropout.default)
+    if node.target not in dropouts:
+        return None
+    p = float(node.args[1]) if len(node.args) > 1 else float(node.kwargs.get("p", 0.5))
+    if node.target is aten.dropout.default:
+        return nn.Dropout(p)
+    if node.target is aten.alpha_dropout.default:
+        return nn.AlphaDropout(p)
+    if node.target is aten.feature_alpha_dropout.default:
+        return nn.FeatureAlphaDropout(p)
+    if node.target is aten.feature_dropout.default:
+        value = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+        kind = _FEATURE_DROPOUT.get(value.dim()) if isinstance(value, torch.Tensor) else None
+        return kind(p) if kind is not None else None
+    return None
+
+
+def _dropout_as_modules(gm: fx.GraphModule) -> bool:
+    """Replace each aten dropout op (``dropout``, ``feature_dropout``, ``alpha_dropout``,
+    ``feature_alpha_dropout``) by a call of the nn module that computes it, named after its source module."""
     changed = False
     for index, node in enumerate(list(gm.graph.nodes)):
-        if node.op != "call_function" or node.target is not torch.ops.aten.dropout.default:
+        module = _dropout_module(node) if node.op == "call_function" else None
+        if module is None:
             continue
-        p = float(node.args[1]) if len(node.args) > 1 else float(node.kwargs.get("p", 0.5))
         stack = list((node.meta.get("nn_module_stack") or {}).values())
         path = stack[-1][0] if stack and isinstance(stack[-1], tuple) and stack[-1][0] else f"dropout_{index}"
         try:
             existing = gm.get_submodule(path)
         except AttributeError:
             existing = None
-        if not isinstance(existing, nn.Dropout) or existing.p != p:
+        if type(existing) is not type(module) or existing.p != module.p:
             if existing is not None:  # the path holds another module: a name of its own
                 path = f"{path}_dropout_{index}"
-            gm.add_submodule(path, nn.Dropout(p))
-        with gm.graph.inserting_before(node):
-            call = gm.graph.call_module(path, (node.args[0],))
-        call.meta.update({k: v for k, v in node.meta.items() if k != "val"})
-        node.replace_all_uses_with(call)
-        gm.graph.erase_node(node)
+            gm.add_submodule(path, module)
+        _replace_by_call(gm, node, path, (node.args[0],))
         changed = True
-    if changed:
-        gm.graph.lint()
-        gm.recompile()
+    return changed
+
+
+def _batchnorm_as_modules(gm: fx.GraphModule) -> bool:
+    """Replace each eval-mode ``aten.batch_norm`` of an ``nn.BatchNorm`` (its running statistics and affine
+    parameters read from one module path) by a call of an ``nn.BatchNormNd`` at that path holding the same
+    tensors: the state dict is unchanged, and the graph's BatchNorms follow ``train()`` and are found by the
+    passes that work on BatchNorm modules (folding, re-estimation, the weight prior) as under torch.fx.
+    BatchNorm written some other way (``F.batch_norm`` on tensors of several modules) stays an aten op."""
+    changed, made = False, {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.batch_norm.default:
+            continue
+        path = _batchnorm_path(gm, node)
+        if path is None:
+            continue
+        if path not in made:
+            module = _batchnorm_module(gm, node, path)
+            if module is None:
+                continue
+            parent, _, attribute = path.rpartition(".")
+            setattr(gm.get_submodule(parent) if parent else gm, attribute, module)
+            made[path] = module
+        reads = [a for a in node.args[1:5] if isinstance(a, fx.Node)]
+        _replace_by_call(gm, node, path, (node.args[0],))
+        for read in reads:  # the module holds them now
+            if not read.users:
+                gm.graph.erase_node(read)
+        changed = True
+    return changed
+
+
+_BATCHNORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
+def _batchnorm_path(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The module path whose weight / bias / running_mean / running_var the op reads, when it is one
+    module holding nothing else (an nn.BatchNorm as export flattened it), in eval mode; else None."""
+    args = list(node.args) + [None] * (9 - len(node.args))
+    if args[5] is not False:  # batch statistics: BatchNorm without running statistics, or in training mode
+        return None
+    targets = {}
+    for name, arg in zip(_BATCHNORM_TENSORS, args[1:5]):
+        if arg is None:
+            continue
+        if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+            return None
+        parent, _, attribute = str(arg.target).rpartition(".")
+        if attribute != name:
+            return None
+        targets[name] = parent
+    paths = set(targets.values())
+    if len(paths) != 1 or "running_mean" not in targets or "running_var" not in targets:
+        return None
+    path = paths.pop()
+    try:
+        holder = gm.get_submodule(path) if path else None
+    except AttributeError:
+        return None
+    if isinstance(holder, nn.modules.batchnorm._BatchNorm):  # converted at an earlier call site
+        return path
+    if holder is None or list(holder.children()):
+        return None
+    names = {n for n, _ in holder.named_parameters(recurse=False)} | {n for n, _ in holder.named_buffers(recurse=False)}
+    return path if names <= {*_BATCHNORM_TENSORS, "num_batches_tracked"} else None
+
+
+def _batchnorm_module(gm: fx.GraphModule, node: fx.Node, path: str) -> nn.Module | None:
+    """An nn.BatchNormNd for ``node`` holding the tensors at ``path`` (the same objects), or None."""
+    holder = gm.get_submodule(path)
+    if isinstance(holder, nn.modules.batchnorm._BatchNorm):
+        return holder
+    value = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    kind = _BATCHNORM.get(value.dim()) if isinstance(value, torch.Tensor) else None
+    if kind is None:
+        return None
+    momentum, eps = float(node.args[6]), float(node.args[7])
+    weight = getattr(holder, "weight", None)
+    with torch.device("meta"):  # no tensors allocated: the holder's own are set below
+        # nn.BatchNorm with momentum=None (a cumulative average) passes 0.0 to the op.
+        module = kind(holder.running_mean.shape[0], eps=eps, momentum=momentum or None, affine=weight is not None)
+    for name in (*_BATCHNORM_TENSORS, "num_batches_tracked"):
+        tensor = getattr(holder, name, None)
+        if name in ("weight", "bias"):
+            setattr(module, name, tensor)
+        elif tensor is not None:
+            module.register_buffer(name, tensor)
+        else:
+            setattr(module, name, None)
+    return module
+
+
+def _replace_by_call(gm: fx.GraphModule, node: fx.Node, path: str, args: tuple) -> None:
+    with gm.graph.inserting_before(node):
+        call = gm.graph.call_module(path, args)
+    call.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
 
 
 def input_shapes(program: torch.export.ExportedProgram) -> InputShapes:

@@ -134,6 +134,8 @@ def transposed_attr(gm: fx.GraphModule, node) -> tuple[str, torch.Tensor] | None
         rest = tuple(node.args[1:])
         if node.target is getattr and rest in (("T",), ("mT",)):
             found = _attr(gm, node.args[0])
+        elif node.target in (aten.numpy_T.default, aten.mT.default):  # W.T and W.mT as torch.export records them
+            found = _attr(gm, node.args[0])
         elif name in _TRANSPOSE_METHODS or node.target in (aten.t.default, aten.permute.default, aten.transpose.int):
             flat = tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
             found = _attr(gm, node.args[0]) if flat in ((), (1, 0), (0, 1), (-1, -2), (-2, -1)) else None

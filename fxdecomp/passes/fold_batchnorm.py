@@ -13,8 +13,8 @@ budget counts the folded model's FLOPs.
 
 It must run before find_candidates (the candidates are the folded convs), and needs
 the model in eval mode: a BatchNorm in training mode normalises with batch statistics
-and cannot be folded (`InvalidInputError` naming the module). BatchNorm written as an
-aten op (torch.export graphs) is not folded; a warning says so.
+and cannot be folded (`InvalidInputError` naming the module). In torch.export graphs the
+layers are aten ops, and BatchNorm after them is not folded; a warning says so.
 
 Off in the shipped recipes (``enabled = false``); ask for it with
 ``load_recipe("default").with_options(fold_batchnorm={"enabled": True})``.
@@ -124,6 +124,20 @@ def _layer_inputs(gm: fx.GraphModule, nodes: set[fx.Node], example_inputs: tuple
     return found
 
 
+def _after_aten_layers(gm: fx.GraphModule) -> list[str]:
+    """BatchNorm nodes the pass cannot fold: aten batch_norm ops (BatchNorm written with F.batch_norm in an exported
+    graph), and BatchNorm modules right after an aten conv / linear op (every exported graph's layers)."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "batch_norm" in str(node.target):
+            found.append(node.name)
+        elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
+            source = node.args[0] if node.args else None
+            if isinstance(source, fx.Node) and source.op == "call_function" and str(source.target).startswith(("aten.conv", "aten.linear")):
+                found.append(node.name)
+    return found
+
+
 @register_pass
 class FoldBatchNormPass(Pass):
     name = "fold_batchnorm"
@@ -138,10 +152,11 @@ class FoldBatchNormPass(Pass):
             return PassResult(gm, False)
         if ctx.has("candidates"):
             raise RecipeError("fold_batchnorm must run before find_candidates (the candidates are the folded convs); move it up in the recipe")
-        functional = [n.name for n in gm.graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target)]
-        if functional:
+        unfoldable = _after_aten_layers(gm)
+        if unfoldable:
             warnings.warn(
-                f"fxdecomp: BatchNorm written as an aten op ({functional[:3]}) is not folded; capture with frontend='fx' to fold it",
+                f"fxdecomp: BatchNorm written as an aten op, or after a conv / Linear written as one (a torch.export "
+                f"graph: {unfoldable[:3]}), is not folded; capture with frontend='fx' to fold it",
                 stacklevel=2,
             )
         folded, count = fold_batchnorm(gm, ctx.example_inputs)

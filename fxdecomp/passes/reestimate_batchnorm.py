@@ -16,8 +16,9 @@ rewrite caused, both estimated the same way on the calibration data:
 with few calibration samples from another distribution than the training set this
 keeps what the training set taught (the role bias correction plays in Nagel et al. 2019).
 
-BatchNorm written as an aten op (torch.export graphs) is not re-estimated; a
-warning says so. Switched on in the ``corrected`` recipe, off (``enabled = false``)
+In torch.export graphs an nn.BatchNorm is a module again (`fxdecomp.export_capture`); BatchNorm
+written as ``F.batch_norm`` on tensors of other modules stays an aten op and is not re-estimated;
+a warning says so. Switched on in the ``corrected`` recipe, off (``enabled = false``)
 in the others: ``load_recipe("default").with_options(reestimate_batchnorm={"enabled": True})``.
 Without calibration data it changes nothing.
 """
@@ -102,11 +103,12 @@ def batchnorm_nodes(gm: fx.GraphModule, scope: str) -> list[fx.Node]:
     return found
 
 
-def _functional_after_decomposed(gm: fx.GraphModule) -> list[str]:
+def _functional_in_scope(gm: fx.GraphModule, scope: str) -> list[str]:
+    """BatchNorm written as an aten op (F.batch_norm in an exported graph) that ``scope`` covers: not re-estimated."""
     return [
         n.name for n in gm.graph.nodes
         if n.op == "call_function" and "batch_norm" in str(n.target)
-        and n.args and isinstance(n.args[0], fx.Node) and meta.DECOMPOSED_FROM in n.args[0].meta
+        and (scope == "all" or (n.args and isinstance(n.args[0], fx.Node) and meta.DECOMPOSED_FROM in n.args[0].meta))
     ]  # fmt: skip
 
 
@@ -133,7 +135,7 @@ class ReestimateBatchNormPass(Pass):
         if not options.enabled or ctx.calibration is None:
             ctx.provide("batchnorm_stats", Corrections())
             return PassResult(gm, False)
-        functional = _functional_after_decomposed(gm)
+        functional = _functional_in_scope(gm, options.scope)
         if functional:
             warnings.warn(
                 f"fxdecomp: BatchNorm written as an aten op ({functional[:3]}) is not re-estimated; "

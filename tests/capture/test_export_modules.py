@@ -1,0 +1,193 @@
+"""A torch.export graph behaves like the torch.fx graph of the same model wherever fxdecomp matches nodes.
+
+torch.export records modules as aten ops with their eval-mode flags baked in, functions
+as aten overloads, and ``W.T`` as ``aten.numpy_T``; code that matched only fx-level
+nodes silently did nothing on every exported model (all transformers, every model fx
+cannot trace). Each test runs one kind of matcher under both frontends.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxdecomp
+from fxdecomp.frontend import capture
+
+
+def _capture(model, x, frontend):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return capture(model, (x,), frontend=frontend)[0]
+
+
+MODE_DEPENDENT = [
+    (nn.Dropout(0.5), (2, 8, 6)),
+    (nn.Dropout1d(0.5), (2, 8, 6)),
+    (nn.Dropout2d(0.5), (2, 8, 5, 5)),
+    (nn.Dropout3d(0.5), (2, 8, 3, 3, 3)),
+    (nn.AlphaDropout(0.5), (2, 8, 6)),
+    (nn.FeatureAlphaDropout(0.5), (2, 8, 5, 5)),
+    (nn.BatchNorm1d(8), (4, 8)),
+    (nn.BatchNorm1d(8), (4, 8, 6)),
+    (nn.BatchNorm2d(8), (4, 8, 5, 5)),
+    (nn.BatchNorm3d(8), (4, 8, 3, 3, 3)),
+    (nn.BatchNorm2d(8, affine=False), (4, 8, 5, 5)),
+    (nn.BatchNorm2d(8, momentum=None), (4, 8, 5, 5)),
+]
+
+
+@pytest.mark.parametrize("layer, shape", MODE_DEPENDENT, ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else "x".join(map(str, v)))
+def test_mode_dependent_modules_follow_train_and_keep_their_state_under_export(layer, shape):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Identity(), layer, nn.Identity()).eval()
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        with torch.no_grad():
+            layer.running_mean.uniform_(-1, 1)
+            layer.running_var.uniform_(0.5, 2)
+            if layer.affine:
+                layer.weight.uniform_(0.5, 2)
+                layer.bias.uniform_(-1, 1)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        expected_eval = model(x)
+    for frontend in ("fx", "export"):
+        gm = _capture(copy.deepcopy(model), x, frontend)  # a graph shares its module's tensors: one copy each
+        eager = copy.deepcopy(model)
+        assert set(gm.state_dict()) == set(model.state_dict()), frontend
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), expected_eval, msg=frontend)
+            gm.train()
+            eager.train()
+            torch.manual_seed(1)
+            actual = gm(x)
+            torch.manual_seed(1)
+            expected = eager(x)
+        torch.testing.assert_close(actual, expected, msg=lambda m: f"{frontend}: {m}")
+        assert not torch.allclose(actual, expected_eval), frontend  # train mode really is another computation
+        for key, value in eager.state_dict().items():  # running statistics updated as the eager module's
+            torch.testing.assert_close(gm.state_dict()[key], value, msg=lambda m: f"{frontend} {key}: {m}")
+
+
+class _ConvBN(nn.Module):
+    """conv -> BN -> ReLU6 -> conv -> BN, plus the input: the pattern the BatchNorm-aware passes look for."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32)
+        self.conv2, self.bn2 = nn.Conv2d(32, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        return self.bn2(self.conv2(F.relu6(self.bn1(self.conv1(x))))) + x
+
+
+def _conv_bn() -> _ConvBN:
+    torch.manual_seed(0)
+    model = _ConvBN()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):  # scales that spread: the BatchNorm prior has something to say
+            bn.weight.uniform_(0.1, 3.0)
+            bn.bias.uniform_(-1, 1)
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.1, 4.0)
+    return model.eval()
+
+
+def _compress_both(model, x, recipe, **kwargs):
+    results = {}
+    for frontend in ("fx", "export"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results[frontend] = fxdecomp.compress(model, (x,), pipeline=recipe, frontend=frontend, **kwargs)
+        results[frontend].caught = [str(w.message) for w in caught]
+    return results
+
+
+def _plan(result):
+    return [(d.name, d.method, tuple(d.ranks)) for d in result.decisions]
+
+
+def test_batchnorm_prior_plans_the_same_under_export():
+    model, x = _conv_bn(), torch.randn(2, 16, 8, 8)
+    recipe = fxdecomp.load_recipe("flops").with_options(calibrate={"weight_prior": "batchnorm"})
+    results = _compress_both(model, x, recipe, budget=0.6)
+    without = _compress_both(model, x, "flops", budget=0.6)["fx"]
+    assert _plan(results["fx"]) != _plan(without)  # the priors decide this plan: found in both graphs, or not
+    assert _plan(results["export"]) == _plan(results["fx"])
+    assert results["export"].output_error == pytest.approx(results["fx"].output_error, rel=1e-4)
+
+
+@pytest.mark.parametrize("scope", ["decomposed", "all"])
+def test_batchnorm_reestimation_runs_the_same_under_export(scope):
+    model, x = _conv_bn(), torch.randn(2, 16, 8, 8)
+    torch.manual_seed(1)
+    calibration = [(torch.randn(4, 16, 8, 8) * 2 + 0.5,) for _ in range(3)]
+    recipe = fxdecomp.load_recipe("flops").with_options(reestimate_batchnorm={"enabled": True, "scope": scope})
+    results = _compress_both(model, x, recipe, budget=0.7, calibration=calibration, exclude=["conv1"])
+    assert _plan(results["export"]) == _plan(results["fx"])
+    stats = {f: r.graph_module.meta.get("fxdecomp.batchnorm_stats") for f, r in results.items()}
+    assert stats["export"].batchnorms == stats["fx"].batchnorms == (("bn1", "bn2") if scope == "all" else ("bn2",))
+    for name in ("bn1.running_mean", "bn2.running_mean", "bn2.running_var"):
+        torch.testing.assert_close(
+            results["export"].graph_module.get_buffer(name), results["fx"].graph_module.get_buffer(name), msg=name
+        )
+    assert torch.equal(model.bn2.running_mean, _conv_bn().bn2.running_mean)  # the input model untouched
+
+
+def test_fold_batchnorm_names_what_it_cannot_fold_in_an_exported_graph():
+    model, x = _conv_bn(), torch.randn(2, 16, 8, 8)
+    recipe = fxdecomp.load_recipe("flops").with_options(fold_batchnorm={"enabled": True})
+    results = _compress_both(model, x, recipe, budget=0.6)
+    assert results["fx"].graph_module.meta["fxdecomp.folded_batchnorm"] == (("conv1", "bn1"), ("conv2", "bn2"))
+    assert not any("not folded" in m for m in results["fx"].caught)
+    warned = [m for m in results["export"].caught if "not folded" in m]
+    assert len(warned) == 1 and "frontend='fx'" in warned[0] and "bn1" in warned[0]
+
+
+def test_functional_batchnorm_on_loose_tensors_stays_an_op_and_stays_exact():
+    class LooseBN(nn.Module):
+        """F.batch_norm on tensors held by the model itself, beside a conv: not an nn.BatchNorm to rebuild."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 1)
+            self.register_buffer("mean", torch.randn(4))
+            self.register_buffer("var", torch.rand(4) + 0.5)
+
+        def forward(self, x):
+            return F.batch_norm(self.conv(x), self.mean, self.var, training=False)
+
+    model, x = LooseBN().eval(), torch.randn(2, 4, 3, 3)
+    gm = _capture(model, x, "export")
+    assert any(n.op == "call_function" and "batch_norm" in str(n.target) for n in gm.graph.nodes)
+    assert set(gm.state_dict()) == set(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+
+
+class _TransposedForms(nn.Module):
+    """Functional Linear layers written with every transpose spelling: W.T, W.mT, .t(), .transpose, .permute."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w1 = nn.Parameter(torch.randn(32, 16, generator=g))
+        for name in ("w2", "w3", "w4", "w5"):
+            setattr(self, name, nn.Parameter(torch.randn(32, 32, generator=g)))
+        self.b = nn.Parameter(torch.randn(32, generator=g))
+
+    def forward(self, x):
+        x = x @ self.w1.T
+        x = x @ self.w2.mT
+        x = torch.matmul(x, self.w3.transpose(0, 1))
+        x = torch.addmm(self.b, x, self.w4.t())
+        return torch.mm(x, self.w5.permute(1, 0))
+
+
+def test_every_transpose_spelling_of_a_functional_linear_is_a_candidate_under_export():
+    results = _compress_both(_TransposedForms().eval(), torch.randn(4, 16), "flops", budget=0.9)
+    names = {f: sorted(d.name for d in r.decisions) for f, r in results.items()}
+    assert names["fx"] == names["export"] == ["w1", "w2", "w3", "w4", "w5"]
