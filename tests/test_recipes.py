@@ -47,10 +47,13 @@ SHIPPED = {
     # The default's plan before it followed latency: the same on every machine.
     "flops": (
         "svd, spatial_svd and tucker2 on the FLOP plan alone, the same on every machine (no rank rounding, no "
-        "latency model)",
+        "latency model; weight-only damage e^2)",
         SVD_FAMILY, FULL, {"grid": 24, "cp_grid": 4, "round_to": 1, "min_efficiency": 0.0, "latency_model": "measured"},
     ),
 }  # fmt: skip
+# Calibrate pass options a recipe sets: the flops recipe keeps the weight-only damage e^2 of the plan it reproduces
+# (and of fxdecomp.large.compress_sequential); every other recipe has the pass's default, signal_share.
+CALIBRATE_OPTIONS = {"flops": {"weight_damage": "squared"}}
 
 
 def effective(recipe):
@@ -64,7 +67,8 @@ def effective(recipe):
 def test_shipped_recipes_resolve_to_their_pipelines(name):
     description, methods, passes, plan_options = SHIPPED[name]
     recipe = load_recipe(name)
-    expected = [(p, _PASSES[p].Options(**(plan_options if p == "plan" else {}))) for p in passes]
+    options = {"plan": plan_options, "calibrate": CALIBRATE_OPTIONS.get(name, {})}
+    expected = [(p, _PASSES[p].Options(**options.get(p, {}))) for p in passes]
     assert (recipe.name, recipe.description, recipe.methods) == (name, description, methods)
     assert effective(recipe) == expected
 

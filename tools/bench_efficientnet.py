@@ -69,6 +69,9 @@ VARIANTS: list[tuple[str, Variant]] = [
     ("weight-only: both (svd only)", Variant(calibrate=False, options={"calibrate": {"weight_prior": "batchnorm", "weight_damage": "retained_energy"}},
                                              kwargs={"methods": ["svd"]})),
     ("weight-only: signal share", Variant(calibrate=False, options={"calibrate": {"weight_prior": "none", "weight_damage": "signal_share"}})),
+    # What a user gets without data: the default recipe (signal share since 2026-11-30), and before (e^2).
+    ("weight-only: default recipe", Variant(calibrate=False, recipe="default")),
+    ("weight-only: default recipe with e^2 (before)", Variant(calibrate=False, recipe="default", options={"calibrate": {"weight_damage": "squared"}})),
     ("no photo: distilled (ZeroQ)", Variant(calibrate=False, distilled=True)),
     ("photos + distilled", Variant(distilled=True)),
     ("calibrated (today)", Variant(options={"calibrate": {"shrinkage": 0.0}, "plan": {"fit": "svd"}})),

@@ -105,12 +105,13 @@ class CalibratePass(Pass):
         # BatchNorm after each conv, with input scales from the one before (`fxdecomp.bn_prior`); "none":
         # plain weight errors.
         weight_prior: str = "none"
-        # The planner's damage of an error not measured on the model's outputs: "signal_share" (-log(1 - e^2)
-        # times the layer's share of the signal at the residual sum it joins, `fxdecomp.planning.signal_share`),
-        # "retained_energy" (-log(1 - e^2), `fxdecomp.planning.damage.retained_energy_damage`) or "squared" (e^2,
-        # the default: signal_share rescues EfficientNet-Lite0 at 0.95 / 0.9 of its FLOPs but not at 0.8, and
-        # the sequential pipeline for large models plans on e^2).
-        weight_damage: str = "squared"
+        # The planner's damage of an error not measured on the model's outputs: "signal_share" (the default:
+        # -log(1 - e^2) times the layer's share of the signal at the residual sum it joins,
+        # `fxdecomp.planning.signal_share`), "retained_energy" (-log(1 - e^2),
+        # `fxdecomp.planning.damage.retained_energy_damage`) or "squared" (e^2: the flops recipe's, and what
+        # `fxdecomp.large.compress_sequential` plans on). Weight-only, default recipe, against e^2:
+        # EfficientNet-Lite0 and MiniLM keep far more of their outputs (tools/bench_calibration.py).
+        weight_damage: str = "signal_share"
 
     def run(self, gm):
         ctx = self.context

@@ -117,10 +117,11 @@ def _inputs(model, x):
     return shapes
 
 
-def _compress(model, x, budget, recipe="default", **plan):
+def _compress(model, x, budget, recipe="default", calibrate=None, **plan):
+    pipeline = fxdecomp.load_recipe(recipe).with_options(plan=plan, **({"calibrate": calibrate} if calibrate else {}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the default recipe warns about nothing here
-        return fxdecomp.compress(model, (x,), budget=budget, pipeline=fxdecomp.load_recipe(recipe).with_options(plan=plan))
+        return fxdecomp.compress(model, (x,), budget=budget, pipeline=pipeline)
 
 
 @pytest.mark.parametrize("budget", [0.5, 0.3])
@@ -194,7 +195,8 @@ def test_plain_compress_follows_latency_and_the_flops_recipe_does_not(no_timing)
     model, x = _model()
     plain = fxdecomp.compress(model, (x,), budget=0.5)
     default, cpu = _compress(model, x, 0.5), _compress(model, x, 0.5, recipe="cpu")
-    flops, flop_only = _compress(model, x, 0.5, recipe="flops"), _compress(model, x, 0.5, round_to=1, min_efficiency=0.0)
+    flops = _compress(model, x, 0.5, recipe="flops")
+    flop_only = _compress(model, x, 0.5, round_to=1, min_efficiency=0.0, calibrate={"weight_damage": "squared"})
     plan = lambda result: [(d.name, d.method, d.ranks) for d in result.decisions]  # noqa: E731
     assert plan(plain) == plan(default) == plan(cpu)
     assert plan(flops) == plan(flop_only) != plan(default)
