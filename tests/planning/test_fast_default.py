@@ -239,6 +239,28 @@ def test_the_latency_repair_never_overrides_the_damage_it_minimises():
     assert _repair(groups, latencies, flop_plan, 51.0, repair_damage=2.0) == [1, 1]
 
 
+def test_a_repair_short_of_the_target_keeps_only_the_steps_worth_their_damage():
+    """Out of reach of 0.9, each greedy step is priced pro rata: the share of the gap to the target it closes must be at
+    least the share of the damage allowance (2 x the FLOP plan's) it spends. The FLOP plan: efficiency 30/25 * 52/102
+    = 0.612, damage 0.01. Step 1, a memory-bound Linear: 0.797 (64 % of the gap) for half the allowance: kept. Step 2:
+    0.811 (69 %) for 90 % of it: not kept. With a Linear that saves little, no step is worth it: the FLOP plan stays."""
+    from fxdecomp.planning.solver import Option
+
+    groups = [
+        [Option(100.0, 0.0), Option(50.0, 0.01)],  # a conv the FLOP plan halves
+        [Option(1.0, 0.0), Option(0.5, 0.005)],  # a memory-bound Linear: much latency for its damage
+        [Option(1.0, 0.0), Option(0.5, 0.004)],  # a Linear that saves little
+    ]
+    flop_plan = [1, 0, 0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _repair(groups, [[10.0, 5.0], [10.0, 4.0], [10.0, 9.5]], flop_plan, 52.0, repair_damage=2.0) == [1, 1, 0]
+        assert _repair(groups, [[10.0, 5.0], [10.0, 9.0], [10.0, 9.5]], flop_plan, 52.0, repair_damage=2.0) == flop_plan
+    assert len(caught) == 2 and all("predicted to reach efficiency 0.9" in str(w.message) for w in caught)
+    # Without a ceiling every step is kept: the user traded any damage for latency.
+    assert _repair(groups, [[10.0, 5.0], [10.0, 4.0], [10.0, 9.5]], flop_plan, 52.0, repair_damage=0.0) == [1, 1, 1]
+
+
 def test_repair_damage_must_be_zero_or_at_least_one(no_timing):
     model, x = _model()
     for bad in (-1.0, 0.5):
