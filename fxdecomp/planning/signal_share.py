@@ -26,6 +26,7 @@ import torch
 from torch import fx
 
 from ..graph.candidates import Candidate
+from ..graph.effects import fresh_inputs
 
 # torch.fx traces Python's + (operator.add); torch.export records the aten overloads.
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
@@ -85,7 +86,7 @@ def signal_shares(gm: fx.GraphModule, candidates: Mapping[str, Candidate], examp
     interpreter = _EnergyInterpreter(gm)
     try:
         with torch.no_grad():
-            interpreter.run(*example_inputs)
+            interpreter.run(*fresh_inputs(example_inputs))  # a model may write into its inputs
     except (RuntimeError, TypeError, ValueError):
         return {name: 1.0 for name in candidates}
     order = {node: i for i, node in enumerate(gm.graph.nodes)}

@@ -143,3 +143,30 @@ def test_signal_shares_are_the_same_under_torch_export():
             )
         plans[frontend] = {d.name: (d.method, tuple(d.ranks)) for d in result.decisions}
     assert plans["export"] == plans["fx"]
+
+
+def test_signal_shares_leave_inputs_the_model_writes_into_alone():
+    """The shares' forward pass runs on copies: later passes see the example inputs as the user gave them."""
+    from types import SimpleNamespace
+
+    from fxdecomp.planning.signal_share import signal_shares
+
+    class WritesItsInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.branch = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            x.mul_(2.0)
+            h = self.fc(x)
+            return h + self.branch(h)
+
+    torch.manual_seed(0)
+    gm = torch.fx.symbolic_trace(WritesItsInput().eval())
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    candidates = {name: SimpleNamespace(sites=[SimpleNamespace(node=nodes[name])]) for name in ("fc", "branch")}
+    x = torch.randn(4, 16)
+    before = x.clone()
+    shares = signal_shares(gm, candidates, (x,))
+    assert torch.equal(x, before)
+    assert shares["fc"] == 1.0 and 0.0 < shares["branch"] < 1.0
