@@ -157,7 +157,7 @@ def export_trace(model: nn.Module, example_inputs: tuple, dynamic_shapes: Any = 
             log.info("torch.export with free dimensions failed (%s); exporting at the example's shapes", exc)
             spec, export_args = None, example_inputs
             program = torch.export.export(model, export_args, strict=False)
-        gm = as_module(program)
+        gm = as_module(program, model)
         shapes = input_shapes(program)
         if shapes.dynamic:
             shapes = _allow_size_one(shapes, gm, model, example_inputs)
@@ -167,7 +167,7 @@ def export_trace(model: nn.Module, example_inputs: tuple, dynamic_shapes: Any = 
                 log.info("the batch-2 graph does not run %s at the example's batch 1; exporting at the example's shapes", type(model).__name__)
                 spec = tuple({d: Dim.AUTO for d in range(x.dim())} if isinstance(x, torch.Tensor) else None for x in example_inputs)
                 program = torch.export.export(model, example_inputs, dynamic_shapes=spec, strict=False)
-                gm, shapes = as_module(program), input_shapes(program)
+                gm, shapes = as_module(program, model), input_shapes(program)
             for node in gm.graph.nodes:  # symbolic (or batch-2) metadata: shape_prop recomputes at the example
                 node.meta.pop("val", None)
     install_shape_check(gm, shapes)
@@ -217,8 +217,9 @@ def _export_spec(model: nn.Module, example_inputs: tuple, dynamic_shapes: Any) -
     return spec, export_args
 
 
-def as_module(program: torch.export.ExportedProgram) -> fx.GraphModule:
-    """``program.module()`` with working ``train()``/``eval()`` and dropout as ``nn.Dropout`` modules, in eval mode."""
+def as_module(program: torch.export.ExportedProgram, model: nn.Module | None = None) -> fx.GraphModule:
+    """``program.module()`` with working ``train()``/``eval()``, in eval mode, with dropout as nn dropout
+    modules and (given the exported ``model``) its nn.BatchNorm1d/2d/3d as modules again."""
     gm = program.module()
     for name in ("train", "eval"):  # torch 2.13 shadows them with methods that raise NotImplementedError
         gm.__dict__.pop(name, None)
@@ -230,7 +231,7 @@ def as_module(program: torch.export.ExportedProgram) -> fx.GraphModule:
             gm._forward_hooks_always_called.pop(key, None)
     gm._tracer_cls = None  # torch.load re-traces the code: export's tracer cannot be rebuilt, fx's default can
     changed = _dropout_as_modules(gm)
-    changed = _batchnorm_as_modules(gm) or changed
+    changed = (model is not None and _batchnorm_as_modules(gm, model)) or changed
     if changed:
         gm.graph.lint()
         gm.recompile()
@@ -241,14 +242,16 @@ def as_module(program: torch.export.ExportedProgram) -> fx.GraphModule:
 # gm.train() (fine-tuning) would not reach it; they become modules again, which follow the mode as
 # under torch.fx. Feature dropout by the input's rank (batched inputs).
 _FEATURE_DROPOUT = {3: nn.Dropout1d, 4: nn.Dropout2d, 5: nn.Dropout3d}
-_BATCHNORM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+# Only torch's own classes: a look-alike (detectron2's FrozenBatchNorm2d: buffers, no train mode) stays an op.
+_BATCHNORM_CLASSES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _dropout_module(node: fx.Node) -> nn.Module | None:
     """The nn dropout module that computes ``node`` (an aten dropout op in eval mode), or None."""
     aten = torch.ops.aten
     dropouts = (aten.dropout.default, aten.alpha_dropout.default, aten.feature_alpha_dropout.default, aten.feature_dropout.default)
-    if node.target not in dropouts:
+    train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
+    if node.target not in dropouts or train is not False:  # dropout the model applies always (MC dropout) stays an op
         return None
     p = float(node.args[1]) if len(node.args) > 1 else float(node.kwargs.get("p", 0.5))
     if node.target is aten.dropout.default:
@@ -287,12 +290,13 @@ def _dropout_as_modules(gm: fx.GraphModule) -> bool:
     return changed
 
 
-def _batchnorm_as_modules(gm: fx.GraphModule) -> bool:
-    """Replace each eval-mode ``aten.batch_norm`` of an ``nn.BatchNorm`` (its running statistics and affine
-    parameters read from one module path) by a call of an ``nn.BatchNormNd`` at that path holding the same
-    tensors: the state dict is unchanged, and the graph's BatchNorms follow ``train()`` and are found by the
-    passes that work on BatchNorm modules (folding, re-estimation, the weight prior) as under torch.fx.
-    BatchNorm written some other way (``F.batch_norm`` on tensors of several modules) stays an aten op."""
+def _batchnorm_as_modules(gm: fx.GraphModule, model: nn.Module) -> bool:
+    """Replace each eval-mode ``aten.batch_norm`` of an ``nn.BatchNorm1d/2d/3d`` of ``model`` (its running
+    statistics and affine parameters read from that module's path) by a call of a module of the same class
+    and options at that path, holding the same tensors: the state dict is unchanged, and the graph's
+    BatchNorms follow ``train()`` and are found by the passes that work on BatchNorm modules (folding,
+    re-estimation, the weight prior) as under torch.fx. Anything else (``F.batch_norm`` on tensors of
+    several modules, a subclass or look-alike of BatchNorm) stays an aten op."""
     changed, made = False, {}
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not torch.ops.aten.batch_norm.default:
@@ -301,7 +305,7 @@ def _batchnorm_as_modules(gm: fx.GraphModule) -> bool:
         if path is None:
             continue
         if path not in made:
-            module = _batchnorm_module(gm, node, path)
+            module = _batchnorm_module(gm, model, path)
             if module is None:
                 continue
             parent, _, attribute = path.rpartition(".")
@@ -351,20 +355,23 @@ def _batchnorm_path(gm: fx.GraphModule, node: fx.Node) -> str | None:
     return path if names <= {*_BATCHNORM_TENSORS, "num_batches_tracked"} else None
 
 
-def _batchnorm_module(gm: fx.GraphModule, node: fx.Node, path: str) -> nn.Module | None:
-    """An nn.BatchNormNd for ``node`` holding the tensors at ``path`` (the same objects), or None."""
+def _batchnorm_module(gm: fx.GraphModule, model: nn.Module, path: str) -> nn.Module | None:
+    """A module of the class and options of ``model``'s BatchNorm at ``path``, holding the graph's tensors at
+    ``path`` (the same objects), or None when ``model`` has no torch BatchNorm with running statistics there."""
     holder = gm.get_submodule(path)
-    if isinstance(holder, nn.modules.batchnorm._BatchNorm):
-        return holder
-    value = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
-    kind = _BATCHNORM.get(value.dim()) if isinstance(value, torch.Tensor) else None
-    if kind is None:
+    try:
+        original = model.get_submodule(path)
+    except AttributeError:
         return None
-    momentum, eps = float(node.args[6]), float(node.args[7])
+    if type(original) not in _BATCHNORM_CLASSES or not original.track_running_stats:
+        return None
     weight = getattr(holder, "weight", None)
+    if original.affine != isinstance(weight, nn.Parameter) or (original.affine and not isinstance(getattr(holder, "bias", None), nn.Parameter)):
+        return None
     with torch.device("meta"):  # no tensors allocated: the holder's own are set below
-        # nn.BatchNorm with momentum=None (a cumulative average) passes 0.0 to the op.
-        module = kind(holder.running_mean.shape[0], eps=eps, momentum=momentum or None, affine=weight is not None)
+        module = type(original)(
+            original.num_features, eps=original.eps, momentum=original.momentum, affine=original.affine
+        )
     for name in (*_BATCHNORM_TENSORS, "num_batches_tracked"):
         tensor = getattr(holder, name, None)
         if name in ("weight", "bias"):

@@ -37,6 +37,7 @@ MODE_DEPENDENT = [
     (nn.BatchNorm3d(8), (4, 8, 3, 3, 3)),
     (nn.BatchNorm2d(8, affine=False), (4, 8, 5, 5)),
     (nn.BatchNorm2d(8, momentum=None), (4, 8, 5, 5)),
+    (nn.BatchNorm2d(8, momentum=0.0), (4, 8, 5, 5)),  # frozen statistics: the op's 0.0 is not momentum=None
 ]
 
 
@@ -191,3 +192,55 @@ def test_every_transpose_spelling_of_a_functional_linear_is_a_candidate_under_ex
     results = _compress_both(_TransposedForms().eval(), torch.randn(4, 16), "flops", budget=0.9)
     names = {f: sorted(d.name for d in r.decisions) for f, r in results.items()}
     assert names["fx"] == names["export"] == ["w1", "w2", "w3", "w4", "w5"]
+
+
+class _FrozenBatchNorm2d(nn.Module):
+    """detectron2's / torchvision.ops' FrozenBatchNorm2d: buffers, F.batch_norm in eval mode whatever the mode."""
+
+    def __init__(self, channels):
+        super().__init__()
+        for name, value in (("weight", torch.rand(channels) + 0.5), ("bias", torch.randn(channels)),
+                            ("running_mean", torch.randn(channels)), ("running_var", torch.rand(channels) + 0.5)):
+            self.register_buffer(name, value)
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, training=False)
+
+
+class _FrozenWithParameters(_FrozenBatchNorm2d):
+    """The same with nn.Parameter affine weights: still not a torch BatchNorm, still frozen."""
+
+    def __init__(self, channels):
+        super().__init__(channels)
+        weight, bias = self.weight, self.bias
+        del self.weight, self.bias
+        self.weight, self.bias = nn.Parameter(weight), nn.Parameter(bias)
+
+
+class _AlwaysDropout(nn.Module):
+    """Monte Carlo dropout: active in eval mode too."""
+
+    def forward(self, x):
+        return F.dropout2d(x, 0.5, training=True)
+
+
+@pytest.mark.parametrize(
+    "layer", [_FrozenBatchNorm2d(8), _FrozenWithParameters(8), _AlwaysDropout()],
+    ids=["frozen_batchnorm", "frozen_with_parameters", "always_dropout"],
+)
+def test_look_alikes_of_mode_dependent_modules_keep_their_behaviour_under_export(layer):
+    """Only torch's own BatchNorm classes and dropout in eval mode become modules: a frozen BatchNorm (buffers, no
+    train mode) and dropout the model applies always stay ops, and compute in both modes what the model does."""
+    model = nn.Sequential(nn.Conv2d(8, 8, 1), layer).eval()
+    x = torch.randn(4, 8, 5, 5)
+    gm = _capture(copy.deepcopy(model), x, "export")
+    assert set(gm.state_dict()) == set(model.state_dict())
+    for mode in ("eval", "train"):
+        getattr(gm, mode)()
+        getattr(model, mode)()
+        with torch.no_grad():
+            torch.manual_seed(3)
+            actual = gm(x)
+            torch.manual_seed(3)
+            expected = model(x)
+        torch.testing.assert_close(actual, expected, msg=mode)
