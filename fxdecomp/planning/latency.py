@@ -112,8 +112,7 @@ def follow_latency(
     damage allowance is kept. Falling short, the greedy path often buys little
     latency for the whole allowance (the digits CNN at 0.3 of its FLOPs,
     weight-only: predicted efficiency 0.417 -> 0.423 for 1.9x the damage, test
-    accuracy 97.2 % -> 83.0 %; EfficientNet-Lite0 at 0.8: 0.857 -> 0.878 for
-    1.9x). Without a ceiling (``repair_damage = 0``) the most efficient plan
+    accuracy 97.2 % -> 83.0 %; tools/bench_calibration.py --only digits). Without a ceiling (``repair_damage = 0``) the most efficient plan
     found is kept, with a warning.
 
     Layers timed alone do not add up exactly to the model (at 2 threads VGG-16's
@@ -162,7 +161,8 @@ def follow_latency(
     start = efficiency(*totals(state)[:2])
     path: list[list[int]] = []
     for round_ in range(max(options.measure_rounds, 0) + 1):
-        state, _, path = repair(state, switches, efficiency(*totals(state)[:2]), target)
+        state, _, steps = repair(state, switches, efficiency(*totals(state)[:2]), target)
+        path += steps  # every round's steps: a measured correction can put the target out of reach later
         if round_ == options.measure_rounds:
             break
         ratio = measure(planned, state) / max(model_ms_before - totals(state)[0], 1e-9)

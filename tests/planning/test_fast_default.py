@@ -261,6 +261,30 @@ def test_a_repair_short_of_the_target_keeps_only_the_steps_worth_their_damage():
     assert _repair(groups, [[10.0, 5.0], [10.0, 4.0], [10.0, 9.5]], flop_plan, 52.0, repair_damage=0.0) == [1, 1, 1]
 
 
+def test_a_repair_put_out_of_reach_by_a_measured_round_keeps_the_steps_of_every_round():
+    """Round 0 reaches the target on the layers' predicted times; the planned model then measures 2x slower than their
+    sum, the target is out of reach, and round 1 finds no step: the pro-rata choice is among round 0's steps too."""
+    from types import SimpleNamespace
+
+    from fxdecomp.planning.latency import follow_latency
+    from fxdecomp.planning.solver import Option
+
+    groups = [[Option(100.0, 0.0), Option(50.0, 0.01)], [Option(1.0, 0.0), Option(0.5, 0.005)]]
+    latencies = [[10.0, 5.0], [10.0, 2.0]]
+    planned = [(None, [SimpleNamespace(latency_ms=ms, flops=o.cost) for ms, o in zip(t, g)]) for t, g in zip(latencies, groups)]
+
+    def measure(planned_, plan):
+        return 2.0 * sum(choices[i].latency_ms for (_, choices), i in zip(planned_, plan))
+
+    for rounds in (0, 1, 2):
+        options = SimpleNamespace(min_efficiency=0.9, repair_damage=2.0, measure_rounds=rounds)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plan = follow_latency(groups, planned, [1, 0], 51.0, model_ms_before=20.0, flops_before=101,
+                                  options=options, measure=measure)
+        assert plan == [1, 1], rounds
+
+
 def test_repair_damage_must_be_zero_or_at_least_one(no_timing):
     model, x = _model()
     for bad in (-1.0, 0.5):
