@@ -170,3 +170,34 @@ def test_signal_shares_leave_inputs_the_model_writes_into_alone():
     shares = signal_shares(gm, candidates, (x,))
     assert torch.equal(x, before)
     assert shares["fc"] == 1.0 and 0.0 < shares["branch"] < 1.0
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_an_additive_attention_mask_is_not_a_residual_sum(heads):
+    """Eager attention adds a mask of finfo.min at padded keys to the scores (broadcast over the heads, or not, with
+    one head); that sum is not where q's and k's errors join the signal: the residual sum after attention is."""
+    from types import SimpleNamespace
+
+    from fxdecomp.planning.signal_share import signal_shares
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+
+        def forward(self, x, mask):
+            b, n, _ = x.shape
+            split = lambda t: t.view(b, n, heads, 16 // heads).transpose(1, 2)  # noqa: E731
+            scores = split(self.q(x)) @ split(self.k(x)).transpose(-1, -2) + mask
+            out = (scores.softmax(-1) @ split(self.v(x))).transpose(1, 2).reshape(b, n, 16)
+            return x + self.o(out)
+
+    torch.manual_seed(0)
+    gm = torch.fx.symbolic_trace(Attention().eval())
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    candidates = {name: SimpleNamespace(sites=[SimpleNamespace(node=nodes[name])]) for name in "qkvo"}
+    mask = torch.zeros(2, 1, 1, 5)
+    mask[0, ..., 3:] = torch.finfo(torch.float32).min  # padded keys of the first sequence
+    shares = signal_shares(gm, candidates, (torch.randn(2, 5, 16), mask))
+    assert 0.0 < shares["v"] < 1.0
+    assert shares["q"] == pytest.approx(shares["v"]) and shares["k"] == pytest.approx(shares["v"])
