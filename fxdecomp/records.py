@@ -80,7 +80,8 @@ class CalibrationStats:
     error_meters: dict[str, Any] = field(default_factory=dict)  # OutputErrorMeter
     # Damage of an error not measured on the model's outputs (`fxdecomp.planning.damage.output_damage`):
     # "retained_energy" (-log(1 - e^2)), "signal_share" (that times the layer's share of the signal) or "squared" (e^2).
-    weight_damage: str = "squared"
+    # The calibrate pass's default, also for a recipe without that pass.
+    weight_damage: str = "signal_share"
 
 
 @dataclass(frozen=True)
