@@ -178,9 +178,9 @@ def follow_latency(
             warnings.warn(
                 f"fxdecomp: no plan under this budget is predicted to reach efficiency {target:g} within "
                 f"{options.repair_damage:g}x the FLOP plan's damage (the most efficient found: {reached:.3f}, at "
-                f"{totals(state)[3] / max(flop_plan_damage, 1e-12):.2f}x); keeping the most efficient step that gains "
-                f"at least the share of the way it spends of that damage: {efficiency(*totals(kept)[:2]):.3f}, at "
-                f"{totals(kept)[3] / max(flop_plan_damage, 1e-12):.2f}x",
+                f"{totals(state)[3] / max(flop_plan_damage, 1e-12):.2f}x); keeping the most efficient plan that covers "
+                f"at least as large a share of the way to the target as of that damage allowance: "
+                f"{efficiency(*totals(kept)[:2]):.3f}, at {totals(kept)[3] / max(flop_plan_damage, 1e-12):.2f}x",
                 stacklevel=3,
             )
             state = list(kept)
