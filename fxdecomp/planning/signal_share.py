@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 from collections.abc import Container, Mapping
@@ -31,6 +32,8 @@ from ..graph.effects import fresh_inputs
 
 # torch.fx traces Python's + (operator.add); torch.export records the aten overloads.
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
+log = logging.getLogger("fxdecomp")
+
 _ADD_METHODS = {"add", "add_"}
 # An operand holding values this negative is an additive mask (-inf, finfo.min, -1e9, BERT's -1e4), not a signal.
 MASK_VALUE = -1e4
@@ -110,7 +113,8 @@ def signal_shares(gm: fx.GraphModule, candidates: Mapping[str, Candidate], examp
     try:
         with torch.no_grad():
             interpreter.run(*fresh_inputs(example_inputs))  # a model may write into its inputs
-    except (RuntimeError, TypeError, ValueError):
+    except Exception as exc:  # noqa: BLE001 - a heuristic of the default plan: it must never stop compress
+        log.info("signal shares: the graph did not run on the example inputs (%s: %s); every share is 1", type(exc).__name__, exc)
         return {name: 1.0 for name in candidates}
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     return {

@@ -201,3 +201,30 @@ def test_an_additive_attention_mask_is_not_a_residual_sum(heads):
     shares = signal_shares(gm, candidates, (torch.randn(2, 5, 16), mask))
     assert 0.0 < shares["v"] < 1.0
     assert shares["q"] == pytest.approx(shares["v"]) and shares["k"] == pytest.approx(shares["v"])
+
+
+def test_a_graph_that_does_not_run_on_the_example_inputs_gives_every_share_one():
+    from types import SimpleNamespace
+
+    from fxdecomp.planning.signal_share import signal_shares
+
+    net = _lean_net()
+    gm = torch.fx.symbolic_trace(net)
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    candidates = {name: SimpleNamespace(sites=[SimpleNamespace(node=nodes[name])]) for name in ("stem", "blocks.0.expand")}
+    for bad in ((torch.randn(2, 5, 8, 8),), ("not a tensor",), ()):  # wrong channels, wrong type, missing input
+        assert signal_shares(gm, candidates, bad) == {"stem": 1.0, "blocks.0.expand": 1.0}
+
+    class Embedded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(4, 8), nn.Linear(8, 8)
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            return h + self.fc(h)
+
+    gm = torch.fx.symbolic_trace(Embedded())
+    node = next(n for n in gm.graph.nodes if n.target == "fc")
+    candidates = {"fc": SimpleNamespace(sites=[SimpleNamespace(node=node)])}
+    assert signal_shares(gm, candidates, (torch.tensor([[7]]),)) == {"fc": 1.0}  # IndexError: a token id out of range
