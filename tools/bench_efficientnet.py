@@ -101,6 +101,9 @@ VARIANTS: list[tuple[str, Variant]] = [
                                       "reestimate_batchnorm": {"enabled": True, "mode": "shift"}})),
 ]
 
+# The command line splits --variants on commas: a name holding one could never be asked for.
+assert not [name for name, _ in VARIANTS if "," in name], "a VARIANTS name holds a comma"
+
 
 def _photo(name: str) -> torch.Tensor:
     if name in ("china", "flower"):
