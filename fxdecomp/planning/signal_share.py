@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
-from collections.abc import Container, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import fx
@@ -30,27 +30,29 @@ from torch import fx
 from ..graph.candidates import Candidate
 from ..graph.effects import fresh_inputs
 
-# torch.fx traces Python's + (operator.add); torch.export records the aten overloads.
-_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
 log = logging.getLogger("fxdecomp")
 
+# torch.fx traces Python's + (operator.add); torch.export records the aten overloads.
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
 _ADD_METHODS = {"add", "add_"}
 # An operand holding values this negative is an additive mask (-inf, finfo.min, -1e9, BERT's -1e4), not a signal.
 MASK_VALUE = -1e4
 
 
 class _EnergyInterpreter(fx.Interpreter):
-    """Runs the graph and keeps each floating-point node output's squared norm (float64) and shape."""
+    """Runs the graph and keeps, for the ``watched`` nodes (the sums and their operands), each floating-point
+    output's squared norm (float64), its shape, and whether it is a mask."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, watched: set[fx.Node]):
         super().__init__(gm)
+        self.watched = watched
         self.energy: dict[fx.Node, float] = {}
         self.shape: dict[fx.Node, tuple[int, ...]] = {}
         self.mask: set[fx.Node] = set()
 
     def run_node(self, node: fx.Node):
         out = super().run_node(node)
-        if isinstance(out, torch.Tensor) and out.is_floating_point():
+        if node in self.watched and isinstance(out, torch.Tensor) and out.is_floating_point():
             self.energy[node] = float(out.detach().double().pow(2).sum())
             self.shape[node] = tuple(out.shape)
             if out.numel() and float(out.detach().min()) <= MASK_VALUE:
@@ -74,29 +76,22 @@ def _downstream(node: fx.Node) -> set[fx.Node]:
     return reached
 
 
-def site_share(
-    node: fx.Node,
-    energy: Mapping[fx.Node, float],
-    order: Mapping[fx.Node, int],
-    shape: Mapping[fx.Node, tuple] | None = None,
-    mask: Container[fx.Node] = (),
-) -> float:
+def _site_share(node: fx.Node, order: Mapping[fx.Node, int], seen: _EnergyInterpreter) -> float:
     """The share in [0, 1] of ``node``'s branch at the first sum that adds it to a signal it does not reach, else 1.
 
-    A residual sum adds two operands of one shape (when ``shape`` is given), neither of them a
-    mask (``mask``: operands holding values <= MASK_VALUE): attention scores plus an additive mask
-    (finfo.min at padded positions), broadcast or not, is not one. A sum of no finite energy tells
-    nothing: share 1.
+    A residual sum adds two operands of one shape, neither of them a mask (operands holding values
+    <= MASK_VALUE): attention scores plus an additive mask (finfo.min at padded positions),
+    broadcast or not, is not one. A sum of no finite energy tells nothing: share 1.
     """
     reached = _downstream(node)
     for add in sorted((n for n in reached if _is_add(n)), key=order.__getitem__):
         operands = [a for a in add.args if isinstance(a, fx.Node)]
         branch = [a for a in operands if a in reached]
-        if len(operands) != 2 or len(branch) != 1 or any(a in mask for a in operands):
+        if len(operands) != 2 or len(branch) != 1 or any(a in seen.mask for a in operands):
             continue
-        if shape is not None and not (shape.get(operands[0]) == shape.get(operands[1]) == shape.get(add) is not None):
+        if not (seen.shape.get(operands[0]) == seen.shape.get(operands[1]) == seen.shape.get(add) is not None):
             continue
-        total, part = energy.get(add, 0.0), energy.get(branch[0], 0.0)
+        total, part = seen.energy.get(add, 0.0), seen.energy.get(branch[0], 0.0)
         if not (math.isfinite(total) and math.isfinite(part)) or total <= 0.0:
             return 1.0
         return min(1.0, part / total)
@@ -109,7 +104,9 @@ def signal_shares(gm: fx.GraphModule, candidates: Mapping[str, Candidate], examp
     ``gm`` is the graph the candidates' call sites belong to; ``example_inputs`` run it once
     (no gradients). A graph that does not run on them gives every candidate share 1.
     """
-    interpreter = _EnergyInterpreter(gm)
+    sums = [n for n in gm.graph.nodes if _is_add(n)]
+    watched = {*sums, *(a for add in sums for a in add.args if isinstance(a, fx.Node))}
+    interpreter = _EnergyInterpreter(gm, watched)  # norms of the sums and their operands only, not of every node
     try:
         with torch.no_grad():
             interpreter.run(*fresh_inputs(example_inputs))  # a model may write into its inputs
@@ -119,7 +116,7 @@ def signal_shares(gm: fx.GraphModule, candidates: Mapping[str, Candidate], examp
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     return {
         name: max(
-            (site_share(site.node, interpreter.energy, order, interpreter.shape, interpreter.mask) for site in candidate.sites),
+            (_site_share(site.node, order, interpreter) for site in candidate.sites),
             default=1.0,
         )
         for name, candidate in candidates.items()
