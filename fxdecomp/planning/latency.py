@@ -111,9 +111,9 @@ def follow_latency(
     closes at least the share of the gap to the target that it spends of the
     damage allowance is kept. Falling short, the greedy path often buys little
     latency for the whole allowance (the digits CNN at 0.3 of its FLOPs,
-    weight-only: predicted efficiency 0.417 -> 0.423 for 1.9x the damage, test
-    accuracy 97.2 % -> 83.0 %; tools/bench_calibration.py --only digits). Without a ceiling (``repair_damage = 0``) the most efficient plan
-    found is kept, with a warning.
+    weight-only: test accuracy 97.2 % -> 83.0 %, tools/bench_calibration.py
+    --only digits). Without a ceiling (``repair_damage = 0``) the most efficient
+    plan found is kept, with a warning.
 
     Layers timed alone do not add up exactly to the model (at 2 threads VGG-16's
     plan ran 37 % slower than predicted): the planned model is timed, the
@@ -138,6 +138,9 @@ def follow_latency(
         chosen = [group[i] for group, i in zip(groups, indices)]
         return saved, flops, sum(o.cost for o in chosen), sum(o.damage for o in chosen)
 
+    def plan_efficiency(indices: list[int]) -> float:
+        return efficiency(*totals(indices)[:2])
+
     def switches(indices: list[int]):
         """(layer, option, extra damage, efficiency after) for every single-layer switch within the budget and the damage ceiling."""
         saved, flops, cost, damage = totals(indices)
@@ -152,16 +155,16 @@ def follow_latency(
     def worth_its_damage(indices: list[int]) -> bool:
         """Short of the target, a repair is priced pro rata: it must close at least the share of the gap from the
         FLOP plan's efficiency to the target that it spends of the damage allowance (the ceiling)."""
-        base = efficiency(*totals(plan)[:2])
-        gained = (efficiency(*totals(indices)[:2]) - base) / max(target - base, 1e-12)
+        base = plan_efficiency(plan)
+        gained = (plan_efficiency(indices) - base) / max(target - base, 1e-12)
         spent = (totals(indices)[3] - flop_plan_damage) / max(ceiling - flop_plan_damage, 1e-12)
         return gained >= spent
 
     state = list(plan)
-    start = efficiency(*totals(state)[:2])
+    start = plan_efficiency(state)
     path: list[list[int]] = []
     for round_ in range(max(options.measure_rounds, 0) + 1):
-        state, _, steps = repair(state, switches, efficiency(*totals(state)[:2]), target)
+        state, _, steps = repair(state, switches, plan_efficiency(state), target)
         path += steps  # every round's steps: a measured correction can put the target out of reach later
         if round_ == options.measure_rounds:
             break
@@ -169,18 +172,18 @@ def follow_latency(
         if not 0.5 <= ratio <= 2.0 or abs(ratio - correction) <= 0.03 * correction:
             break  # a disturbed measurement, or the prediction already holds
         correction = ratio  # measured / summed layer times: the efficiency below is now the measured one
-        if efficiency(*totals(state)[:2]) >= target:
+        if plan_efficiency(state) >= target:
             break
-    reached = efficiency(*totals(state)[:2])
+    reached = plan_efficiency(state)
     if reached < target:
         if options.repair_damage > 0:
-            kept = max((s for s in [plan, *path] if worth_its_damage(s)), key=lambda s: efficiency(*totals(s)[:2]))
+            kept = max((s for s in [plan, *path] if worth_its_damage(s)), key=plan_efficiency)
             warnings.warn(
                 f"fxdecomp: no plan under this budget is predicted to reach efficiency {target:g} within "
                 f"{options.repair_damage:g}x the FLOP plan's damage (the most efficient found: {reached:.3f}, at "
                 f"{totals(state)[3] / max(flop_plan_damage, 1e-12):.2f}x); keeping the most efficient plan that covers "
                 f"at least as large a share of the way to the target as of that damage allowance: "
-                f"{efficiency(*totals(kept)[:2]):.3f}, at {totals(kept)[3] / max(flop_plan_damage, 1e-12):.2f}x",
+                f"{plan_efficiency(kept):.3f}, at {totals(kept)[3] / max(flop_plan_damage, 1e-12):.2f}x",
                 stacklevel=3,
             )
             state = list(kept)
@@ -192,7 +195,7 @@ def follow_latency(
             )
     log.info(
         "latency-following plan: predicted efficiency %.3f (FLOP plan: %.3f), damage %.4g (FLOP plan: %.4g)",
-        efficiency(*totals(state)[:2]), start, totals(state)[3], flop_plan_damage,
+        plan_efficiency(state), start, totals(state)[3], flop_plan_damage,
     )
     return state
 
