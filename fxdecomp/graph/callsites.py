@@ -235,3 +235,20 @@ def weight_users(gm: fx.GraphModule) -> dict[tuple, set[fx.Node]]:
             for tensor in [*module.parameters(), *module.buffers()]:
                 users.setdefault(tensor_key(tensor), set()).add(node)
     return users
+
+
+def weight_aliases(model: nn.Module | None) -> dict[str, tuple[str, ...]]:
+    """Every parameter or buffer path of ``model`` -> all the paths of that tensor, in registration order.
+
+    A tied weight has several paths (``emb.weight`` and ``head.weight``); which one a captured
+    graph reads depends on the frontend (the attribute the code read under torch.fx, one
+    torch.export picks), so names built from a path go through this map. None gives {}.
+    """
+    if model is None:
+        return {}
+    groups: dict[int, list[str]] = {}
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for path, tensor in named:
+        groups.setdefault(id(tensor), []).append(path)
+    return {path: tuple(paths) for paths in groups.values() for path in paths}
+

@@ -14,7 +14,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from .. import meta
 from ..meta import node_shape
 from ..errors import FxDecompError
-from ..graph.callsites import WeightUse, match_call, tensor_key, weight_users
+from ..graph.callsites import WeightUse, match_call, tensor_key, weight_aliases, weight_users
 from ..graph.parametrized import notes_of
 from ..layer_spec import check_finite, layer_spec
 from .base import CallSite, Candidate, Pass, log, register_pass
@@ -29,7 +29,11 @@ class FindCandidatesPass(Pass):
     path (``features.3``); a functional call is named by its weight: the owner's path
     for a parameter called ``weight`` (``fc`` for ``fc.weight``, as a torch.export
     graph of an nn.Linear holds it), else the parameter's own path (``attn.wq``).
+    A tied weight is named the same under both frontends: by the module whose call
+    torch.export recorded (its ``nn_module_stack``) when that module holds it, else by its
+    first path in the model (``emb`` for an output head computed as ``F.linear(h, emb.weight)``).
     A name already taken gets the full parameter path, then ``@<node name>``.
+    ``exclude`` patterns match the name or the owner of any path of the weight.
     """
 
     name = "find_candidates"
@@ -39,6 +43,7 @@ class FindCandidatesPass(Pass):
     def run(self, gm):
         ctx = self.context
         by_key: dict[tuple, Candidate] = {}
+        aliases = weight_aliases(ctx.source_model)
         for node in gm.graph.nodes:
             use = match_call(gm, node)
             if use is None:
@@ -54,9 +59,11 @@ class FindCandidatesPass(Pass):
             except FxDecompError as exc:
                 log.info("not a candidate: %s (%s)", use.target, exc)
                 continue
-            name = _candidate_name(use, node, {c.name for c in by_key.values()})
+            paths = aliases.get(use.weight_path, (use.weight_path,))
+            name = _candidate_name(use, node, {c.name for c in by_key.values()}, paths)
             check_finite(name, use.layer)
-            excluded = any(fnmatch.fnmatchcase(name, pattern) or name == pattern for pattern in ctx.exclude)
+            labels = {name} | {_owner(path) for path in paths}
+            excluded = any(fnmatch.fnmatchcase(label, pattern) or label == pattern for label in labels for pattern in ctx.exclude)
             by_key[use.key] = Candidate(name, use.layer, spec, [site], use.form, use.target, excluded)
         ctx.candidates = {c.name: c for c in by_key.values()}
         users = weight_users(gm)
@@ -71,10 +78,24 @@ class FindCandidatesPass(Pass):
         return PassResult(gm, False)
 
 
-def _candidate_name(use: WeightUse, node: fx.Node, taken: set[str]) -> str:
+def _owner(path: str) -> str:
+    """``fc`` for ``fc.weight``; any other path is its own name."""
+    owner, _, attribute = path.rpartition(".")
+    return owner if owner and attribute == "weight" else path
+
+
+def _candidate_name(use: WeightUse, node: fx.Node, taken: set[str], paths: tuple[str, ...]) -> str:
     if use.form == "module":
         options = [use.target, f"{use.target}@{node.name}"]
     else:
-        owner, _, attribute = use.target.rpartition(".")
-        options = [owner if owner and attribute == "weight" else use.target, use.target, f"{use.target}@{node.name}"]
+        options = [_owner(_function_weight_path(use.target, node, paths)), use.target, f"{use.target}@{node.name}"]
     return next(n for n in options if n not in taken)
+
+
+def _function_weight_path(target: str, node: fx.Node, paths: tuple[str, ...]) -> str:
+    """The path a functional call's weight is named by: the recorded module's, else the first (see the pass)."""
+    if len(paths) < 2:
+        return target
+    stack = node.meta.get("nn_module_stack") or {}
+    module = next(reversed(stack.values()))[0] if stack else ""
+    return f"{module}.weight" if module and f"{module}.weight" in paths else paths[0]

@@ -254,6 +254,33 @@ def test_tied_head_under_a_flops_budget_reports_the_parameters_it_really_has():
         assert head.params_after >= 200 * 32 + _svd_params(200, 32, head.ranks[0], bias=False)
 
 
+@pytest.mark.parametrize("functional", [False, True])
+def test_a_tied_weight_has_one_name_under_both_frontends_and_its_plan_replays_across_them(functional):
+    # torch.export reads the tied head through whichever path it picks (``head.weight``), torch.fx
+    # through the attribute the code read: names built from the path differed (``emb`` / ``head``).
+    torch.manual_seed(0)
+    model, ids = TiedLM(functional).eval(), torch.randint(0, 200, (2, 7))
+    results = {frontend: fxdecomp.compress(model, (ids,), budget=0.7, methods=["svd"], frontend=frontend)
+               for frontend in ("fx", "export")}
+    assert results["export"].frontend == "export"
+    names = {frontend: sorted(d.name for d in result.decisions) for frontend, result in results.items()}
+    assert names["fx"] == names["export"] == sorted(["up", "down", "emb" if functional else "head"])
+    saved = [(d.name, d.method, d.ranks) for d in results["export"].decisions]
+    replayed = fxdecomp.compress(model, (ids,), plan=results["export"].decisions, frontend="fx")
+    assert sorted((d.name, d.method, d.ranks) for d in replayed.decisions) == sorted(saved)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("pattern", ["head", "emb", "he*"])
+def test_exclude_names_a_tied_weight_by_any_of_its_paths(frontend, pattern):
+    torch.manual_seed(0)
+    model, ids = TiedLM(True).eval(), torch.randint(0, 200, (2, 7))
+    result = fxdecomp.compress(model, (ids,), budget=0.9, methods=["svd"], exclude=[pattern], frontend=frontend)
+    tied = next(d for d in result.decisions if d.name == "emb")
+    assert tied.reason == "excluded"
+    assert all(d.reason != "excluded" for d in result.decisions if d.name != "emb")
+
+
 def test_count_params_counts_one_storage_once():
     a = nn.Linear(8, 8)
     b = nn.Linear(8, 8)
