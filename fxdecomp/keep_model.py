@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -27,7 +28,8 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .errors import FxDecompError, InvalidInputError, UnsupportedLayerError
-from .layer_spec import LAYER_TYPES
+from .layer_spec import LAYER_TYPES, ConvSpec, layer_spec
+from .meta import DECOMPOSED_SPECS
 from .transformers_layers import is_conv1d
 
 
@@ -59,9 +61,10 @@ def apply_to_model(
         _check_shape(d.name, modules[d.name], installed_module(result.graph_module, d.name))
     new = copy.deepcopy(model)
     _carry_batchnorm(result.graph_module, new, {d.name for d in decided})
+    specs = getattr(result.graph_module, "meta", {}).get(DECOMPOSED_SPECS, {})
     for d in decided:
         old = new.get_submodule(d.name)
-        module = copy.deepcopy(installed_module(result.graph_module, d.name))
+        module = _in_place_of(d.name, old, copy.deepcopy(installed_module(result.graph_module, d.name)), specs.get(d.name))
         module.to(device=old.weight.device, dtype=old.weight.dtype).train(old.training)
         for p, q in zip(module.parameters(), old.parameters()):
             p.requires_grad_(q.requires_grad)
@@ -78,13 +81,61 @@ def _carry_batchnorm(gm: nn.Module, new: nn.Module, decomposed: set[str]) -> Non
     decomposed one is swapped afterwards), a re-estimated one takes the graph's statistics."""
     meta = getattr(gm, "meta", {})
     for layer, norm in meta.get("fxdecomp.folded_batchnorm", ()):
-        swaps = [(norm, nn.Identity())] + ([] if layer in decomposed else [(layer, copy.deepcopy(gm.get_submodule(layer)))])
+        swaps = [(norm, nn.Identity())] + ([] if layer in decomposed else [(layer, _folded_layer(gm, new, layer))])
         for path, module in swaps:
             parent, _, leaf = path.rpartition(".")
             setattr(new.get_submodule(parent) if parent else new, leaf, module)
     stats = meta.get("fxdecomp.batchnorm_stats")
     for name in stats.batchnorms if stats is not None else ():
         new.get_submodule(name).load_state_dict(gm.get_submodule(name).state_dict())
+
+
+def _folded_layer(gm: nn.Module, new: nn.Module, layer: str) -> nn.Module:
+    """The kept layer with its BatchNorm folded in: the graph's module (torch.fx), or, where the graph holds the
+    layer as an op on ``<layer>.weight`` / ``<layer>.bias`` (torch.export), a copy of the user's module holding them."""
+    held = gm.get_submodule(layer)
+    if isinstance(held, LAYER_TYPES):
+        return copy.deepcopy(held)
+    mine = new.get_submodule(layer)
+    if not isinstance(mine, LAYER_TYPES) or mine.weight.shape != held.weight.shape:
+        raise UnsupportedLayerError(
+            f"the BatchNorm after {layer!r} was folded into its weight, but {type(mine).__name__} {layer!r} of the model is not "
+            "the conv / Linear module that holds that weight; use result.graph_module, or compress without fold_batchnorm"
+        )
+    folded = copy.deepcopy(mine)
+    for name in ("weight", "bias"):
+        tensor = held.get_parameter(name).detach().clone().to(device=mine.weight.device, dtype=mine.weight.dtype)
+        folded.register_parameter(name, nn.Parameter(tensor, mine.weight.requires_grad))
+    return folded
+
+
+def _in_place_of(name: str, layer: nn.Module, decomposed: nn.Module, spec) -> nn.Module:
+    """The module that replaces the user's ``layer``: ``decomposed``, which computes the conv the graph called.
+
+    Under torch.export a conv subclass that pads in its own forward (EfficientNet's
+    ``Conv2dStaticSamePadding``) is a pad op and then a conv without it: its decomposed module
+    then goes after a copy of the layer's pad module. Any other difference is refused.
+    """
+    if not isinstance(spec, ConvSpec):
+        return decomposed
+    try:
+        mine = dataclasses.replace(layer_spec(layer), has_bias=spec.has_bias)  # a folded BatchNorm adds a bias
+    except UnsupportedLayerError as exc:
+        raise UnsupportedLayerError(
+            f"layer {name!r}: the graph decomposed the conv it calls, but {type(layer).__name__}'s forward does more ({exc}); "
+            f"its decomposed module cannot replace it. Use result.graph_module, or compress with exclude={[name]}"
+        ) from exc
+    if mine == spec:
+        return decomposed
+    pad = getattr(layer, "static_padding", None)
+    extra = tuple(int(p) for p in getattr(pad, "padding", ()))
+    if len(extra) == len(spec.pads) and mine == dataclasses.replace(spec, pads=tuple(a + b for a, b in zip(spec.pads, extra))):
+        return nn.Sequential(copy.deepcopy(pad), decomposed)
+    raise UnsupportedLayerError(
+        f"layer {name!r}: the graph decomposed the conv it calls ({spec}), but {type(layer).__name__}'s forward computes "
+        f"another ({mine}); its decomposed module cannot replace it. Use result.graph_module, or compress with "
+        f"frontend='fx' or exclude={[name]}"
+    )
 
 
 def _replaceable(module: nn.Module | None) -> bool:

@@ -20,6 +20,9 @@ FLOPS = "fxdecomp.flops"  # NodeCost of the original layer at this call site
 CANDIDATE = "fxdecomp.candidate"  # str: the candidate's name (see graph.candidates.Candidate)
 RANK = "fxdecomp.rank"  # RankEstimate per method
 DECOMPOSED_FROM = "fxdecomp.decomposed_from"  # Provenance on nodes built by the rewrite
+# gm.meta: layer name -> the ConvSpec / LinearSpec the rewrite decomposed it as (as the graph calls it: under
+# torch.export a conv subclass's own padding is an op before the call, not part of the spec)
+DECOMPOSED_SPECS = "fxdecomp.decomposed_specs"
 
 
 @dataclass(frozen=True)

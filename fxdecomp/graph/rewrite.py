@@ -46,6 +46,7 @@ def rewrite_graph(gm: fx.GraphModule, ctx, plan: dict) -> bool:
         for node, value in sites:
             _replace_site(gm, node, value, path, module, decision)
         _set_submodule(gm, path, module)  # after the old get_attr nodes are gone: it may replace their owner
+        gm.meta[meta.DECOMPOSED_SPECS] = {**gm.meta.get(meta.DECOMPOSED_SPECS, {}), candidate.name: candidate.spec}
     gm.graph.eliminate_dead_code(is_impure_node=has_side_effect)  # in-place ops whose result is unused stay
     _drop_unused_attributes(gm)
     gm.delete_all_unused_submodules()

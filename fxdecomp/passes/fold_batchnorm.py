@@ -14,7 +14,9 @@ budget counts the folded model's FLOPs.
 It must run before find_candidates (the candidates are the folded convs), and needs
 the model in eval mode: a BatchNorm in training mode normalises with batch statistics
 and cannot be folded (`InvalidInputError` naming the module). In torch.export graphs the
-layers are aten ops, and BatchNorm after them is not folded; a warning says so.
+layers are aten ops on their modules' parameters: the folded weight and bias are written
+into those parameters (`fxdecomp.passes.fold_batchnorm_ops`). A BatchNorm written as an
+aten op (``F.batch_norm`` in an exported graph) is not folded; a warning names it.
 
 Off in the shipped recipes (``enabled = false``); ask for it with
 ``load_recipe("default").with_options(fold_batchnorm={"enabled": True})``.
@@ -34,6 +36,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from ..errors import InvalidInputError, RecipeError
 from ..graph.effects import fresh_inputs
 from .base import Pass, log, register_pass
+from .fold_batchnorm_ops import fold_op, foldable_ops
 
 PATTERNS = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d), (nn.Linear, nn.BatchNorm1d))
 FOLDED = "fxdecomp.folded_batchnorm"  # gm.meta: ((layer path, BatchNorm path), ...) folded
@@ -61,7 +64,7 @@ def foldable(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def fold_batchnorm(gm: fx.GraphModule, example_inputs: tuple) -> tuple[fx.GraphModule, int]:
-    """A copy of ``gm`` with each foldable BatchNorm folded into the conv/Linear before it, and how many.
+    """A copy of ``gm`` with each foldable BatchNorm folded into the conv/Linear (module or torch.export op) before it, and how many.
 
     The folding is torch's (``fuse_conv_bn_eval`` / ``fuse_linear_bn_eval``); each folded pair is
     checked against the pair it replaces on its input from ``example_inputs``, and a pair that does
@@ -71,18 +74,19 @@ def fold_batchnorm(gm: fx.GraphModule, example_inputs: tuple) -> tuple[fx.GraphM
     Raises:
         InvalidInputError: a foldable pair is in training mode.
     """
-    nodes = foldable(gm)
+    nodes, op_nodes = foldable(gm), foldable_ops(gm)
     training = [n.target for n in nodes if gm.get_submodule(n.target).training or gm.get_submodule(n.args[0].target).training]
+    training += [n.target for n in op_nodes if gm.get_submodule(n.target).training]
     if training:
         raise InvalidInputError(
             f"fold_batchnorm folds BatchNorm into the conv before it for an inference graph, but {training[:3]} "
             "are in training mode; call model.eval() before compress, or leave fold_batchnorm off"
         )
-    if not nodes:
+    if not nodes and not op_nodes:
         return gm, 0
     folded = copy.deepcopy(gm)
-    nodes = [n for n in folded.graph.nodes if n.name in {m.name for m in nodes}]
-    inputs = _layer_inputs(folded, {n.args[0] for n in nodes}, example_inputs)
+    nodes, op_nodes = ([n for n in folded.graph.nodes if n.name in {m.name for m in chosen}] for chosen in (nodes, op_nodes))
+    inputs = _layer_inputs(folded, {n.args[0] for n in nodes + op_nodes}, example_inputs)
     pairs, refused = [], []
     for node in nodes:
         source = node.args[0]
@@ -99,6 +103,12 @@ def fold_batchnorm(gm: fx.GraphModule, example_inputs: tuple) -> tuple[fx.GraphM
         node.replace_all_uses_with(source)
         folded.graph.erase_node(node)
         pairs.append((source.target, node.target))
+    for node in op_nodes:
+        path = fold_op(folded, node, inputs[node.args[0]], TOLERANCE)
+        if path is None:
+            refused.append(node.args[0].name)
+        else:
+            pairs.append((path, node.target))
     if refused:
         warnings.warn(f"fxdecomp: {refused[:3]} do not compute a plain conv of their weight; their BatchNorm is not folded", stacklevel=3)
     folded.delete_all_unused_submodules()
@@ -125,8 +135,9 @@ def _layer_inputs(gm: fx.GraphModule, nodes: set[fx.Node], example_inputs: tuple
 
 
 def _after_aten_layers(gm: fx.GraphModule) -> list[str]:
-    """BatchNorm nodes the pass cannot fold: aten batch_norm ops (BatchNorm written with F.batch_norm in an exported
-    graph), and BatchNorm modules right after an aten conv / linear op (every exported graph's layers)."""
+    """BatchNorm nodes left after folding that follow a conv / Linear op: aten batch_norm ops (BatchNorm written with
+    F.batch_norm in an exported graph), and BatchNorm modules right after an aten conv / linear op that could not be
+    folded (the op's output or weight read elsewhere, a weight that is not its module's parameter)."""
     found = []
     for node in gm.graph.nodes:
         if node.op == "call_function" and "batch_norm" in str(node.target):
@@ -152,14 +163,14 @@ class FoldBatchNormPass(Pass):
             return PassResult(gm, False)
         if ctx.has("candidates"):
             raise RecipeError("fold_batchnorm must run before find_candidates (the candidates are the folded convs); move it up in the recipe")
-        unfoldable = _after_aten_layers(gm)
+        folded, count = fold_batchnorm(gm, ctx.example_inputs)
+        unfoldable = _after_aten_layers(folded)
         if unfoldable:
             warnings.warn(
-                f"fxdecomp: BatchNorm written as an aten op, or after a conv / Linear written as one (a torch.export "
-                f"graph: {unfoldable[:3]}), is not folded; capture with frontend='fx' to fold it",
+                f"fxdecomp: BatchNorm written as an aten op, or after a conv / Linear op whose output or weight is also "
+                f"read elsewhere (a torch.export graph: {unfoldable[:3]}), is not folded",
                 stacklevel=2,
             )
-        folded, count = fold_batchnorm(gm, ctx.example_inputs)
         if count and ctx.reference is not None:
             ctx.reference, _ = fold_batchnorm(ctx.reference, ctx.example_inputs)
         log.info("folded %d BatchNorm modules into the layers before them", count)

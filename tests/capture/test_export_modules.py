@@ -138,14 +138,61 @@ def test_batchnorm_reestimation_runs_the_same_under_export(scope):
     assert torch.equal(model.bn2.running_mean, _conv_bn().bn2.running_mean)  # the input model untouched
 
 
-def test_fold_batchnorm_names_what_it_cannot_fold_in_an_exported_graph():
+def test_fold_batchnorm_folds_the_same_pairs_into_exported_ops_and_keeps_the_model():
     model, x = _conv_bn(), torch.randn(2, 16, 8, 8)
     recipe = fxdecomp.load_recipe("flops").with_options(fold_batchnorm={"enabled": True})
     results = _compress_both(model, x, recipe, budget=0.6)
-    assert results["fx"].graph_module.meta["fxdecomp.folded_batchnorm"] == (("conv1", "bn1"), ("conv2", "bn2"))
-    assert not any("not folded" in m for m in results["fx"].caught)
+    for frontend, result in results.items():
+        assert result.graph_module.meta["fxdecomp.folded_batchnorm"] == (("conv1", "bn1"), ("conv2", "bn2")), frontend
+        assert not any("not folded" in m for m in result.caught), frontend
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in result.graph_module.modules()), frontend
+    assert _plan(results["export"]) == _plan(results["fx"])
+    torch.testing.assert_close(results["export"].graph_module(x), results["fx"].graph_module(x), rtol=1e-4, atol=1e-4)
+    kept = results["export"].apply_to(model, example_inputs=(x,))  # checks its outputs against the graph's
+    assert isinstance(kept, _ConvBN) and isinstance(kept.bn1, nn.Identity) and isinstance(kept.bn2, nn.Identity)
+    assert model.conv1.bias is None and isinstance(model.bn1, nn.BatchNorm2d)  # the input model untouched
+
+
+def test_fold_batchnorm_folds_an_exported_linear_and_an_untouched_plan_keeps_the_outputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24), nn.BatchNorm1d(24), nn.ReLU(), nn.Linear(24, 8))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.2, 3.0)
+        model[1].weight.uniform_(0.5, 2.0)
+    model.eval()
+    x = torch.randn(5, 12)
+    recipe = fxdecomp.load_recipe("flops").with_options(fold_batchnorm={"enabled": True})
+    results = _compress_both(model, x, recipe, budget=1.0)
+    for frontend, result in results.items():
+        assert result.graph_module.meta["fxdecomp.folded_batchnorm"] == (("0", "1"),), frontend
+        torch.testing.assert_close(result.graph_module(x), model(x), rtol=1e-4, atol=1e-5)
+    kept = results["export"].apply_to(model, example_inputs=(x,))
+    assert isinstance(kept[0], nn.Linear) and isinstance(kept[1], nn.Identity)
+    torch.testing.assert_close(kept(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class _ConvReadTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y  # the conv's output is read by more than the BatchNorm: folding would change y
+
+
+def test_fold_batchnorm_names_what_it_cannot_fold_in_an_exported_graph():
+    model, x = _ConvReadTwice().eval(), torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        model.bn.running_var.uniform_(0.5, 2.0)
+    recipe = fxdecomp.load_recipe("flops").with_options(fold_batchnorm={"enabled": True})
+    results = _compress_both(model, x, recipe, budget=1.0)
+    for frontend, result in results.items():
+        assert result.graph_module.meta.get("fxdecomp.folded_batchnorm", ()) == (), frontend
+        torch.testing.assert_close(result.graph_module(x), model(x), rtol=1e-4, atol=1e-5)
     warned = [m for m in results["export"].caught if "not folded" in m]
-    assert len(warned) == 1 and "frontend='fx'" in warned[0] and "bn1" in warned[0]
+    assert len(warned) == 1 and "bn" in warned[0]
 
 
 def test_functional_batchnorm_on_loose_tensors_stays_an_op_and_stays_exact():
@@ -244,3 +291,54 @@ def test_look_alikes_of_mode_dependent_modules_keep_their_behaviour_under_export
             torch.manual_seed(3)
             expected = model(x)
         torch.testing.assert_close(actual, expected, msg=mode)
+
+
+class _SamePaddingConv(nn.Conv2d):
+    """EfficientNet's Conv2dStaticSamePadding: a static pad module applied in its own forward."""
+
+    def __init__(self, cin, cout):
+        super().__init__(cin, cout, 3, stride=2, bias=False)
+        self.static_padding = nn.ZeroPad2d((0, 1, 0, 1))
+
+    def forward(self, x):
+        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class _ReflectPaddingConv(nn.Conv2d):
+    def forward(self, x):  # a pad fxdecomp cannot express as the conv's own: not a candidate under fx
+        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), self.weight, self.bias, self.stride, 0)
+
+
+class _PaddedNet(nn.Module):
+    def __init__(self, conv):
+        super().__init__()
+        self.conv, self.head = conv, nn.Conv2d(32, 32, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.conv(x)))
+
+
+def test_keep_the_model_mode_puts_a_subclass_own_padding_before_its_decomposed_conv_under_export():
+    # torch.export records the subclass as a pad op, then a conv without it: the decomposed conv alone in the
+    # user's model lost the pad (a shape error deep inside, or silently shifted outputs).
+    torch.manual_seed(0)
+    model, x = _PaddedNet(_SamePaddingConv(16, 32)).eval(), torch.randn(2, 16, 10, 10)  # the pad changes the output's size
+    results = _compress_both(model, x, "flops", budget=0.5)
+    assert _plan(results["export"]) == _plan(results["fx"])
+    assert next(d for d in results["export"].decisions if d.name == "conv").decomposed
+    for frontend, result in results.items():
+        kept = result.apply_to(model)
+        assert isinstance(kept, _PaddedNet), frontend
+        with torch.no_grad():
+            torch.testing.assert_close(kept(x), result.graph_module(x), rtol=1e-4, atol=1e-5)
+
+
+def test_keep_the_model_mode_refuses_a_subclass_whose_forward_it_cannot_express_and_names_it():
+    torch.manual_seed(0)
+    model, x = _PaddedNet(_ReflectPaddingConv(16, 32, 3)).eval(), torch.randn(2, 16, 9, 9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = fxdecomp.compress(model, (x,), budget=0.5, frontend="export", exclude=["head"])
+    assert next(d for d in result.decisions if d.name == "conv").decomposed
+    with pytest.raises(fxdecomp.UnsupportedLayerError, match="'conv'.*exclude=\\['conv'\\]"):
+        result.apply_to(model)
