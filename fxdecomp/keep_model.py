@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .errors import FxDecompError, InvalidInputError, UnsupportedLayerError
-from .layer_spec import LAYER_TYPES, ConvSpec, layer_spec
+from .layer_spec import LAYER_TYPES, ConvSpec, layer_spec, pad_module
 from .meta import DECOMPOSED_SPECS
 from .transformers_layers import is_conv1d
 
@@ -112,9 +112,10 @@ def _folded_layer(gm: nn.Module, new: nn.Module, layer: str) -> nn.Module:
 def _in_place_of(name: str, layer: nn.Module, decomposed: nn.Module, spec) -> nn.Module:
     """The module that replaces the user's ``layer``: ``decomposed``, which computes the conv the graph called.
 
-    Under torch.export a conv subclass that pads in its own forward (EfficientNet's
-    ``Conv2dStaticSamePadding``) is a pad op and then a conv without it: its decomposed module
-    then goes after a copy of the layer's pad module. Any other difference is refused.
+    torch.export records a conv that pads before convolving (``padding_mode="reflect"``, or a
+    subclass such as EfficientNet's ``Conv2dStaticSamePadding``) as a pad op and then a conv
+    with less padding: the decomposed module then goes after a pad layer that makes up the
+    difference. Any other difference is refused.
     """
     if not isinstance(spec, ConvSpec):
         return decomposed
@@ -127,10 +128,13 @@ def _in_place_of(name: str, layer: nn.Module, decomposed: nn.Module, spec) -> nn
         ) from exc
     if mine == spec:
         return decomposed
-    pad = getattr(layer, "static_padding", None)
-    extra = tuple(int(p) for p in getattr(pad, "padding", ()))
-    if len(extra) == len(spec.pads) and mine == dataclasses.replace(spec, pads=tuple(a + b for a, b in zip(spec.pads, extra))):
-        return nn.Sequential(copy.deepcopy(pad), decomposed)
+    before = tuple(a - b for a, b in zip(mine.pads, spec.pads))
+    if (
+        not spec.transposed and spec.padding_mode == "zeros" and min(before, default=-1) >= 0
+        and (mine.padding_mode == "zeros" or not any(spec.pads))
+        and dataclasses.replace(mine, pads=spec.pads, padding_mode="zeros") == spec
+    ):
+        return nn.Sequential(pad_module(before, mine.padding_mode), decomposed)
     raise UnsupportedLayerError(
         f"layer {name!r}: the graph decomposed the conv it calls ({spec}), but {type(layer).__name__}'s forward computes "
         f"another ({mine}); its decomposed module cannot replace it. Use result.graph_module, or compress with "

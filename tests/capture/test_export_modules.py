@@ -318,11 +318,16 @@ class _PaddedNet(nn.Module):
         return self.head(F.relu(self.conv(x)))
 
 
-def test_keep_the_model_mode_puts_a_subclass_own_padding_before_its_decomposed_conv_under_export():
-    # torch.export records the subclass as a pad op, then a conv without it: the decomposed conv alone in the
+@pytest.mark.parametrize("conv", [
+    lambda: _SamePaddingConv(16, 32),
+    lambda: nn.Conv2d(16, 32, 3, stride=2, padding=1, padding_mode="reflect"),
+    lambda: nn.Conv2d(16, 32, 3, stride=2, padding=(1, 0), padding_mode="circular"),
+], ids=["static-same-padding", "reflect", "circular"])
+def test_keep_the_model_mode_puts_a_conv_own_pad_before_its_decomposed_conv_under_export(conv):
+    # torch.export records these as a pad op, then a conv with less padding: the decomposed conv alone in the
     # user's model lost the pad (a shape error deep inside, or silently shifted outputs).
     torch.manual_seed(0)
-    model, x = _PaddedNet(_SamePaddingConv(16, 32)).eval(), torch.randn(2, 16, 10, 10)  # the pad changes the output's size
+    model, x = _PaddedNet(conv()).eval(), torch.randn(2, 16, 10, 10)  # the pad changes the output's size
     results = _compress_both(model, x, "flops", budget=0.5)
     assert _plan(results["export"]) == _plan(results["fx"])
     assert next(d for d in results["export"].decisions if d.name == "conv").decomposed
