@@ -36,29 +36,41 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from ..errors import InvalidInputError, RecipeError
 from ..graph.effects import fresh_inputs
 from .base import Pass, log, register_pass
-from .fold_batchnorm_ops import fold_op, foldable_ops
+from .fold_batchnorm_ops import fold_op, foldable_ops, is_layer_op
 
 PATTERNS = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d), (nn.Linear, nn.BatchNorm1d))
 FOLDED = "fxdecomp.folded_batchnorm"  # gm.meta: ((layer path, BatchNorm path), ...) folded
 TOLERANCE = 1e-4  # relative L2 error of a folded pair on the example inputs (float32 rounding is ~1e-7)
 
 
-def foldable(gm: fx.GraphModule) -> list[fx.Node]:
-    """BatchNorm nodes (with running statistics) right after a conv/Linear module that is called once
-    and whose output only the BatchNorm reads (torch's ``fuse`` rule; subclasses such as a conv with
-    static 'same' padding included, checked numerically by `fold_batchnorm`)."""
-    modules = dict(gm.named_modules())
+def module_calls(gm: fx.GraphModule) -> dict[str, int]:
+    """How many ``call_module`` nodes call each module path."""
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
+
+
+def normalises(norm: nn.Module, channels: int, calls: dict[str, int], path: str) -> bool:
+    """Whether BatchNorm ``norm`` (at ``path``) can be folded into a layer of ``channels`` output channels:
+    running statistics, one per channel, and no other call of the same module (it stays for that one)."""
+    return norm.track_running_stats and norm.running_mean is not None and norm.num_features == channels and calls.get(path) == 1
+
+
+def foldable(gm: fx.GraphModule) -> list[fx.Node]:
+    """BatchNorm nodes (with running statistics, called once) right after a conv/Linear module that is called once
+    and whose output only the BatchNorm reads (torch's ``fuse`` rule; subclasses such as a conv with
+    static 'same' padding included, checked numerically by `fold_batchnorm`)."""
+    modules = dict(gm.named_modules())
+    calls = module_calls(gm)
     found = []
     for node in gm.graph.nodes:
         source = node.args[0] if node.op == "call_module" and node.args else None
         if not isinstance(source, fx.Node) or source.op != "call_module" or len(source.users) != 1 or calls[source.target] != 1:
             continue
         layer, norm = modules[source.target], modules[node.target]
-        if any(isinstance(layer, a) and type(norm) is b for a, b in PATTERNS) and norm.track_running_stats and norm.running_mean is not None:
+        if any(isinstance(layer, a) and type(norm) is b for a, b in PATTERNS) and normalises(norm, layer.weight.shape[0], calls, node.target):
             found.append(node)
     return found
 
@@ -91,9 +103,11 @@ def fold_batchnorm(gm: fx.GraphModule, example_inputs: tuple) -> tuple[fx.GraphM
     for node in nodes:
         source = node.args[0]
         layer, norm = folded.get_submodule(source.target), folded.get_submodule(node.target)
+        x = inputs[source]
+        if isinstance(layer, nn.Linear) and x.dim() != 2:  # BatchNorm1d then normalises dim 1, not the features
+            continue
         fused = fuse_linear_bn_eval(layer, norm) if isinstance(layer, nn.Linear) else fuse_conv_bn_eval(layer, norm)
         with torch.no_grad():
-            x = inputs[source]
             expected, actual = norm(layer(x)), fused(x)
         if float((actual - expected).norm()) > TOLERANCE * float(expected.norm()) + 1e-30:
             refused.append(source.target)
@@ -104,11 +118,14 @@ def fold_batchnorm(gm: fx.GraphModule, example_inputs: tuple) -> tuple[fx.GraphM
         folded.graph.erase_node(node)
         pairs.append((source.target, node.target))
     for node in op_nodes:
-        path = fold_op(folded, node, inputs[node.args[0]], TOLERANCE)
-        if path is None:
-            refused.append(node.args[0].name)
-        else:
+        x = inputs[node.args[0]]
+        if node.args[0].target is torch.ops.aten.linear.default and x.dim() != 2:
+            continue
+        path, ok = fold_op(folded, node, x, TOLERANCE)
+        if ok:
             pairs.append((path, node.target))
+        else:
+            refused.append(path)
     if refused:
         warnings.warn(f"fxdecomp: {refused[:3]} do not compute a plain conv of their weight; their BatchNorm is not folded", stacklevel=3)
     folded.delete_all_unused_submodules()
@@ -144,8 +161,8 @@ def _after_aten_layers(gm: fx.GraphModule) -> list[str]:
             found.append(node.name)
         elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
             source = node.args[0] if node.args else None
-            if isinstance(source, fx.Node) and source.op == "call_function" and str(source.target).startswith(("aten.conv", "aten.linear")):
-                found.append(node.name)
+            if isinstance(source, fx.Node) and source.op == "call_function" and is_layer_op(source):
+                found.append(node.target)
     return found
 
 
@@ -167,8 +184,9 @@ class FoldBatchNormPass(Pass):
         unfoldable = _after_aten_layers(folded)
         if unfoldable:
             warnings.warn(
-                f"fxdecomp: BatchNorm written as an aten op, or after a conv / Linear op whose output or weight is also "
-                f"read elsewhere (a torch.export graph: {unfoldable[:3]}), is not folded",
+                f"fxdecomp: BatchNorm written as an aten op, or after a conv / Linear op that it cannot be folded into "
+                f"(a torch.export graph: {unfoldable[:3]}; the op's output or weight is read elsewhere, the weight is tied, "
+                "the BatchNorm is called again, or it does not normalise the layer's output channels), is not folded",
                 stacklevel=2,
             )
         if count and ctx.reference is not None:

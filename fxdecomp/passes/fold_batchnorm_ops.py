@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-from ..graph.callsites import WeightUse, match_call, tensor_key, weight_users
+from ..graph.callsites import WeightUse, match_call, tensor_key, weight_aliases, weight_users
 
 aten = torch.ops.aten
 # Conv and Linear ops torch.export emits for the layers `fold_batchnorm.PATTERNS` folds, with the BatchNorm each takes.
@@ -29,9 +29,14 @@ OP_PATTERNS = {
 BIAS_ARG = 2  # the bias's position in every op above: (input, weight, bias, ...)
 
 
+def is_layer_op(node: fx.Node) -> bool:
+    """Whether ``node`` calls one of the conv / Linear ops of `OP_PATTERNS`."""
+    return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.target in OP_PATTERNS
+
+
 def op_layer(gm: fx.GraphModule, node: fx.Node) -> tuple[str, WeightUse] | None:
     """(the layer module's path, its use) if ``node`` is a conv / Linear op on ``<path>.weight`` (and ``<path>.bias``)."""
-    if node.op != "call_function" or node.target not in OP_PATTERNS:
+    if not is_layer_op(node):
         return None
     use = match_call(gm, node)
     if use is None or use.form != "function":
@@ -51,59 +56,56 @@ def op_layer(gm: fx.GraphModule, node: fx.Node) -> tuple[str, WeightUse] | None:
 
 
 def foldable_ops(gm: fx.GraphModule) -> list[fx.Node]:
-    """BatchNorm module nodes (running statistics, the matching dimensionality) right after a conv / Linear op
-    that only they read, whose weight and bias nothing else reads."""
-    users = weight_users(gm)
+    """BatchNorm module nodes (running statistics, one per output channel, called once) right after a conv / Linear
+    op that only they read, whose weight and bias nothing else reads and no other path names (a tied weight)."""
+    from .fold_batchnorm import module_calls, normalises  # the module-form rules, shared
+
+    users, aliases, calls = weight_users(gm), weight_aliases(gm), module_calls(gm)
     found = []
     for node in gm.graph.nodes:
         source = node.args[0] if node.op == "call_module" and node.args else None
-        if not isinstance(source, fx.Node) or len(source.users) != 1:
-            continue
-        norm = gm.get_submodule(node.target)
-        if OP_PATTERNS.get(source.target) is not type(norm) or not norm.track_running_stats or norm.running_mean is None:
+        if not isinstance(source, fx.Node) or len(source.users) != 1 or not is_layer_op(source):
             continue
         layer = op_layer(gm, source)
-        if layer is None:
+        norm = gm.get_submodule(node.target)
+        if layer is None or OP_PATTERNS[source.target] is not type(norm):
             continue
-        tensors = [layer[1].layer.weight] + ([layer[1].layer.bias] if layer[1].layer.bias is not None else [])
-        if all(users.get(tensor_key(t), set()) <= {source} for t in tensors):
+        path, use = layer
+        if not normalises(norm, use.layer.weight.shape[0], calls, node.target):
+            continue
+        tensors = [use.layer.weight] + ([use.layer.bias] if use.layer.bias is not None else [])
+        if len(aliases.get(f"{path}.weight", ())) == 1 and all(users.get(tensor_key(t), set()) <= {source} for t in tensors):
             found.append(node)
     return found
 
 
-def fold_op(gm: fx.GraphModule, node: fx.Node, x: torch.Tensor, tolerance: float) -> str | None:
-    """Fold BatchNorm ``node`` into the op before it (input ``x``), in place; the layer's path, or None if the
-    folded op does not reproduce the pair on ``x``."""
+def fold_op(gm: fx.GraphModule, node: fx.Node, x: torch.Tensor, tolerance: float) -> tuple[str, bool]:
+    """Fold BatchNorm ``node`` into the op before it (input ``x``), in place: (the layer's path, whether it was
+    folded; not when the folded op does not reproduce the pair on ``x``)."""
     source = node.args[0]
     path, use = op_layer(gm, source)
     layer, norm = use.layer, gm.get_submodule(node.target)
     weight_scale = norm.weight if norm.weight is not None else torch.ones_like(norm.running_var)
     shift = norm.bias if norm.bias is not None else torch.zeros_like(norm.running_mean)
+    fuse = fuse_linear_bn_weights if isinstance(layer, nn.Linear) else fuse_conv_bn_weights
+    args, kwargs = list(source.args), {k: v for k, v in source.kwargs.items() if k != "bias"}
     with torch.no_grad():
-        if isinstance(layer, nn.Linear):
-            weight, bias = fuse_linear_bn_weights(layer.weight, layer.bias, norm.running_mean, norm.running_var, norm.eps, weight_scale, shift)
-        else:
-            weight, bias = fuse_conv_bn_weights(layer.weight, layer.bias, norm.running_mean, norm.running_var, norm.eps, weight_scale, shift)
-        args, kwargs = list(source.args), {k: v for k, v in source.kwargs.items() if k != "bias"}
+        weight, bias = fuse(layer.weight, layer.bias, norm.running_mean, norm.running_var, norm.eps, weight_scale, shift)
         expected = norm(source.target(x, layer.weight, layer.bias, *args[BIAS_ARG + 1 :], **kwargs))
         actual = source.target(x, weight, bias, *args[BIAS_ARG + 1 :], **kwargs)
     if float((actual - expected).norm()) > tolerance * float(expected.norm()) + 1e-30:
-        return None
+        return path, False
     owner = gm.get_submodule(path)
     requires_grad = owner.weight.requires_grad
     owner.register_parameter("weight", nn.Parameter(weight.detach(), requires_grad))
     owner.register_parameter("bias", nn.Parameter(bias.detach(), requires_grad))
-    if "bias" in source.kwargs:
-        return _replace(gm, node, source, path)
-    if len(args) <= BIAS_ARG or args[BIAS_ARG] is None:
+    if layer.bias is None:  # the op read no bias: it reads the new one
         with gm.graph.inserting_before(source):
             bias_node = gm.graph.get_attr(f"{path}.bias")
-        args = args[:BIAS_ARG] + [bias_node] + args[BIAS_ARG + 1 :]
-        source.args = tuple(args)
-    return _replace(gm, node, source, path)
-
-
-def _replace(gm: fx.GraphModule, node: fx.Node, source: fx.Node, path: str) -> str:
+        if "bias" in source.kwargs:
+            source.kwargs = {**source.kwargs, "bias": bias_node}
+        else:
+            source.args = tuple(args[:BIAS_ARG] + [bias_node] + args[BIAS_ARG + 1 :])
     node.replace_all_uses_with(source)
     gm.graph.erase_node(node)
-    return path
+    return path, True

@@ -172,6 +172,57 @@ def test_fold_batchnorm_folds_an_exported_linear_and_an_untouched_plan_keeps_the
     torch.testing.assert_close(kept(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+def _random_batchnorm(model):
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.3, 3.0)
+            bn.weight.uniform_(0.5, 2.0)
+            bn.bias.uniform_(-1, 1)
+    return model.eval()
+
+
+class _TiedFold(nn.Module):  # the weight has two paths; torch.export reads it through the second
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 32, bias=False)
+        self.aux = nn.Linear(16, 32, bias=False)
+        self.aux.weight = self.fc.weight
+        self.bn, self.out = nn.BatchNorm1d(32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.out(F.relu(self.bn(self.fc(x))))
+
+
+class _SharedNorm(nn.Module):  # one BatchNorm called twice: folded into the conv, its other call would lose it
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.out = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Conv2d(16, 16, 1)
+
+    def forward(self, x):
+        return self.out(self.bn(self.conv(x)) + self.bn(x))
+
+
+@pytest.mark.parametrize("build, x, folded_under_fx", [
+    # torch.fx folds into a copy of the called module; torch.export reads the weight through its other path
+    (_TiedFold, torch.randn(6, 16), (("fc", "bn"),)),
+    (_SharedNorm, torch.randn(2, 16, 8, 8), ()),
+    # BatchNorm1d on a Linear's 3-D output normalises dim 1 (the sequence), not the Linear's features
+    (lambda: nn.Sequential(nn.Linear(12, 24), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(24, 8)), torch.randn(3, 5, 12), ()),
+], ids=["tied-weight", "batchnorm-called-twice", "linear-3d-input"])
+def test_fold_batchnorm_leaves_pairs_it_cannot_fold_and_the_kept_model_stays_right(build, x, folded_under_fx):
+    model = _random_batchnorm(build())
+    recipe = fxdecomp.load_recipe("flops").with_options(fold_batchnorm={"enabled": True})
+    results = _compress_both(model, x, recipe, budget=1.0)
+    for frontend, result in results.items():
+        expected = folded_under_fx if frontend == "fx" else ()
+        assert result.graph_module.meta.get("fxdecomp.folded_batchnorm", ()) == expected, frontend
+        with torch.no_grad():
+            torch.testing.assert_close(result.graph_module(x), model(x), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(result.apply_to(model)(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 class _ConvReadTwice(nn.Module):
     def __init__(self):
         super().__init__()
