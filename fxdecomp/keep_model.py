@@ -42,12 +42,18 @@ def apply_to_model(
     structure). With ``example_inputs`` the copy is run and its first output tensor compared
     with ``result.graph_module``'s (``|a - b| <= atol + rtol * |b|``): a mismatch (e.g. a
     module whose weight is also read outside its forward) raises `FxDecompError`.
-    Raises `UnsupportedLayerError` naming every decision that is not a module of ``model``.
+    Raises `UnsupportedLayerError` naming every decision that is not a module of ``model``, and
+    `InvalidInputError` for a partial result (whose ``graph_module`` already is the model's class).
     """
     from .training.plan import installed_module  # training imports compress, which imports this module's users
 
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if result.partial:
+        raise InvalidInputError(
+            f"this result is partial: result.graph_module is already a {type(result.graph_module).__name__} (the model's "
+            "own class) with its captured submodules compressed; use it (copy.deepcopy(result.graph_module)) instead of apply_to"
+        )
     decided = [d for d in result.decisions if d.decomposed]
     modules = dict(model.named_modules())
     functional = [d.name for d in decided if not _replaceable(modules.get(d.name))]
@@ -68,8 +74,7 @@ def apply_to_model(
         module.to(device=old.weight.device, dtype=old.weight.dtype).train(old.training)
         for p, q in zip(module.parameters(), old.parameters()):
             p.requires_grad_(q.requires_grad)
-        parent, _, leaf = d.name.rpartition(".")
-        setattr(new.get_submodule(parent) if parent else new, leaf, module)
+        _swap(new, d.name, module)
     if example_inputs is not None:
         _check_outputs(result.graph_module, new, example_inputs, rtol, atol)
     return new
@@ -83,11 +88,20 @@ def _carry_batchnorm(gm: nn.Module, new: nn.Module, decomposed: set[str]) -> Non
     for layer, norm in meta.get("fxdecomp.folded_batchnorm", ()):
         swaps = [(norm, nn.Identity())] + ([] if layer in decomposed else [(layer, _folded_layer(gm, new, layer))])
         for path, module in swaps:
-            parent, _, leaf = path.rpartition(".")
-            setattr(new.get_submodule(parent) if parent else new, leaf, module)
+            _swap(new, path, module)
     stats = meta.get("fxdecomp.batchnorm_stats")
     for name in stats.batchnorms if stats is not None else ():
         new.get_submodule(name).load_state_dict(gm.get_submodule(name).state_dict())
+
+
+def _swap(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` in place of the submodule at ``path``, under every name ``model`` registers it by
+    (``self.dec = self.enc``: the forward may call either)."""
+    old = model.get_submodule(path)
+    for name, found in list(model.named_modules(remove_duplicate=False)):
+        if found is old and name:
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 def _folded_layer(gm: nn.Module, new: nn.Module, layer: str) -> nn.Module:

@@ -184,7 +184,7 @@ def _verify_custom_forward(conv: nn.Module, spec: ConvSpec) -> None:
     name = type(conv).__name__
     sizes = [2 * d * (k - 1) + 5 + 2 * i for i, (k, d) in enumerate(zip(spec.kernel_size, spec.dilation))]
     generator = torch.Generator().manual_seed(0)
-    probe = torch.randn(1, spec.in_channels, *sizes, generator=generator, dtype=conv.weight.dtype)
+    probe = torch.randn(1, spec.in_channels, *sizes, generator=generator, dtype=conv.weight.dtype).to(conv.weight.device)
     was_training = conv.training
     try:
         conv.eval()

@@ -252,3 +252,15 @@ def weight_aliases(model: nn.Module | None) -> dict[str, tuple[str, ...]]:
         groups.setdefault(id(tensor), []).append(path)
     return {path: tuple(paths) for paths in groups.values() for path in paths}
 
+
+def module_aliases(model: nn.Module | None) -> dict[str, str]:
+    """Every submodule path of ``model`` -> the first path of that module (one module registered under two names
+    is one layer: torch.fx names it by the first, torch.export by the one the code called)."""
+    if model is None:
+        return {}
+    first: dict[int, str] = {}
+    paths = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        paths[path] = first.setdefault(id(module), path)
+    return paths
+

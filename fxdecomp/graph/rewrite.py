@@ -41,10 +41,11 @@ def rewrite_graph(gm: fx.GraphModule, ctx, plan: dict) -> bool:
         bias = layer.bias.detach() if layer.bias is not None else None
         module = decomposer.build(candidate.spec, state, decision.ranks, bias, layer.weight)
         module.train(layer.training)
-        sites = [_current(nodes[s.node.name], s.input_key) for s in candidate.sites]
-        path = _install_path(gm, candidate, {node for node, _ in sites})
-        for node, value in sites:
-            _replace_site(gm, node, value, path, module, decision)
+        site_nodes = [nodes[s.node.name] for s in candidate.sites]
+        path = _install_path(gm, candidate, set(site_nodes))
+        for site, node in zip(candidate.sites, site_nodes):
+            # Its input read now: an earlier site of this layer may produce it (``conv(conv(x))``).
+            _replace_site(gm, *_current(node, site.input_key), path, module, decision)
         _set_submodule(gm, path, module)  # after the old get_attr nodes are gone: it may replace their owner
         gm.meta[meta.DECOMPOSED_SPECS] = {**gm.meta.get(meta.DECOMPOSED_SPECS, {}), candidate.name: candidate.spec}
     gm.graph.eliminate_dead_code(is_impure_node=has_side_effect)  # in-place ops whose result is unused stay

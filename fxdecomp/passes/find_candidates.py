@@ -14,7 +14,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from .. import meta
 from ..meta import node_shape
 from ..errors import FxDecompError
-from ..graph.callsites import WeightUse, match_call, tensor_key, weight_aliases, weight_users
+from ..graph.callsites import WeightUse, match_call, module_aliases, tensor_key, weight_aliases, weight_users
 from ..graph.parametrized import notes_of
 from ..layer_spec import check_finite, layer_spec
 from .base import CallSite, Candidate, Pass, log, register_pass
@@ -43,7 +43,7 @@ class FindCandidatesPass(Pass):
     def run(self, gm):
         ctx = self.context
         by_key: dict[tuple, Candidate] = {}
-        aliases = weight_aliases(ctx.source_model)
+        aliases, modules = weight_aliases(ctx.source_model), module_aliases(ctx.source_model)
         for node in gm.graph.nodes:
             use = match_call(gm, node)
             if use is None:
@@ -60,7 +60,7 @@ class FindCandidatesPass(Pass):
                 log.info("not a candidate: %s (%s)", use.target, exc)
                 continue
             paths = aliases.get(use.weight_path, (use.weight_path,))
-            name = _candidate_name(use, node, {c.name for c in by_key.values()}, paths)
+            name = _candidate_name(use, node, {c.name for c in by_key.values()}, paths, modules)
             check_finite(name, use.layer)
             labels = {name} | {_owner(path) for path in paths}
             excluded = any(fnmatch.fnmatchcase(label, pattern) or label == pattern for label in labels for pattern in ctx.exclude)
@@ -84,18 +84,20 @@ def _owner(path: str) -> str:
     return owner if owner and attribute == "weight" else path
 
 
-def _candidate_name(use: WeightUse, node: fx.Node, taken: set[str], paths: tuple[str, ...]) -> str:
+def _candidate_name(use: WeightUse, node: fx.Node, taken: set[str], paths: tuple[str, ...], modules: dict[str, str]) -> str:
     if use.form == "module":
         options = [use.target, f"{use.target}@{node.name}"]
     else:
-        options = [_owner(_function_weight_path(use.target, node, paths)), use.target, f"{use.target}@{node.name}"]
+        options = [_owner(_function_weight_path(use.target, node, paths, modules)), use.target, f"{use.target}@{node.name}"]
     return next(n for n in options if n not in taken)
 
 
-def _function_weight_path(target: str, node: fx.Node, paths: tuple[str, ...]) -> str:
-    """The path a functional call's weight is named by: the recorded module's, else the first (see the pass)."""
+def _function_weight_path(target: str, node: fx.Node, paths: tuple[str, ...], modules: dict[str, str]) -> str:
+    """The path a functional call's weight is named by: the recorded module's (by its first name), else the
+    weight's first path (see the pass)."""
     if len(paths) < 2:
         return target
     stack = node.meta.get("nn_module_stack") or {}
     module = next(reversed(stack.values()))[0] if stack else ""
+    module = modules.get(module, module)
     return f"{module}.weight" if module and f"{module}.weight" in paths else paths[0]

@@ -222,6 +222,8 @@ def test_partial_capture_meets_the_budget_on_the_whole_model():
     assert {d.name.split(".")[0] for d in result.decisions if d.decomposed} <= {"backbone", "head", "box"}
     assert_untouched(model, before)
     assert result.to_dict()["partial"] is True
+    with pytest.raises(fxdecomp.InvalidInputError, match="partial.*already a Detector"):
+        result.apply_to(model)  # was a raw AttributeError from deep inside
 
 
 def test_partial_capture_at_full_rank_reproduces_the_model():

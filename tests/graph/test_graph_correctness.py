@@ -281,6 +281,53 @@ def test_exclude_names_a_tied_weight_by_any_of_its_paths(frontend, pattern):
     assert all(d.reason != "excluded" for d in result.decisions if d.name != "emb")
 
 
+class _TwoNames(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(64, 64)
+        self.dec = self.enc  # one module under two names: torch.fx names it by the first, torch.export by the one called
+        self.out = nn.Linear(64, 8)
+
+    def forward(self, x):
+        return self.out(F.relu(self.dec(x)))
+
+
+def test_a_module_registered_under_two_names_is_one_layer_under_both_frontends_and_in_the_kept_model():
+    torch.manual_seed(0)
+    model, x = _TwoNames().eval(), torch.randn(6, 64)
+    results = {f: fxdecomp.compress(model, (x,), budget=0.5, pipeline="flops", frontend=f) for f in ("fx", "export")}
+    assert [d.name for d in results["fx"].decisions] == [d.name for d in results["export"].decisions]
+    assert next(d for d in results["export"].decisions if d.name == "enc").decomposed
+    replayed = fxdecomp.compress(model, (x,), plan=results["export"].decisions, frontend="fx")
+    assert [(d.name, d.ranks) for d in replayed.decisions] == [(d.name, d.ranks) for d in results["export"].decisions]
+    for result in results.values():
+        kept = result.apply_to(model)  # both names hold the decomposed module: forward calls ``dec``
+        assert kept.enc is kept.dec and not isinstance(kept.dec, nn.Linear)
+        with torch.no_grad():
+            torch.testing.assert_close(kept(x), result.graph_module(x))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_layer_applied_to_its_own_output_is_rewritten_and_exact_at_full_rank(frontend):
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(self.fc(self.conv(torch.relu(self.conv(x))).mean((2, 3))))
+
+    torch.manual_seed(0)
+    model, x = Twice().eval(), torch.randn(2, 16, 8, 8)
+    full = fxdecomp.compress(model, (x,), plan={"conv": ("svd", (16,)), "fc": ("svd", (16,))}, frontend=frontend)
+    assert all(d.decomposed for d in full.decisions)
+    with torch.no_grad():
+        torch.testing.assert_close(full.graph_module(x), model(x), rtol=1e-4, atol=1e-5)
+    small = fxdecomp.compress(model, (x,), budget=0.5, methods=["svd"], frontend=frontend)
+    with torch.no_grad():
+        torch.testing.assert_close(small.apply_to(model)(x), small.graph_module(x))
+
+
 def test_count_params_counts_one_storage_once():
     a = nn.Linear(8, 8)
     b = nn.Linear(8, 8)
