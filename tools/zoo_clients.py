@@ -12,13 +12,17 @@ Two suites:
 For each model and budget (default 0.75 and 0.5) it checks the budget with FLOPs
 counted independently by ``torch.utils.flop_counter.FlopCounterMode`` on the original
 and the result (2 FLOPs per multiply-add), finite outputs, output shapes, and ONNX
-parity (`fxdecomp.export_onnx`, onnxruntime against torch), and prints one markdown
-row per model and budget: how it was captured, FLOPs kept, the relative output error
-at full rank (every candidate decomposed by svd at its maximum rank: the rewrite
-alone) and at the budget, ONNX parity, seconds, or the error.
+parity (`fxdecomp.export_onnx`, onnxruntime against torch), keep-the-model mode
+(`result.apply_to(model, example_inputs)`: the user's class with its layers swapped,
+checked against the graph), and prints one markdown row per model and budget: how it
+was captured, FLOPs kept, the relative output error at full rank (every candidate
+decomposed by svd at its maximum rank: the rewrite alone) and at the budget, ONNX
+parity, keep-the-model mode ("ok", "refused" with fxdecomp's named reason, or "FAIL"),
+seconds, or the error. ``--frontend fx`` / ``export`` forces a capture frontend.
 
     python tools/zoo_clients.py --suite hf                           # ~10 min on 2 loaded cores
     python tools/zoo_clients.py --suite hf --models gpt2,bert --budgets 0.5
+    python tools/zoo_clients.py --suite hf --frontend export --budgets 0.5
     /work/venv-vision/bin/python tools/zoo_clients.py --suite vision --time-limit 900
 """
 
@@ -272,7 +276,7 @@ def _alarm(signum, frame):
     raise Timeout()
 
 
-def run_model(name: str, build: Builder, budgets: list[float], methods, limit: int) -> list[str]:
+def run_model(name: str, build: Builder, budgets: list[float], methods, limit: int, frontend: str = "auto") -> list[str]:
     rows = []
     start = time.perf_counter()
     signal.signal(signal.SIGALRM, _alarm)
@@ -281,7 +285,7 @@ def run_model(name: str, build: Builder, budgets: list[float], methods, limit: i
         try:
             model, inputs = build()
         except Exception as exc:
-            return [f"| {name} | - | skipped: cannot build offline ({type(exc).__name__}: {_line(exc)}) |||||||"]
+            return [f"| {name} | - | skipped: cannot build offline ({type(exc).__name__}: {_line(exc)}) ||||||||"]
         with torch.no_grad():
             expected = tensors(copy.deepcopy(model)(*clone(inputs)))
         total = flops(model, inputs)
@@ -291,7 +295,7 @@ def run_model(name: str, build: Builder, budgets: list[float], methods, limit: i
             try:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    result = fxdecomp.compress(model, clone(inputs), budget=budget, methods=methods, progress=False)
+                    result = fxdecomp.compress(model, clone(inputs), budget=budget, methods=methods, progress=False, frontend=frontend)
                 notes = [_line(w.message) for w in caught if "fxdecomp" in str(w.message)]
                 kept = flops(result.graph_module, inputs) / total
                 with torch.no_grad():
@@ -300,10 +304,11 @@ def run_model(name: str, build: Builder, budgets: list[float], methods, limit: i
                 error = relative_error(expected, actual)
                 if full_error is None:
                     plan = full_rank_plan(model, result.decisions)
-                    full = fxdecomp.compress(model, clone(inputs), plan=plan, progress=False) if plan else None
+                    full = fxdecomp.compress(model, clone(inputs), plan=plan, progress=False, frontend=frontend) if plan else None
                     with torch.no_grad():
                         full_error = relative_error(expected, tensors(full.graph_module(*clone(inputs)))) if full else 0.0
                 onnx = _onnx(result.graph_module, inputs)
+                keep = _keep(result, model, inputs)
                 how = result.frontend
                 if result.partial:
                     frontends = sorted({c.frontend for c in result.captured})
@@ -313,17 +318,17 @@ def run_model(name: str, build: Builder, budgets: list[float], methods, limit: i
 
                 status = ("OK" if kept <= budget + 1e-6 and finite else "BUDGET MISSED" if kept > budget + 1e-6 else "NON-FINITE")
                 rows.append(
-                    f"| {name} | {budget} | {how} | {kept:.3f} ({status}) | {full_error:.2e} | {error:.3g} | {onnx} | "
+                    f"| {name} | {budget} | {how} | {kept:.3f} ({status}) | {full_error:.2e} | {error:.3g} | {onnx} | {keep} | "
                     f"{time.perf_counter() - t0:.1f} | {'; '.join(notes)[:200]} |"
                 )
             except Timeout:
                 raise
             except Exception as exc:
-                rows.append(f"| {name} | {budget} | - | - | - | - | - | {time.perf_counter() - t0:.1f} | {type(exc).__name__}: {_line(exc)[:300]} |")
+                rows.append(f"| {name} | {budget} | - | - | - | - | - | - | {time.perf_counter() - t0:.1f} | {type(exc).__name__}: {_line(exc)[:300]} |")
                 if os.environ.get("ZOO_TRACEBACK"):
                     traceback.print_exc()
     except Timeout:
-        rows.append(f"| {name} | - | - | - | - | - | - | {time.perf_counter() - start:.0f} | timed out after {limit} s |")
+        rows.append(f"| {name} | - | - | - | - | - | - | - | {time.perf_counter() - start:.0f} | timed out after {limit} s |")
     finally:
         signal.alarm(0)
     return rows
@@ -340,6 +345,23 @@ def _onnx(module, inputs) -> str:
     return f"ok ({report.max_abs_diff:.1e})" if getattr(report, "max_abs_diff", None) is not None else "ok"
 
 
+def _keep(result, model, inputs) -> str:
+    """Keep-the-model mode: "ok", "refused: <fxdecomp's reason>" (a named refusal), or "FAIL <error>"."""
+    if result.partial:
+        return "n/a (partial: graph_module is the model's class)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result.apply_to(model, example_inputs=clone(inputs))
+    except Timeout:
+        raise
+    except fxdecomp.FxDecompError as exc:
+        return f"refused: {type(exc).__name__}: {_line(exc)[:100]}"
+    except Exception as exc:
+        return f"FAIL {type(exc).__name__}: {_line(exc)[:120]}"
+    return "ok"
+
+
 def _line(value) -> str:
     text = str(value).strip()
     return text.splitlines()[0] if text else type(value).__name__
@@ -354,6 +376,7 @@ def main():
     parser.add_argument("--model-limit", type=int, default=240, help="seconds per model")
     parser.add_argument("--time-limit", type=int, default=900, help="seconds for the whole suite; the rest is listed as not run")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--frontend", choices=("auto", "fx", "export"), default="auto", help="capture frontend (compress's frontend=)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -362,15 +385,15 @@ def main():
     budgets = [float(b) for b in args.budgets.split(",")]
     methods = None if args.methods == "recipe" else args.methods.split(",")
     print(f"torch {torch.__version__}; methods {methods or 'recipe'}; FLOPs by torch.utils.flop_counter (2 per multiply-add)")
-    print("| model | budget | captured | FLOPs kept (independent) | error at full rank | error at budget | ONNX parity | s | notes / error |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | budget | captured | FLOPs kept (independent) | error at full rank | error at budget | ONNX parity | keep the model | s | notes / error |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     begin = time.perf_counter()
     for name in names:
         left = args.time_limit - (time.perf_counter() - begin)
         if left < 10:
-            print(f"| {name} | - | not run: suite time limit {args.time_limit} s reached |||||||")
+            print(f"| {name} | - | not run: suite time limit {args.time_limit} s reached ||||||||")
             continue
-        for row in run_model(name, zoo[name], budgets, methods, int(min(args.model_limit, left))):
+        for row in run_model(name, zoo[name], budgets, methods, int(min(args.model_limit, left)), args.frontend):
             print(row, flush=True)
 
 
