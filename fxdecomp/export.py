@@ -210,16 +210,16 @@ def _export(module, args, opset, dynamic_batch, input_names, output_names) -> tu
         if all(a.dim() > 0 and a.shape[0] == 1 for a in args):
             export_args = tuple(torch.cat([a, a]) for a in args)
 
-    def run(exported: nn.Module) -> Any:  # torch.onnx.ONNXProgram
+    def run(exported: nn.Module, shapes=dynamic_shapes, inputs=export_args) -> Any:  # torch.onnx.ONNXProgram
         with _quiet():
             return torch.onnx.export(
                 exported,
-                export_args,
+                inputs,
                 None,
                 dynamo=True,
                 verbose=False,
                 opset_version=opset,
-                dynamic_shapes=dynamic_shapes,
+                dynamic_shapes=shapes,
                 input_names=list(input_names) if input_names is not None else None,
                 output_names=list(output_names) if output_names is not None else None,
             )
@@ -233,10 +233,45 @@ def _export(module, args, opset, dynamic_batch, input_names, output_names) -> tu
                 return run(with_math_attention(module)), True
             except Exception as again:  # report the user's graph's failure, the retry's as a note
                 retry = again
+        for shapes, inputs, what in _fewer_free_dims(dynamic_shapes, args) if retry is None else ():
+            # Symbolic shape reasoning over many free dims can fail where fewer succeed (torchvision's DenseNet at
+            # 32 px: "The inequality ... cannot be solved"): a file with fewer free dims beats no file.
+            try:
+                program = run(module, shapes, inputs)
+            except Exception:
+                continue
+            warnings.warn(
+                f"fxdecomp: ONNX export with the free input dimensions {_describe_spec(dynamic_shapes)} failed "
+                f"({type(exc).__name__}: {_first_line(exc)[:200]}); exported with {what}",
+                stacklevel=4,
+            )
+            return program, False
         error = ExportError(_export_failure(module, exc, opset, dynamic_batch, retry))
         if retry is not None:
             error.add_note(f"the retry with attention as torch's math kernel failed too: {type(retry).__name__}: {retry}")
         raise error from exc
+
+
+def _fewer_free_dims(spec, args: tuple[torch.Tensor, ...]) -> list[tuple[Any, tuple[torch.Tensor, ...], str]]:
+    """Export specs to retry with: (spec, inputs, what it keeps free). Only the batch dimension, where ``spec``
+    frees more; never fewer (``dynamic_batch`` asks for a free batch)."""
+    if spec is None:
+        return []
+    batch_only = tuple({0: d[0]} if isinstance(d, dict) and 0 in d else None for d in spec)
+    if batch_only == tuple(spec) or not any(batch_only):
+        return []
+    inputs = tuple(torch.cat([a, a]) if a.dim() > 0 and a.shape[0] == 1 else a for a in args)  # size 1 specialises
+    return [(batch_only, inputs, "only the batch dimension free (the file runs at the example's other sizes)")]
+
+
+def _describe_spec(spec) -> str:
+    return str([sorted(d) if isinstance(d, dict) else [] for d in spec]) if spec is not None else "[]"
+
+
+def _first_line(exc: Exception) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    summary = text.split("## Exception summary", 1)[-1].strip()
+    return next((line.strip() for line in summary.splitlines() if line.strip()), type(exc).__name__)
 
 
 def _is_view_stride_failure(exc: Exception) -> bool:

@@ -265,6 +265,30 @@ def test_fixed_batch_model_needs_dynamic_batch_off(tmp_path):
     assert report.inputs[0].shape == (1, 6)
 
 
+def test_export_keeps_only_the_batch_free_when_more_free_dims_fail(tmp_path, monkeypatch):
+    # The exporter's symbolic shape reasoning can fail on free spatial dims (torchvision's DenseNet-121 captured by
+    # torch.export at 32 px: "The inequality ... cannot be solved") where a free batch alone exports.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    result = fxdecomp.compress(model, (x,), budget=0.7, frontend="export")  # height and width free
+    real_export, seen = torch.onnx.export, []
+
+    def spatial_fails(*args, dynamic_shapes=None, **kwargs):
+        seen.append(dynamic_shapes)
+        if dynamic_shapes is not None and any(isinstance(d, dict) and set(d) - {0} for d in dynamic_shapes):
+            raise NotImplementedError("The inequality cannot be solved")
+        return real_export(*args, dynamic_shapes=dynamic_shapes, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", spatial_fails)
+    with pytest.warns(UserWarning, match="only the batch dimension free"):
+        report = export_onnx(result.graph_module, (x,), tmp_path / "m.onnx")
+    assert len(seen) == 2 and sorted(seen[0][0]) == [0, 2, 3] and sorted(seen[1][0]) == [0]
+    assert isinstance(report.inputs[0].shape[0], str) and report.inputs[0].shape[1:] == (3, 12, 12)
+    (got,) = _ort(tmp_path / "m.onnx", torch.ones(5, 3, 12, 12))  # another batch size
+    np.testing.assert_allclose(got, result.graph_module(torch.ones(5, 3, 12, 12)).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_export_prints_nothing(tmp_path):
     # A fresh process: the exporter's one-off registry warnings come with its first export.
     code = (
