@@ -28,12 +28,6 @@ EXAMPLE = (2, 8)  # (batch, sequence) the models are compressed at
 OTHER_SHAPES = ((1, 5), (3, 11))  # run at these afterwards
 # ViT reads patch_embeddings.projection.weight.dtype in its forward, so keep-the-model mode
 # (the oracle below) cannot swap that conv; it is left alone for ViT.
-EXCLUDE = {
-    "vit": ["embeddings.patch_embeddings.projection"],
-    "whisper_encoder": ["conv1", "conv2"],  # WhisperEncoder reads conv1.stride and conv2.stride in its forward
-}
-
-
 def first(out) -> torch.Tensor:
     return next(t for t in tree_leaves(out) if isinstance(t, torch.Tensor))
 
@@ -53,7 +47,9 @@ def compressed():
         if (name, budget) not in cache:
             spec = TINY[name]
             model, x = spec.build(), spec.inputs(*EXAMPLE)
-            result = fxdecomp.compress(model, x, budget=budget, exclude=EXCLUDE.get(name, ()))
+            # Nothing excluded: keep-the-model mode (below) must hold for ViT, which reads its patch projection's
+            # weight.dtype, and Whisper, which reads conv1.stride and conv2.stride, in their forwards.
+            result = fxdecomp.compress(model, x, budget=budget)
             cache[name, budget] = (spec, model, x, result)
         return cache[name, budget]
 
@@ -240,6 +236,47 @@ def test_keep_the_model_generates_like_the_original(compressed, name, tmp_path):
     small.save_pretrained(tmp_path)
     assert (tmp_path / "config.json").exists()
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+class _ReadsItsLayers(nn.Module):
+    """Model code that reads a layer outside its forward, as transformers does (ViT: ``projection.weight.dtype``;
+    Whisper: ``conv1.stride``; T5: ``wo.weight.dtype``)."""
+
+    def __init__(self, read_values=False):
+        super().__init__()
+        self.read_values = read_values
+        self.conv, self.fc = nn.Conv2d(8, 32, 3, stride=2, padding=1), nn.Linear(32, 32)
+
+    def forward(self, x):
+        assert self.conv.stride[0] == 2 and self.fc.in_features == 32
+        y = self.conv(x.to(self.conv.weight.dtype)).mean((2, 3))
+        out = self.fc(y)
+        return out + (self.fc.weight.sum() if self.read_values else 0)
+
+
+def test_keep_the_model_keeps_what_model_code_reads_of_a_swapped_layer():
+    torch.manual_seed(0)
+    model, x = _ReadsItsLayers().eval(), torch.randn(2, 8, 9, 9)
+    result = fxdecomp.compress(model, (x,), plan={"conv": ("svd", (6,)), "fc": ("svd", (4,))})
+    kept = result.apply_to(model, example_inputs=(x,))  # was: refused ("reads an attribute of a swapped layer")
+    assert type(kept.conv).__name__ == "KeptLayer" and isinstance(kept.conv, nn.Sequential)
+    assert kept.conv.weight.shape == model.conv.weight.shape and kept.conv.weight.dtype == torch.float32
+    assert kept.conv.stride == (2, 2) and kept.fc.out_features == 32 and kept.fc.bias.shape == (32,)
+    assert kept.conv.weight.device.type == "meta"  # no dense weight: its values cannot be read by mistake
+    from fxdecomp.training.plan import installed_module
+
+    installed = installed_module(result.graph_module, "fc")
+    assert list(kept.fc.state_dict()) == list(installed.state_dict())  # the same keys as the plain factors
+    with torch.no_grad():
+        torch.testing.assert_close(kept.double()(x.double()), result.graph_module.double()(x.double()))
+
+
+def test_keep_the_model_refuses_model_code_that_reads_a_swapped_weight_values():
+    torch.manual_seed(0)
+    model, x = _ReadsItsLayers(read_values=True).eval(), torch.randn(2, 8, 9, 9)
+    result = fxdecomp.compress(model, (x,), plan={"fc": ("svd", (4,))})
+    with pytest.raises(fxdecomp.FxDecompError, match="weight values.*exclude"):
+        result.apply_to(model, example_inputs=(x,))
 
 
 def test_keep_the_model_names_functional_weights():
