@@ -243,7 +243,7 @@ def _export(module, args, opset, dynamic_batch, input_names, output_names) -> tu
             warnings.warn(
                 f"fxdecomp: ONNX export with the free input dimensions {_describe_spec(dynamic_shapes)} failed "
                 f"({type(exc).__name__}: {_first_line(exc)[:200]}); exported with {what}",
-                stacklevel=4,
+                stacklevel=3,
             )
             return program, False
         error = ExportError(_export_failure(module, exc, opset, dynamic_batch, retry))
@@ -260,7 +260,8 @@ def _fewer_free_dims(spec, args: tuple[torch.Tensor, ...]) -> list[tuple[Any, tu
     batch_only = tuple({0: d[0]} if isinstance(d, dict) and 0 in d else None for d in spec)
     if batch_only == tuple(spec) or not any(batch_only):
         return []
-    inputs = tuple(torch.cat([a, a]) if a.dim() > 0 and a.shape[0] == 1 else a for a in args)  # size 1 specialises
+    # Size 1 specialises: a free batch of 1 is exported at 2 (a fixed dim 0, a broadcast input, stays as it is).
+    inputs = tuple(torch.cat([a, a]) if free is not None and a.dim() > 0 and a.shape[0] == 1 else a for a, free in zip(args, batch_only))
     return [(batch_only, inputs, "only the batch dimension free (the file runs at the example's other sizes)")]
 
 

@@ -5,9 +5,8 @@ loses the class and its methods (``generate``, ``save_pretrained``, ``config``)
 and the KV-cache path. When every decomposed layer is a module (``nn.Linear``,
 any ``nn.Conv*d`` / ``nn.ConvTranspose*d``, transformers' ``Conv1D``), `apply_to_model` swaps each of those
 modules in a deep copy of the model for the decomposed module that `compress`
-built (the very factors of ``result.graph_module``, copied, as a `KeptLayer` that
-keeps the layer's configuration and the dtype and shape of its weight for model
-code that reads them), so the model keeps everything else. A decision whose weight is not held by such a module (a
+built (the very factors of ``result.graph_module``, copied, as a `fxdecomp.kept_layer.KeptLayer` that keeps the layer's configuration and
+the shape, dtype and device of its weight for model code that reads them), so the model keeps everything else. A decision whose weight is not held by such a module (a
 functional ``F.linear(x, self.w)``) cannot be applied this way and is named in
 an `UnsupportedLayerError`.
 
@@ -29,49 +28,10 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .errors import FxDecompError, InvalidInputError, UnsupportedLayerError
+from .kept_layer import KeptLayer
 from .layer_spec import LAYER_TYPES, ConvSpec, layer_spec, pad_module
 from .meta import DECOMPOSED_SPECS
 from .transformers_layers import is_conv1d
-
-
-# The configuration a swapped layer keeps for model code that reads it (Whisper reads ``conv1.stride``).
-LAYER_ATTRIBUTES = (
-    "in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-    "groups", "padding_mode", "output_padding", "transposed", "nf", "nx",
-)
-
-
-class KeptLayer(nn.Sequential):
-    """A decomposed layer swapped into the user's model: its factors in order (the same children, so the same
-    state-dict keys as the plain Sequential), with the original layer's configuration (``stride``,
-    ``in_features``, ...) and a ``weight`` / ``bias`` that are meta tensors of the original shapes in the
-    factors' dtype. Model code that reads ``layer.weight.dtype`` (ViT, DeiT, CLIP's patch embedding; T5's
-    ``wo``) keeps working; code that reads the values fails loudly, since the dense weight no longer exists.
-    """
-
-    def __init__(self, factors: nn.Sequential, layer: nn.Module):
-        super().__init__(*factors)
-        for name in LAYER_ATTRIBUTES:
-            value = getattr(layer, name, None)
-            if value is not None and not isinstance(value, (torch.Tensor, nn.Module)):
-                setattr(self, name, value)
-        bias = getattr(layer, "bias", None)
-        self._weight_shape = tuple(layer.weight.shape)
-        self._bias_shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else None
-
-    def _meta(self, shape: tuple[int, ...]) -> torch.Tensor:
-        first = next((p for p in self.parameters() if p.is_floating_point()), None)
-        return torch.empty(shape, dtype=first.dtype if first is not None else torch.get_default_dtype(), device="meta")
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """A meta tensor of the original weight's shape and the factors' dtype (no values)."""
-        return self._meta(self._weight_shape)
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        """A meta tensor of the original bias's shape, or None where the layer had none."""
-        return None if self._bias_shape is None else self._meta(self._bias_shape)
 
 
 def apply_to_model(
@@ -112,8 +72,7 @@ def apply_to_model(
     for d in decided:
         old = new.get_submodule(d.name)
         module = _in_place_of(d.name, old, copy.deepcopy(installed_module(result.graph_module, d.name)), specs.get(d.name))
-        if isinstance(module, nn.Sequential):
-            module = KeptLayer(module, old)
+        module = KeptLayer(module, old, repr(d.name))
         module.to(device=old.weight.device, dtype=old.weight.dtype).train(old.training)
         for p, q in zip(module.parameters(), old.parameters()):
             p.requires_grad_(q.requires_grad)
@@ -227,7 +186,7 @@ def _check_outputs(gm: nn.Module, new: nn.Module, example_inputs, rtol: float, a
         new.eval()
         try:
             got = next((t for t in tree_leaves(new(*args)) if isinstance(t, torch.Tensor)), None)
-        except (AttributeError, RuntimeError, NotImplementedError) as exc:  # a swapped layer's weight values read
+        except (AttributeError, UnsupportedLayerError) as exc:  # model code reads what a swapped layer lacks
             raise FxDecompError(
                 f"{type(new).__name__} reads a swapped layer's weight values or an attribute it lacks outside that "
                 f"layer's forward ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); exclude that "

@@ -240,7 +240,7 @@ def test_keep_the_model_generates_like_the_original(compressed, name, tmp_path):
 
 class _ReadsItsLayers(nn.Module):
     """Model code that reads a layer outside its forward, as transformers does (ViT: ``projection.weight.dtype``;
-    Whisper: ``conv1.stride``; T5: ``wo.weight.dtype``)."""
+    Whisper: ``conv1.stride``; T5: ``wo.weight.dtype``; Qwen2-Audio: ``conv1.weight.device``)."""
 
     def __init__(self, read_values=False):
         super().__init__()
@@ -248,35 +248,67 @@ class _ReadsItsLayers(nn.Module):
         self.conv, self.fc = nn.Conv2d(8, 32, 3, stride=2, padding=1), nn.Linear(32, 32)
 
     def forward(self, x):
-        assert self.conv.stride[0] == 2 and self.fc.in_features == 32
-        y = self.conv(x.to(self.conv.weight.dtype)).mean((2, 3))
+        assert self.conv.stride[0] == 2 and self.fc.in_features == 32 and isinstance(self.fc.weight, torch.Tensor)
+        y = self.conv(x.to(dtype=self.conv.weight.dtype, device=self.conv.weight.device)).mean((2, 3))
         out = self.fc(y)
         return out + (self.fc.weight.sum() if self.read_values else 0)
 
 
-def test_keep_the_model_keeps_what_model_code_reads_of_a_swapped_layer():
+@pytest.mark.parametrize("method", ["svd", "tt"])
+def test_keep_the_model_keeps_what_model_code_reads_of_a_swapped_layer(method):
+    from fxdecomp.kept_layer import KeptLayer
+
     torch.manual_seed(0)
     model, x = _ReadsItsLayers().eval(), torch.randn(2, 8, 9, 9)
-    result = fxdecomp.compress(model, (x,), plan={"conv": ("svd", (6,)), "fc": ("svd", (4,))})
+    plan = {"conv": ("svd", (6,)), "fc": (method, (4,) if method == "svd" else (4, 4))}
+    result = fxdecomp.compress(model, (x,), plan=plan)
     kept = result.apply_to(model, example_inputs=(x,))  # was: refused ("reads an attribute of a swapped layer")
-    assert type(kept.conv).__name__ == "KeptLayer" and isinstance(kept.conv, nn.Sequential)
-    assert kept.conv.weight.shape == model.conv.weight.shape and kept.conv.weight.dtype == torch.float32
+    assert isinstance(kept.conv, KeptLayer) and isinstance(kept.conv, nn.Sequential)
+    weight = kept.conv.weight
+    assert (weight.shape, weight.dtype, weight.device.type) == (model.conv.weight.shape, torch.float32, "cpu")
     assert kept.conv.stride == (2, 2) and kept.fc.out_features == 32 and kept.fc.bias.shape == (32,)
-    assert kept.conv.weight.device.type == "meta"  # no dense weight: its values cannot be read by mistake
+    with pytest.raises(fxdecomp.UnsupportedLayerError, match="'conv'.*exclude"):
+        weight.sum()  # the dense weight is gone: its values cannot be read by mistake
     from fxdecomp.training.plan import installed_module
 
     installed = installed_module(result.graph_module, "fc")
-    assert list(kept.fc.state_dict()) == list(installed.state_dict())  # the same keys as the plain factors
+    if isinstance(installed, nn.Sequential):  # the same state-dict keys as the plain factors
+        assert list(kept.fc.state_dict()) == list(installed.state_dict())
+    assert type(kept.conv[0:1]) is nn.Sequential  # a slice of the factors is not the layer
     with torch.no_grad():
-        torch.testing.assert_close(kept.double()(x.double()), result.graph_module.double()(x.double()))
+        torch.testing.assert_close(kept(x), result.graph_module(x))
+        scripted = torch.jit.script(kept.conv)  # TorchScript compiles the factors, not the weight property
+        torch.testing.assert_close(scripted(x), kept.conv(x))
+        assert kept.double().conv.weight.dtype == torch.float64  # follows the factors
+
+
+def test_keep_the_model_wraps_every_method_and_a_folded_bias():
+    from fxdecomp.kept_layer import KeptLayer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 36, 64)).eval()
+    x = torch.randn(2, 8, 6, 6)
+    recipe = fxdecomp.load_recipe("flops").with_options(fold_batchnorm={"enabled": True})
+    result = fxdecomp.compress(model, (x,), plan={"0": ("svd", (4,)), "4": ("tt", (4, 4))}, pipeline=recipe)
+    kept = result.apply_to(model, example_inputs=(x,))
+    assert isinstance(kept[0], KeptLayer) and isinstance(kept[4], KeptLayer)  # tt's module is not a Sequential
+    assert kept[0].bias is not None and kept[0].bias.shape == (16,)  # the folded BatchNorm's bias
+    assert kept[4].weight.shape == (64, 16 * 36)
 
 
 def test_keep_the_model_refuses_model_code_that_reads_a_swapped_weight_values():
     torch.manual_seed(0)
     model, x = _ReadsItsLayers(read_values=True).eval(), torch.randn(2, 8, 9, 9)
     result = fxdecomp.compress(model, (x,), plan={"fc": ("svd", (4,))})
-    with pytest.raises(fxdecomp.FxDecompError, match="weight values.*exclude"):
+    with pytest.raises(fxdecomp.FxDecompError, match="weight values.*'fc'.*exclude"):
         result.apply_to(model, example_inputs=(x,))
+
+
+def test_a_plan_with_ranks_that_are_not_ints_is_refused_by_name():
+    model = nn.Sequential(nn.Linear(8, 8))
+    for ranks in ("full", 4, (4.5, "x")):
+        with pytest.raises(fxdecomp.InvalidInputError, match="plan entry '0': ranks must be a tuple of ints"):
+            fxdecomp.compress(model, (torch.randn(2, 8),), plan={"0": ("svd", ranks)})
 
 
 def test_keep_the_model_names_functional_weights():

@@ -42,7 +42,12 @@ def normalize_plan(plan) -> dict[str, tuple[str, tuple[int, ...]]] | None:
             method, ranks = entry
         else:
             method, ranks = _field(entry, "method"), _field(entry, "ranks")
-        fixed[str(name)] = (str(method), tuple(int(r) for r in ranks))
+        try:
+            fixed[str(name)] = (str(method), tuple(int(r) for r in ranks))
+        except (TypeError, ValueError):
+            raise InvalidInputError(
+                f"plan entry {name!r}: ranks must be a tuple of ints (as result.decisions holds them), got {ranks!r}"
+            ) from None
     return fixed
 
 

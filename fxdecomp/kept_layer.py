@@ -1,0 +1,102 @@
+"""The decomposed layer as it sits in the user's own model (keep-the-model mode).
+
+Model code often reads a layer outside its forward: transformers' ViT, DeiT and CLIP read
+``projection.weight.dtype``, T5 ``wo.weight.dtype``, Qwen2-Audio ``conv1.weight.device``,
+Whisper ``conv1.stride``. After decomposition the dense weight no longer exists, so
+`KeptLayer` keeps the original layer's configuration and answers ``weight`` / ``bias`` with
+an `AbsentWeight`: a tensor with the original shape, the factors' dtype and device and no
+data, whose every computation raises `UnsupportedLayerError` naming the layer (reading
+values of a weight that is gone must not succeed silently).
+
+Example::
+
+    kept = result.apply_to(vit)
+    kept.embeddings.patch_embeddings.projection.weight.dtype   # torch.float32
+    kept.embeddings.patch_embeddings.projection.weight.sum()   # UnsupportedLayerError
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedLayerError
+
+# The configuration a swapped layer keeps for model code that reads it.
+LAYER_ATTRIBUTES = (
+    "in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+    "groups", "padding_mode", "output_padding", "transposed", "nf", "nx",
+)
+
+
+class AbsentWeight(torch.Tensor):
+    """Shape, dtype, device and requires_grad of a weight that decomposition replaced by factors; no data.
+
+    Reading metadata works; any operation on it raises `UnsupportedLayerError`.
+    """
+
+    @staticmethod
+    def __new__(cls, shape, dtype, device, requires_grad, layer: str):
+        tensor = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device, requires_grad=requires_grad)
+        tensor.layer = layer
+        return tensor
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        layer = next((a.layer for a in args if isinstance(a, AbsentWeight)), "a decomposed layer")
+        raise UnsupportedLayerError(
+            f"the model computes with the weight of {layer} ({func}), which decomposition replaced by its factors; "
+            "only its shape, dtype and device remain. Exclude that layer (compress(..., exclude=[name])) to keep the model"
+        )
+
+    def __repr__(self, *, tensor_contents=None) -> str:
+        return f"AbsentWeight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, layer={self.layer})"
+
+
+class KeptLayer(nn.Sequential):
+    """A decomposed layer in the user's model: its factors in order (the children of the decomposed Sequential,
+    so the same state-dict keys), the original layer's configuration (``stride``, ``in_features``, ...), and
+    ``weight`` / ``bias`` as `AbsentWeight` of the original shapes (see the module)."""
+
+    __jit_unused_properties__ = ["weight", "bias"]  # TorchScript compiles the factors only
+
+    def __init__(self, factors: nn.Module | OrderedDict | None = None, layer: nn.Module | None = None, name: str = ""):
+        if isinstance(factors, OrderedDict):  # nn.Sequential's own rebuilds
+            super().__init__(factors)
+        else:
+            super().__init__(*(factors if isinstance(factors, nn.Sequential) else [factors] if factors is not None else []))
+        self._name = name
+        self._weight_shape = tuple(layer.weight.shape) if layer is not None else None
+        for attribute in LAYER_ATTRIBUTES:
+            value = getattr(layer, attribute, None)
+            if value is not None and not isinstance(value, (torch.Tensor, nn.Module)):
+                setattr(self, attribute, value)
+        bias = getattr(layer, "bias", None)
+        # A folded BatchNorm gives a layer without bias one: the factors say.
+        biases = [p for n, p in self.named_parameters() if n.rpartition(".")[2] == "bias"]
+        self._bias_shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else tuple(biases[-1].shape) if biases else None
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):  # a part of the factors is not the layer
+            return nn.Sequential(OrderedDict(list(self._modules.items())[index]))
+        return super().__getitem__(index)
+
+    def _absent(self, shape: tuple[int, ...] | None) -> AbsentWeight:
+        if shape is None:
+            raise AttributeError(f"{self._name or 'this KeptLayer'} has no original layer to describe")
+        first = next((p for p in self.parameters() if p.is_floating_point()), None)
+        dtype = first.dtype if first is not None else torch.get_default_dtype()
+        device = first.device if first is not None else torch.device("cpu")
+        return AbsentWeight(shape, dtype, device, bool(first is not None and first.requires_grad), self._name or "a decomposed layer")
+
+    @property
+    def weight(self) -> AbsentWeight:
+        """The original weight's shape, with the factors' dtype and device; no data."""
+        return self._absent(self._weight_shape)
+
+    @property
+    def bias(self) -> AbsentWeight | None:
+        """The bias's shape (None where the decomposed layer has none); no data."""
+        return None if self._bias_shape is None else self._absent(self._bias_shape)
