@@ -72,10 +72,16 @@ VARIANTS: list[tuple[str, Variant]] = [
     # What a user gets without data: the default recipe (signal share since 2026-11-30), and before (e^2).
     ("weight-only: default recipe", Variant(calibrate=False, recipe="default")),
     ("weight-only: default recipe with e^2 (before)", Variant(calibrate=False, recipe="default", options={"calibrate": {"weight_damage": "squared"}})),
+    ("weight-only: default recipe + BN prior", Variant(calibrate=False, recipe="default", options={"calibrate": {"weight_prior": "batchnorm"}})),
     ("no photo: distilled (ZeroQ)", Variant(calibrate=False, distilled=True)),
     ("photos + distilled", Variant(distilled=True)),
     ("calibrated (today)", Variant(options={"calibrate": {"shrinkage": 0.0}, "plan": {"fit": "svd"}})),
     ("+ shrinkage", Variant(options={"calibrate": {"shrinkage": "auto"}, "plan": {"fit": "svd"}})),
+    # Fixed shrinkage weights on the plain FLOP plan, against its "auto" (Ledoit-Wolf): does stronger shrinkage carry to unseen photos?
+    ("plain FLOP plan: shrinkage 0", Variant(recipe="flops", options={"calibrate": {"shrinkage": 0.0}})),
+    ("plain FLOP plan: shrinkage 0.3", Variant(recipe="flops", options={"calibrate": {"shrinkage": 0.3}})),
+    ("plain FLOP plan: shrinkage 0.6", Variant(recipe="flops", options={"calibrate": {"shrinkage": 0.6}})),
+    ("plain FLOP plan: shrinkage 0.9", Variant(recipe="flops", options={"calibrate": {"shrinkage": 0.9}})),
     # The default recipe's plan follows onnxruntime latency on this CPU; the plain FLOP plan beside it.
     ("plain FLOP plan (flops recipe)", Variant(recipe="flops")),
     ("default (latency-following plan)", Variant(recipe="default")),
