@@ -263,4 +263,3 @@ def module_aliases(model: nn.Module | None) -> dict[str, str]:
     for path, module in model.named_modules(remove_duplicate=False):
         paths[path] = first.setdefault(id(module), path)
     return paths
-
