@@ -36,26 +36,11 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from ..errors import InvalidInputError, RecipeError
 from ..graph.effects import fresh_inputs
 from .base import Pass, log, register_pass
-from .fold_batchnorm_ops import fold_op, foldable_ops, is_layer_op
+from .fold_batchnorm_ops import fold_op, foldable_ops, is_layer_op, module_calls, normalises
 
 PATTERNS = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d), (nn.Linear, nn.BatchNorm1d))
 FOLDED = "fxdecomp.folded_batchnorm"  # gm.meta: ((layer path, BatchNorm path), ...) folded
 TOLERANCE = 1e-4  # relative L2 error of a folded pair on the example inputs (float32 rounding is ~1e-7)
-
-
-def module_calls(gm: fx.GraphModule) -> dict[str, int]:
-    """How many ``call_module`` nodes call each module path."""
-    calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    return calls
-
-
-def normalises(norm: nn.Module, channels: int, calls: dict[str, int], path: str) -> bool:
-    """Whether BatchNorm ``norm`` (at ``path``) can be folded into a layer of ``channels`` output channels:
-    running statistics, one per channel, and no other call of the same module (it stays for that one)."""
-    return norm.track_running_stats and norm.running_mean is not None and norm.num_features == channels and calls.get(path) == 1
 
 
 def foldable(gm: fx.GraphModule) -> list[fx.Node]:

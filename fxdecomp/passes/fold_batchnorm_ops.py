@@ -29,6 +29,21 @@ OP_PATTERNS = {
 BIAS_ARG = 2  # the bias's position in every op above: (input, weight, bias, ...)
 
 
+def module_calls(gm: fx.GraphModule) -> dict[str, int]:
+    """How many ``call_module`` nodes call each module path."""
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
+
+
+def normalises(norm: nn.Module, channels: int, calls: dict[str, int], path: str) -> bool:
+    """Whether BatchNorm ``norm`` (at ``path``) can be folded into a layer of ``channels`` output channels:
+    running statistics, one per channel, and no other call of the same module (it stays for that one)."""
+    return norm.track_running_stats and norm.running_mean is not None and norm.num_features == channels and calls.get(path) == 1
+
+
 def is_layer_op(node: fx.Node) -> bool:
     """Whether ``node`` calls one of the conv / Linear ops of `OP_PATTERNS`."""
     return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.target in OP_PATTERNS
@@ -58,8 +73,6 @@ def op_layer(gm: fx.GraphModule, node: fx.Node) -> tuple[str, WeightUse] | None:
 def foldable_ops(gm: fx.GraphModule) -> list[fx.Node]:
     """BatchNorm module nodes (running statistics, one per output channel, called once) right after a conv / Linear
     op that only they read, whose weight and bias nothing else reads and no other path names (a tied weight)."""
-    from .fold_batchnorm import module_calls, normalises  # the module-form rules, shared
-
     users, aliases, calls = weight_users(gm), weight_aliases(gm), module_calls(gm)
     found = []
     for node in gm.graph.nodes:
