@@ -64,14 +64,15 @@ def apply_to_model(
             f"Conv1D modules of {type(model).__name__} (functional weights, or a different model); use "
             f"result.graph_module, or compress again with exclude={functional}"
         )
+    installed = {d.name: installed_module(result.graph_module, d.name) for d in decided}  # each a scan of the graph
     for d in decided:
-        _check_shape(d.name, modules[d.name], installed_module(result.graph_module, d.name))
+        _check_shape(d.name, modules[d.name], installed[d.name])
     new = copy.deepcopy(model)
-    _carry_batchnorm(result.graph_module, new, {d.name for d in decided})
+    _carry_batchnorm(result.graph_module, new, set(installed))
     specs = getattr(result.graph_module, "meta", {}).get(DECOMPOSED_SPECS, {})
     for d in decided:
         old = new.get_submodule(d.name)
-        module = _in_place_of(d.name, old, copy.deepcopy(installed_module(result.graph_module, d.name)), specs.get(d.name))
+        module = _in_place_of(d.name, old, copy.deepcopy(installed[d.name]), specs.get(d.name))
         module = KeptLayer(module, old, repr(d.name))
         module.to(device=old.weight.device, dtype=old.weight.dtype).train(old.training)
         for p, q in zip(module.parameters(), old.parameters()):
