@@ -242,7 +242,7 @@ def _export(module, args, opset, dynamic_batch, input_names, output_names) -> tu
                 continue
             warnings.warn(
                 f"fxdecomp: ONNX export with the free input dimensions {_describe_spec(dynamic_shapes)} failed "
-                f"({type(exc).__name__}: {_first_line(exc)[:200]}); exported with {what}",
+                f"({type(exc).__name__}: {_summary(exc)[:200]}); exported with {what}",
                 stacklevel=3,
             )
             return program, False
@@ -269,10 +269,11 @@ def _describe_spec(spec) -> str:
     return str([sorted(d) if isinstance(d, dict) else [] for d in spec]) if spec is not None else "[]"
 
 
-def _first_line(exc: Exception) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-    summary = text.split("## Exception summary", 1)[-1].strip()
-    return next((line.strip() for line in summary.splitlines() if line.strip()), type(exc).__name__)
+def _summary(exc: Exception) -> str:
+    """The exporter's own "Exception summary" of ``exc`` on one line (its whole text when it has none)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    summary = text.split("## Exception summary", 1)[-1].split("(Refer to the full stack trace", 1)[0]
+    return " ".join(line.strip() for line in summary.splitlines() if line.strip()) or type(exc).__name__
 
 
 def _is_view_stride_failure(exc: Exception) -> bool:
@@ -312,10 +313,7 @@ def _free_dims_spec(args: tuple[torch.Tensor, ...], shapes) -> tuple[tuple, tupl
 def _export_failure(module: nn.Module, exc: Exception, opset: int, dynamic_batch: bool, retry: Exception | None = None) -> str:
     from torch.onnx._internal.exporter._errors import ConversionError, TorchExportError
 
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    summary = text.split("## Exception summary", 1)[-1].split("(Refer to the full stack trace", 1)[0]
-    summary_line = " ".join(line.strip() for line in summary.splitlines() if line.strip())
-    summary_line = summary_line[:600] or type(exc).__name__
+    summary_line = _summary(exc)[:600]
     if isinstance(exc, TorchExportError):
         fix = (
             "torch.export could not capture the forward: make it traceable (no data-dependent Python "
