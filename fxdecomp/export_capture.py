@@ -162,7 +162,7 @@ def export_trace(model: nn.Module, example_inputs: tuple, dynamic_shapes: Any = 
         gm = as_module(program, model)
         shapes = input_shapes(program)
         if shapes.dynamic:
-            shapes = _allow_size_one(shapes, gm, model, example_inputs)
+            shapes = _allow_size_one(shapes, gm, model, example_inputs, export_args)
             if export_args is not example_inputs and not _accepts(shapes, example_inputs):
                 # Exported at batch 2, the graph does not reproduce the model at the user's batch 1:
                 # export again at the user's own shapes, which the result must always accept.
@@ -271,22 +271,70 @@ def _bound(value: Any, infinite: int | None) -> int | None:
         return infinite
 
 
-def _allow_size_one(shapes: InputShapes, gm: fx.GraphModule, model: nn.Module, example_inputs: tuple) -> InputShapes:
-    """Accept size 1 for each free dimension export started at 2, where the graph matches eager at size 1."""
-    ranges = list(shapes.ranges)
-    for k, (symbol, lo, hi) in enumerate(ranges):
+def _allow_size_one(
+    shapes: InputShapes, gm: fx.GraphModule, model: nn.Module, example_inputs: tuple, export_args: tuple
+) -> InputShapes:
+    """Accept size 1 for each free dimension export started at 2, where the graph matches eager at size 1.
+
+    Each symbol is tried alone at 1, the others at their exported sizes. Batch dimensions the
+    export doubled (``export_args`` against ``example_inputs``) may fail alone yet hold together:
+    export can leave an attention mask's batch a symbol of its own that eager broadcasts from 1
+    but the graph indexes by the batch of the other inputs (transformers' BART). Those are then
+    tied into one symbol, checked at the example's sizes, so the graph refuses unequal batches
+    with a `ShapeError` instead of failing inside.
+    """
+    ranges = {symbol: (lo, hi) for symbol, lo, hi in shapes.ranges}
+    doubled = {
+        shape[d]
+        for x, shape, e in zip(export_args, shapes.sizes, example_inputs)
+        if shape and isinstance(x, torch.Tensor)
+        for d in range(x.dim())
+        if isinstance(shape[d], str) and x.shape[d] != e.shape[d]
+    }
+    failed = set()
+    for symbol, (lo, hi) in ranges.items():
         if lo != 2:
             continue
-        args = tuple(
-            x.narrow(d, 0, 1) if d is not None else x
-            for x, shape in zip(example_inputs, shapes.sizes)
-            for d in [next((d for d, s in enumerate(shape or ()) if s == symbol and isinstance(x, torch.Tensor)), None)]
-        )
-        if _same_outputs(gm, model, args):
-            ranges[k] = (symbol, 1, hi)
+        if _same_outputs(gm, model, _at_one(export_args, shapes, {symbol})):
+            ranges[symbol] = (1, hi)
         else:
+            failed.add(symbol)
+            if symbol not in doubled:
+                log.info("the graph does not reproduce the model with %s = 1; sizes from 2 up are accepted", symbol)
+    tie = sorted(doubled, key=_symbol_order)
+    if failed & doubled and len(tie) > 1 and _same_outputs(gm, model, example_inputs):
+        log.info("the graph holds at batch 1 only with %s equal: they are tied", ", ".join(tie))
+        shapes = _tied(shapes, tie)
+        hi = min((ranges[s][1] for s in tie if ranges[s][1] is not None), default=None)
+        ranges = {s: r for s, r in ranges.items() if s not in tie[1:]}
+        ranges[tie[0]] = (1, hi)
+    else:
+        for symbol in failed & doubled:
             log.info("the graph does not reproduce the model with %s = 1; sizes from 2 up are accepted", symbol)
-    return InputShapes(shapes.names, shapes.sizes, tuple(ranges))
+    return InputShapes(shapes.names, shapes.sizes, tuple((s, lo, hi) for s, (lo, hi) in ranges.items()))
+
+
+def _symbol_order(symbol: str) -> tuple:
+    return (len(symbol), symbol)  # s11 before s43, s9 before s10
+
+
+def _at_one(args: tuple, shapes: InputShapes, symbols: set[str]) -> tuple:
+    """``args`` with every dimension that carries one of ``symbols`` cut to size 1."""
+    out = []
+    for x, shape in zip(args, shapes.sizes):
+        if isinstance(x, torch.Tensor) and shape:
+            for d, size in enumerate(shape):
+                if size in symbols:
+                    x = x.narrow(d, 0, 1)
+        out.append(x)
+    return tuple(out)
+
+
+def _tied(shapes: InputShapes, symbols: list[str]) -> InputShapes:
+    """``shapes`` with every symbol of ``symbols`` renamed to the first."""
+    rename = {s: symbols[0] for s in symbols}
+    sizes = tuple(None if shape is None else tuple(rename.get(s, s) if isinstance(s, str) else s for s in shape) for shape in shapes.sizes)
+    return InputShapes(shapes.names, sizes, shapes.ranges)
 
 
 def _same_outputs(gm: fx.GraphModule, model: nn.Module, args: tuple) -> bool:

@@ -152,6 +152,35 @@ def test_the_example_batch_is_always_accepted():
     torch.testing.assert_close(result.graph_module(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+class MaskIndexedByBatch(nn.Module):
+    """A mask eager broadcasts from batch 1, but that the exported graph indexes by the other input's batch
+    (transformers' BART: torch.export leaves the mask's batch a symbol of its own, with no guard tying it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, mask):  # x: (batch, length, 8); mask: (batch or 1, length)
+        if not torch.compiler.is_exporting() and mask.shape[0] == 1:
+            mask = mask.expand(x.shape[0], -1)
+        return self.fc(x) * mask[torch.arange(x.shape[0])].unsqueeze(-1)
+
+
+def test_batch_dims_the_graph_needs_equal_are_tied_and_unequal_ones_refused_by_name():
+    torch.manual_seed(0)
+    model = MaskIndexedByBatch().eval()
+    x, mask = torch.randn(1, 5, 8), torch.ones(1, 5)
+    result = fxdecomp.compress(model, (x, mask), plan={"fc": ("svd", (8,))}, frontend="export")
+    gm = result.graph_module
+    shapes = gm.meta[SHAPES_META]
+    assert shapes.sizes[0][0] == shapes.sizes[1][0]  # one batch symbol
+    for batch in (1, 3):  # equal batches run at any size, the example's included
+        args = (torch.randn(batch, 5, 8), torch.rand(batch, 5))
+        torch.testing.assert_close(gm(*args), model(*args), rtol=1e-5, atol=1e-5)
+    with pytest.raises(fxdecomp.ShapeError, match="needs them equal"):  # was a raw IndexError inside the graph
+        gm(torch.randn(2, 5, 8), torch.ones(1, 5))
+
+
 @pytest.mark.parametrize("name", list(TINY))
 def test_onnx_parity_at_two_shapes(compressed, name, tmp_path):
     spec, model, x, result = compressed(name, 0.5)
