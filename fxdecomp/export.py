@@ -33,6 +33,7 @@ from torch import fx, nn
 
 from .benchmark import TensorInfo, io_info, open_session
 from .errors import ExportError, InvalidInputError, ParityError
+from .export_capture import no_kv_cache
 from .onnx_attention import has_attention, with_math_attention
 from .onnx_parity import check_parity, eval_mode, graph_input_shapes, torch_outputs
 
@@ -89,54 +90,57 @@ def export_onnx(
     (pytorch/pytorch#136543: T5's SDPA attention) is exported from a copy with attention as
     torch's math kernel (`fxdecomp.onnx_attention`), checked against ``module`` all the same.
     Raises `ExportError` (naming the exporter's failure and a fix) when torch.onnx cannot export,
-    `ParityError` when onnxruntime disagrees (``path`` is then left as it was).
+    `ParityError` when onnxruntime disagrees (``path`` is then left as it was). A transformers model
+    (``config.use_cache``) is exported and checked with the cache off, as `fxdecomp.compress` captures it.
     """
     args = _check_args(module, example_inputs, path, opset, rtol, atol, input_names)
-    target = Path(path)
-    if external_data is None:
-        external_data = _weight_bytes(module) > EXTERNAL_DATA_BYTES
-    with eval_mode(module):
-        expected = torch_outputs(module, args) if check else None
-        program, rewritten = _export(module, args, opset, dynamic_batch, input_names, output_names)
-    model = program.model
-    actual_opset = model.opset_imports.get("", opset)
-    if actual_opset != opset:
-        raise ExportError(
-            f"opset {opset} was asked for, but the exporter could only produce opset {actual_opset} "
-            f"(it translates at opset >= 18 and converting down failed); pass opset={actual_opset} or higher"
-        )
-    name_nodes_after_modules(model)
+    # transformers models return their KV cache as an object no ONNX output can hold: export without it.
+    with no_kv_cache(module):
+        target = Path(path)
+        if external_data is None:
+            external_data = _weight_bytes(module) > EXTERNAL_DATA_BYTES
+        with eval_mode(module):
+            expected = torch_outputs(module, args) if check else None
+            program, rewritten = _export(module, args, opset, dynamic_batch, input_names, output_names)
+        model = program.model
+        actual_opset = model.opset_imports.get("", opset)
+        if actual_opset != opset:
+            raise ExportError(
+                f"opset {opset} was asked for, but the exporter could only produce opset {actual_opset} "
+                f"(it translates at opset >= 18 and converting down failed); pass opset={actual_opset} or higher"
+            )
+        name_nodes_after_modules(model)
 
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        staged = scratch / target.name
-        program.save(staged, external_data=bool(external_data))
-        data = scratch / f"{target.name}.data"  # the exporter's side file, referenced by this relative name
-        session = open_session(staged, threads=max(1, torch.get_num_threads()))
-        diffs, checked = (None, None), ()
-        if expected is not None:
-            try:
-                diffs, checked = check_parity(module, session, args, expected, rtol, atol, second_shape=dynamic_batch)
-            except ParityError as exc:
-                if rewritten:
-                    exc.add_note("the file was exported from a copy with attention as torch's math kernel (fxdecomp.onnx_attention)")
-                raise
-        report = ExportReport(
-            str(target),
-            actual_opset,
-            *diffs,
-            io_info(session.get_inputs()),
-            io_info(session.get_outputs()),
-            data.exists(),
-            checked,
-        )
-        del session
-        if data.exists():
-            os.replace(data, target.parent / data.name)
-        os.replace(staged, target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return report
+        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            staged = scratch / target.name
+            program.save(staged, external_data=bool(external_data))
+            data = scratch / f"{target.name}.data"  # the exporter's side file, referenced by this relative name
+            session = open_session(staged, threads=max(1, torch.get_num_threads()))
+            diffs, checked = (None, None), ()
+            if expected is not None:
+                try:
+                    diffs, checked = check_parity(module, session, args, expected, rtol, atol, second_shape=dynamic_batch)
+                except ParityError as exc:
+                    if rewritten:
+                        exc.add_note("the file was exported from a copy with attention as torch's math kernel (fxdecomp.onnx_attention)")
+                    raise
+            report = ExportReport(
+                str(target),
+                actual_opset,
+                *diffs,
+                io_info(session.get_inputs()),
+                io_info(session.get_outputs()),
+                data.exists(),
+                checked,
+            )
+            del session
+            if data.exists():
+                os.replace(data, target.parent / data.name)
+            os.replace(staged, target)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return report
 
 
 # ---- inputs and module state ---------------------------------------------------------------

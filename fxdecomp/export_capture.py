@@ -149,7 +149,7 @@ def export_trace(model: nn.Module, example_inputs: tuple, dynamic_shapes: Any = 
     captured with the cache off (the graph returns no cache). Raises whatever torch.export raises.
     """
     dynamic_shapes = check_dynamic_shapes(dynamic_shapes)
-    with _no_kv_cache(model):
+    with no_kv_cache(model):
         spec, export_args = _export_spec(model, example_inputs, dynamic_shapes)
         try:
             program = torch.export.export(model, export_args, dynamic_shapes=spec, strict=False)
@@ -187,17 +187,21 @@ def _accepts(shapes: "InputShapes", example_inputs: tuple) -> bool:
 
 
 @contextlib.contextmanager
-def _no_kv_cache(model: nn.Module) -> Iterator[None]:
-    """transformers models return a cache object torch.export cannot flatten: capture with use_cache=False."""
-    config = getattr(model, "config", None)
-    if not getattr(config, "use_cache", False):
-        yield
-        return
-    config.use_cache = False
+def no_kv_cache(model: nn.Module) -> Iterator[None]:
+    """Run with ``config.use_cache = False`` on the model and every submodule whose config has it on.
+
+    transformers models return their KV cache as an object that torch.export and torch.onnx cannot
+    flatten. Submodules can hold configs of their own (T5's decoder stack: a copy of the model's
+    config, read by its forward): each is switched off, and restored on exit.
+    """
+    configs = {id(c): c for m in model.modules() for c in [getattr(m, "config", None)] if getattr(c, "use_cache", False) is True}
+    for config in configs.values():
+        config.use_cache = False
     try:
         yield
     finally:
-        config.use_cache = True
+        for config in configs.values():
+            config.use_cache = True
 
 
 def _export_spec(model: nn.Module, example_inputs: tuple, dynamic_shapes: Any) -> tuple[Any, tuple]:

@@ -418,3 +418,36 @@ def test_conv1d_is_a_module_candidate_under_fx():
     torch.testing.assert_close(kept(y), model(y), rtol=1e-4, atol=1e-5)
     half = fxdecomp.compress(model, (x,), budget=0.5)
     assert half.flops_ratio <= 0.51 and any(d.decomposed for d in half.decisions)
+
+
+def test_export_onnx_of_a_transformers_model_leaves_its_kv_cache_out(tmp_path):
+    """A causal LM returns its KV cache as an object torch.onnx cannot write (an ExportError before): the user's
+    model, or a kept-model result, exports with the cache off and its config is left as it was."""
+    spec = TINY["gpt2"]
+    model = spec.build().eval()
+    x = spec.inputs(1, 8)
+    assert model.config.use_cache
+    kept = fxdecomp.compress(model, x, budget=0.6).apply_to(model, example_inputs=x)
+    for module in (model, kept):
+        report = fxdecomp.export_onnx(module, x, tmp_path / "lm.onnx")
+        assert len(report.outputs) == 1 and report.max_abs_diff <= 1e-4  # the logits only, checked at two shapes
+        assert len(report.checked_shapes) == 2
+        assert module.config.use_cache
+
+
+def test_a_seq2seq_model_whose_decoder_has_its_own_config_is_captured_whole_without_its_cache():
+    """T5's decoder stack reads use_cache from a config of its own (a copy of the model's): turning off only the
+    model's left an EncoderDecoderCache in the output, so torch.export failed and only a partial capture was left."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4, vocab_size=64)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    x = (torch.randint(0, 64, (1, 7)), torch.ones(1, 7, dtype=torch.long), torch.randint(0, 64, (1, 4)))
+    result = fxdecomp.compress(model, x, budget=0.6)
+    assert result.frontend == "export" and not result.partial
+    assert all(c.use_cache for c in (model.config, model.decoder.config))  # restored
+    with torch.no_grad():
+        want = model(*x, use_cache=False).logits
+    assert first(result.graph_module(*x)).shape == want.shape  # the logits first, no cache among the outputs
+    assert all(isinstance(t, torch.Tensor) for t in tree_leaves(result.graph_module(*x)))
