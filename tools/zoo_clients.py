@@ -12,7 +12,8 @@ Two suites:
 For each model and budget (default 0.75 and 0.5) it checks the budget with FLOPs
 counted independently by ``torch.utils.flop_counter.FlopCounterMode`` on the original
 and the result (2 FLOPs per multiply-add), finite outputs, output shapes, and ONNX
-parity (`fxdecomp.export_onnx`, onnxruntime against torch), keep-the-model mode
+parity (`fxdecomp.export_onnx`, onnxruntime against torch; "n/a" where the user's original model
+does not export either: transformers' mixture-of-experts op has no ONNX translation), keep-the-model mode
 (`result.apply_to(model, example_inputs)`: the user's class with its layers swapped,
 checked against the graph), and prints one markdown row per model and budget: how it
 was captured, FLOPs kept, the relative output error at full rank (every candidate
@@ -91,6 +92,18 @@ def _encoder(config_name, model_name, inputs=_ids, **kw):
     return build
 
 
+def _seq2seq(config_name, model_name, **kw):
+    """An encoder-decoder LM: (input_ids, attention_mask, decoder_input_ids)."""
+
+    def build():
+        import transformers
+
+        model = getattr(transformers, model_name)(getattr(transformers, config_name)(**kw)).eval()
+        return model, (torch.randint(0, 256, (1, 12)), torch.ones(1, 12, dtype=torch.long), torch.randint(0, 256, (1, 6)))
+
+    return build
+
+
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=256)
 IMAGE = lambda size=32: (torch.randn(1, 3, size, size),)  # noqa: E731
 
@@ -127,6 +140,34 @@ HF: dict[str, Builder] = {
                           sr_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
                           mlp_ratios=[2, 2], decoder_hidden_size=32, num_labels=3),
     "detr": None,  # filled below: it needs a backbone config
+    # Added in the twelfth landing (each passed at 0.5 but bart, t5 and the mixture-of-experts models, fixed or named there).
+    "gemma2": _causal("Gemma2Config", num_key_value_heads=2, head_dim=16, max_position_embeddings=64, **SMALL),
+    "phi3": _causal("Phi3Config", num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, **SMALL),
+    "falcon": _causal("FalconConfig", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
+                      new_decoder_architecture=True, num_kv_heads=2),
+    "bloom": _causal("BloomConfig", hidden_size=64, n_layer=2, n_head=4, vocab_size=256),
+    "gpt-bigcode": _causal("GPTBigCodeConfig", n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64, multi_query=True),
+    "mixtral-moe": _causal("MixtralConfig", num_key_value_heads=2, max_position_embeddings=64, num_local_experts=4,
+                           num_experts_per_tok=2, **SMALL),
+    "mamba": _causal("MambaConfig", hidden_size=64, num_hidden_layers=2, vocab_size=256, state_size=8),
+    "bart": _seq2seq("BartConfig", "BartForConditionalGeneration", d_model=64, encoder_layers=1, decoder_layers=1,
+                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                     vocab_size=256, max_position_embeddings=64),
+    "t5": _seq2seq("T5Config", "T5ForConditionalGeneration", d_model=64, d_kv=16, d_ff=128, num_layers=1, num_decoder_layers=1,
+                   num_heads=4, vocab_size=256),
+    "deberta-v2": _encoder("DebertaV2Config", "DebertaV2Model", max_position_embeddings=64, **SMALL),
+    "mobilebert": _encoder("MobileBertConfig", "MobileBertModel", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, vocab_size=256, embedding_size=32, intra_bottleneck_size=32, true_hidden_size=32,
+                           max_position_embeddings=64),
+    "beit": _encoder("BeitConfig", "BeitModel", IMAGE, image_size=32, patch_size=8, use_relative_position_bias=True,
+                     **{k: v for k, v in SMALL.items() if k != "vocab_size"}),
+    "dinov2": _encoder("Dinov2Config", "Dinov2Model", IMAGE, image_size=32, patch_size=8,
+                       **{k: v for k, v in SMALL.items() if k not in ("vocab_size", "intermediate_size")}),
+    "levit": _encoder("LevitConfig", "LevitModel", lambda: IMAGE(64), image_size=64, hidden_sizes=[32, 48, 64],
+                      num_attention_heads=[1, 2, 2], depths=[1, 1, 1], key_dim=[8, 8, 8]),
+    "hubert": _encoder("HubertConfig", "HubertModel", lambda: (torch.randn(1, 1600),), hidden_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=128, conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3),
+                       num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4),
 }
 
 
@@ -317,7 +358,7 @@ def run_model(name: str, build: Builder, budgets: list[float], methods, limit: i
                     full = fxdecomp.compress(model, clone(inputs), plan=plan, progress=False, frontend=frontend) if plan else None
                     with torch.no_grad():
                         full_error = relative_error(expected, tensors(full.graph_module(*clone(inputs)))) if full else 0.0
-                onnx = _onnx(result.graph_module, inputs)
+                onnx = _onnx(result.graph_module, inputs, model)
                 keep = _keep(result, model, inputs)
                 how = result.frontend
                 if result.partial:
@@ -344,13 +385,20 @@ def run_model(name: str, build: Builder, budgets: list[float], methods, limit: i
     return rows
 
 
-def _onnx(module, inputs) -> str:
+def _onnx(module, inputs, original) -> str:
+    """"ok (max abs diff)", "FAIL <error>", or "n/a" when the user's original model does not export either."""
     with tempfile.TemporaryDirectory() as folder:
         try:
             report = fxdecomp.export_onnx(module, clone(inputs), os.path.join(folder, "m.onnx"))
         except Exception as exc:
             if isinstance(exc.__cause__, Timeout) or isinstance(exc.__context__, Timeout):
                 raise Timeout() from exc  # the model's time limit struck inside the exporter
+            try:
+                fxdecomp.export_onnx(original, clone(inputs), os.path.join(folder, "original.onnx"), check=False)
+            except Timeout:
+                raise
+            except Exception as first:
+                return f"n/a, the original does not export either: {_line(first)[:120]}"
             return f"FAIL {type(exc).__name__}: {_line(exc)[:120]}"
     return f"ok ({report.max_abs_diff:.1e})" if getattr(report, "max_abs_diff", None) is not None else "ok"
 
