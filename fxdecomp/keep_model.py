@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_leaves
 
 from .errors import FxDecompError, InvalidInputError, UnsupportedLayerError
 from .kept_layer import KeptLayer
+from .graph.computed_conv import plain_equivalent
 from .layer_spec import LAYER_TYPES, ConvSpec, layer_spec, pad_module
 from .meta import DECOMPOSED_SPECS
 from .transformers_layers import is_conv1d
@@ -137,7 +138,9 @@ def _in_place_of(name: str, layer: nn.Module, decomposed: nn.Module, spec) -> nn
     if not isinstance(spec, ConvSpec):
         return decomposed
     try:
-        mine = dataclasses.replace(layer_spec(layer), has_bias=spec.has_bias)  # a folded BatchNorm adds a bias
+        # A conv that computes its weight in forward (weight standardization) was captured as its plain equivalent.
+        plain = plain_equivalent(layer) or layer
+        mine = dataclasses.replace(layer_spec(plain), has_bias=spec.has_bias)  # a folded BatchNorm adds a bias
     except UnsupportedLayerError as exc:
         raise UnsupportedLayerError(
             f"layer {name!r}: the graph decomposed the conv it calls, but {type(layer).__name__}'s forward does more ({exc}); "

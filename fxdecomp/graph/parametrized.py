@@ -4,7 +4,8 @@ Weights computed from other parameters, by `torch.nn.utils.parametrize`
 (``parametrizations.weight_norm`` / ``spectral_norm`` / ``orthogonal``) or by
 the old hook-based ``torch.nn.utils.weight_norm`` / ``spectral_norm`` (a
 forward pre-hook recomputing ``weight`` from ``weight_g``/``weight_v`` or
-``weight_orig``), are materialized in the copy at their eval-mode value: the
+``weight_orig``), or by a conv subclass's own forward (timm's weight-standardised
+convs, `fxdecomp.graph.computed_conv`), are materialized in the copy at their eval-mode value: the
 layer computes exactly what it computed, and the decomposers factor the
 effective weight. After a training step the old hooks leave ``weight`` as a
 non-leaf tensor that `copy.deepcopy` refuses; the copy takes a detached clone
@@ -25,6 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import InvalidInputError
+from .computed_conv import materialize_computed_convs
 
 _NOTES: "weakref.WeakKeyDictionary[nn.Module, dict[str, str]]" = weakref.WeakKeyDictionary()
 
@@ -94,6 +96,7 @@ def materialize(model: nn.Module) -> dict[str, str]:
                 with torch.no_grad():
                     parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
                 notes[prefix + tensor_name] = f"parametrization ({kinds}) materialized: its effective weight was factored and the parametrization is gone"
+    notes.update(materialize_computed_convs(model))
     _NOTES[model] = notes
     return notes
 

@@ -457,6 +457,73 @@ def test_parametrized_weights_are_decomposed_as_their_effective_weight(build, wo
         assert torch.equal(model(x), expected)
 
 
+class StdConv2d(nn.Conv2d):
+    """Scaled weight standardization in forward, as timm's ScaledStdConv2d (NFNets) and StdConv2d (BiT) do."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, weight=(self.gain * 0.3).view(-1),
+                              training=True, momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class InputScaledConv2d(nn.Conv2d):
+    """Its weight depends on the input: no one weight stands for it."""
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * x.mean(), self.bias, self.stride, self.padding)
+
+
+class TwiceConv2d(nn.Conv2d):
+    """Two conv calls in one forward: not one conv."""
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding) + F.conv2d(x, self.weight, None, self.stride, self.padding)
+
+
+def _standardized_net():
+    return nn.Sequential(StdConv2d(3, 16, 3, padding=1), nn.ReLU(), StdConv2d(16, 16, 3, padding=1, stride=2, bias=False), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(16 * 9, 10))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_conv_that_standardizes_its_weight_in_forward_is_decomposed_as_its_effective_weight(frontend):
+    """timm's NFNets: every conv was refused ("cannot express as pad + conv"), so no budget under 0.97 was reachable."""
+    torch.manual_seed(0)
+    model, x = _standardized_net().eval(), torch.randn(2, 3, 6, 6)
+    before = snapshot(model)
+    plan = {name: ("svd", (min(sides),)) for name, sides in {"0": (16, 27), "2": (16, 144), "5": (10, 144)}.items()}
+    result = fxdecomp.compress(model, (x,), plan=plan, frontend=frontend)
+    assert_untouched(model, before)
+    assert type(model[0]) is StdConv2d
+    with torch.no_grad():
+        assert relative_error(model(x), result.graph_module(x)) < 1e-5
+    notes = {d.name: d.note for d in result.decisions}
+    assert "StdConv2d.forward" in notes["0"] and "effective weight" in notes["0"] and notes["5"] == ""
+    assert not any(k.endswith("gain") for k in result.graph_module.state_dict())
+    result = fxdecomp.compress(model, (x,), budget=0.5, frontend=frontend)
+    assert result.flops_after <= 0.5 * result.flops_before
+    kept = result.apply_to(model, example_inputs=(x,))  # the user's class, its standardized convs swapped
+    with torch.no_grad():
+        torch.testing.assert_close(kept(x), result.graph_module(x), rtol=1e-4, atol=1e-5)
+    assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("cls", [InputScaledConv2d, TwiceConv2d])
+def test_a_conv_whose_forward_is_not_one_conv_of_a_fixed_weight_stays_refused_by_name(cls, caplog):
+    torch.manual_seed(0)
+    model, x = nn.Sequential(cls(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval(), torch.randn(2, 3, 6, 6)
+    with caplog.at_level("INFO", logger="fxdecomp"):
+        result = fxdecomp.compress(model, (x,), plan={"2": ("svd", (8,))})
+    assert [d.name for d in result.decisions] == ["2"]
+    assert "not a candidate: 0" in caplog.text and "cannot express as pad + conv" in caplog.text
+    with torch.no_grad():
+        assert relative_error(model(x), result.graph_module(x)) < 1e-5
+
+
 def test_unknown_computed_weight_is_refused_naming_the_layer():
     class Scaled(nn.Module):
         def __init__(self):
