@@ -76,7 +76,8 @@ def plain_equivalent(conv: nn.Module) -> nn.Module | None:
     """The plain torch conv (nn.Conv2d, ...) of ``conv``'s configuration and effective weight, or None.
 
     None when ``conv`` does not override ``forward``, makes other than one conv call, computes its
-    weight from the input, or is not that plain conv on both probes (e.g. it pads by the input size).
+    weight from the input, calls the conv on its own weight and bias (nothing to materialize), or
+    is not that plain conv on both probes (e.g. it pads by the input size).
     """
     if not _overrides_forward(conv):
         return None
@@ -91,6 +92,9 @@ def plain_equivalent(conv: nn.Module) -> nn.Module | None:
     if any(s is None for s in seen) or not torch.equal(seen[0][0], seen[1][0]):
         return None
     weight, bias, _ = seen[0]
+    same_bias = (bias is None) == (conv.bias is None) and (bias is None or torch.equal(bias, conv.bias))
+    if torch.equal(weight, conv.weight) and same_bias:
+        return None  # its own weight: nothing computed (a pad, if any, is layer_spec's to check)
     cls = torch_class(conv)
     plain = cls.__new__(cls)
     nn.Module.__init__(plain)
