@@ -162,6 +162,7 @@ class Factorizations:
 RECORDS: dict[str, tuple[type, str]] = {
     "shapes": (NodeShapes, "every node's output shape"),
     "candidates": (dict, "candidate name -> Candidate (call sites, spec, exclusion)"),
+    "refused": (dict, "conv / Linear weight path -> why it is not a candidate"),
     "cost": (ModelCost, "the whole model's FLOPs and parameters"),
     "calibration": (CalibrationStats, "Gram matrices from calibration batches"),
     "rank_estimates": (RankEstimates, "VBMF and energy rank estimates"),
@@ -175,6 +176,7 @@ RECORDS: dict[str, tuple[type, str]] = {
 _EMPTY: dict[str, Callable[[], Any]] = {
     "calibration": CalibrationStats,
     "latency": lambda: LatencyRecord(None),
+    "refused": dict,
 }
 
 
@@ -229,6 +231,10 @@ class PassContext:
     @candidates.setter
     def candidates(self, value: dict[str, Candidate]) -> None:
         self.provide("candidates", value)
+
+    @property
+    def refused(self) -> dict[str, str]:
+        return self.record("refused")
 
     @property
     def cost(self) -> ModelCost:

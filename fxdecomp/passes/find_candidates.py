@@ -43,6 +43,7 @@ class FindCandidatesPass(Pass):
     def run(self, gm):
         ctx = self.context
         by_key: dict[tuple, Candidate] = {}
+        refused: dict[str, str] = {}
         aliases, modules = weight_aliases(ctx.source_model), module_aliases(ctx.source_model)
         for node in gm.graph.nodes:
             use = match_call(gm, node)
@@ -58,6 +59,7 @@ class FindCandidatesPass(Pass):
                 spec = layer_spec(use.layer)
             except FxDecompError as exc:
                 log.info("not a candidate: %s (%s)", use.target, exc)
+                refused.setdefault(use.target, str(exc))
                 continue
             paths = aliases.get(use.weight_path, (use.weight_path,))
             name = _candidate_name(use, node, {c.name for c in by_key.values()}, paths, modules)
@@ -66,6 +68,7 @@ class FindCandidatesPass(Pass):
             excluded = any(fnmatch.fnmatchcase(label, pattern) or label == pattern for label in labels for pattern in ctx.exclude)
             by_key[use.key] = Candidate(name, use.layer, spec, [site], use.form, use.target, excluded)
         ctx.candidates = {c.name: c for c in by_key.values()}
+        ctx.provide("refused", refused)
         users = weight_users(gm)
         notes = notes_of(ctx.source_model)
         for candidate in ctx.candidates.values():

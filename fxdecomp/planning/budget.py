@@ -37,13 +37,24 @@ def model_total(metric: str, cost: ModelCost, latency_ms: float | None) -> float
     return {"flops": cost.flops, "params": cost.params, "latency": latency_ms}[metric]
 
 
-def unreachable(exc: Infeasible, fixed: float, total: float, budget: Budget) -> BudgetError:
-    """The `BudgetError` for a budget below the smallest reachable fraction (``exc.smallest`` + ``fixed``) / ``total``."""
+def unreachable(exc: Infeasible, fixed: float, total: float, budget: Budget, refused: dict[str, str] | None = None,
+                excluded: Sequence[str] = ()) -> BudgetError:
+    """The `BudgetError` for a budget below the smallest reachable fraction (``exc.smallest`` + ``fixed``) / ``total``.
+
+    ``refused`` ({layer: reason}) and ``excluded`` name the layers that keep their whole cost.
+    """
     metric = budget.metric
     smallest = (exc.smallest + fixed) / total
+    why = ""
+    if refused:
+        first, reason = next(iter(refused.items()))
+        why += (f" {len(refused)} conv / Linear layer(s) are not candidates, e.g. {first!r}: {reason} (all are logged at "
+                "INFO level by the 'fxdecomp' logger).")
+    if excluded:
+        why += f" {len(excluded)} layer(s) are excluded ({', '.join(excluded[:5])}{', ...' if len(excluded) > 5 else ''})."
     return BudgetError(
         f"a {metric} budget of {budget.fraction:g} cannot be reached: the smallest reachable is "
         f"{smallest:.4f} of the model's {metric} (layers that cannot be decomposed keep their cost); "
-        f"ask for at least {math.ceil(smallest * 1000) / 1000:g}",
+        f"ask for at least {math.ceil(smallest * 1000) / 1000:g}.{why}",
         smallest_reachable=smallest,
     )

@@ -91,7 +91,8 @@ def search(
         if metric == "latency" and planned and options.replan_tolerance > 0:
             plan = replan_on_measurement(groups, planned, plan, fixed, budget.fraction * total, options, measure_plan)
     except Infeasible as exc:
-        raise unreachable(exc, fixed, total, budget) from None
+        excluded = [c.name for c in ctx.candidates.values() if c.excluded]
+        raise unreachable(exc, fixed, total, budget, ctx.refused, excluded) from None
     for (candidate, choices), index in zip(planned, plan):
         decisions[candidate.name] = decision(candidate, choices[index], "budget" if index == 0 else "")
     return {c.name: decisions[c.name] for c in ctx.candidates.values()}

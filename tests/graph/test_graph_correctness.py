@@ -524,6 +524,18 @@ def test_a_conv_whose_forward_is_not_one_conv_of_a_fixed_weight_stays_refused_by
         assert relative_error(model(x), result.graph_module(x)) < 1e-5
 
 
+def test_an_unreachable_budget_names_the_layers_that_keep_their_cost():
+    """NFNet-L0's BudgetError said only "the smallest reachable is 0.97": not that every conv had been refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(InputScaledConv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1)).eval()
+    with pytest.raises(BudgetError) as caught:
+        fxdecomp.compress(model, (torch.randn(1, 3, 6, 6),), budget=0.2, exclude=["4"])
+    text = str(caught.value)
+    assert "1 conv / Linear layer(s) are not candidates, e.g. '0': InputScaledConv2d overrides forward" in text
+    assert "1 layer(s) are excluded (4)" in text
+
+
 def test_unknown_computed_weight_is_refused_naming_the_layer():
     class Scaled(nn.Module):
         def __init__(self):
