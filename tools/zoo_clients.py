@@ -243,6 +243,24 @@ VISION: dict[str, Builder] = {
     "timm/vit_tiny_patch16_224": _timm("vit_tiny_patch16_224", size=32, img_size=32),
     "timm/convnext_atto": _timm("convnext_atto"),
     "timm/mobilevit_xxs": _timm("mobilevit_xxs"),
+    # Added in the twelfth landing; NFNet-L0 (weight-standardised convs) was refused there, the rest passed.
+    "timm/nfnet_l0": _timm("nfnet_l0", size=64),
+    "timm/resnest14d": _timm("resnest14d", size=64),
+    "timm/repvgg_a0": _timm("repvgg_a0", size=64),
+    "timm/fastvit_t8": _timm("fastvit_t8", size=64),
+    "timm/levit_128s": _timm("levit_128s", size=64, img_size=64),
+    "timm/pvt_v2_b0": _timm("pvt_v2_b0", size=64),
+    "timm/ghostnet_100": _timm("ghostnet_100", size=64),
+    "timm/mobilenetv4_conv_small": _timm("mobilenetv4_conv_small", size=64),
+    "timm/hrnet_w18_small": _timm("hrnet_w18_small", size=64),
+    "timm/mixnet_s": _timm("mixnet_s", size=64),
+    "timm/eva02_tiny_patch14_224": _timm("eva02_tiny_patch14_224", size=56, img_size=56),
+    "timm/xcit_nano_12_p16_224": _timm("xcit_nano_12_p16_224", size=64, img_size=64),
+    "timm/efficientvit_b0": _timm("efficientvit_b0", size=64),
+    "timm/coatnet_nano_rw_224": _timm("coatnet_nano_rw_224", size=64, img_size=64),
+    "timm/inception_v3": _timm("inception_v3", size=96),
+    "mobilenet_v2": _tv("mobilenet_v2", size=64, num_classes=10),
+    "retinanet_resnet50_fpn": _tv("retinanet_resnet50_fpn", size=128, weights_backbone=None, num_classes=5, min_size=128, max_size=128),
 }
 
 
@@ -275,7 +293,12 @@ def clone(inputs):
 
 def relative_error(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> float:
     """The worst output's ||actual - expected|| / ||expected||; nan when every expected output is zero (a random
-    init can zero a model's output: HF MobileViT's), where no error means anything."""
+    init can zero a model's output: HF MobileViT's), or when a data-dependent count changed (detections after NMS):
+    where no error means anything."""
+    if len(expected) == len(actual) and all(a.shape[1:] == e.shape[1:] and a.dim() == e.dim() for a, e in zip(actual, expected)) and any(
+        a.shape != e.shape for a, e in zip(actual, expected)
+    ):
+        return float("nan")  # a count that depends on the data changed (detections after NMS): nothing to compare
     if len(expected) != len(actual) or any(a.shape != e.shape for a, e in zip(actual, expected)):
         raise AssertionError(f"output shapes differ: {[tuple(e.shape) for e in expected]} vs {[tuple(a.shape) for a in actual]}")
     errors = [
