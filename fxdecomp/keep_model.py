@@ -120,7 +120,8 @@ def _folded_layer(gm: nn.Module, new: nn.Module, layer: str) -> nn.Module:
             f"the BatchNorm after {layer!r} was folded into its weight, but {type(mine).__name__} {layer!r} of the model is not "
             "the conv / Linear module that holds that weight; use result.graph_module, or compress without fold_batchnorm"
         )
-    folded = copy.deepcopy(mine)
+    # A conv that computes its weight in forward was captured as its plain equivalent: the folded weight is that one's.
+    folded = plain_equivalent(mine) or copy.deepcopy(mine)
     for name in ("weight", "bias"):
         tensor = held.get_parameter(name).detach().clone().to(device=mine.weight.device, dtype=mine.weight.dtype)
         folded.register_parameter(name, nn.Parameter(tensor, mine.weight.requires_grad))

@@ -17,6 +17,8 @@ weight; the recording uses torch's ``TorchFunctionMode``.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -49,10 +51,13 @@ def _overrides_forward(module: nn.Module) -> bool:
 
 @torch.no_grad()
 def _effective(conv: nn.Module, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
-    """(weight, bias, output) of the one conv call ``conv``'s forward makes on ``probe``; None unless exactly one."""
+    """(weight, bias, output) of the one conv call ``conv``'s forward makes on ``probe``; None unless exactly one.
+
+    Calls ``forward`` itself: the user's hooks do not run on probes.
+    """
     recorder = _ConvCalls()
     with recorder:
-        output = conv(probe)
+        output = conv.forward(probe)
     if len(recorder.calls) != 1:
         return None
     weight, bias = recorder.calls[0]
@@ -64,12 +69,26 @@ def _effective(conv: nn.Module, probe: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def _probes(conv: nn.Module) -> list[torch.Tensor]:
+    """Two random inputs of different sizes, one odd and one even per spatial dim (a forward that pads by the
+    input's size, TF "same" at stride 2, pads them differently)."""
     generator = torch.Generator().manual_seed(0)
     sizes = [2 * d * (k - 1) + 5 + 2 * i for i, (k, d) in enumerate(zip(conv.kernel_size, conv.dilation))]
     return [
-        torch.randn(1, conv.in_channels, *sizes, generator=generator, dtype=conv.weight.dtype).to(conv.weight.device)
-        for _ in range(2)
+        torch.randn(1, conv.in_channels, *[n + extra for n in sizes], generator=generator, dtype=conv.weight.dtype).to(conv.weight.device)
+        for extra in (0, 3)
     ]
+
+
+def _with_weight(conv: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A torch-class conv holding ``conv``'s configuration, hooks, buffers and submodules, and ``weight`` / ``bias``."""
+    cls = torch_class(conv)
+    plain = cls.__new__(cls)
+    plain.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in vars(conv).items()})
+    plain._parameters = {
+        "weight": nn.Parameter(weight, requires_grad=conv.weight.requires_grad),
+        "bias": None if bias is None else nn.Parameter(bias, requires_grad=conv.bias.requires_grad),
+    }
+    return plain
 
 
 def plain_equivalent(conv: nn.Module) -> nn.Module | None:
@@ -77,39 +96,32 @@ def plain_equivalent(conv: nn.Module) -> nn.Module | None:
 
     None when ``conv`` does not override ``forward``, makes other than one conv call, computes its
     weight from the input, calls the conv on its own weight and bias (nothing to materialize), or
-    is not that plain conv on both probes (e.g. it pads by the input size).
+    is not that plain conv on both probes (e.g. it pads by the input size). The plain conv keeps
+    ``conv``'s hooks; its other parameters (a gain) are gone.
     """
     if not _overrides_forward(conv):
         return None
     was_training = conv.training
     conv.eval()
     try:
-        seen = [_effective(conv, probe) for probe in _probes(conv)]
+        probes = _probes(conv)
+        seen = [_effective(conv, probe) for probe in probes]
+        if any(s is None for s in seen) or not torch.equal(seen[0][0], seen[1][0]):
+            return None
+        weight, bias, _ = seen[0]
+        same_bias = (bias is None) == (conv.bias is None) and (bias is None or torch.equal(bias, conv.bias))
+        if torch.equal(weight, conv.weight) and same_bias:
+            return None  # its own weight: nothing computed (a pad, if any, is layer_spec's to check)
+        plain = _with_weight(conv, weight, bias)
+        with torch.no_grad():
+            for probe, (_, _, output) in zip(probes, seen):
+                got = plain.forward(probe)
+                if got.shape != output.shape or not torch.allclose(got, output, rtol=_RTOL, atol=_ATOL):
+                    return None
     except Exception:  # a forward that cannot run on a probe is refused later, by name
         return None
     finally:
         conv.train(was_training)
-    if any(s is None for s in seen) or not torch.equal(seen[0][0], seen[1][0]):
-        return None
-    weight, bias, _ = seen[0]
-    same_bias = (bias is None) == (conv.bias is None) and (bias is None or torch.equal(bias, conv.bias))
-    if torch.equal(weight, conv.weight) and same_bias:
-        return None  # its own weight: nothing computed (a pad, if any, is layer_spec's to check)
-    cls = torch_class(conv)
-    plain = cls.__new__(cls)
-    nn.Module.__init__(plain)
-    for attribute in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
-                      "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
-        setattr(plain, attribute, getattr(conv, attribute))
-    plain.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
-    plain.bias = None if bias is None else nn.Parameter(bias, requires_grad=conv.bias.requires_grad)
-    plain._forward_pre_hooks, plain._forward_hooks = conv._forward_pre_hooks, conv._forward_hooks
-    plain.eval()
-    with torch.no_grad():
-        for probe, (_, _, output) in zip(_probes(conv), seen):
-            got = plain(probe)
-            if got.shape != output.shape or not torch.allclose(got, output, rtol=_RTOL, atol=_ATOL):
-                return None
     plain.train(was_training)
     return plain
 

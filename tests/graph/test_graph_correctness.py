@@ -524,6 +524,54 @@ def test_a_conv_whose_forward_is_not_one_conv_of_a_fixed_weight_stays_refused_by
         assert relative_error(model(x), result.graph_module(x)) < 1e-5
 
 
+class StdConvSame(StdConv2d):
+    """Weight standardization plus TF-"same" padding computed from the input size (timm's ScaledStdConv2dSame):
+    at stride 2 it pads odd and even sizes differently, so no static padding stands for it."""
+
+    def forward(self, x):
+        pads = [max((math.ceil(n / 2) - 1) * 2 + 3 - n, 0) for n in x.shape[-2:]]
+        x = F.pad(x, [pads[1] // 2, pads[1] - pads[1] // 2, pads[0] // 2, pads[0] - pads[0] // 2])
+        return F.conv2d(x, self.weight - self.weight.mean(), self.bias, self.stride, 0)
+
+
+def test_a_standardizing_conv_that_pads_by_the_input_size_stays_refused():
+    """Its probes were of one odd size, where that padding equals padding=1: it became a plain conv, wrong at even sizes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(StdConvSame(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    result = fxdecomp.compress(model, (x,), plan={"2": ("svd", (8,))})
+    assert [d.name for d in result.decisions] == ["2"]
+    with torch.no_grad():
+        assert relative_error(model(x), result.graph_module(x)) < 1e-5
+
+
+def test_a_standardizing_conv_keeps_its_hooks_keyword_ones_included():
+    """The plain conv lost the flag of a with_kwargs hook: compress raised a raw TypeError from inside the probe."""
+    torch.manual_seed(0)
+    model, x = _standardized_net().eval(), torch.randn(2, 3, 6, 6)
+    calls = []
+    model[0].register_forward_hook(lambda module, args, kwargs, out: calls.append(out.shape), with_kwargs=True)
+    result = fxdecomp.compress(model, (x,), plan={"5": ("svd", (10,))})  # layer 0 stays, as its plain conv
+    calls.clear()
+    with torch.no_grad():
+        assert relative_error(model(x), result.graph_module(x)) < 1e-5
+    assert len(calls) == 2  # the user's model, then the graph's kept module: the hook ran in both
+
+
+def test_a_kept_standardizing_conv_takes_its_folded_batchnorm_as_a_plain_conv():
+    """Under torch.export, fold_batchnorm folds into the effective weight; keep-the-model mode put that weight into a copy
+    of the user's StdConv2d, whose forward standardized it again (error 0.6, silent without example_inputs)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(StdConv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+    model[1].running_mean.normal_(), model[1].running_var.uniform_(0.5, 2), model[1].weight.data.uniform_(0.5, 3)
+    model, x = model.eval(), torch.randn(1, 3, 8, 8)
+    recipe = fxdecomp.load_recipe("default").with_options(fold_batchnorm={"enabled": True})
+    result = fxdecomp.compress(model, (x,), budget=0.7, exclude=["0"], pipeline=recipe, frontend="export")
+    kept = result.apply_to(model)
+    with torch.no_grad():
+        torch.testing.assert_close(kept(x), result.graph_module(x), rtol=1e-4, atol=1e-4)
+
+
 def test_an_unreachable_budget_names_the_layers_that_keep_their_cost():
     """NFNet-L0's BudgetError said only "the smallest reachable is 0.97": not that every conv had been refused."""
     torch.manual_seed(0)
