@@ -305,7 +305,7 @@ def _allow_size_one(
             failed.add(symbol)
             if symbol not in doubled:
                 log.info("the graph does not reproduce the model with %s = 1; sizes from 2 up are accepted", symbol)
-    tie = sorted(doubled, key=_symbol_order)
+    tie = sorted(_tie_group(gm, model, export_args, shapes, failed & doubled, doubled - failed), key=_symbol_order)
     if failed & doubled and len(tie) > 1 and _same_outputs(gm, model, example_inputs):
         log.info("the graph holds at batch 1 only with %s equal: they are tied", ", ".join(tie))
         shapes = _tied(shapes, tie)
@@ -316,6 +316,19 @@ def _allow_size_one(
         for symbol in failed & doubled:
             log.info("the graph does not reproduce the model with %s = 1; sizes from 2 up are accepted", symbol)
     return InputShapes(shapes.names, shapes.sizes, tuple((s, lo, hi) for s, (lo, hi) in ranges.items()))
+
+
+def _tie_group(gm, model, export_args: tuple, shapes: InputShapes, failed: set[str], passed: set[str]) -> set[str]:
+    """The batch symbols to tie: those that failed alone, with each that passed and lets them hold at 1 together.
+
+    Every doubled symbol when that smaller group does not hold at 1 with the rest at their exported sizes.
+    """
+    if not failed:
+        return set()
+    group = set(failed) | {p for p in passed if _same_outputs(gm, model, _at_one(export_args, shapes, failed | {p}))}
+    if group != failed | passed and not _same_outputs(gm, model, _at_one(export_args, shapes, group)):
+        return failed | passed
+    return group
 
 
 def _symbol_order(symbol: str) -> tuple:

@@ -181,6 +181,24 @@ def test_batch_dims_the_graph_needs_equal_are_tied_and_unequal_ones_refused_by_n
         gm(torch.randn(2, 5, 8), torch.ones(1, 5))
 
 
+class MaskAndFreeInput(MaskIndexedByBatch):
+    def forward(self, x, mask, z):  # z: an input with a batch of its own
+        return super().forward(x, mask), z * 2
+
+
+def test_only_the_batch_dims_that_need_it_are_tied():
+    """Tying every doubled batch symbol refused an independent input's batch that eager and the graph both run."""
+    torch.manual_seed(0)
+    model = MaskAndFreeInput().eval()
+    result = fxdecomp.compress(model, (torch.randn(1, 5, 8), torch.ones(1, 5), torch.randn(1, 4)), plan={"fc": ("svd", (8,))},
+                               frontend="export")
+    args = (torch.randn(3, 5, 8), torch.rand(3, 5), torch.randn(2, 4))
+    for got, want in zip(result.graph_module(*args), model(*args)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(fxdecomp.ShapeError, match="needs them equal"):
+        result.graph_module(torch.randn(3, 5, 8), torch.ones(1, 5), torch.randn(3, 4))
+
+
 @pytest.mark.parametrize("name", list(TINY))
 def test_onnx_parity_at_two_shapes(compressed, name, tmp_path):
     spec, model, x, result = compressed(name, 0.5)
