@@ -228,7 +228,8 @@ def compress_partial(
         params_before=count_params(source),
         params_after=count_params(result_model),
         budget={budget.metric: budget.fraction},
-        output_error=output_error(source, result_model, _clone(example_inputs)),
+        # the uncaptured rest may select by value (detections after NMS): counts may vary
+        output_error=output_error(source, result_model, _clone(example_inputs), counts_may_vary=True),
         frontend="partial",
         pipeline=part_results[0][1].pipeline if part_results else str(pipeline or "default"),
         captured=captured,

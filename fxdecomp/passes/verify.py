@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import operator
 import warnings
 
 import torch
+from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_leaves
 
 from ..graph.effects import fresh_inputs, preserved_buffers
@@ -14,22 +18,26 @@ from ..records import Verification
 from .base import Pass, register_pass
 
 
-def output_error(reference, candidate, example_inputs) -> float | None:
+def output_error(reference, candidate, example_inputs, counts_may_vary: bool | None = None) -> float | None:
     """Largest relative L2 error over the tensor outputs of ``candidate`` against ``reference``.
 
     Each model runs on its own copy of the inputs, and its buffers are put back
     afterwards: a model that writes into its inputs or buffers cannot leak one
-    run's writes into the other run. None, with a warning, when outputs differ only in
-    their leading size: a count that depends on the data (detections kept after NMS), which
-    no elementwise error can compare. Any other difference in number or shape is a bug
-    (`FxDecompError`).
+    run's writes into the other run. Where outputs may change their count with the data
+    (``counts_may_vary``; None: when ``reference`` is a graph with an op whose output size
+    depends on values, `data_dependent_sizes`) and differ only in their leading size
+    (detections kept after NMS), returns None with a warning: no elementwise error compares
+    them. Any other difference in number or shape is a bug (`FxDecompError`).
     """
     with torch.no_grad():
         with preserved_buffers(reference):
             expected = [t for t in tree_leaves(reference(*fresh_inputs(example_inputs))) if isinstance(t, torch.Tensor)]
         with preserved_buffers(candidate):
             actual = [t for t in tree_leaves(candidate(*fresh_inputs(example_inputs))) if isinstance(t, torch.Tensor)]
-    if len(expected) != len(actual) or any(a.shape[1:] != e.shape[1:] or a.dim() != e.dim() for a, e in zip(actual, expected)):
+    leading_only = all(a.shape[1:] == e.shape[1:] and a.dim() == e.dim() for a, e in zip(actual, expected))
+    if counts_may_vary is None and leading_only and any(a.shape != e.shape for a, e in zip(actual, expected)):
+        counts_may_vary = isinstance(reference, fx.GraphModule) and data_dependent_sizes(reference, example_inputs)
+    if len(expected) != len(actual) or not (counts_may_vary and leading_only) and any(a.shape != e.shape for a, e in zip(actual, expected)):
         raise FxDecompError(
             "the rewritten model's outputs do not match the original's in number or shape; this is a bug in "
             "fxdecomp: please report it, and exclude the layer named in the decisions to work around it"
@@ -45,6 +53,42 @@ def output_error(reference, candidate, example_inputs) -> float | None:
         return None
     errors = [float((a.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30)) for a, e in zip(actual, expected) if e.is_floating_point()]
     return max(errors, default=0.0)
+
+
+# Ops whose output size depends on tensor values (besides indexing with a boolean mask).
+_VALUE_SIZED = {torch.nonzero, torch.masked_select, torch.unique, torch.argwhere}
+_VALUE_SIZED_ATEN = {"nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive", "argwhere", "nms"}
+
+
+def data_dependent_sizes(gm: fx.GraphModule, example_inputs: tuple) -> bool:
+    """Whether ``gm`` calls an op whose output size depends on values (nonzero, boolean-mask indexing, NMS).
+
+    Runs torch.fx's ShapeProp on a copy of ``gm`` for the dtypes of index arguments.
+    """
+    gm = copy.deepcopy(gm)
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*fresh_inputs(example_inputs))
+    except Exception:  # no dtypes then: only the ops themselves count
+        pass
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        if node.target in _VALUE_SIZED or node.target in ("nonzero", "masked_select", "unique", "argwhere"):
+            return True
+        packet = getattr(node.target, "_overloadpacket", None)
+        if packet is not None and getattr(packet, "__name__", "") in _VALUE_SIZED_ATEN:
+            return True
+        if node.target in (operator.getitem, torch.ops.aten.index.Tensor):
+            indices = [a for arg in node.args[1:] for a in (arg if isinstance(arg, (tuple, list)) else (arg,))]
+            if any(isinstance(i, fx.Node) and _is_bool(i) for i in indices):
+                return True
+    return False
+
+
+def _is_bool(node: fx.Node) -> bool:
+    value = node.meta.get("val", node.meta.get("tensor_meta"))
+    return getattr(value, "dtype", None) == torch.bool
 
 
 @register_pass
