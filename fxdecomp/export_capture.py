@@ -241,14 +241,22 @@ def as_module(program: torch.export.ExportedProgram, model: nn.Module | None = N
 
 
 def input_shapes(program: torch.export.ExportedProgram) -> InputShapes:
-    """The `InputShapes` of an exported program's user inputs (from its placeholders and range constraints)."""
-    user = set(program.graph_signature.user_inputs)
+    """The `InputShapes` of an exported program's user inputs (from its placeholders and range constraints).
+
+    One entry per user input in call order, constants (``None``, a float) included as non-tensor
+    entries: the module's inputs, which its shape check sees, are all of them.
+    """
+    from torch.export.graph_signature import InputKind
+
+    placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
     names, sizes = [], []
-    for node in program.graph.nodes:
-        if node.op != "placeholder" or node.name not in user:
+    for spec in program.graph_signature.input_specs:
+        if spec.kind != InputKind.USER_INPUT:
             continue
-        names.append(node.name)
-        value = node.meta.get("val")
+        name = getattr(spec.arg, "name", None) or f"input_{len(names)}"
+        names.append(name)
+        node = placeholders.get(name)
+        value = node.meta.get("val") if node is not None else None
         if not isinstance(value, torch.Tensor):
             sizes.append(None)
             continue

@@ -199,6 +199,30 @@ def test_only_the_batch_dims_that_need_it_are_tied():
         result.graph_module(torch.randn(3, 5, 8), torch.ones(1, 5), torch.randn(3, 4))
 
 
+class OptionalScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, scale, mask):  # scale: None or a float, between two tensors
+        y = self.fc(x)
+        return (y if scale is None else y * scale) + mask
+
+
+@pytest.mark.parametrize("scale", [None, 2.0])
+def test_a_non_tensor_input_between_tensors_keeps_the_shape_check_in_step(scale):
+    """torch.export keeps None / a float as a constant input: the shape check left it out, so the graph refused its
+    own example ("the graph takes 2 inputs (x, mask), got 3") and compress failed inside shape propagation."""
+    torch.manual_seed(0)
+    model = OptionalScale().eval()
+    result = fxdecomp.compress(model, (torch.randn(1, 8), scale, torch.randn(1, 8)), plan={"fc": ("svd", (8,))}, frontend="export")
+    for batch in (1, 3):
+        args = (torch.randn(batch, 8), scale, torch.randn(batch, 8))
+        torch.testing.assert_close(result.graph_module(*args), model(*args), rtol=1e-5, atol=1e-5)
+    with pytest.raises(fxdecomp.ShapeError, match="needs them equal|dim 0"):
+        result.graph_module(torch.randn(3, 8), scale, torch.randn(2, 8))
+
+
 @pytest.mark.parametrize("name", list(TINY))
 def test_onnx_parity_at_two_shapes(compressed, name, tmp_path):
     spec, model, x, result = compressed(name, 0.5)
