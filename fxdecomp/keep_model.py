@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .errors import FxDecompError, InvalidInputError, UnsupportedLayerError
+from .kept_attention import KeptAttention, in_projection_like, keepable
 from .kept_layer import KeptLayer
 from .graph.computed_conv import plain_equivalent
 from .layer_spec import LAYER_TYPES, ConvSpec, layer_spec, pad_module
@@ -58,7 +59,8 @@ def apply_to_model(
         )
     decided = [d for d in result.decisions if d.decomposed]
     modules = dict(model.named_modules())
-    functional = [d.name for d in decided if not _replaceable(modules.get(d.name))]
+    attention = {d.name for d in decided if keepable(modules.get(_attention_owner(d.name)))}
+    functional = [d.name for d in decided if d.name not in attention and not _replaceable(modules.get(d.name))]
     if functional:
         raise UnsupportedLayerError(
             f"keep-the-model mode swaps modules, but {functional} are not nn.Linear, nn.Conv*d / nn.ConvTranspose*d or transformers "
@@ -67,11 +69,15 @@ def apply_to_model(
         )
     installed = {d.name: installed_module(result.graph_module, d.name) for d in decided}  # each a scan of the graph
     for d in decided:
-        _check_shape(d.name, modules[d.name], installed[d.name])
+        if d.name not in attention:
+            _check_shape(d.name, modules[d.name], installed[d.name])
     new = copy.deepcopy(model)
     _carry_batchnorm(result.graph_module, new, set(installed))
     specs = getattr(result.graph_module, "meta", {}).get(DECOMPOSED_SPECS, {})
     for d in decided:
+        if d.name in attention:  # a packed attention projection: the attention module is swapped
+            _swap(new, _attention_owner(d.name), _kept_attention(new.get_submodule(_attention_owner(d.name)), installed[d.name], d.name))
+            continue
         old = new.get_submodule(d.name)
         module = _in_place_of(d.name, old, copy.deepcopy(installed[d.name]), specs.get(d.name))
         module = KeptLayer(module, old, repr(d.name))
@@ -161,6 +167,21 @@ def _in_place_of(name: str, layer: nn.Module, decomposed: nn.Module, spec) -> nn
         f"another ({mine}); its decomposed module cannot replace it. Use result.graph_module, or compress with "
         f"frontend='fx' or exclude={[name]}"
     )
+
+
+def _attention_owner(name: str) -> str:
+    """``enc.att`` for ``enc.att.in_proj_weight`` (the name of a decomposed packed attention projection); else ''."""
+    owner, _, attribute = name.rpartition(".")
+    return owner if attribute == "in_proj_weight" else ""
+
+
+def _kept_attention(mha: nn.MultiheadAttention, decomposed: nn.Module, name: str) -> KeptAttention:
+    projection = in_projection_like(mha)
+    in_proj = KeptLayer(copy.deepcopy(decomposed), projection, repr(name))
+    in_proj.to(device=mha.in_proj_weight.device, dtype=mha.in_proj_weight.dtype).train(mha.training)
+    for p in in_proj.parameters():
+        p.requires_grad_(mha.in_proj_weight.requires_grad)
+    return KeptAttention(mha, in_proj)
 
 
 def _replaceable(module: nn.Module | None) -> bool:

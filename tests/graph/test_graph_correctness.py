@@ -381,6 +381,66 @@ def test_transformer_encoder_layer_fast_path_is_counted():
     assert fxdecomp.count_flops(layer, (x,)) == expected
 
 
+class TorchvisionStyleBlock(nn.Module):
+    """torchvision's ViT encoder block: nn.MultiheadAttention (sequence first here) called as self-attention, an MLP."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.self_attention = nn.MultiheadAttention(d, heads, dropout=0.0)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        y = self.ln(x)
+        y, _ = self.self_attention(y, y, y, need_weights=False)
+        return self.mlp(x + y)
+
+
+@pytest.mark.parametrize("build, x", [
+    (lambda: AttentionNet(need_weights=True), torch.randn(2, 16, 64)),
+    (lambda: AttentionNet(need_weights=False), torch.randn(2, 16, 64)),
+    (TorchvisionStyleBlock, torch.randn(9, 2, 32)),
+])
+def test_keep_the_model_mode_swaps_an_attention_whose_packed_projection_was_decomposed(build, x):
+    """torchvision's vit_b_16 was refused in keep-the-model mode: ``in_proj_weight`` is not a module."""
+    from fxdecomp.kept_attention import KeptAttention
+
+    torch.manual_seed(0)
+    model = build().eval()
+    before = snapshot(model)
+    result = fxdecomp.compress(model, (x,), budget=0.5)
+    mha = "att" if isinstance(model, AttentionNet) else "self_attention"
+    assert {d.name: d.decomposed for d in result.decisions}[f"{mha}.in_proj_weight"]
+    kept = result.apply_to(model, example_inputs=(x,))  # checked against the graph
+    assert type(kept) is type(model) and isinstance(kept.get_submodule(mha), KeptAttention)
+    attention = kept.get_submodule(mha)
+    assert attention.in_proj_weight.shape == model.get_submodule(mha).in_proj_weight.shape
+    assert (attention.embed_dim, attention.num_heads, attention.batch_first) == (
+        model.get_submodule(mha).embed_dim, model.get_submodule(mha).num_heads, model.get_submodule(mha).batch_first)
+    with torch.no_grad():
+        torch.testing.assert_close(kept(x), result.graph_module(x), rtol=1e-4, atol=1e-5)
+    assert_untouched(model, before)
+
+
+def test_a_kept_attention_at_full_rank_is_the_attention_for_cross_attention_calls_too():
+    from fxdecomp.kept_attention import KeptAttention
+
+    torch.manual_seed(0)
+    model, x = AttentionNet().eval(), torch.randn(2, 16, 64)
+    result = compress_full_rank(model, (x,), {"att.in_proj_weight": (192, 64)})
+    kept = result.apply_to(model, example_inputs=(x,))
+    assert isinstance(kept.att, KeptAttention)
+    query, memory = torch.randn(2, 5, 64), torch.randn(2, 7, 64)
+    mask = torch.rand(2, 7) > 0.7
+    with torch.no_grad():
+        want = model.att(query, memory, memory, key_padding_mask=mask)
+        got = kept.att(query, memory, memory, key_padding_mask=mask)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    with pytest.raises(fxdecomp.UnsupportedLayerError, match="in_proj_weight"):
+        kept.att.in_proj_weight.sum()
+
+
 def test_attention_model_at_half_budget_keeps_half_of_all_flops():
     torch.manual_seed(0)
     model, x = AttentionNet().eval(), torch.randn(2, 16, 64)
