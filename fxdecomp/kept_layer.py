@@ -6,7 +6,9 @@ Whisper ``conv1.stride``. After decomposition the dense weight no longer exists,
 `KeptLayer` keeps the original layer's configuration and answers ``weight`` / ``bias`` with
 an `AbsentWeight`: a tensor with the original shape, the factors' dtype and device and no
 data, whose every computation raises `UnsupportedLayerError` naming the layer (reading
-values of a weight that is gone must not succeed silently).
+values of a weight that is gone must not succeed silently). The one exception is the
+layer's own computation: ``F.linear(x, layer.weight, layer.bias)`` on a kept Linear (model
+code that applies the weight itself, torchvision's Swin) runs the factors.
 
 Example::
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import UnsupportedLayerError
@@ -38,10 +41,20 @@ class AbsentWeight(torch.Tensor):
     """
 
     @staticmethod
-    def __new__(cls, shape, dtype, device, requires_grad, layer: str):
+    def __new__(cls, shape, dtype, device, requires_grad, layer: str, kept: nn.Module | None = None, role: str = ""):
         tensor = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device, requires_grad=requires_grad)
         tensor.layer = layer
+        tensor.kept, tensor.role = kept, role  # the KeptLayer it describes, and which of its tensors ("weight", "bias")
         return tensor
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            out = _linear_through_factors(*args, **kwargs)
+            if out is not None:
+                return out
+        return super().__torch_function__(func, types, args, kwargs)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -53,6 +66,23 @@ class AbsentWeight(torch.Tensor):
 
     def __repr__(self, *, tensor_contents=None) -> str:
         return f"AbsentWeight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, layer={self.layer})"
+
+
+def _linear_through_factors(input, weight, bias=None) -> torch.Tensor | None:
+    """``F.linear(input, layer.weight, layer.bias)`` on a kept Linear is the kept layer's own output: model code that
+    applies a swapped Linear's weight itself (torchvision's Swin: ``F.linear(x, self.qkv.weight, self.qkv.bias)``)
+    runs through the factors. None for anything else (another bias, a missing one), which then raises."""
+    kept = getattr(weight, "kept", None)
+    if not isinstance(kept, KeptLayer) or getattr(weight, "role", "") != "weight" or len(kept._weight_shape or ()) != 2:
+        return None
+    if bias is None:
+        if kept._bias_shape is not None:
+            return None
+    elif getattr(bias, "kept", None) is not kept or getattr(bias, "role", "") != "bias":
+        return None
+    if not isinstance(input, torch.Tensor) or isinstance(input, AbsentWeight) or input.shape[-1:] != kept._weight_shape[1:]:
+        return None
+    return kept(input)
 
 
 class KeptLayer(nn.Sequential):
@@ -83,20 +113,22 @@ class KeptLayer(nn.Sequential):
             return nn.Sequential(OrderedDict(list(self._modules.items())[index]))
         return super().__getitem__(index)
 
-    def _absent(self, shape: tuple[int, ...] | None) -> AbsentWeight:
+    def _absent(self, shape: tuple[int, ...] | None, role: str) -> AbsentWeight:
         if shape is None:
             raise AttributeError(f"{self._name or 'this KeptLayer'} has no original layer to describe")
         first = next((p for p in self.parameters() if p.is_floating_point()), None)
         dtype = first.dtype if first is not None else torch.get_default_dtype()
         device = first.device if first is not None else torch.device("cpu")
-        return AbsentWeight(shape, dtype, device, bool(first is not None and first.requires_grad), self._name or "a decomposed layer")
+        return AbsentWeight(shape, dtype, device, bool(first is not None and first.requires_grad), self._name or "a decomposed layer",
+                            self, role)
 
     @property
     def weight(self) -> AbsentWeight:
-        """The original weight's shape, with the factors' dtype and device; no data."""
-        return self._absent(self._weight_shape)
+        """The original weight's shape, with the factors' dtype and device; no data. ``F.linear(x, weight, bias)``
+        with this layer's own bias runs the factors."""
+        return self._absent(self._weight_shape, "weight")
 
     @property
     def bias(self) -> AbsentWeight | None:
         """The bias's shape (None where the decomposed layer has none); no data."""
-        return None if self._bias_shape is None else self._absent(self._bias_shape)
+        return None if self._bias_shape is None else self._absent(self._bias_shape, "bias")

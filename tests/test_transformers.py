@@ -375,6 +375,41 @@ def test_keep_the_model_refuses_model_code_that_reads_a_swapped_weight_values():
         result.apply_to(model, example_inputs=(x,))
 
 
+class AppliesItsLinear(nn.Module):
+    """Applies a Linear module's own weight and bias with F.linear, as torchvision's Swin does with ``attn.qkv``."""
+
+    def __init__(self, bias_use: str = "own"):
+        super().__init__()
+        self.qkv, self.bias_use = nn.Linear(16, 48), bias_use
+        self.other_bias = nn.Parameter(torch.randn(48))
+
+    def forward(self, x):
+        bias = {"own": self.qkv.bias, "none": None, "other": self.other_bias}[self.bias_use]
+        return F.linear(x, self.qkv.weight, bias).relu()
+
+
+def test_keep_the_model_runs_a_swapped_linear_that_the_model_applies_itself():
+    """torchvision's Swin was refused in keep-the-model mode: F.linear on an absent weight raised."""
+    from fxdecomp.kept_layer import KeptLayer
+
+    torch.manual_seed(0)
+    model, x = AppliesItsLinear().eval(), torch.randn(2, 5, 16)
+    result = fxdecomp.compress(model, (x,), plan={"qkv": ("svd", (6,))})
+    kept = result.apply_to(model, example_inputs=(x,))
+    assert isinstance(kept.qkv, KeptLayer)
+    with torch.no_grad():
+        torch.testing.assert_close(kept(x), result.graph_module(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias_use", ["none", "other"])
+def test_keep_the_model_refuses_a_swapped_linear_applied_with_another_bias(bias_use):
+    torch.manual_seed(0)
+    model, x = AppliesItsLinear(bias_use).eval(), torch.randn(2, 5, 16)
+    result = fxdecomp.compress(model, (x,), plan={"qkv": ("svd", (6,))})
+    with pytest.raises(fxdecomp.FxDecompError, match="'qkv'"):
+        result.apply_to(model, example_inputs=(x,))
+
+
 def test_a_plan_with_ranks_that_are_not_ints_is_refused_by_name():
     model = nn.Sequential(nn.Linear(8, 8))
     for ranks in ("full", 4, (4.5, "x")):
