@@ -28,9 +28,9 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .errors import FxDecompError, InvalidInputError, UnsupportedLayerError
+from .graph.computed_conv import plain_equivalent
 from .kept_attention import KeptAttention, in_projection_like, keepable
 from .kept_layer import KeptLayer
-from .graph.computed_conv import plain_equivalent
 from .layer_spec import LAYER_TYPES, ConvSpec, layer_spec, pad_module
 from .meta import DECOMPOSED_SPECS
 from .transformers_layers import is_conv1d
@@ -59,7 +59,10 @@ def apply_to_model(
         )
     decided = [d for d in result.decisions if d.decomposed]
     modules = dict(model.named_modules())
-    attention = {d.name for d in decided if keepable(modules.get(_attention_owner(d.name)))}
+    # nn.MultiheadAttention modules with a decomposed projection: swapped whole for a KeptAttention (the model's own
+    # forward hands their weights to F.multi_head_attention_forward, which an AbsentWeight cannot serve).
+    attentions = {owner for d in decided for owner in [_attention_owner(d.name)] if owner and keepable(modules.get(owner))}
+    attention = {f"{owner}.in_proj_weight" for owner in attentions}
     functional = [d.name for d in decided if d.name not in attention and not _replaceable(modules.get(d.name))]
     if functional:
         raise UnsupportedLayerError(
@@ -74,9 +77,11 @@ def apply_to_model(
     new = copy.deepcopy(model)
     _carry_batchnorm(result.graph_module, new, set(installed))
     specs = getattr(result.graph_module, "meta", {}).get(DECOMPOSED_SPECS, {})
+    for owner in sorted(attentions):
+        name = f"{owner}.in_proj_weight"
+        _swap(new, owner, _kept_attention(new.get_submodule(owner), installed.get(name), name))
     for d in decided:
-        if d.name in attention:  # a packed attention projection: the attention module is swapped
-            _swap(new, _attention_owner(d.name), _kept_attention(new.get_submodule(_attention_owner(d.name)), installed[d.name], d.name))
+        if d.name in attention:
             continue
         old = new.get_submodule(d.name)
         module = _in_place_of(d.name, old, copy.deepcopy(installed[d.name]), specs.get(d.name))
@@ -170,13 +175,20 @@ def _in_place_of(name: str, layer: nn.Module, decomposed: nn.Module, spec) -> nn
 
 
 def _attention_owner(name: str) -> str:
-    """``enc.att`` for ``enc.att.in_proj_weight`` (the name of a decomposed packed attention projection); else ''."""
+    """``enc.att`` for ``enc.att.in_proj_weight`` or ``enc.att.out_proj`` (an attention's projections); else ''
+    (the model itself cannot be swapped: an nn.MultiheadAttention compressed on its own stays as it is)."""
     owner, _, attribute = name.rpartition(".")
-    return owner if attribute == "in_proj_weight" else ""
+    return owner if attribute in ("in_proj_weight", "out_proj") else ""
 
 
-def _kept_attention(mha: nn.MultiheadAttention, decomposed: nn.Module, name: str) -> KeptAttention:
+def _kept_attention(mha: nn.MultiheadAttention, decomposed: nn.Module | None, name: str) -> KeptAttention:
+    """``mha`` as a KeptAttention: its input projection the decomposed one (a KeptLayer), or, where only
+    ``out_proj`` was decomposed, a Linear holding ``mha``'s own packed weight and bias."""
     projection = in_projection_like(mha)
+    if decomposed is None:
+        in_proj = nn.Linear(projection.in_features, projection.out_features, bias=mha.in_proj_bias is not None, device="meta")
+        in_proj.weight, in_proj.bias = mha.in_proj_weight, mha.in_proj_bias
+        return KeptAttention(mha, in_proj)
     in_proj = KeptLayer(copy.deepcopy(decomposed), projection, repr(name))
     in_proj.to(device=mha.in_proj_weight.device, dtype=mha.in_proj_weight.dtype).train(mha.training)
     for p in in_proj.parameters():

@@ -4,11 +4,13 @@
 ``in_proj_weight``, no ``bias_k`` / ``bias_v`` / ``add_zero_attn``) visible to the
 capture, so its packed input projection is a candidate named ``<mha>.in_proj_weight``
 (torchvision's ViT: ``encoder.layers.encoder_layer_0.self_attention.in_proj_weight``).
-That weight is not a module, so keep-the-model mode cannot swap it like a Linear:
-`KeptAttention` takes the attention module's place instead. It holds the decomposed
-projection as a `KeptLayer` child ``in_proj`` (its ``weight`` / ``bias`` answer
-``in_proj_weight`` / ``in_proj_bias`` as `AbsentWeight`), keeps ``out_proj`` (swapped
-too where it was decomposed), the attention's configuration (``embed_dim``,
+That weight is not a module, and the attention's own forward hands ``in_proj_weight``
+and ``out_proj.weight`` to ``F.multi_head_attention_forward``, so keep-the-model mode
+cannot swap either projection like a Linear: `KeptAttention` takes the attention
+module's place instead, wherever either was decomposed. It holds the input projection
+as a child ``in_proj``: the decomposed one as a `KeptLayer` (its ``weight`` / ``bias``
+answer ``in_proj_weight`` / ``in_proj_bias`` as `AbsentWeight`), or a Linear with the
+attention's own packed weight. It keeps ``out_proj`` (swapped where it was decomposed), the attention's configuration (``embed_dim``,
 ``num_heads``, ``batch_first``, ...) and its call signature, and computes what
 `torch.nn.functional.multi_head_attention_forward` computes in eval mode, through
 the same `attention_core` as the captured graph.
@@ -56,7 +58,7 @@ class KeptAttention(nn.Module):
 
     __jit_unused_properties__ = ["in_proj_weight", "in_proj_bias"]
 
-    def __init__(self, mha: nn.MultiheadAttention, in_proj: KeptLayer):
+    def __init__(self, mha: nn.MultiheadAttention, in_proj: nn.Module):
         super().__init__()
         for attribute in _CONFIGURATION:
             setattr(self, attribute, getattr(mha, attribute))

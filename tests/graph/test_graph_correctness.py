@@ -422,6 +422,21 @@ def test_keep_the_model_mode_swaps_an_attention_whose_packed_projection_was_deco
     assert_untouched(model, before)
 
 
+def test_keep_the_model_mode_swaps_an_attention_whose_out_proj_alone_was_decomposed():
+    """nn.MultiheadAttention's forward hands out_proj.weight to F.multi_head_attention_forward: a swapped out_proj was
+    refused at the output check. The attention is a KeptAttention holding its own packed input projection."""
+    from fxdecomp.kept_attention import KeptAttention
+
+    torch.manual_seed(0)
+    model, x = AttentionNet().eval(), torch.randn(2, 16, 64)
+    result = fxdecomp.compress(model, (x,), plan={"att.out_proj": ("svd", (64,))})
+    kept = result.apply_to(model, example_inputs=(x,))
+    assert isinstance(kept.att, KeptAttention) and isinstance(kept.att.in_proj, nn.Linear)
+    torch.testing.assert_close(kept.att.in_proj_weight, model.att.in_proj_weight)
+    with torch.no_grad():
+        assert relative_error(model(x), kept(x)) < 1e-5
+
+
 def test_a_kept_attention_at_full_rank_is_the_attention_for_cross_attention_calls_too():
     from fxdecomp.kept_attention import KeptAttention
 
