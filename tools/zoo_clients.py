@@ -293,7 +293,8 @@ def clone(inputs):
 
 def relative_error(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> float:
     """The worst output's ||actual - expected|| / ||expected||; nan when every expected output is zero (a random
-    init can zero a model's output: HF MobileViT's), or when a data-dependent count changed (detections after NMS):
+    init can zero a model's output: HF MobileViT's; zero-initialised Linear / conv weights, such as torchvision
+    ViT's head, get small random values first), or when a data-dependent count changed (detections after NMS):
     where no error means anything."""
     if len(expected) == len(actual) and all(a.shape[1:] == e.shape[1:] and a.dim() == e.dim() for a, e in zip(actual, expected)) and any(
         a.shape != e.shape for a, e in zip(actual, expected)
@@ -342,6 +343,17 @@ def _weight_of(model, name):
     return None, 1
 
 
+def _no_zero_layers(model: nn.Module) -> None:
+    """Give a Linear / conv weight initialised to all zeros (torchvision's ViT head) small random values, so that the
+    output depends on the layers before it and the errors mean something."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and isinstance(weight, torch.Tensor) and not weight.count_nonzero():
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.02)
+
+
 def _ignores_input(model: nn.Module, inputs: tuple, expected: list[torch.Tensor]) -> bool:
     """Whether the model's floating outputs stay the same on other floating inputs (a random init can make every
     activation zero before the head: torchvision's GoogLeNet returns its classifier's bias)."""
@@ -375,6 +387,7 @@ def run_model(name: str, build: Builder, budgets: list[float], methods, limit: i
             model, inputs = build()
         except Exception as exc:
             return [f"| {name} | - | skipped: cannot build offline ({type(exc).__name__}: {_line(exc)}) ||||||||"]
+        _no_zero_layers(model)
         try:
             with torch.no_grad():
                 expected = tensors(copy.deepcopy(model)(*clone(inputs)))
