@@ -116,7 +116,7 @@ def export_onnx(
             staged = scratch / target.name
             program.save(staged, external_data=bool(external_data))
             data = scratch / f"{target.name}.data"  # the exporter's side file, referenced by this relative name
-            session = open_session(staged, threads=max(1, torch.get_num_threads()))
+            session = _session(staged, module)
             diffs, checked = (None, None), ()
             if expected is not None:
                 try:
@@ -141,6 +141,21 @@ def export_onnx(
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return report
+
+
+def _session(path: Path, module: nn.Module):
+    """onnxruntime's session of the written file; a load failure of a bfloat16 / float64 model says what to do."""
+    try:
+        return open_session(path, threads=max(1, torch.get_num_threads()))
+    except InvalidInputError as exc:
+        dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()} & {torch.bfloat16, torch.float64}
+        if not dtypes:
+            raise
+        raise InvalidInputError(
+            f"{exc}. onnxruntime's CPU execution provider has no kernel for some operators at "
+            f"{', '.join(sorted(str(d) for d in dtypes))}: export a float32 copy (copy.deepcopy(module).float(), "
+            "with float32 example inputs), or float16"
+        ) from exc
 
 
 # ---- inputs and module state ---------------------------------------------------------------

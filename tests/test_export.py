@@ -373,3 +373,13 @@ def test_second_parity_shape_is_one_the_graph_accepts(tmp_path):
     other = torch.randn(5, 12, 16)
     (got,) = _ort(tmp_path / "pairs.onnx", other)
     np.testing.assert_allclose(got, gm(other).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_float64_model_onnxruntime_cannot_run_is_told_to_export_a_float32_copy(tmp_path):
+    """onnxruntime's CPU provider has no float64 Conv: the error was onnxruntime's alone, with no way out."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).double().eval()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    with pytest.raises(fxdecomp.InvalidInputError, match=r"no kernel for some operators at torch.float64: export a float32 copy"):
+        fxdecomp.export_onnx(model, (x,), tmp_path / "m.onnx")
+    report = fxdecomp.export_onnx(model.float(), (x.float(),), tmp_path / "m.onnx")
+    assert report.max_abs_diff <= 1e-4
