@@ -166,6 +166,12 @@ def _check_params_budget(budget: Budget, before: int, after: int, fixed_plan: bo
 def as_example_inputs(example_inputs) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    if isinstance(example_inputs, Mapping):  # a tokenizer's BatchEncoding, a dict of keyword arguments
+        keys = list(example_inputs)
+        raise InvalidInputError(
+            f"example_inputs is a {type(example_inputs).__name__} with keys {keys}; fxdecomp takes the model's positional "
+            f"inputs: pass a tuple in the order of forward's parameters, e.g. ({', '.join(f'inputs[{k!r}]' for k in keys[:3])}{',' if len(keys) == 1 else ''})"
+        )
     if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
         raise InvalidInputError(
             f"example_inputs must be a tensor or a non-empty tuple of tensors, got {type(example_inputs).__name__}"

@@ -273,3 +273,13 @@ def test_outputs_whose_count_depends_on_the_data_are_not_called_a_bug():
     assert result.output_error is None and "Output relative error" not in result.report()
     full = fxdecomp.compress(model, (x,), plan={"features.0": ("svd", (27,)), "features.2": ("svd", (32,))}, frontend="fx")
     assert full.output_error is not None and full.output_error < 1e-5  # the same count at full rank: measured
+
+
+def test_a_dict_of_inputs_is_refused_with_the_tuple_to_pass():
+    """A tokenizer's output (a dict / BatchEncoding) was "must be a tensor or a non-empty tuple of tensors, got dict"."""
+    from collections import UserDict
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    for inputs in ({"input_ids": torch.randn(1, 4)}, UserDict(input_ids=torch.randn(1, 4), attention_mask=torch.ones(1, 4))):
+        with pytest.raises(InvalidInputError, match=r"pass a tuple in the order of forward's parameters, e.g. \(inputs\['input_ids'\]"):
+            fxdecomp.compress(model, inputs, budget=0.5)
