@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError
+from ..export_capture import no_kv_cache
 
 
 @dataclass(frozen=True)
@@ -93,13 +94,16 @@ def capture_block_inputs(model: nn.Module, stack: BlockStack, batches: Iterable[
     calls: list[BlockCall] = []
     first = stack.blocks[0]
     stack.blocks[0] = _Catcher(calls)
+    # No KV cache: a cache object among a block's arguments grows with every replay of the call (Falcon, BLOOM and
+    # Gemma 2 hand it on: the second run of a block saw twice the keys).
     try:
-        for index, batch in enumerate(batches):
-            try:
-                model(*batch)
-            except _Stop:
-                continue
-            raise InvalidInputError(f"batch {index} ran through {type(model).__name__} without reaching {stack.name(0)}")
+        with no_kv_cache(model):
+            for index, batch in enumerate(batches):
+                try:
+                    model(*batch)
+                except _Stop:
+                    continue
+                raise InvalidInputError(f"batch {index} ran through {type(model).__name__} without reaching {stack.name(0)}")
     finally:
         stack.blocks[0] = first
     return calls
@@ -146,7 +150,8 @@ def head_inputs(
     for index in range(len(saved)):
         stack.blocks[index] = _Replay(outputs if index == len(saved) - 1 else None, tuple_output)
     try:
-        return [model(*batch) for batch in batches]
+        with no_kv_cache(model):
+            return [model(*batch) for batch in batches]
     finally:
         for index, block in enumerate(saved):
             stack.blocks[index] = block

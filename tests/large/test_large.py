@@ -299,3 +299,37 @@ def test_a_large_tall_layer_is_whitened_in_float32_and_its_basis_only_built_for_
     expected = u[:, :rank] @ (u[:, :rank].T @ weight.double())
     error = torch.linalg.matrix_norm((left @ right).double() - expected) / torch.linalg.matrix_norm(expected)
     assert error < 1e-4
+
+
+def _bloom():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    return BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)).eval()
+
+
+def _falcon():
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    config = FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, new_decoder_architecture=True,
+                          num_kv_heads=2)
+    return FalconForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("build", [_bloom, _falcon])
+def test_block_calls_replay_alike_because_no_kv_cache_is_handed_on(build):
+    """BLOOM, Falcon and Gemma 2 hand their blocks a cache object that every call extends: the second run of a
+    captured call saw twice the keys, and compress_sequential with calibration raised a raw size error."""
+    from fxdecomp.large.blocks import BlockStack, capture_block_inputs, run_block
+
+    model, ids = build(), tokens(2, 12)
+    assert model.config.use_cache
+    stack = BlockStack.of(model)
+    (call,) = capture_block_inputs(model, stack, [(ids,)])
+    first, again = run_block(stack.blocks[0], call).hidden, run_block(stack.blocks[0], call).hidden
+    torch.testing.assert_close(first, again)
+    with torch.no_grad():
+        torch.testing.assert_close(first, model(ids, output_hidden_states=True).hidden_states[1])
+    result = compress_sequential(model, (tokens(),), budget=0.8, calibration=[(tokens(2, 12, seed=s),) for s in range(2)])
+    assert result.flops_after <= 0.8 * result.flops_before and model.config.use_cache and result.model.config.use_cache
