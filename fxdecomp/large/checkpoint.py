@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterable
 from contextlib import ExitStack
 from pathlib import Path
@@ -66,6 +67,8 @@ class LazyCheckpoint:
                 "save_pretrained(..., safe_serialization=True)"
             )
         self.weight_map: dict[str, str] = dict(weight_map)
+        self._renamed: dict[str, str] = {}  # the model's key -> the checkpoint's, where transformers renames on load
+        self._converted: list[str] = []  # what transformers builds from several stored tensors on load (MoE experts)
         self._stack = ExitStack()
         self._handles: dict[str, Any] = {}
         self._safe_open = safe_open
@@ -122,14 +125,48 @@ class LazyCheckpoint:
             nbytes += count * _DTYPE_BYTES[piece.get_dtype()]
         return elements, nbytes
 
+    def follow_renames(self, model: nn.Module) -> None:
+        """Read the checkpoint under the names ``model`` uses: transformers (5 and later) renames some stored keys
+        when it loads (GPT-NeoX's ``embed_out`` is ``lm_head``; Mixtral's ``block_sparse_moe`` is ``mlp``). Tensors
+        it builds from several stored ones (``WeightConverter``: fused mixture-of-experts weights) are named in the
+        error of a key the model needs."""
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+
+            transforms = get_model_conversion_mapping(model)
+        except Exception:  # an older transformers, or a model it does not know: keys as stored
+            return
+        renames = [
+            (source, t.target_patterns[0])
+            for t in transforms
+            if type(t).__name__ == "WeightRenaming" and not getattr(t, "scope_prefix", None) and len(t.target_patterns) == 1
+            for source in t.source_patterns
+        ]
+        self._converted = [target for t in transforms if type(t).__name__ == "WeightConverter" for target in t.target_patterns]
+        for key in self.weight_map:
+            renamed = key
+            for source, target in renames:
+                renamed = re.sub(source, target, renamed)
+            if renamed != key:
+                self._renamed.setdefault(renamed, key)
+
     def _resolve(self, key: str) -> str:
         if key in self.weight_map:
             return key
+        if key in self._renamed:
+            return self._renamed[key]
         tied = self.config.get("tie_word_embeddings", False)
         if tied and key.endswith("lm_head.weight"):
             for embedding in ("model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight"):
                 if embedding in self.weight_map:
                     return embedding
+        converted = [c for c in self._converted if c.strip(".") and c.strip(".") in key]
+        if converted:
+            raise InvalidInputError(
+                f"the checkpoint {self.path} has no tensor {key!r}: transformers builds it from several stored tensors when it "
+                f"loads ({converted[0]!r}, e.g. mixture-of-experts weights fused into one), and a checkpoint is read here as "
+                "stored; load the model with from_pretrained and compress it in memory"
+            )
         raise InvalidInputError(f"the checkpoint {self.path} has no tensor {key!r} that the model needs")
 
     def release(self, module: nn.Module) -> None:
@@ -173,6 +210,7 @@ def empty_model(checkpoint: LazyCheckpoint, dtype: torch.dtype | None = None) ->
         model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # from_config on the meta device leaves tied heads untied
+    checkpoint.follow_renames(model)
     return model.eval()
 
 
