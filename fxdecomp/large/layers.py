@@ -22,6 +22,7 @@ from ..calibration import GramAccumulator
 from ..cost import FLOPS_PER_MAC, module_macs
 from ..decomposers import get_decomposer
 from ..errors import BudgetError
+from ..kept_layer import KeptLayer
 from ..layer_spec import layer_spec
 from ..planning.grid import rank_grid
 from ..planning.search import TIE_BREAK
@@ -170,6 +171,9 @@ def apply_option(
     else:
         spec, decomposer = layer_spec(linear), get_decomposer("linear", METHOD)
         module = decomposer.structure(spec, option.ranks).to(linear.weight.dtype)
+    # A KeptLayer (the same children and state-dict keys) keeps the Linear's configuration and answers
+    # ``weight.dtype`` for model code that reads it (Mamba's head).
+    module = KeptLayer(module, linear, repr(record.name))
     parent, _, attribute = record.name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, attribute, module)
     params_after = option.params + (record.params if record.tied else 0)

@@ -39,6 +39,7 @@ import functools
 import json
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ from ..calibration import GramAccumulator
 from ..cost import flop_counter
 from ..decomposers import get_decomposer
 from ..errors import BudgetError, InvalidInputError
+from ..kept_layer import KeptLayer
 from ..layer_spec import layer_spec
 from ..progress import Progress
 from ..result import Decision
@@ -161,6 +163,7 @@ def compress_sequential(
 
     # 1. Statistics on the original blocks.
     records: list[LayerRecord] = []
+    unused: list[str] = []
     with flop_counter() as counter:
         example_call = capture_block_inputs(model, stack, [example])[0]
     flops = counter.get_total_flops()
@@ -175,6 +178,7 @@ def compress_sequential(
             with flop_counter() as counter, observe(layers, shapes=shapes), torch.no_grad():
                 output = block(*example_call.args, **example_call.kwargs)
             flops += counter.get_total_flops()
+            layers = _called(layers, shapes, unused)
             tuple_output = not isinstance(output, torch.Tensor)
             example_call = example_call.with_hidden(output if isinstance(output, torch.Tensor) else output[0])
             grams = _grams(block, layers, calls, world)
@@ -185,6 +189,13 @@ def compress_sequential(
     with flop_counter() as counter, observe(head_layers, shapes=shapes):
         head_inputs(model, stack, [example], [example_call.hidden], tuple_output)
     flops += counter.get_total_flops()
+    head_layers = _called(head_layers, shapes, unused)
+    if unused:
+        warnings.warn(
+            f"fxdecomp: {len(unused)} Linear layer(s) are never called as modules (their weight is read directly, as Mamba's "
+            f"dt_proj), so they are kept: {', '.join(unused[:5])}{', ...' if len(unused) > 5 else ''}",
+            stacklevel=2,
+        )
     grams = _head_grams(model, stack, head_layers, batches, calls, tuple_output, world)
     records += _records(head_layers, shapes, grams, grid, tied, world)
 
@@ -201,7 +212,7 @@ def compress_sequential(
             for index in range(len(stack.blocks)):
                 report.step(stack.name(index))
                 block = load(index)
-                layers = linears(block, stack.name(index), exclude)
+                layers = [(n, m) for n, m in linears(block, stack.name(index), exclude) if n in by_name]
                 grams = _grams(block, layers, calls, world)
                 decisions.update(_apply(model, layers, by_name, chosen, grams, world))
                 calls = [run_block(block, call) for call in calls]
@@ -281,6 +292,12 @@ def _head_grams(model, stack, head_layers, batches, calls, tuple_output, world: 
             head_inputs(model, stack, batches, [c.hidden for c in calls], tuple_output)
         world.sum_grams(grams)
     return grams
+
+
+def _called(layers: list, shapes: dict, unused: list[str]) -> list:
+    """The layers whose forward ran (their input shapes were recorded); the others' names go to ``unused``."""
+    unused += [name for name, _ in layers if name not in shapes]
+    return [(name, layer) for name, layer in layers if name in shapes]
 
 
 def _records(layers, shapes, grams, grid: int, tied: set[int], world: World) -> list[LayerRecord]:
@@ -372,7 +389,7 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> nn.Mo
             layer = model.get_submodule(decision["name"])
             decomposer = get_decomposer("linear", decision["method"])
             with torch.device("meta"):
-                structure = decomposer.structure(layer_spec(layer), tuple(decision["ranks"]))
+                structure = KeptLayer(decomposer.structure(layer_spec(layer), tuple(decision["ranks"])), layer, repr(decision["name"]))
             parent, _, attribute = decision["name"].rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attribute, structure)
         checkpoint.materialize(model, dtype=dtype)

@@ -333,3 +333,45 @@ def test_block_calls_replay_alike_because_no_kv_cache_is_handed_on(build):
         torch.testing.assert_close(first, model(ids, output_hidden_states=True).hidden_states[1])
     result = compress_sequential(model, (tokens(),), budget=0.8, calibration=[(tokens(2, 12, seed=s),) for s in range(2)])
     assert result.flops_after <= 0.8 * result.flops_before and model.config.use_cache and result.model.config.use_cache
+
+
+def test_a_linear_whose_weight_the_block_reads_directly_is_kept_with_a_warning():
+    """Mamba's mixer reads dt_proj.weight without calling dt_proj: its statistics were missing (a raw KeyError)."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=8)).eval()
+    with pytest.warns(UserWarning, match=r"never called as modules .*backbone.layers.0.mixer.dt_proj"):
+        result = compress_sequential(model, (tokens(),), budget=0.9, calibration=[(tokens(2, 12),)])
+    names = {d.name for d in result.decisions}
+    assert "backbone.layers.0.mixer.in_proj" in names and not any(n.endswith("dt_proj") for n in names)
+    assert result.flops_after <= 0.9 * result.flops_before
+    assert torch.isfinite(result.model(tokens(2, 7)).logits).all()
+
+
+def test_a_checkpoint_whose_keys_transformers_renames_on_load_is_read_under_the_models_names(tmp_path):
+    """GPT-NeoX stores its head as embed_out, transformers 5 loads it as lm_head: the lazy read raised "no tensor"."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    model = GPTNeoXForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "src")
+    if not any("embed_out" in key for key in LazyCheckpoint(tmp_path / "src").keys()):
+        pytest.skip("this transformers stores GPT-NeoX's head as lm_head: nothing renamed")  # older transformers
+    lazy = compress_sequential(tmp_path / "src", (tokens(),), budget=0.8, out=tmp_path / "out")
+    memory = compress_sequential(model, (tokens(),), budget=0.8)
+    assert plan_of(lazy.decisions) == plan_of(memory.decisions)
+    with torch.no_grad():
+        torch.testing.assert_close(load_compressed(tmp_path / "out")(tokens()).logits, memory.model(tokens()).logits)
+
+
+def test_a_checkpoint_of_fused_experts_is_refused_naming_the_conversion(tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=32, num_local_experts=2)
+    MixtralForCausalLM(config).eval().save_pretrained(tmp_path / "src")
+    with pytest.raises(InvalidInputError, match="transformers builds it from several stored tensors.*compress it in memory"):
+        compress_sequential(tmp_path / "src", (tokens(),), budget=0.9, out=tmp_path / "out")
