@@ -56,6 +56,7 @@ from ..kept_layer import KeptLayer
 from ..layer_spec import layer_spec
 from ..progress import Progress
 from ..result import Decision
+from ..transformers_layers import is_conv1d
 from .blocks import BlockCall, BlockStack, capture_block_inputs, head_inputs, run_block
 from .checkpoint import LazyCheckpoint, ShardWriter, empty_model
 from .distributed import World, default_device
@@ -146,6 +147,13 @@ def compress_sequential(
         raise InvalidInputError(f"{len(batches)} calibration batches for {world.size} processes: give at least one per process")
     batches = world.share(batches)
     tied = _tied_parameters(model)
+    conv1d = [n for n, m in model.named_modules() if is_conv1d(m)]
+    if conv1d:
+        warnings.warn(
+            f"fxdecomp: compress_sequential decomposes nn.Linear layers only; {len(conv1d)} transformers Conv1D layer(s) "
+            f"(the GPT-2 family's, e.g. {conv1d[0]!r}) keep their cost. fxdecomp.compress decomposes them",
+            stacklevel=2,
+        )
     head_layers = [(n, m) for n, m in linears(model, "", exclude) if not n.startswith(stack.path + ".")]
 
     def load(index: int) -> nn.Module:

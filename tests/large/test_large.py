@@ -375,3 +375,14 @@ def test_a_checkpoint_of_fused_experts_is_refused_naming_the_conversion(tmp_path
     MixtralForCausalLM(config).eval().save_pretrained(tmp_path / "src")
     with pytest.raises(InvalidInputError, match="transformers builds it from several stored tensors.*compress it in memory"):
         compress_sequential(tmp_path / "src", (tokens(),), budget=0.9, out=tmp_path / "out")
+
+
+def test_gpt2s_conv1d_layers_are_named_as_kept():
+    """compress_sequential left GPT-2's Conv1D layers out without a word: a budget of 0.8 was 'unreachable'."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
+    with pytest.warns(UserWarning, match=r"decomposes nn.Linear layers only; 8 transformers Conv1D layer\(s\).*fxdecomp.compress"):
+        with pytest.raises(BudgetError):
+            compress_sequential(model, (tokens(),), budget=0.5)
