@@ -1,0 +1,88 @@
+"""Real-client zoo for `fxdecomp.large.compress_sequential`: causal LMs of many architectures, streamed from disk.
+
+Each model (a small config with random weights, built by transformers) is saved with
+``save_pretrained``, compressed from that directory to 0.8 of its FLOPs with 4 calibration
+batches, written out, read back with ``load_compressed``, and run. One row per model: FLOPs
+kept (fxdecomp's count), the relative error of the logits against the original, seconds, or
+the error (a named refusal is an ``InvalidInputError`` / ``BudgetError``; anything else is a bug).
+
+    python tools/zoo_large.py
+    python tools/zoo_large.py --models falcon,bloom,mamba
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fxdecomp  # noqa: E402
+from fxdecomp.large import compress_sequential, load_compressed  # noqa: E402
+from zoo_clients import HF, SMALL, _causal  # noqa: E402
+
+MODELS = {
+    **{name: HF[name] for name in ("gpt2", "llama-gqa", "qwen2", "phi", "gpt-neox", "opt", "gemma2", "phi3", "falcon", "bloom",
+                                   "gpt-bigcode", "mixtral-moe", "mamba")},
+    "gemma": _causal("GemmaConfig", num_key_value_heads=1, head_dim=16, max_position_embeddings=64, **SMALL),
+    "gptj": _causal("GPTJConfig", n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64, rotary_dim=8),
+    "codegen": _causal("CodeGenConfig", n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64, n_ctx=64, rotary_dim=8),
+    "stablelm": _causal("StableLmConfig", num_key_value_heads=2, max_position_embeddings=64, **SMALL),
+    "olmo": _causal("OlmoConfig", num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, **SMALL),
+    "starcoder2": _causal("Starcoder2Config", num_key_value_heads=2, max_position_embeddings=64, **SMALL),
+    "granite": _causal("GraniteConfig", num_key_value_heads=2, max_position_embeddings=64, **SMALL),
+    "qwen3": _causal("Qwen3Config", num_key_value_heads=2, head_dim=16, max_position_embeddings=64, **SMALL),
+    "qwen2-moe": _causal("Qwen2MoeConfig", num_key_value_heads=2, max_position_embeddings=64, num_experts=4, num_experts_per_tok=2,
+                         moe_intermediate_size=32, shared_expert_intermediate_size=64, **SMALL),
+}
+
+
+def run(name: str, budget: float) -> str:
+    torch.manual_seed(0)
+    model, (ids,) = MODELS[name]()
+    batches = [(torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(s)),) for s in range(4)]
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                model.save_pretrained(f"{folder}/src")
+                result = compress_sequential(f"{folder}/src", (ids,), budget=budget, calibration=batches, out=f"{folder}/out")
+                small = load_compressed(f"{folder}/out")
+                with torch.no_grad():
+                    want, got = model(ids).logits, small(ids).logits
+            row = f"{result.flops_after / result.flops_before:.3f} | {float((got - want).norm() / want.norm()):.3f}"
+        except fxdecomp.FxDecompError as exc:
+            row = f"- | - | refused: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        except Exception as exc:  # a bug: a raw error from inside
+            row = f"- | - | FAIL {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    notes = "; ".join(str(w.message).splitlines()[0][:120] for w in caught if "fxdecomp" in str(w.message))
+    if row.count("|") == 1:
+        row += " |"
+    return f"| {name} | {row} {notes} | {time.perf_counter() - start:.1f} |"
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=None, help="comma-separated subset")
+    parser.add_argument("--budget", type=float, default=0.8)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}; compress_sequential from a saved checkpoint at {args.budget} of the FLOPs, 4 calibration batches")
+    print("| model | FLOPs kept | logits error | notes / error | s |")
+    print("|---|---|---|---|---|")
+    for name in args.models.split(",") if args.models else MODELS:
+        print(run(name, args.budget), flush=True)
+
+
+if __name__ == "__main__":
+    main()
