@@ -23,6 +23,8 @@ training mode either.
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 from torch import nn
 
@@ -76,8 +78,9 @@ class KeptAttention(nn.Module):
     def in_proj_bias(self) -> torch.Tensor | None:
         return self.in_proj.bias
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True, attn_mask=None,
-                average_attn_weights: bool = True, is_causal: bool = False):
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         e = self.embed_dim
         if query is key and key is value:
             q, k, v = self.in_proj(query).chunk(3, dim=-1)

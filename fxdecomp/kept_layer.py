@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -73,7 +74,7 @@ def _linear_through_factors(input, weight, bias=None) -> torch.Tensor | None:
     applies a swapped Linear's weight itself (torchvision's Swin: ``F.linear(x, self.qkv.weight, self.qkv.bias)``)
     runs through the factors. None for anything else (another bias, a missing one), which then raises."""
     kept = getattr(weight, "kept", None)
-    if not isinstance(kept, KeptLayer) or getattr(weight, "role", "") != "weight" or len(kept._weight_shape or ()) != 2:
+    if not isinstance(kept, KeptLayer) or getattr(weight, "role", "") != "weight" or not kept._linear:
         return None
     if bias is None:
         if kept._bias_shape is not None:
@@ -98,6 +99,7 @@ class KeptLayer(nn.Sequential):
         else:
             super().__init__(*(factors if isinstance(factors, nn.Sequential) else [factors] if factors is not None else []))
         self._name = name
+        self._linear = isinstance(layer, nn.Linear)  # its weight is (out, in), as F.linear takes it (Conv1D's is not)
         self._weight_shape = tuple(layer.weight.shape) if layer is not None else None
         for attribute in LAYER_ATTRIBUTES:
             value = getattr(layer, attribute, None)
@@ -107,6 +109,17 @@ class KeptLayer(nn.Sequential):
         # A folded BatchNorm gives a layer without bias one: the factors say.
         biases = [p for n, p in self.named_parameters() if n.rpartition(".")[2] == "bias"]
         self._bias_shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else tuple(biases[-1].shape) if biases else None
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("weight", "bias") and "_weight_shape" in self.__dict__:
+            # transformers' tie_weights sets a tied head's weight: a decomposed head holds factors, not a weight.
+            warnings.warn(
+                f"fxdecomp: setting {name!r} of the decomposed layer {self._name or ''} is ignored: it holds factors, not a "
+                "weight (a tied head stays decomposed)",
+                stacklevel=2,
+            )
+            return
+        super().__setattr__(name, value)
 
     def __getitem__(self, index):
         if isinstance(index, slice):  # a part of the factors is not the layer

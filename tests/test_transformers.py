@@ -410,6 +410,18 @@ def test_keep_the_model_refuses_a_swapped_linear_applied_with_another_bias(bias_
         result.apply_to(model, example_inputs=(x,))
 
 
+def test_f_linear_on_a_kept_conv1d_is_not_routed_through_its_factors():
+    """A square transformers Conv1D stores its weight (in, out): F.linear(x, layer.weight, layer.bias) computes x W^T + b
+    with the original but was routed to the kept layer's x W + b, silently wrong."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(Conv1D(32, 32), nn.Linear(32, 2)).eval(), torch.randn(4, 32)
+    kept = fxdecomp.compress(model, (x,), plan={"0": ("svd", (32,))}).apply_to(model, example_inputs=(x,))
+    with pytest.raises(fxdecomp.UnsupportedLayerError, match="'0'"):
+        F.linear(x, kept[0].weight, kept[0].bias)
+
+
 def test_a_plan_with_ranks_that_are_not_ints_is_refused_by_name():
     model = nn.Sequential(nn.Linear(8, 8))
     for ranks in ("full", 4, (4.5, "x")):

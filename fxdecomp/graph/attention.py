@@ -23,18 +23,22 @@ Modules with ``bias_k``/``bias_v``, ``add_zero_attn`` or separate q/k/v weights
 from __future__ import annotations
 
 import math
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 
-def attention_core(q, k, v, num_heads: int, batch_first: bool, key_padding_mask=None, need_weights: bool = True,
-                   attn_mask=None, average_attn_weights: bool = True, is_causal: bool = False):
+def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, batch_first: bool,
+                   key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
+                   attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                   is_causal: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Multi-head attention on projected q (..., L, E), k, v (..., S, E) in the module's layout.
 
     Returns (output before out_proj, in the input layout; averaged or per-head
     weights, or None). Eval mode: no dropout. Mirrors F.multi_head_attention_forward.
+    TorchScript compiles it (`fxdecomp.kept_attention.KeptAttention` calls it).
     """
     batched = q.dim() == 3
     if not batched:
@@ -68,26 +72,27 @@ def attention_core(q, k, v, num_heads: int, batch_first: bool, key_padding_mask=
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, num_heads, -1, -1).reshape(bsz * num_heads, 1, src_len)
         attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
+    weights: Optional[torch.Tensor] = None
     if need_weights:
         q_scaled = q * math.sqrt(1.0 / float(head_dim))
         if attn_mask is not None:
-            weights = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
+            scores = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
         else:
-            weights = torch.bmm(q_scaled, k.transpose(-2, -1))
-        weights = torch.softmax(weights, dim=-1)
-        out = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len, bsz, embed_dim)
-        weights = weights.view(bsz, num_heads, tgt_len, src_len)
+            scores = torch.bmm(q_scaled, k.transpose(-2, -1))
+        probabilities = torch.softmax(scores, dim=-1)
+        out = torch.bmm(probabilities, v).transpose(0, 1).reshape(tgt_len, bsz, embed_dim)
+        probabilities = probabilities.view(bsz, num_heads, tgt_len, src_len)
         if average_attn_weights:
-            weights = weights.mean(dim=1)
+            probabilities = probabilities.mean(dim=1)
         if not batched:
-            weights = weights.squeeze(0)
+            probabilities = probabilities.squeeze(0)
+        weights = probabilities
     else:
         if attn_mask is not None:
             attn_mask = attn_mask.unsqueeze(0) if attn_mask.size(0) == 1 and attn_mask.dim() == 3 else attn_mask.view(bsz, num_heads, -1, src_len)
-        q, k, v = (t.reshape(bsz, num_heads, -1, head_dim) for t in (q, k, v))
+        q, k, v = q.reshape(bsz, num_heads, -1, head_dim), k.reshape(bsz, num_heads, -1, head_dim), v.reshape(bsz, num_heads, -1, head_dim)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal)
         out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed_dim)
-        weights = None
     if not batched:
         out = out.squeeze(1)
     elif batch_first:

@@ -437,6 +437,16 @@ def test_keep_the_model_mode_swaps_an_attention_whose_out_proj_alone_was_decompo
         assert relative_error(model(x), kept(x)) < 1e-5
 
 
+@pytest.mark.parametrize("plan", [{"att.out_proj": ("svd", (8,))}, {"att.in_proj_weight": ("svd", (16,))}])
+def test_torchscript_compiles_a_kept_model_with_a_kept_attention(plan):
+    torch.manual_seed(0)
+    model, x = AttentionNet(need_weights=True).eval(), torch.randn(2, 16, 64)
+    kept = fxdecomp.compress(model, (x,), plan=plan).apply_to(model, example_inputs=(x,))
+    scripted = torch.jit.script(kept)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), kept(x))
+
+
 def test_a_kept_attention_at_full_rank_is_the_attention_for_cross_attention_calls_too():
     from fxdecomp.kept_attention import KeptAttention
 

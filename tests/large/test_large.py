@@ -386,3 +386,18 @@ def test_gpt2s_conv1d_layers_are_named_as_kept():
     with pytest.warns(UserWarning, match=r"decomposes nn.Linear layers only; 8 transformers Conv1D layer\(s\).*fxdecomp.compress"):
         with pytest.raises(BudgetError):
             compress_sequential(model, (tokens(),), budget=0.5)
+
+
+def test_a_decomposed_tied_head_survives_tie_weights():
+    """Decomposed layers became KeptLayers, and transformers' tie_weights then raised a raw KeyError on the head."""
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, use_cache=False)).eval()
+    ids = torch.randint(0, 1024, (1, 12), generator=torch.Generator().manual_seed(0))
+    result = compress_sequential(model, (ids,), budget=0.5)
+    assert {d.name: d.method for d in result.decisions}["lm_head"] != "keep"
+    with torch.no_grad():
+        before = result.model(ids).logits
+    with pytest.warns(UserWarning, match="is ignored: it holds factors"):
+        result.model.tie_weights()
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(ids).logits, before)
