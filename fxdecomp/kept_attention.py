@@ -64,6 +64,9 @@ class KeptAttention(nn.Module):
         super().__init__()
         for attribute in _CONFIGURATION:
             setattr(self, attribute, getattr(mha, attribute))
+        # nn.TransformerEncoder(Layer) checks this before its fused fast path, which reads in_proj_weight's values
+        # (absent here): False keeps it on this forward.
+        self._qkv_same_embed_dim = False
         self.bias_k = self.bias_v = None
         self.in_proj = in_proj
         self.out_proj = mha.out_proj

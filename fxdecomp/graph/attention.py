@@ -109,6 +109,9 @@ class FunctionalMultiheadAttention(nn.Module):
     def __init__(self, mha: nn.MultiheadAttention):
         super().__init__()
         self.embed_dim, self.num_heads, self.batch_first = mha.embed_dim, mha.num_heads, mha.batch_first
+        # nn.TransformerEncoder(Layer) reads this before its fused fast path, which would bypass this forward: False
+        # keeps it on the path this module computes (torch's own MHA with separate q/k/v weights takes it too).
+        self._qkv_same_embed_dim = False
         self.in_proj_weight = mha.in_proj_weight
         self.in_proj_bias = mha.in_proj_bias
         self.out_proj = mha.out_proj

@@ -447,6 +447,24 @@ def test_torchscript_compiles_a_kept_model_with_a_kept_attention(plan):
         torch.testing.assert_close(scripted(x), kept(x))
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_a_transformer_encoder_is_compressed_and_kept_in_either_layout(batch_first):
+    """nn.TransformerEncoder(batch_first=True) read self_attn._qkv_same_embed_dim, which the functional attention
+    lacked: compress refused the model as if its inputs did not fit."""
+    from fxdecomp.kept_attention import KeptAttention
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=batch_first, dropout=0.0)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 7, 32) if batch_first else torch.randn(7, 2, 32)
+    result = fxdecomp.compress(model, (x,), budget=0.6)
+    assert any(d.decomposed and d.name.endswith("self_attn.in_proj_weight") for d in result.decisions)
+    kept = result.apply_to(model, example_inputs=(x,))
+    assert isinstance(kept.layers[0].self_attn, KeptAttention)
+    with torch.no_grad():
+        torch.testing.assert_close(kept(x), result.graph_module(x), rtol=1e-4, atol=1e-5)
+
+
 def test_a_kept_attention_at_full_rank_is_the_attention_for_cross_attention_calls_too():
     from fxdecomp.kept_attention import KeptAttention
 
