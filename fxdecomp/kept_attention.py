@@ -31,11 +31,11 @@ from torch import nn
 from .graph.attention import attention_core
 from .kept_layer import KeptLayer
 
-_CONFIGURATION = ("embed_dim", "kdim", "vdim", "_qkv_same_embed_dim", "num_heads", "dropout", "batch_first", "head_dim", "add_zero_attn")
+_CONFIGURATION = ("embed_dim", "kdim", "vdim", "num_heads", "dropout", "batch_first", "head_dim", "add_zero_attn")
 
 
 def keepable(module: nn.Module | None) -> bool:
-    """An ``nn.MultiheadAttention`` whose decomposed ``in_proj_weight`` `KeptAttention` can hold (any mode)."""
+    """An ``nn.MultiheadAttention`` whose decomposed projections `KeptAttention` can hold (in any mode)."""
     return (
         type(module) is nn.MultiheadAttention
         and module._qkv_same_embed_dim
@@ -51,7 +51,7 @@ def in_projection_like(mha: nn.MultiheadAttention) -> nn.Linear:
 
 
 class KeptAttention(nn.Module):
-    """``nn.MultiheadAttention`` with its packed input projection decomposed; see the module docstring.
+    """``nn.MultiheadAttention`` with a decomposed projection (``in_proj`` and / or ``out_proj``); see the module docstring.
 
     Inputs and outputs as ``nn.MultiheadAttention.forward``: (query (L, N, E) or (N, L, E) with
     ``batch_first``, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
