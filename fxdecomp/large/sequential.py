@@ -200,8 +200,9 @@ def compress_sequential(
     head_layers = _called(head_layers, shapes, unused)
     if unused:
         warnings.warn(
-            f"fxdecomp: {len(unused)} Linear layer(s) are never called as modules (their weight is read directly, as Mamba's "
-            f"dt_proj), so they are kept: {', '.join(unused[:5])}{', ...' if len(unused) > 5 else ''}",
+            f"fxdecomp: {len(unused)} Linear layer(s) are never called as modules on the example batch, so they are kept "
+            f"(their weight is read directly, as Mamba's dt_proj, or the example does not reach them, as an expert it is not "
+            f"routed to): {', '.join(unused[:5])}{', ...' if len(unused) > 5 else ''}",
             stacklevel=2,
         )
     grams = _head_grams(model, stack, head_layers, batches, calls, tuple_output, world)
