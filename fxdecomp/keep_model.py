@@ -28,8 +28,9 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .errors import FxDecompError, InvalidInputError, UnsupportedLayerError
+from .graph.attention import packed
 from .graph.computed_conv import plain_equivalent
-from .kept_attention import KeptAttention, in_projection_like, keepable
+from .kept_attention import KeptAttention, in_projection_like
 from .kept_layer import KeptLayer
 from .layer_spec import LAYER_TYPES, ConvSpec, layer_spec, pad_module
 from .meta import DECOMPOSED_SPECS
@@ -61,7 +62,7 @@ def apply_to_model(
     modules = dict(model.named_modules())
     # nn.MultiheadAttention modules with a decomposed projection: swapped whole for a KeptAttention (the model's own
     # forward hands their weights to F.multi_head_attention_forward, which an AbsentWeight cannot serve).
-    attentions = {owner for d in decided for owner in [_attention_owner(d.name)] if owner and keepable(modules.get(owner))}
+    attentions = {owner for d in decided for owner in [_attention_owner(d.name)] if owner and packed(modules.get(owner))}
     attention = {f"{owner}.in_proj_weight" for owner in attentions}
     functional = [d.name for d in decided if d.name not in attention and not _replaceable(modules.get(d.name))]
     if functional:

@@ -34,17 +34,6 @@ from .kept_layer import KeptLayer
 _CONFIGURATION = ("embed_dim", "kdim", "vdim", "num_heads", "dropout", "batch_first", "head_dim", "add_zero_attn")
 
 
-def keepable(module: nn.Module | None) -> bool:
-    """An ``nn.MultiheadAttention`` whose decomposed projections `KeptAttention` can hold (in any mode)."""
-    return (
-        type(module) is nn.MultiheadAttention
-        and module._qkv_same_embed_dim
-        and module.bias_k is None
-        and module.bias_v is None
-        and not module.add_zero_attn
-    )
-
-
 def in_projection_like(mha: nn.MultiheadAttention) -> nn.Linear:
     """A Linear (on the meta device) with the shapes of ``mha``'s packed input projection, for `KeptLayer`."""
     return nn.Linear(mha.embed_dim, 3 * mha.embed_dim, bias=mha.in_proj_bias is not None, device="meta", dtype=mha.in_proj_weight.dtype)

@@ -131,16 +131,21 @@ class FunctionalMultiheadAttention(nn.Module):
         return self.out_proj(out), weights
 
 
-def eligible(module: nn.Module) -> bool:
-    """An nn.MultiheadAttention that `FunctionalMultiheadAttention` reproduces exactly (in eval mode)."""
+def packed(module: nn.Module | None) -> bool:
+    """An nn.MultiheadAttention that `attention_core` computes (in eval mode): one packed q/k/v projection,
+    no ``bias_k`` / ``bias_v``, no ``add_zero_attn``. `fxdecomp.kept_attention.KeptAttention` holds these too."""
     return (
         type(module) is nn.MultiheadAttention
         and module._qkv_same_embed_dim
         and module.bias_k is None
         and module.bias_v is None
         and not module.add_zero_attn
-        and not module.training
     )
+
+
+def eligible(module: nn.Module) -> bool:
+    """An nn.MultiheadAttention that `FunctionalMultiheadAttention` reproduces exactly: `packed`, in eval mode."""
+    return packed(module) and not module.training
 
 
 def functional_attention(model: nn.Module) -> nn.Module:
