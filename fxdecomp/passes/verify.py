@@ -34,25 +34,31 @@ def output_error(reference, candidate, example_inputs, counts_may_vary: bool | N
             expected = [t for t in tree_leaves(reference(*fresh_inputs(example_inputs))) if isinstance(t, torch.Tensor)]
         with preserved_buffers(candidate):
             actual = [t for t in tree_leaves(candidate(*fresh_inputs(example_inputs))) if isinstance(t, torch.Tensor)]
-    leading_only = all(a.shape[1:] == e.shape[1:] and a.dim() == e.dim() for a, e in zip(actual, expected))
-    if counts_may_vary is None and leading_only and any(a.shape != e.shape for a, e in zip(actual, expected)):
-        counts_may_vary = isinstance(reference, fx.GraphModule) and data_dependent_sizes(reference, example_inputs)
-    if len(expected) != len(actual) or not (counts_may_vary and leading_only) and any(a.shape != e.shape for a, e in zip(actual, expected)):
-        raise FxDecompError(
-            "the rewritten model's outputs do not match the original's in number or shape; this is a bug in "
-            "fxdecomp: please report it, and exclude the layer named in the decisions to work around it"
-        )
-    counts = [(tuple(e.shape), tuple(a.shape)) for a, e in zip(actual, expected) if a.shape != e.shape]
-    if counts:
+    if len(expected) != len(actual):
+        raise _shape_bug()
+    changed = [(tuple(e.shape), tuple(a.shape)) for a, e in zip(actual, expected) if a.shape != e.shape]
+    if changed:
+        leading_only = all(a.dim() == e.dim() and a.shape[1:] == e.shape[1:] for a, e in zip(actual, expected))
+        if counts_may_vary is None and leading_only:
+            counts_may_vary = isinstance(reference, fx.GraphModule) and data_dependent_sizes(reference, example_inputs)
+        if not (leading_only and counts_may_vary):
+            raise _shape_bug()
         warnings.warn(
-            f"fxdecomp: the output error is not measured: {len(counts)} output(s) change their leading size "
-            f"(e.g. {counts[0][0]} -> {counts[0][1]}), a count that depends on the data (detections kept after "
+            f"fxdecomp: the output error is not measured: {len(changed)} output(s) change their leading size "
+            f"(e.g. {changed[0][0]} -> {changed[0][1]}), a count that depends on the data (detections kept after "
             "NMS, say); judge the result on your own metric",
             stacklevel=2,
         )
         return None
     errors = [float((a.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30)) for a, e in zip(actual, expected) if e.is_floating_point()]
     return max(errors, default=0.0)
+
+
+def _shape_bug() -> FxDecompError:
+    return FxDecompError(
+        "the rewritten model's outputs do not match the original's in number or shape; this is a bug in "
+        "fxdecomp: please report it, and exclude the layer named in the decisions to work around it"
+    )
 
 
 # Ops whose output size depends on tensor values (besides indexing with a boolean mask).
