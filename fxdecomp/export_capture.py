@@ -311,8 +311,6 @@ def _allow_size_one(
             ranges[symbol] = (1, hi)
         else:
             failed.add(symbol)
-            if symbol not in doubled:
-                log.info("the graph does not reproduce the model with %s = 1; sizes from 2 up are accepted", symbol)
     tie = sorted(_tie_group(gm, model, export_args, shapes, failed & doubled, doubled - failed), key=_symbol_order)
     if failed & doubled and len(tie) > 1 and _same_outputs(gm, model, example_inputs):
         log.info("the graph holds at batch 1 only with %s equal: they are tied", ", ".join(tie))
@@ -320,9 +318,9 @@ def _allow_size_one(
         hi = min((ranges[s][1] for s in tie if ranges[s][1] is not None), default=None)
         ranges = {s: r for s, r in ranges.items() if s not in tie[1:]}
         ranges[tie[0]] = (1, hi)
-    else:
-        for symbol in failed & doubled:
-            log.info("the graph does not reproduce the model with %s = 1; sizes from 2 up are accepted", symbol)
+        failed -= set(tie)
+    for symbol in sorted(failed, key=_symbol_order):
+        log.info("the graph does not reproduce the model with %s = 1; sizes from 2 up are accepted", symbol)
     return InputShapes(shapes.names, shapes.sizes, tuple((s, lo, hi) for s, (lo, hi) in ranges.items()))
 
 
