@@ -38,7 +38,8 @@ LAYER_ATTRIBUTES = (
 class AbsentWeight(torch.Tensor):
     """Shape, dtype, device and requires_grad of a weight that decomposition replaced by factors; no data.
 
-    Reading metadata works; any operation on it raises `UnsupportedLayerError`.
+    Reading metadata works; any operation on it raises `UnsupportedLayerError`, except ``F.linear`` with its
+    own layer's bias, which runs that layer's factors (`_linear_through_factors`).
     """
 
     @staticmethod
