@@ -1,5 +1,9 @@
 """The Linear layers of a streamed model: their statistics, options, one global plan, and the swap.
 
+transformers' ``Conv1D`` (the GPT-2 family's projections, weight stored (in, out)) counts as the
+Linear it computes (`fxdecomp.transformers_layers.as_linear`): its statistics, options and factors are
+that Linear's, and the decomposed module (a chain of Linears) takes the Conv1D's place.
+
 Per layer the statistics pass keeps a `LayerRecord` (its FLOPs on the example
 batch, parameters, and the options of the plan: ranks on the planner's grid
 with cost and predicted error); the factorization is dropped once the options
@@ -12,6 +16,7 @@ in its place.
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -23,11 +28,12 @@ from ..cost import FLOPS_PER_MAC, module_macs
 from ..decomposers import get_decomposer
 from ..errors import BudgetError
 from ..kept_layer import KeptLayer
-from ..layer_spec import layer_spec
+from ..layer_spec import LinearSpec, layer_spec
 from ..planning.grid import rank_grid
 from ..planning.search import TIE_BREAK
 from ..planning.solver import Infeasible, Option, solve_mckp
 from ..result import Decision
+from ..transformers_layers import is_conv1d, lifted_layer
 
 METHOD = "svd"
 
@@ -51,12 +57,13 @@ class LayerRecord:
     options: list[LayerOption] = field(default_factory=list)
 
 
-def linears(module: nn.Module, prefix: str, exclude: Sequence[str] = ()) -> list[tuple[str, nn.Linear]]:
-    """(qualified name, layer) of every nn.Linear under ``module``, names prefixed, excluded ones left out."""
+def linears(module: nn.Module, prefix: str, exclude: Sequence[str] = ()) -> list[tuple[str, nn.Module]]:
+    """(qualified name, layer) of every nn.Linear (and transformers Conv1D) under ``module``, names prefixed,
+    excluded ones left out."""
     found = []
     for name, child in module.named_modules():
         full = ".".join(p for p in (prefix, name) if p)
-        if isinstance(child, nn.Linear) and not any(fnmatch.fnmatchcase(full, p) or full == p for p in exclude):
+        if (isinstance(child, nn.Linear) or is_conv1d(child)) and not any(fnmatch.fnmatchcase(full, p) or full == p for p in exclude):
             found.append((full, child))
     return found
 
@@ -85,7 +92,7 @@ class observe:
                 # The tensor is held with its key, so that no later input can reuse its address.
                 key = (x.data_ptr(), tuple(x.shape), x.stride())
                 if key not in self._by_input:
-                    shared = self.grams.get(name) or GramAccumulator.for_spec(layer_spec(linear)).to(x.device)
+                    shared = self.grams.get(name) or GramAccumulator.for_spec(linear_spec(linear)).to(x.device)
                     shared.update(x)
                     self._by_input[key] = (x, shared)
                 self.grams[name] = self._by_input[key][1]
@@ -98,7 +105,16 @@ class observe:
         self._by_input.clear()
 
 
-def _factorize(linear: nn.Linear, gram: GramAccumulator | None):
+def linear_spec(layer: nn.Module):
+    """The `LinearSpec` of an nn.Linear, or of the Linear a transformers Conv1D computes (its weight is (in, out))."""
+    if is_conv1d(layer):
+        in_features, out_features = layer.weight.shape
+        return LinearSpec(in_features, out_features, layer.bias is not None)
+    return layer_spec(layer)
+
+
+def _factorize(linear: nn.Module, gram: GramAccumulator | None):
+    linear = lifted_layer(linear)
     spec, decomposer = layer_spec(linear), get_decomposer("linear", METHOD)
     weight = linear.weight.detach().float()
     if gram is None:
@@ -111,7 +127,7 @@ def layer_record(
 ) -> LayerRecord:
     """The layer's cost and its options on the plan pass's rank grid (weight-only or whitened errors)."""
     spec, decomposer, state = _factorize(linear, gram)
-    keep_flops = sum(module_macs(linear, s) for s in shapes) * FLOPS_PER_MAC
+    keep_flops = sum(spec.in_features * spec.out_features * math.prod(s[:-1]) for s in shapes) * FLOPS_PER_MAC
     record = LayerRecord(name, keep_flops, sum(p.numel() for p in linear.parameters()), tied)
     for ranks in rank_grid(decomposer.planning_max_ranks(spec), grid, 1):
         with torch.device("meta"):
@@ -169,7 +185,7 @@ def apply_option(
         bias = linear.bias.detach() if linear.bias is not None else None
         module = decomposer.build(spec, state, option.ranks, bias, linear.weight)
     else:
-        spec, decomposer = layer_spec(linear), get_decomposer("linear", METHOD)
+        spec, decomposer = linear_spec(linear), get_decomposer("linear", METHOD)
         module = decomposer.structure(spec, option.ranks).to(linear.weight.dtype)
     # A KeptLayer (the same children and state-dict keys) keeps the Linear's configuration and answers
     # ``weight.dtype`` for model code that reads it (Mamba's head).
@@ -180,7 +196,7 @@ def apply_option(
     return Decision(record.name, "linear", METHOD, option.ranks, record.flops, option.flops, record.params, params_after, option.error), module
 
 
-def factorization_cost(linear: nn.Linear) -> float:
+def factorization_cost(linear: nn.Module) -> float:
     """Relative cost of the layer's SVD: in * out * min(in, out)."""
-    out_features, in_features = linear.weight.shape
+    out_features, in_features = linear.weight.shape  # (in, out) for a Conv1D: the same product
     return float(in_features) * out_features * min(in_features, out_features)

@@ -53,14 +53,12 @@ from ..cost import flop_counter
 from ..decomposers import get_decomposer
 from ..errors import BudgetError, InvalidInputError
 from ..kept_layer import KeptLayer
-from ..layer_spec import layer_spec
 from ..progress import Progress
 from ..result import Decision
-from ..transformers_layers import is_conv1d
 from .blocks import BlockCall, BlockStack, capture_block_inputs, head_inputs, run_block
 from .checkpoint import LazyCheckpoint, ShardWriter, empty_model
 from .distributed import World, default_device
-from .layers import LayerRecord, apply_option, factorization_cost, layer_record, linears, observe, solve
+from .layers import LayerRecord, apply_option, factorization_cost, layer_record, linear_spec, linears, observe, solve
 
 PLAN_FILE = "fxdecomp_plan.json"
 
@@ -104,7 +102,8 @@ def compress_sequential(
     progress: bool = False,
     device: str | torch.device | None = None,
 ) -> SequentialResult:
-    """Compress the Linear layers of a stack-of-blocks model one block at a time (see the module doc).
+    """Compress the Linear layers (and transformers ``Conv1D``, GPT-2's) of a stack-of-blocks model one block at a
+    time (see the module doc).
 
     ``source`` is a model in memory (never modified; the result is a compressed
     copy, so peak memory is about twice the model), or a Hugging Face model
@@ -147,13 +146,6 @@ def compress_sequential(
         raise InvalidInputError(f"{len(batches)} calibration batches for {world.size} processes: give at least one per process")
     batches = world.share(batches)
     tied = _tied_parameters(model)
-    conv1d = [n for n, m in model.named_modules() if is_conv1d(m)]
-    if conv1d:
-        warnings.warn(
-            f"fxdecomp: compress_sequential decomposes nn.Linear layers only; {len(conv1d)} transformers Conv1D layer(s) "
-            f"(the GPT-2 family's, e.g. {conv1d[0]!r}) keep their cost. fxdecomp.compress decomposes them",
-            stacklevel=2,
-        )
     head_layers = [(n, m) for n, m in linears(model, "", exclude) if not n.startswith(stack.path + ".")]
 
     def load(index: int) -> nn.Module:
@@ -398,7 +390,7 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> nn.Mo
             layer = model.get_submodule(decision["name"])
             decomposer = get_decomposer("linear", decision["method"])
             with torch.device("meta"):
-                structure = KeptLayer(decomposer.structure(layer_spec(layer), tuple(decision["ranks"])), layer, repr(decision["name"]))
+                structure = KeptLayer(decomposer.structure(linear_spec(layer), tuple(decision["ranks"])), layer, repr(decision["name"]))
             parent, _, attribute = decision["name"].rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attribute, structure)
         checkpoint.materialize(model, dtype=dtype)

@@ -375,15 +375,53 @@ def test_a_checkpoint_of_fused_experts_is_refused_naming_the_conversion(tmp_path
         compress_sequential(tmp_path / "src", (tokens(),), budget=0.9, out=tmp_path / "out")
 
 
-def test_gpt2s_conv1d_layers_are_named_as_kept():
-    """compress_sequential left GPT-2's Conv1D layers out without a word: a budget of 0.8 was 'unreachable'."""
+def gpt2(layers: int = 2):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
-    with pytest.warns(UserWarning, match=r"decomposes nn.Linear layers only; 8 transformers Conv1D layer\(s\).*fxdecomp.compress"):
-        with pytest.raises(BudgetError):
-            compress_sequential(model, (tokens(),), budget=0.5)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=32)).eval()
+
+
+def test_gpt2s_conv1d_layers_are_decomposed_as_the_linears_they_compute(tmp_path):
+    """compress_sequential left GPT-2's Conv1D layers (weight stored (in, out)) out: a budget of 0.5 was unreachable."""
+    from transformers.pytorch_utils import Conv1D
+
+    model = gpt2(layers=3)
+    before = state_of(model)
+    sequential = compress_sequential(model, (tokens(),), budget=0.5)
+    whole = fxdecomp.compress(model, (tokens(),), budget=0.5, pipeline="flops")
+    assert plan_of(sequential.decisions) == plan_of(whole.decisions)
+    decomposed = [d.name for d in sequential.decisions if d.method != "keep"]
+    assert any(isinstance(model.get_submodule(name), Conv1D) for name in decomposed)
+    assert sequential.flops_after == whole.flops_after <= 0.5 * sequential.flops_before
+    ids = tokens(2, 9, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(sequential.model(ids).logits, whole.graph_module(ids).logits)
+    # From a checkpoint, calibrated, and back: the same plan and the same model.
+    model.save_pretrained(tmp_path / "src", max_shard_size="60KB")
+    batches = [(tokens(2, 12, seed=s),) for s in range(3)]
+    in_memory = compress_sequential(model, (tokens(),), budget=0.6, calibration=batches)
+    compress_sequential(tmp_path / "src", (tokens(),), budget=0.6, calibration=batches, out=tmp_path / "out")
+    loaded = load_compressed(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, in_memory.model(ids).logits)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_conv1d_at_full_rank_is_exact_and_keeps_its_weight_shape():
+    from fxdecomp.large.layers import LayerOption, LayerRecord, apply_option
+
+    block = gpt2(layers=1).transformer.h[0].mlp
+    for name in ("c_fc", "c_proj"):  # (32, 128) and (128, 32): wide and tall
+        original = getattr(block, name)
+        x = torch.randn(2, 5, original.weight.shape[0])
+        expected = original(x)
+        rank = min(original.weight.shape)
+        apply_option(block, LayerRecord(name, 0, 0, False), original, LayerOption((rank,), 0, 0, 0.0), None)
+        kept = getattr(block, name)
+        assert kept is not original
+        torch.testing.assert_close(kept(x), expected, rtol=1e-5, atol=1e-5)
+        assert kept.weight.shape == original.weight.shape  # model code reading the Conv1D's (in, out) shape
 
 
 def test_a_decomposed_tied_head_survives_tie_weights():
