@@ -165,6 +165,11 @@ def _check_args(module, example_inputs, path, opset, rtol, atol, input_names) ->
     if not isinstance(module, nn.Module):
         raise InvalidInputError(f"export_onnx needs an nn.Module, got {type(module).__name__}")
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    if isinstance(args, (tuple, list)) and any(isinstance(a, (tuple, list, dict)) for a in args):
+        raise InvalidInputError(
+            "export_onnx takes the module's inputs as flat tensors; these hold a tuple, list or dict. ONNX graphs take "
+            "flat inputs: export a wrapper module whose forward takes the tensors one by one and builds the structure"
+        )
     if not isinstance(args, (tuple, list)) or not all(isinstance(a, torch.Tensor) for a in args):
         raise InvalidInputError("example_inputs must be a tensor or a tuple of tensors (the module's positional inputs)")
     if not isinstance(opset, int) or isinstance(opset, bool) or opset < 7:

@@ -3,9 +3,10 @@
 `export_trace` exports a model with every input dimension marked
 ``torch.export.Dim.AUTO`` (torch.export keeps a dimension free where the model
 allows it and fixes it where the model needs one size), so batch and sequence
-length stay free. A batch-1 example is exported at batch 2, because export
-fixes dimensions of size 1 (its 0/1 specialisation); each free dimension is
-then checked at size 1 against the eager model before size 1 is accepted.
+length stay free, in tensors nested in tuples, lists and dicts too. Tensors of
+size 1 in dim 0 are exported at 2, because export fixes dimensions of size 1
+(its 0/1 specialisation); each free dimension is then checked at size 1
+against the eager model before size 1 is accepted.
 
 The result is ``ExportedProgram.module()`` made module-like:
 
@@ -41,7 +42,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.export import Dim
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from .capture.export_modules import restore_modules
 from .errors import InvalidInputError, ShapeError
@@ -167,7 +168,7 @@ def export_trace(model: nn.Module, example_inputs: tuple, dynamic_shapes: Any = 
                 # Exported at batch 2, the graph does not reproduce the model at the user's batch 1:
                 # export again at the user's own shapes, which the result must always accept.
                 log.info("the batch-2 graph does not run %s at the example's batch 1; exporting at the example's shapes", type(model).__name__)
-                spec = tuple({d: Dim.AUTO for d in range(x.dim())} if isinstance(x, torch.Tensor) else None for x in example_inputs)
+                spec = _auto_spec(example_inputs)
                 program = torch.export.export(model, example_inputs, dynamic_shapes=spec, strict=False)
                 gm, shapes = as_module(program, model), input_shapes(program)
             for node in gm.graph.nodes:  # symbolic (or batch-2) metadata: shape_prop recomputes at the example
@@ -178,9 +179,10 @@ def export_trace(model: nn.Module, example_inputs: tuple, dynamic_shapes: Any = 
 
 def _accepts(shapes: "InputShapes", example_inputs: tuple) -> bool:
     """Whether every free dimension's range holds the example's size."""
+    leaves = tree_leaves(example_inputs)
     for (i, d) in shapes.free_dims():
         lo, hi = shapes.range_of(shapes.sizes[i][d])
-        size = example_inputs[i].shape[d]
+        size = leaves[i].shape[d]
         if size < lo or (hi is not None and size > hi):
             return False
     return True
@@ -209,18 +211,23 @@ def _export_spec(model: nn.Module, example_inputs: tuple, dynamic_shapes: Any) -
         return None, example_inputs
     if dynamic_shapes != "auto":
         return dynamic_shapes, example_inputs
-    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
     export_args = example_inputs
-    if tensors and all(x.shape[0] == 1 for x in tensors):
-        doubled = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in example_inputs)
+    # Every tensor of size 1 in dim 0 (nested ones too) is tried at 2: export fixes what it sees at 1.
+    ones = [x for x in tree_leaves(example_inputs) if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1]
+    if ones:
+        doubled = tree_map(lambda x: torch.cat([x, x]) if any(x is o for o in ones) else x, example_inputs)
         try:
             with torch.no_grad():
                 model(*doubled)
             export_args = doubled
         except Exception as exc:  # the model fixes its batch: export at the user's shapes
             log.info("%s does not run at batch 2 (%s); batch stays 1", type(model).__name__, exc)
-    spec = tuple({d: Dim.AUTO for d in range(x.dim())} if isinstance(x, torch.Tensor) else None for x in export_args)
-    return spec, export_args
+    return _auto_spec(export_args), export_args
+
+
+def _auto_spec(args: tuple) -> tuple:
+    """torch.export's dynamic_shapes with every dimension of every tensor free, nested inputs (tuples, lists, dicts) too."""
+    return tuple(tree_map(lambda x: {d: Dim.AUTO for d in range(x.dim())} if isinstance(x, torch.Tensor) else None, x) for x in args)
 
 
 def as_module(program: torch.export.ExportedProgram, model: nn.Module | None = None) -> fx.GraphModule:
@@ -298,7 +305,7 @@ def _allow_size_one(
     ranges = {symbol: (lo, hi) for symbol, lo, hi in shapes.ranges}
     doubled = {
         shape[d]
-        for x, shape, e in zip(export_args, shapes.sizes, example_inputs)
+        for x, shape, e in zip(tree_leaves(export_args), shapes.sizes, tree_leaves(example_inputs))
         if shape and isinstance(x, torch.Tensor)
         for d in range(x.dim())
         if isinstance(shape[d], str) and x.shape[d] != e.shape[d]
@@ -342,15 +349,16 @@ def _symbol_order(symbol: str) -> tuple:
 
 
 def _at_one(args: tuple, shapes: InputShapes, symbols: set[str]) -> tuple:
-    """``args`` with every dimension that carries one of ``symbols`` cut to size 1."""
+    """``args`` with every dimension that carries one of ``symbols`` cut to size 1 (``shapes`` lists their leaves)."""
+    leaves, structure = tree_flatten(args)
     out = []
-    for x, shape in zip(args, shapes.sizes):
+    for x, shape in zip(leaves, shapes.sizes):
         if isinstance(x, torch.Tensor) and shape:
             for d, size in enumerate(shape):
                 if size in symbols:
                     x = x.narrow(d, 0, 1)
         out.append(x)
-    return tuple(out)
+    return tuple(tree_unflatten(out, structure))
 
 
 def _tied(shapes: InputShapes, symbols: list[str]) -> InputShapes:

@@ -223,6 +223,45 @@ def test_a_non_tensor_input_between_tensors_keeps_the_shape_check_in_step(scale)
         result.graph_module(torch.randn(3, 8), scale, torch.randn(2, 8))
 
 
+class NestedInputs(nn.Module):
+    """Inputs in a tuple, a list and a dict: the pytree structures torch.export flattens."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 32), nn.Linear(16, 32), nn.Linear(32, 8)
+
+    def forward(self, pair, images, extra):
+        x, y = pair
+        h = self.a(x) + self.b(y) + extra["bias"]
+        return self.c(torch.relu(h)), [self.c(torch.relu(self.a(z))) for z in images]
+
+
+def nested_inputs(batch: int, lengths: tuple[int, int]) -> tuple:
+    return ((torch.randn(batch, 16), torch.randn(batch, 16)), [torch.randn(n, 16) for n in lengths], {"bias": torch.randn(batch, 32)})
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_nested_inputs_keep_their_dimensions_free_under_export(batch):
+    """Tensors inside a tuple / list / dict input were exported at fixed sizes: every other size was a ShapeError."""
+    torch.manual_seed(0)
+    model = NestedInputs().eval()
+    result = fxdecomp.compress(model, nested_inputs(batch, (3, 4)), budget=0.6, frontend="export")
+    assert result.frontend == "export"
+    for args in (nested_inputs(5, (6, 1)), nested_inputs(1, (2, 7))):
+        got, want = result.graph_module(*args), model(*args)
+        torch.testing.assert_close(got[0], want[0], rtol=0.5, atol=10.0)  # compressed: close, not equal
+        assert [g.shape for g in got[1]] == [w.shape for w in want[1]]
+    # The tuple's two tensors must share a batch (they are added); the graph says so instead of failing inside.
+    with pytest.raises(fxdecomp.ShapeError, match="needs them equal"):
+        result.graph_module((torch.randn(3, 16), torch.randn(2, 16)), [torch.randn(3, 16)] * 2, {"bias": torch.randn(3, 32)})
+    with pytest.raises(fxdecomp.InvalidInputError, match="flat tensors.*wrapper module"):
+        fxdecomp.export_onnx(result.graph_module, nested_inputs(batch, (3, 4)), "unused.onnx")
+    exact = fxdecomp.compress(model, nested_inputs(batch, (3, 4)), plan={"a": ("svd", (16,)), "c": ("svd", (8,))}, frontend="export")
+    args = nested_inputs(4, (5, 2))
+    for got, want in zip(tree_leaves(exact.graph_module(*args)), tree_leaves(model(*args))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", list(TINY))
 def test_onnx_parity_at_two_shapes(compressed, name, tmp_path):
     spec, model, x, result = compressed(name, 0.5)
