@@ -31,7 +31,9 @@ from .errors import FxDecompError, InvalidInputError, UnsupportedLayerError
 from .graph.attention import packed
 from .graph.computed_conv import plain_equivalent
 from .kept_attention import KeptAttention, in_projection_like
+from . import kept_record
 from .kept_layer import KeptLayer
+from .kept_record import KeptEntry
 from .layer_spec import LAYER_TYPES, ConvSpec, layer_spec, pad_module
 from .meta import DECOMPOSED_SPECS
 from .transformers_layers import is_conv1d
@@ -78,22 +80,66 @@ def apply_to_model(
     new = copy.deepcopy(model)
     _carry_batchnorm(result.graph_module, new, set(installed))
     specs = getattr(result.graph_module, "meta", {}).get(DECOMPOSED_SPECS, {})
-    for owner in sorted(attentions):
-        name = f"{owner}.in_proj_weight"
-        _swap(new, owner, _kept_attention(new.get_submodule(owner), installed.get(name), name))
-    for d in decided:
-        if d.name in attention:
-            continue
-        old = new.get_submodule(d.name)
-        module = _in_place_of(d.name, old, copy.deepcopy(installed[d.name]), specs.get(d.name))
-        module = KeptLayer(module, old, repr(d.name))
-        module.to(device=old.weight.device, dtype=old.weight.dtype).train(old.training)
-        for p, q in zip(module.parameters(), old.parameters()):
-            p.requires_grad_(q.requires_grad)
-        _swap(new, d.name, module)
+    _swap_decomposed(new, [d.name for d in decided], attentions, {n: copy.deepcopy(m) for n, m in installed.items()}, specs)
+    if all(d.name in specs for d in decided):
+        folded = getattr(result.graph_module, "meta", {}).get("fxdecomp.folded_batchnorm", ())
+        entries = [KeptEntry(d.name, d.method, tuple(d.ranks), specs[d.name]) for d in decided]
+        kept_record.write(new, kept_record.to_json(entries, list(folded)))
     if example_inputs is not None:
         _check_outputs(result.graph_module, new, example_inputs, rtol, atol)
     return new
+
+
+def rebuild_kept(model: nn.Module, record: dict) -> nn.Module:
+    """Put the recorded decomposed structures (`fxdecomp.kept_record`) in ``model``, in place; returns it.
+
+    ``model`` is the kept model's class built from its config (on the meta device, its tensors
+    loaded afterwards): each recorded layer becomes a `KeptLayer` of the decomposer's structure at
+    the recorded ranks, an attention with a decomposed projection a `KeptAttention`, and each folded
+    BatchNorm an Identity after a layer with a bias. Raises `InvalidInputError` for a record that
+    does not fit the model.
+    """
+    from .decomposers import get_decomposer
+
+    entries, folded = kept_record.from_json(record)
+    modules = dict(model.named_modules())
+    missing = [e.name for e in entries if e.name not in modules and _attention_owner(e.name) not in modules]
+    if missing:
+        raise InvalidInputError(f"the record names layers {missing[:5]} that {type(model).__name__} does not have")
+    decided = {e.name for e in entries}
+    for layer, norm in folded:
+        _swap(model, norm, nn.Identity())
+        held = model.get_submodule(layer)
+        if layer not in decided and getattr(held, "bias", None) is None:  # a folded BatchNorm gave it one
+            out = held.weight.shape[1] if isinstance(held, nn.ConvTranspose2d) else held.weight.shape[0]
+            held.register_parameter("bias", nn.Parameter(torch.empty(out, device=held.weight.device, dtype=held.weight.dtype)))
+    attentions = {owner for e in entries for owner in [_attention_owner(e.name)] if owner and packed(modules.get(owner))}
+    structures = {}
+    for e in entries:
+        with torch.device("meta"):
+            structures[e.name] = get_decomposer(e.spec.kind, e.method).structure(e.spec, e.ranks)
+    _swap_decomposed(model, [e.name for e in entries], attentions, structures, {e.name: e.spec for e in entries})
+    kept_record.write(model, record)
+    return model
+
+
+def _swap_decomposed(new: nn.Module, names: list[str], attentions: set[str], factors: dict, specs: dict) -> None:
+    """Swap each named layer of ``new`` for a KeptLayer of its ``factors`` (attentions with a decomposed projection
+    for KeptAttentions), in the layer's device, dtype, mode and trainability."""
+    attention = {f"{owner}.in_proj_weight" for owner in attentions}
+    for owner in sorted(attentions):
+        name = f"{owner}.in_proj_weight"
+        _swap(new, owner, _kept_attention(new.get_submodule(owner), factors.get(name), name))
+    for name in names:
+        if name in attention:
+            continue
+        old = new.get_submodule(name)
+        module = _in_place_of(name, old, factors[name], specs.get(name))
+        module = KeptLayer(module, old, repr(name))
+        module.to(device=old.weight.device, dtype=old.weight.dtype).train(old.training)
+        for p, q in zip(module.parameters(), old.parameters()):
+            p.requires_grad_(q.requires_grad)
+        _swap(new, name, module)
 
 
 def _carry_batchnorm(gm: nn.Module, new: nn.Module, decomposed: set[str]) -> None:

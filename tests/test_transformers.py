@@ -22,6 +22,8 @@ from torch.utils._pytree import tree_leaves
 
 import fxdecomp
 from fxdecomp.export_capture import SHAPES_META
+from fxdecomp.kept_record import RECORD_KEY
+from fxdecomp.large import load_compressed
 from fxdecomp.examples.huggingface import TINY
 
 EXAMPLE = (2, 8)  # (batch, sequence) the models are compressed at
@@ -331,7 +333,10 @@ def test_keep_the_model_generates_like_the_original(compressed, name, tmp_path):
     full = fxdecomp.compress(model, x, plan=full_rank_plan(model, result))
     kept = full.apply_to(model, example_inputs=x)
     assert type(kept) is type(model) and kept is not model
-    assert kept.config.to_dict() == model.config.to_dict() and model.config.use_cache
+    recorded = kept.config.to_dict().pop(RECORD_KEY)  # what load_compressed rebuilds the factors from
+    assert {layer["name"] for layer in recorded["layers"]} == {d.name for d in full.decisions if d.decomposed}
+    assert {k: v for k, v in kept.config.to_dict().items() if k != RECORD_KEY} == model.config.to_dict() and model.config.use_cache
+    assert not hasattr(model.config, RECORD_KEY)
     swapped = [d.name for d in full.decisions if d.decomposed]
     assert all(isinstance(kept.get_submodule(n), nn.Sequential) for n in swapped)
     assert not any(isinstance(model.get_submodule(n), nn.Sequential) for n in swapped)
@@ -346,6 +351,42 @@ def test_keep_the_model_generates_like_the_original(compressed, name, tmp_path):
     small.save_pretrained(tmp_path)
     assert (tmp_path / "config.json").exists()
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    # Saved, it loads back as it was: from_pretrained of its class would build dense layers and leave them random.
+    again = load_compressed(tmp_path)
+    assert type(again) is type(model)
+    torch.testing.assert_close(again.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False), out)
+    with torch.no_grad():
+        torch.testing.assert_close(again(*x).logits, small(*x).logits, rtol=1e-6, atol=1e-6)
+
+
+KEPT_METHODS = [("svd", (6,)), ("tucker2", (4, 4)), ("cp", (6,)), ("spatial_svd", (6,)), ("tt", (4, 4, 4)), ("tiled_svd", (2, 2, 2, 2))]
+
+
+@pytest.mark.parametrize("method,ranks", KEPT_METHODS, ids=[m for m, _ in KEPT_METHODS])
+def test_a_saved_kept_model_loads_back_with_every_method_and_folded_batchnorms(method, ranks, tmp_path):
+    """save_pretrained of a kept model wrote factor keys its class does not build: nothing loaded them back."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    from fxdecomp.kept_layer import KeptLayer
+
+    torch.manual_seed(0)
+    config = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10, layer_type="basic")
+    model, x = ResNetForImageClassification(config).eval(), torch.randn(2, 3, 32, 32)
+    plan = {n: (method, ranks) for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)}
+    plan["classifier.1"] = ("svd", (4,)) if method != "tt" else ("tt", (2, 2))
+    fold = method in ("svd", "tt", "tiled_svd")  # folded BatchNorms: decomposed layers and kept ones gain a bias
+    recipe = fxdecomp.load_recipe("flops").with_options(fold_batchnorm={"enabled": fold})
+    result = fxdecomp.compress(model, (x,), plan=plan, pipeline=recipe)
+    kept = result.apply_to(model, example_inputs=(x,))
+    kept.save_pretrained(tmp_path)
+    loaded = load_compressed(tmp_path)
+    assert type(loaded) is type(model)
+    assert all(isinstance(loaded.get_submodule(name), KeptLayer) for name in plan)
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in kept.state_dict().items()}
+    y = torch.randn(3, 3, 40, 40)  # another batch and size
+    with torch.no_grad():  # the same factors; loaded contiguous, so a conv kernel may sum in another order
+        torch.testing.assert_close(loaded(y).logits, kept(y).logits, rtol=1e-6, atol=1e-6)
+    assert not any(isinstance(m, KeptLayer) for m in model.modules())  # the user's model is untouched
 
 
 class _ReadsItsLayers(nn.Module):

@@ -461,20 +461,44 @@ def _onnx(module, inputs, original) -> str:
 
 
 def _keep(result, model, inputs) -> str:
-    """Keep-the-model mode: "ok", "refused: <fxdecomp's reason>" (a named refusal), or "FAIL <error>"."""
+    """Keep-the-model mode: "ok", "refused: <fxdecomp's reason>" (a named refusal), or "FAIL <error>". A transformers
+    model is also saved with ``save_pretrained`` and loaded back with `fxdecomp.large.load_compressed` ("ok, reloaded")."""
     if result.partial:
         return "n/a (partial: graph_module is the model's class)"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result.apply_to(model, example_inputs=clone(inputs))
+            kept = result.apply_to(model, example_inputs=clone(inputs))
     except Timeout:
         raise
     except fxdecomp.FxDecompError as exc:
         return f"refused: {type(exc).__name__}: {_line(exc)[:100]}"
     except Exception as exc:
         return f"FAIL {type(exc).__name__}: {_line(exc)[:120]}"
-    return "ok"
+    if not hasattr(kept, "save_pretrained"):
+        return "ok"
+    return "ok, " + _reload(kept, inputs)
+
+
+def _reload(kept, inputs) -> str:
+    """``save_pretrained`` then `fxdecomp.large.load_compressed`: "reloaded" when the outputs match the kept model's."""
+    from fxdecomp.large import load_compressed
+
+    try:
+        with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            kept.save_pretrained(folder)
+            loaded = load_compressed(folder)
+            with torch.no_grad():
+                want = [t for t in tree_leaves(kept.eval()(*clone(inputs))) if isinstance(t, torch.Tensor)]
+                got = [t for t in tree_leaves(loaded(*clone(inputs))) if isinstance(t, torch.Tensor)]
+    except Timeout:
+        raise
+    except Exception as exc:
+        return f"reload FAIL {type(exc).__name__}: {_line(exc)[:100]}"
+    if len(got) != len(want) or not all(g.shape == w.shape and torch.allclose(g, w, rtol=1e-4, atol=1e-5) for g, w in zip(got, want)):
+        return "reload FAIL: the loaded model computes something else"
+    return "reloaded"
 
 
 def _line(value) -> str:

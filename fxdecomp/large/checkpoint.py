@@ -192,13 +192,15 @@ class LazyCheckpoint:
         self.close()
 
 
-def empty_model(checkpoint: LazyCheckpoint, dtype: torch.dtype | None = None) -> nn.Module:
+def empty_model(checkpoint: LazyCheckpoint, dtype: torch.dtype | None = None, any_class: bool = False) -> nn.Module:
     """The checkpoint's model class built with every parameter on the meta device (buffers real).
 
-    Non-persistent buffers (rotary frequencies) are computed as usual, so a block
-    runs once its parameters are materialized. Raises `InvalidInputError` when
-    transformers does not know the config's model type.
+    A causal LM (`AutoModelForCausalLM`), or with ``any_class`` the class ``config.json``'s
+    ``architectures`` names (an encoder, a classifier, ...). Non-persistent buffers (rotary
+    frequencies) are computed as usual, so a block runs once its parameters are materialized.
+    Raises `InvalidInputError` when transformers does not know the config's model type.
     """
+    import transformers
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -206,8 +208,12 @@ def empty_model(checkpoint: LazyCheckpoint, dtype: torch.dtype | None = None) ->
         config = AutoConfig.from_pretrained(checkpoint.path)
     except (ValueError, KeyError) as exc:
         raise InvalidInputError(f"transformers cannot read {checkpoint.path / 'config.json'}: {exc}") from exc
+    named = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None) if any_class else None
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+        if isinstance(named, type):
+            model = named._from_config(config, torch_dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # from_config on the meta device leaves tied heads untied
     checkpoint.follow_renames(model)

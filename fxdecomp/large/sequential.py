@@ -52,7 +52,10 @@ from ..calibration import GramAccumulator
 from ..cost import flop_counter
 from ..decomposers import get_decomposer
 from ..errors import BudgetError, InvalidInputError
+from ..keep_model import rebuild_kept
 from ..kept_layer import KeptLayer
+from .. import kept_record
+from ..kept_record import RECORD_KEY, KeptEntry
 from ..progress import Progress
 from ..result import Decision
 from .blocks import BlockCall, BlockStack, capture_block_inputs, head_inputs, run_block
@@ -208,6 +211,7 @@ def compress_sequential(
     writer = ShardWriter(out, shard_bytes) if out is not None and world.rank == 0 else None
     try:
         decisions: dict[str, Decision] = {}
+        specs: dict = {}
         calls = capture_block_inputs(model, stack, batches) if batches else []
         with Progress("compressing block", len(stack.blocks), progress) as report:
             for index in range(len(stack.blocks)):
@@ -215,16 +219,18 @@ def compress_sequential(
                 block = load(index)
                 layers = [(n, m) for n, m in linears(block, stack.name(index), exclude) if n in by_name]
                 grams = _grams(block, layers, calls, world)
-                decisions.update(_apply(model, layers, by_name, chosen, grams, world))
+                decisions.update(_apply(model, layers, by_name, chosen, grams, world, specs))
                 calls = [run_block(block, call) for call in calls]
                 if writer is not None:
                     for key, tensor in block.state_dict(prefix=stack.name(index) + ".").items():
                         writer.add(key, tensor)
                 unload(block)
         grams = _head_grams(model, stack, head_layers, batches, calls, tuple_output, world)
-        decisions.update(_apply(model, head_layers, by_name, chosen, grams, world))
+        decisions.update(_apply(model, head_layers, by_name, chosen, grams, world, specs))
 
         ordered = [decisions[r.name] for r in records]
+        # save_pretrained of the model in memory writes this record; load_compressed rebuilds the factors from it.
+        kept_record.write(model, kept_record.to_json([KeptEntry(d.name, d.method, d.ranks, specs[d.name]) for d in ordered if d.decomposed]))
         saved_params = sum(d.params_before - d.params_after for d in ordered)
         if writer is not None:
             for key, tensor in model.state_dict().items():
@@ -313,13 +319,16 @@ def _records(layers, shapes, grams, grid: int, tied: set[int], world: World) -> 
     return [shared[name] for name, _ in layers]
 
 
-def _apply(model, layers, by_name, chosen, grams, world: World) -> dict[str, Decision]:
-    """Decompose the layers as planned, each factorized by one process and sent to the others."""
+def _apply(model, layers, by_name, chosen, grams, world: World, specs: dict) -> dict[str, Decision]:
+    """Decompose the layers as planned, each factorized by one process and sent to the others. ``specs`` gets the
+    `LinearSpec` of each decomposed layer."""
     owners = world.owners([factorization_cost(m) for _, m in layers])
     decisions, built = {}, []
     for (name, layer), owner in zip(layers, owners):
         decision, module = apply_option(model, by_name[name], layer, chosen[name], grams.get(name), owner == world.rank)
         decisions[name] = decision
+        if module is not None:
+            specs[name] = linear_spec(layer)
         if module is not None:
             built.append((module, owner))
     for module, owner in built:
@@ -372,26 +381,37 @@ def _write_plan(out: Path, model: nn.Module, stack: BlockStack, decisions: list[
 
 
 def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
-    """The compressed model written by `compress_sequential`, in its own transformers class.
+    """A compressed model saved to ``path``, in its own transformers class, its decomposed layers `KeptLayer`s.
 
-    Builds the model from ``config.json`` on the meta device, puts the planned
-    decomposed structures in place of the decomposed layers, and loads every
-    tensor from the shards. Raises `InvalidInputError` if the directory holds no plan.
+    Reads what `compress_sequential` writes (its plan file), and what ``save_pretrained`` of a kept
+    model writes (`CompressionResult.apply_to`, or `compress_sequential`'s model in memory: the
+    record `fxdecomp.kept_record` puts in ``config.json``). Builds the model from ``config.json``
+    on the meta device, puts the decomposed structures in place of the decomposed layers, and
+    loads every tensor from the safetensors files. The class's own ``from_pretrained`` cannot: it
+    builds the dense layers and leaves them random. Raises `InvalidInputError` if the directory
+    holds neither.
     """
     path = Path(path)
-    if not (path / PLAN_FILE).is_file():
-        raise InvalidInputError(f"{path} holds no {PLAN_FILE}: it was not written by fxdecomp's sequential pipeline")
-    plan = json.loads((path / PLAN_FILE).read_text())
     with LazyCheckpoint(path) as checkpoint:
-        model = empty_model(checkpoint, dtype)
-        for decision in plan["decisions"]:
-            if decision["method"] == "keep":
-                continue
-            layer = model.get_submodule(decision["name"])
-            decomposer = get_decomposer("linear", decision["method"])
-            with torch.device("meta"):
-                structure = KeptLayer(decomposer.structure(linear_spec(layer), tuple(decision["ranks"])), layer, repr(decision["name"]))
-            parent, _, attribute = decision["name"].rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attribute, structure)
+        record = checkpoint.config.get(RECORD_KEY)
+        if (path / PLAN_FILE).is_file():
+            plan = json.loads((path / PLAN_FILE).read_text())
+            model = empty_model(checkpoint, dtype)
+            for decision in plan["decisions"]:
+                if decision["method"] == "keep":
+                    continue
+                layer = model.get_submodule(decision["name"])
+                decomposer = get_decomposer("linear", decision["method"])
+                with torch.device("meta"):
+                    structure = KeptLayer(decomposer.structure(linear_spec(layer), tuple(decision["ranks"])), layer, repr(decision["name"]))
+                parent, _, attribute = decision["name"].rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, attribute, structure)
+        elif record is not None:
+            model = rebuild_kept(empty_model(checkpoint, dtype, any_class=True), record)
+        else:
+            raise InvalidInputError(
+                f"{path} holds no {PLAN_FILE} and its config.json no {RECORD_KEY!r}: it was not written by fxdecomp "
+                "(compress_sequential, or save_pretrained of a kept model)"
+            )
         checkpoint.materialize(model, dtype=dtype)
     return model.eval()

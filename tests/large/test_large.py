@@ -89,6 +89,11 @@ def test_checkpoint_in_and_out_matches_memory_mode_and_loads_back(tmp_path):
         torch.testing.assert_close(back(ids).logits, in_memory.model(ids).logits, rtol=1e-5, atol=1e-5)
     plan = json.loads((tmp_path / "out" / "fxdecomp_plan.json").read_text())
     assert plan_of(fxdecomp.result.Decision(**{**d, "ranks": tuple(d["ranks"])}) for d in plan["decisions"]) == plan_of(on_disk.decisions)
+    # The model in memory, saved with save_pretrained (no plan file), loads back too.
+    in_memory.model.save_pretrained(tmp_path / "saved")
+    again = load_compressed(tmp_path / "saved")
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, in_memory.model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def _whitened_product(weight: torch.Tensor, inputs: torch.Tensor, rank: int) -> torch.Tensor:
@@ -123,7 +128,10 @@ def test_each_block_is_fitted_to_the_outputs_of_the_compressed_blocks_before_it(
     torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=1e-4, atol=1e-5)
 
 
-def test_bad_inputs_are_named():
+def test_bad_inputs_are_named(tmp_path):
+    llama(layers=1).save_pretrained(tmp_path)  # a plain checkpoint: no plan, no record
+    with pytest.raises(InvalidInputError, match="not written by fxdecomp"):
+        load_compressed(tmp_path)
     with pytest.raises(InvalidInputError, match="ModuleList"):
         compress_sequential(nn.Sequential(nn.Linear(4, 4)), (torch.randn(1, 4),))
     with pytest.raises(InvalidInputError, match="out=DIR"):

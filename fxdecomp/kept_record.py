@@ -1,0 +1,73 @@
+"""What a kept model's decomposed layers are, written into its transformers config so that a saved copy loads back.
+
+A kept model (`CompressionResult.apply_to`, `fxdecomp.large.compress_sequential`) holds
+`fxdecomp.kept_layer.KeptLayer` modules whose state-dict keys (``c_attn.0.weight``) its class
+does not build: ``from_pretrained`` of that class would leave the factors unused and start
+the layers from random weights. So the copy's ``config`` records, per decomposed layer, the
+decomposer kind, method, ranks and the spec of the layer the graph decomposed (plus the
+BatchNorms folded away); ``save_pretrained`` writes it into ``config.json`` under
+`RECORD_KEY`, and `fxdecomp.large.load_compressed` rebuilds the structures from it before
+loading the tensors.
+
+Example::
+
+    small = result.apply_to(model)           # small.config.fxdecomp_decomposed is set
+    small.save_pretrained("small")
+    again = fxdecomp.large.load_compressed("small")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidInputError
+from .layer_spec import ConvSpec, LinearSpec
+
+RECORD_KEY = "fxdecomp_decomposed"
+FORMAT = "fxdecomp.kept/1"
+
+
+@dataclass(frozen=True)
+class KeptEntry:
+    """One decomposed layer: its module path, the decomposer's method and ranks, and the spec it was decomposed as."""
+
+    name: str
+    method: str
+    ranks: tuple[int, ...]
+    spec: ConvSpec | LinearSpec
+
+
+def to_json(entries: list[KeptEntry], folded: list[tuple[str, str]] = ()) -> dict[str, Any]:
+    """The record as JSON data: ``{"format", "layers": [...], "folded": [[layer, batchnorm], ...]}``."""
+    layers = [
+        {"name": e.name, "method": e.method, "ranks": list(e.ranks), "spec_kind": "linear" if isinstance(e.spec, LinearSpec) else "conv",
+         "spec": dataclasses.asdict(e.spec)}
+        for e in entries
+    ]
+    return {"format": FORMAT, "layers": layers, "folded": [list(pair) for pair in folded]}
+
+
+def from_json(data: Any) -> tuple[list[KeptEntry], list[tuple[str, str]]]:
+    """The entries and folded pairs of a record read from ``config.json``. Raises `InvalidInputError` if malformed."""
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise InvalidInputError(f"config.json's {RECORD_KEY!r} is not a {FORMAT} record; was it written by this fxdecomp?")
+    entries = []
+    for layer in data.get("layers", []):
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in layer["spec"].items()}
+        spec = LinearSpec(**fields) if layer["spec_kind"] == "linear" else ConvSpec(**fields)
+        entries.append(KeptEntry(layer["name"], layer["method"], tuple(layer["ranks"]), spec))
+    return entries, [tuple(pair) for pair in data.get("folded", [])]
+
+
+def write(model: Any, record: dict[str, Any]) -> bool:
+    """Set the record on ``model.config`` when it is a transformers config (what ``save_pretrained`` writes)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_file"):
+        return False
+    setattr(config, RECORD_KEY, record)
+    return True
+
+
+__all__ = ["FORMAT", "KeptEntry", "RECORD_KEY", "from_json", "to_json", "write"]
