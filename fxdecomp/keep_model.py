@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_leaves
 
 from .errors import FxDecompError, InvalidInputError, UnsupportedLayerError
 from .graph.attention import packed
-from .graph.computed_conv import plain_equivalent
+from .graph.computed_conv import overrides_forward, plain_with_weight, plain_equivalent
 from .kept_attention import KeptAttention, in_projection_like
 from . import kept_record
 from .kept_layer import KeptLayer
@@ -80,10 +80,11 @@ def apply_to_model(
     new = copy.deepcopy(model)
     _carry_batchnorm(result.graph_module, new, set(installed))
     specs = getattr(result.graph_module, "meta", {}).get(DECOMPOSED_SPECS, {})
-    _swap_decomposed(new, [d.name for d in decided], attentions, {n: copy.deepcopy(m) for n, m in installed.items()}, specs)
+    pads: dict = {}
+    _swap_decomposed(new, [d.name for d in decided], attentions, {n: copy.deepcopy(m) for n, m in installed.items()}, specs, pads)
     if all(d.name in specs for d in decided):
         folded = getattr(result.graph_module, "meta", {}).get("fxdecomp.folded_batchnorm", ())
-        entries = [KeptEntry(d.name, d.method, tuple(d.ranks), specs[d.name]) for d in decided]
+        entries = [KeptEntry(d.name, d.method, tuple(d.ranks), specs[d.name], *(pads.get(d.name) or ((), "zeros"))) for d in decided]
         kept_record.write(new, kept_record.to_json(entries, list(folded)))
     if example_inputs is not None:
         _check_outputs(result.graph_module, new, example_inputs, rtol, atol)
@@ -109,23 +110,30 @@ def rebuild_kept(model: nn.Module, record: dict) -> nn.Module:
     decided = {e.name for e in entries}
     for layer, norm in folded:
         _swap(model, norm, nn.Identity())
+        if layer in decided:
+            continue
         held = model.get_submodule(layer)
-        if layer not in decided and getattr(held, "bias", None) is None:  # a folded BatchNorm gave it one
-            out = held.weight.shape[1] if isinstance(held, nn.ConvTranspose2d) else held.weight.shape[0]
+        if overrides_forward(held):  # a conv computing its weight in forward was folded as its plain equivalent
+            held = plain_with_weight(held, held.weight, held.bias)
+            _swap(model, layer, held)
+        if getattr(held, "bias", None) is None:  # a folded BatchNorm gave it one
+            out = held.weight.shape[1] * held.groups if getattr(held, "transposed", False) else held.weight.shape[0]
             held.register_parameter("bias", nn.Parameter(torch.empty(out, device=held.weight.device, dtype=held.weight.dtype)))
     attentions = {owner for e in entries for owner in [_attention_owner(e.name)] if owner and packed(modules.get(owner))}
     structures = {}
     for e in entries:
         with torch.device("meta"):
             structures[e.name] = get_decomposer(e.spec.kind, e.method).structure(e.spec, e.ranks)
-    _swap_decomposed(model, [e.name for e in entries], attentions, structures, {e.name: e.spec for e in entries})
+    pads = {e.name: (e.pad, e.pad_mode) if e.pad else None for e in entries}
+    _swap_decomposed(model, [e.name for e in entries], attentions, structures, {e.name: e.spec for e in entries}, pads)
     kept_record.write(model, record)
     return model
 
 
-def _swap_decomposed(new: nn.Module, names: list[str], attentions: set[str], factors: dict, specs: dict) -> None:
+def _swap_decomposed(new: nn.Module, names: list[str], attentions: set[str], factors: dict, specs: dict, pads: dict) -> None:
     """Swap each named layer of ``new`` for a KeptLayer of its ``factors`` (attentions with a decomposed projection
-    for KeptAttentions), in the layer's device, dtype, mode and trainability."""
+    for KeptAttentions), in the layer's device, dtype, mode and trainability. ``pads`` maps a name to the padding its
+    factors need before them (`_pad_before`); a name missing is looked up, and its padding written into ``pads``."""
     attention = {f"{owner}.in_proj_weight" for owner in attentions}
     for owner in sorted(attentions):
         name = f"{owner}.in_proj_weight"
@@ -134,7 +142,9 @@ def _swap_decomposed(new: nn.Module, names: list[str], attentions: set[str], fac
         if name in attention:
             continue
         old = new.get_submodule(name)
-        module = _in_place_of(name, old, factors[name], specs.get(name))
+        if name not in pads:
+            pads[name] = _pad_before(name, old, specs.get(name))
+        module = factors[name] if pads[name] is None else nn.Sequential(pad_module(*pads[name]), factors[name])
         module = KeptLayer(module, old, repr(name))
         module.to(device=old.weight.device, dtype=old.weight.dtype).train(old.training)
         for p, q in zip(module.parameters(), old.parameters()):
@@ -186,16 +196,16 @@ def _folded_layer(gm: nn.Module, new: nn.Module, layer: str) -> nn.Module:
     return folded
 
 
-def _in_place_of(name: str, layer: nn.Module, decomposed: nn.Module, spec) -> nn.Module:
-    """The module that replaces the user's ``layer``: ``decomposed``, which computes the conv the graph called.
+def _pad_before(name: str, layer: nn.Module, spec) -> tuple[tuple[int, ...], str] | None:
+    """The padding (F.pad order, and its mode) the decomposed module of the user's ``layer`` needs before it, or None.
 
     torch.export records a conv that pads before convolving (``padding_mode="reflect"``, or a
     subclass such as EfficientNet's ``Conv2dStaticSamePadding``) as a pad op and then a conv
-    with less padding: the decomposed module then goes after a pad layer that makes up the
-    difference. Any other difference is refused.
+    with less padding: the decomposed module, which computes the conv the graph called, then goes
+    after a pad layer that makes up the difference. Any other difference is refused.
     """
     if not isinstance(spec, ConvSpec):
-        return decomposed
+        return None
     try:
         # A conv that computes its weight in forward (weight standardization) was captured as its plain equivalent.
         plain = plain_equivalent(layer) or layer
@@ -206,14 +216,14 @@ def _in_place_of(name: str, layer: nn.Module, decomposed: nn.Module, spec) -> nn
             f"its decomposed module cannot replace it. Use result.graph_module, or compress with exclude={[name]}"
         ) from exc
     if mine == spec:
-        return decomposed
+        return None
     before = tuple(a - b for a, b in zip(mine.pads, spec.pads))
     if (
         not spec.transposed and spec.padding_mode == "zeros" and min(before, default=-1) >= 0
         and (mine.padding_mode == "zeros" or not any(spec.pads))
         and dataclasses.replace(mine, pads=spec.pads, padding_mode="zeros") == spec
     ):
-        return nn.Sequential(pad_module(before, mine.padding_mode), decomposed)
+        return before, mine.padding_mode
     raise UnsupportedLayerError(
         f"layer {name!r}: the graph decomposed the conv it calls ({spec}), but {type(layer).__name__}'s forward computes "
         f"another ({mine}); its decomposed module cannot replace it. Use result.graph_module, or compress with "

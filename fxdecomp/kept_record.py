@@ -31,19 +31,22 @@ FORMAT = "fxdecomp.kept/1"
 
 @dataclass(frozen=True)
 class KeptEntry:
-    """One decomposed layer: its module path, the decomposer's method and ranks, and the spec it was decomposed as."""
+    """One decomposed layer: its module path, the decomposer's method and ranks, the spec it was decomposed as, and the
+    padding (F.pad order) a pad layer applies before the factors where the layer pads in its own forward."""
 
     name: str
     method: str
     ranks: tuple[int, ...]
     spec: ConvSpec | LinearSpec
+    pad: tuple[int, ...] = ()
+    pad_mode: str = "zeros"
 
 
 def to_json(entries: list[KeptEntry], folded: list[tuple[str, str]] = ()) -> dict[str, Any]:
     """The record as JSON data: ``{"format", "layers": [...], "folded": [[layer, batchnorm], ...]}``."""
     layers = [
         {"name": e.name, "method": e.method, "ranks": list(e.ranks), "spec_kind": "linear" if isinstance(e.spec, LinearSpec) else "conv",
-         "spec": dataclasses.asdict(e.spec)}
+         "spec": dataclasses.asdict(e.spec), "pad": list(e.pad), "pad_mode": e.pad_mode}
         for e in entries
     ]
     return {"format": FORMAT, "layers": layers, "folded": [list(pair) for pair in folded]}
@@ -57,7 +60,8 @@ def from_json(data: Any) -> tuple[list[KeptEntry], list[tuple[str, str]]]:
     for layer in data.get("layers", []):
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in layer["spec"].items()}
         spec = LinearSpec(**fields) if layer["spec_kind"] == "linear" else ConvSpec(**fields)
-        entries.append(KeptEntry(layer["name"], layer["method"], tuple(layer["ranks"]), spec))
+        entries.append(KeptEntry(layer["name"], layer["method"], tuple(layer["ranks"]), spec, tuple(layer.get("pad", ())),
+                                 layer.get("pad_mode", "zeros")))
     return entries, [tuple(pair) for pair in data.get("folded", [])]
 
 

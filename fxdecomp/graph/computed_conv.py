@@ -45,7 +45,7 @@ class _ConvCalls(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _overrides_forward(module: nn.Module) -> bool:
+def overrides_forward(module: nn.Module) -> bool:
     return isinstance(module, CONV_TYPES) and type(module).forward is not torch_class(module).forward
 
 
@@ -79,7 +79,7 @@ def _probes(conv: nn.Module) -> list[torch.Tensor]:
     ]
 
 
-def _with_weight(conv: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+def plain_with_weight(conv: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """A torch-class conv holding ``conv``'s configuration, hooks, buffers and submodules, and ``weight`` / ``bias``."""
     cls = torch_class(conv)
     plain = cls.__new__(cls)
@@ -99,7 +99,7 @@ def plain_equivalent(conv: nn.Module) -> nn.Module | None:
     is not that plain conv on both probes (e.g. it pads by the input size). The plain conv keeps
     ``conv``'s hooks; its other parameters (a gain) are gone.
     """
-    if not _overrides_forward(conv):
+    if not overrides_forward(conv):
         return None
     was_training = conv.training
     conv.eval()
@@ -112,7 +112,7 @@ def plain_equivalent(conv: nn.Module) -> nn.Module | None:
         same_bias = (bias is None) == (conv.bias is None) and (bias is None or torch.equal(bias, conv.bias))
         if torch.equal(weight, conv.weight) and same_bias:
             return None  # its own weight: nothing computed (a pad, if any, is layer_spec's to check)
-        plain = _with_weight(conv, weight, bias)
+        plain = plain_with_weight(conv, weight, bias)
         with torch.no_grad():
             for probe, (_, _, output) in zip(probes, seen):
                 got = plain.forward(probe)

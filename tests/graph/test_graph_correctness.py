@@ -675,6 +675,64 @@ def test_a_kept_standardizing_conv_takes_its_folded_batchnorm_as_a_plain_conv():
         torch.testing.assert_close(kept(x), result.graph_module(x), rtol=1e-4, atol=1e-4)
 
 
+class _SamePaddingConv(nn.Conv2d):
+    """EfficientNet's Conv2dStaticSamePadding: a static pad module applied in its own forward."""
+
+    def __init__(self, cin, cout):
+        super().__init__(cin, cout, 3, stride=2, bias=False)
+        self.static_padding = nn.ZeroPad2d((0, 1, 0, 1))
+
+    def forward(self, x):
+        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class _ConfiguredNet(nn.Module):
+    """A model with a transformers config: what save_pretrained writes and load_compressed reads."""
+
+    def __init__(self):
+        from transformers import PretrainedConfig
+
+        super().__init__()
+        self.config = PretrainedConfig()
+        self.std, self.std_norm = StdConv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.same, self.same_norm = _SamePaddingConv(16, 16), nn.BatchNorm2d(16)
+        self.plain, self.head = nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 10)
+        for norm in (self.std_norm, self.same_norm):
+            norm.running_mean.normal_(), norm.running_var.uniform_(0.5, 2), norm.weight.data.uniform_(0.5, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.std_norm(self.std(x)))
+        x = torch.relu(self.same_norm(self.same(x)))
+        return self.head(self.plain(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_a_kept_model_is_rebuilt_from_its_record_pads_and_folded_convs_included(fold):
+    """load_compressed rebuilds a saved kept model from the record in its config, on the meta device: a conv that
+    pads in its own forward gets its pad layer back, and a kept standardizing conv with a folded BatchNorm its plain conv."""
+    from fxdecomp.keep_model import rebuild_kept
+    from fxdecomp.kept_record import RECORD_KEY
+
+    torch.manual_seed(0)
+    model, x = _ConfiguredNet().eval(), torch.randn(2, 3, 9, 9)
+    recipe = fxdecomp.load_recipe("flops").with_options(fold_batchnorm={"enabled": fold})
+    plan = {"same": ("tucker2", (6, 6)), "plain": ("svd", (8,)), "head": ("svd", (4,))}
+    result = fxdecomp.compress(model, (x,), plan=plan, pipeline=recipe, frontend="export")
+    kept = result.apply_to(model, example_inputs=(x,))
+    record = getattr(kept.config, RECORD_KEY)
+    assert {layer["name"]: layer["pad"] for layer in record["layers"]} == {"same": [0, 1, 0, 1], "plain": [], "head": []}
+    assert len(record["folded"]) == (2 if fold else 0)
+    with torch.device("meta"):
+        rebuilt = _ConfiguredNet()
+    rebuild_kept(rebuilt, record)
+    rebuilt.load_state_dict(kept.state_dict(), assign=True)
+    y = torch.randn(1, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(y), kept(y), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kept(y), result.graph_module(y), rtol=1e-4, atol=1e-4)
+    assert type(rebuilt.std) is (nn.Conv2d if fold else StdConv2d)
+
+
 def test_an_unreachable_budget_names_the_layers_that_keep_their_cost():
     """NFNet-L0's BudgetError said only "the smallest reachable is 0.97": not that every conv had been refused."""
     torch.manual_seed(0)
