@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -82,10 +83,8 @@ def apply_to_model(
     specs = getattr(result.graph_module, "meta", {}).get(DECOMPOSED_SPECS, {})
     pads: dict = {}
     _swap_decomposed(new, [d.name for d in decided], attentions, {n: copy.deepcopy(m) for n, m in installed.items()}, specs, pads)
-    if all(d.name in specs for d in decided):
-        folded = getattr(result.graph_module, "meta", {}).get("fxdecomp.folded_batchnorm", ())
-        entries = [KeptEntry(d.name, d.method, tuple(d.ranks), specs[d.name], *(pads.get(d.name) or ((), "zeros"))) for d in decided]
-        kept_record.write(new, kept_record.to_json(entries, list(folded)))
+    folded = getattr(result.graph_module, "meta", {}).get("fxdecomp.folded_batchnorm", ())
+    _record(new, decided, specs, pads, installed, list(folded))
     if example_inputs is not None:
         _check_outputs(result.graph_module, new, example_inputs, rtol, atol)
     return new
@@ -100,8 +99,6 @@ def rebuild_kept(model: nn.Module, record: dict) -> nn.Module:
     BatchNorm an Identity after a layer with a bias. Raises `InvalidInputError` for a record that
     does not fit the model.
     """
-    from .decomposers import get_decomposer
-
     entries, folded = kept_record.from_json(record)
     modules = dict(model.named_modules())
     missing = [e.name for e in entries if e.name not in modules and _attention_owner(e.name) not in modules]
@@ -120,14 +117,54 @@ def rebuild_kept(model: nn.Module, record: dict) -> nn.Module:
             out = held.weight.shape[1] * held.groups if getattr(held, "transposed", False) else held.weight.shape[0]
             held.register_parameter("bias", nn.Parameter(torch.empty(out, device=held.weight.device, dtype=held.weight.dtype)))
     attentions = {owner for e in entries for owner in [_attention_owner(e.name)] if owner and packed(modules.get(owner))}
-    structures = {}
-    for e in entries:
-        with torch.device("meta"):
-            structures[e.name] = get_decomposer(e.spec.kind, e.method).structure(e.spec, e.ranks)
+    structures = {e.name: _structure(e) for e in entries}
     pads = {e.name: (e.pad, e.pad_mode) if e.pad else None for e in entries}
     _swap_decomposed(model, [e.name for e in entries], attentions, structures, {e.name: e.spec for e in entries}, pads)
     kept_record.write(model, record)
     return model
+
+
+def _record(new: nn.Module, decided: list, specs: dict, pads: dict, installed: dict, folded: list) -> None:
+    """Write the `fxdecomp.kept_record` of ``new``'s decomposed layers into its transformers config (if it has one),
+    so that ``save_pretrained`` writes it; warn where a layer's module is not what the record would rebuild."""
+    if not kept_record.write(new, None):
+        return
+    entries, other = [], []
+    for d in decided:
+        spec = specs.get(d.name)
+        pad, mode = pads.get(d.name) or ((), "zeros")
+        # A correction pass may have given the factors a bias the layer lacked: the record says so.
+        fits = [e for e in (KeptEntry(d.name, d.method, tuple(d.ranks), s, pad, mode) for s in _with_and_without_bias(spec))
+                if _shapes(_structure(e)) == _shapes(installed[d.name])]
+        if fits:
+            entries.append(fits[0])
+        else:
+            other.append(d.name)
+    if other:
+        setattr(new.config, kept_record.RECORD_KEY, None)
+        warnings.warn(
+            f"fxdecomp: {other[:3]} hold modules other than their method's structure at their ranks: save_pretrained of "
+            "the kept model cannot be loaded back by fxdecomp.large.load_compressed (torch.save the whole model instead)",
+            stacklevel=3,
+        )
+        return
+    kept_record.write(new, kept_record.to_json(entries, folded))
+
+
+def _with_and_without_bias(spec) -> list:
+    return [] if spec is None else [spec, dataclasses.replace(spec, has_bias=not spec.has_bias)]
+
+
+def _structure(entry: KeptEntry) -> nn.Module:
+    """The recorded layer's decomposed module on the meta device: its method's structure at its ranks."""
+    from .decomposers import get_decomposer
+
+    with torch.device("meta"):
+        return get_decomposer(entry.spec.kind, entry.method).structure(entry.spec, entry.ranks)
+
+
+def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
 def _swap_decomposed(new: nn.Module, names: list[str], attentions: set[str], factors: dict, specs: dict, pads: dict) -> None:

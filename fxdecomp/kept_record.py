@@ -65,8 +65,9 @@ def from_json(data: Any) -> tuple[list[KeptEntry], list[tuple[str, str]]]:
     return entries, [tuple(pair) for pair in data.get("folded", [])]
 
 
-def write(model: Any, record: dict[str, Any]) -> bool:
-    """Set the record on ``model.config`` when it is a transformers config (what ``save_pretrained`` writes)."""
+def write(model: Any, record: dict[str, Any] | None) -> bool:
+    """Set the record (None: none) on ``model.config`` when it is a transformers config (what ``save_pretrained``
+    writes); returns whether the model has one."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_file"):
         return False

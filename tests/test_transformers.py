@@ -365,13 +365,9 @@ KEPT_METHODS = [("svd", (6,)), ("tucker2", (4, 4)), ("cp", (6,)), ("spatial_svd"
 @pytest.mark.parametrize("method,ranks", KEPT_METHODS, ids=[m for m, _ in KEPT_METHODS])
 def test_a_saved_kept_model_loads_back_with_every_method_and_folded_batchnorms(method, ranks, tmp_path):
     """save_pretrained of a kept model wrote factor keys its class does not build: nothing loaded them back."""
-    from transformers import ResNetConfig, ResNetForImageClassification
-
     from fxdecomp.kept_layer import KeptLayer
 
-    torch.manual_seed(0)
-    config = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10, layer_type="basic")
-    model, x = ResNetForImageClassification(config).eval(), torch.randn(2, 3, 32, 32)
+    model, x = _tiny_resnet()
     plan = {n: (method, ranks) for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)}
     plan["classifier.1"] = ("svd", (4,)) if method != "tt" else ("tt", (2, 2))
     fold = method in ("svd", "tt", "tiled_svd")  # folded BatchNorms: decomposed layers and kept ones gain a bias
@@ -387,6 +383,52 @@ def test_a_saved_kept_model_loads_back_with_every_method_and_folded_batchnorms(m
     with torch.no_grad():  # the same factors; loaded contiguous, so a conv kernel may sum in another order
         torch.testing.assert_close(loaded(y).logits, kept(y).logits, rtol=1e-6, atol=1e-6)
     assert not any(isinstance(m, KeptLayer) for m in model.modules())  # the user's model is untouched
+
+
+def _tiny_resnet():
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    config = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10, layer_type="basic")
+    return ResNetForImageClassification(config).eval(), torch.randn(2, 3, 32, 32)
+
+
+def test_a_kept_model_whose_corrected_factors_gained_a_bias_loads_back(tmp_path):
+    """correct_factors gives a bias-free conv's factors a bias: the record says so, and the reload keeps it."""
+    model, x = _tiny_resnet()
+    batches = [(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(s)),) for s in range(3)]
+    recipe = fxdecomp.load_recipe("flops").with_options(correct_factors={"enabled": True})
+    result = fxdecomp.compress(model, (x,), budget=0.6, calibration=batches, pipeline=recipe)
+    kept = result.apply_to(model, example_inputs=(x,))
+    record = getattr(kept.config, RECORD_KEY)
+    gained = [layer for layer in record["layers"] if layer["spec"]["has_bias"] and model.get_submodule(layer["name"]).bias is None]
+    assert gained  # the convs before BatchNorms have no bias of their own
+    kept.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(load_compressed(tmp_path)(x).logits, kept(x).logits, rtol=1e-6, atol=1e-6)
+
+
+def test_a_saved_kept_model_that_does_not_fit_its_record_is_refused(tmp_path, monkeypatch):
+    import json
+
+    import fxdecomp.keep_model as keep_model
+
+    model, x = _tiny_resnet()
+    result = fxdecomp.compress(model, (x,), budget=0.6)
+    kept = result.apply_to(model)
+    kept.save_pretrained(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    config[RECORD_KEY]["layers"][0]["ranks"] = [r + 1 for r in config[RECORD_KEY]["layers"][0]["ranks"]]  # edited by hand
+    (tmp_path / "a" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(fxdecomp.InvalidInputError, match="has shape .* not saved from this configuration"):
+        load_compressed(tmp_path / "a")
+    # A module the record would not rebuild: apply_to warns, records nothing, and the saved copy is refused by name.
+    monkeypatch.setattr(keep_model, "_structure", lambda entry: nn.Linear(1, 1))
+    with pytest.warns(UserWarning, match="cannot be loaded back"):
+        kept = result.apply_to(model)
+    kept.save_pretrained(tmp_path / "b")
+    with pytest.raises(fxdecomp.InvalidInputError, match="could not be recorded"):
+        load_compressed(tmp_path / "b")
 
 
 class _ReadsItsLayers(nn.Module):

@@ -76,6 +76,16 @@ class LazyCheckpoint:
     def keys(self) -> list[str]:
         return list(self.weight_map)
 
+    def unused(self, model: nn.Module) -> list[str]:
+        """The checkpoint's tensors that no parameter or buffer of ``model`` is read from."""
+        read = set()
+        for key in model.state_dict(keep_vars=True):
+            try:
+                read.add(self._resolve(key))
+            except InvalidInputError:
+                continue
+        return sorted(set(self.weight_map) - read)
+
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
@@ -93,7 +103,8 @@ class LazyCheckpoint:
         """Load every meta parameter and meta persistent buffer of ``module`` from ``prefix.<name>``.
 
         Tied parameters (one Parameter in several modules) are loaded once and stay
-        tied; submodules under ``skip`` (a path relative to ``module``) are left alone.
+        tied; submodules under ``skip`` (a path relative to ``module``) are left alone. Raises
+        `InvalidInputError` for a tensor missing or of another shape.
         """
         prefix = f"{prefix}." if prefix else ""
         loaded: dict[int, nn.Parameter] = {}
@@ -105,7 +116,13 @@ class LazyCheckpoint:
                 if param is None or not param.is_meta:
                     continue
                 if id(param) not in loaded:
-                    value = self.tensor(self._resolve(path + name))
+                    key = self._resolve(path + name)
+                    value = self.tensor(key)
+                    if value.shape != param.shape:
+                        raise InvalidInputError(
+                            f"{key!r} in the checkpoint {self.path} has shape {tuple(value.shape)}, but the model's "
+                            f"{path + name!r} has {tuple(param.shape)}: the checkpoint was not saved from this configuration"
+                        )
                     loaded[id(param)] = nn.Parameter(value.to(dtype) if dtype is not None else value, requires_grad=False)
                 owner._parameters[name] = loaded[id(param)]
             for name, buffer in list(owner._buffers.items()):

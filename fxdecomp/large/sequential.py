@@ -408,10 +408,21 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> nn.Mo
                 setattr(model.get_submodule(parent) if parent else model, attribute, structure)
         elif record is not None:
             model = rebuild_kept(empty_model(checkpoint, dtype, any_class=True), record)
+        elif RECORD_KEY in checkpoint.config:
+            raise InvalidInputError(
+                f"{path} holds a kept model whose decomposed layers could not be recorded when it was made (apply_to warned: "
+                "a correction pass changed their modules); keep such a model with torch.save of the whole model"
+            )
         else:
             raise InvalidInputError(
                 f"{path} holds no {PLAN_FILE} and its config.json no {RECORD_KEY!r}: it was not written by fxdecomp "
                 "(compress_sequential, or save_pretrained of a kept model)"
             )
         checkpoint.materialize(model, dtype=dtype)
+        unused = checkpoint.unused(model)
+        if unused:  # a tensor the rebuilt model does not hold would be lost without a word
+            raise InvalidInputError(
+                f"{len(unused)} tensor(s) of {path} have no place in the rebuilt {type(model).__name__} (e.g. "
+                f"{', '.join(unused[:3])}): the directory was not written by this fxdecomp version, or was changed"
+            )
     return model.eval()
