@@ -359,6 +359,22 @@ def test_keep_the_model_generates_like_the_original(compressed, name, tmp_path):
         torch.testing.assert_close(again(*x).logits, small(*x).logits, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", list(TINY))
+def test_a_saved_kept_model_loads_back_in_its_own_class(compressed, name, tmp_path):
+    """Every tiny client kept, saved and loaded back: WhisperEncoder, which transformers does not export at its top
+    level, was built as a WhisperForCausalLM (a raw ValueError from its constructor)."""
+    spec, model, x, result = compressed(name, 0.5)
+    kept = result.apply_to(model, example_inputs=x)
+    kept.save_pretrained(tmp_path)
+    loaded = load_compressed(tmp_path)
+    assert type(loaded) is type(model)
+    other = spec.inputs(3, 11)
+    with torch.no_grad():
+        for got, want in zip(tree_leaves(loaded(*other)), tree_leaves(kept.eval()(*other))):
+            if isinstance(want, torch.Tensor):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 KEPT_METHODS = [("svd", (6,)), ("tucker2", (4, 4)), ("cp", (6,)), ("spatial_svd", (6,)), ("tt", (4, 4, 4)), ("tiled_svd", (2, 2, 2, 2))]
 
 

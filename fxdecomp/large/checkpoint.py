@@ -225,9 +225,9 @@ def empty_model(checkpoint: LazyCheckpoint, dtype: torch.dtype | None = None, an
         config = AutoConfig.from_pretrained(checkpoint.path)
     except (ValueError, KeyError) as exc:
         raise InvalidInputError(f"transformers cannot read {checkpoint.path / 'config.json'}: {exc}") from exc
-    named = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None) if any_class else None
+    named = _model_class(config) if any_class else None
     with init_empty_weights(include_buffers=False):
-        if isinstance(named, type):
+        if named is not None:
             model = named._from_config(config, torch_dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
@@ -235,6 +235,29 @@ def empty_model(checkpoint: LazyCheckpoint, dtype: torch.dtype | None = None, an
         model.tie_weights()  # from_config on the meta device leaves tied heads untied
     checkpoint.follow_renames(model)
     return model.eval()
+
+
+def _model_class(config) -> type | None:
+    """The class ``config.architectures`` names (save_pretrained writes the saved model's): from transformers' namespace,
+    or from the model type's modeling module (``WhisperEncoder`` is not exported). None when the config names none;
+    `InvalidInputError` when transformers has no such class."""
+    import importlib
+
+    import transformers
+
+    name = (getattr(config, "architectures", None) or [None])[0]
+    if not name:
+        return None
+    found = getattr(transformers, name, None)
+    if not isinstance(found, type):
+        model_type = str(getattr(config, "model_type", "")).replace("-", "_")
+        try:
+            found = getattr(importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}"), name, None)
+        except ImportError:
+            found = None
+    if not isinstance(found, type):
+        raise InvalidInputError(f"config.json names the class {name!r}, which transformers {transformers.__version__} does not have")
+    return found
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
