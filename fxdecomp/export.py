@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_leaves
 
 from .benchmark import TensorInfo, io_info, open_session
 from .errors import ExportError, InvalidInputError, ParityError
@@ -165,7 +166,8 @@ def _check_args(module, example_inputs, path, opset, rtol, atol, input_names) ->
     if not isinstance(module, nn.Module):
         raise InvalidInputError(f"export_onnx needs an nn.Module, got {type(module).__name__}")
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
-    if isinstance(args, (tuple, list)) and any(isinstance(a, (tuple, list, dict)) for a in args):
+    nested = [a for a in args if isinstance(a, (tuple, list, dict))] if isinstance(args, (tuple, list)) else []
+    if any(isinstance(leaf, torch.Tensor) for a in nested for leaf in tree_leaves(a)):
         raise InvalidInputError(
             "export_onnx takes the module's inputs as flat tensors; these hold a tuple, list or dict. ONNX graphs take "
             "flat inputs: export a wrapper module whose forward takes the tensors one by one and builds the structure"
