@@ -6,7 +6,8 @@ allows it and fixes it where the model needs one size), so batch and sequence
 length stay free, in tensors nested in tuples, lists and dicts too. Tensors of
 size 1 in dim 0 are exported at 2, because export fixes dimensions of size 1
 (its 0/1 specialisation); each free dimension is then checked at size 1
-against the eager model before size 1 is accepted.
+against the eager model before size 1 is accepted, and a graph that refuses the
+user's own example is exported again at the example's shapes.
 
 The result is ``ExportedProgram.module()`` made module-like:
 
@@ -165,12 +166,15 @@ def export_trace(model: nn.Module, example_inputs: tuple, dynamic_shapes: Any = 
         if shapes.dynamic:
             shapes = _allow_size_one(shapes, gm, model, example_inputs, export_args)
             if export_args is not example_inputs and not _accepts(shapes, example_inputs):
-                # Exported at batch 2, the graph does not reproduce the model at the user's batch 1:
-                # export again at the user's own shapes, which the result must always accept.
-                log.info("the batch-2 graph does not run %s at the example's batch 1; exporting at the example's shapes", type(model).__name__)
+                # Exported with size-1 dimensions at 2, the graph does not take the user's example (it does not
+                # reproduce the model at 1, or export tied a broadcast size-1 dimension to the batch): export
+                # again at the user's own shapes, which the result must always accept.
+                log.info("the graph exported at size 2 does not take %s's example; exporting at the example's shapes", type(model).__name__)
                 spec = _auto_spec(example_inputs)
                 program = torch.export.export(model, example_inputs, dynamic_shapes=spec, strict=False)
                 gm, shapes = as_module(program, model), input_shapes(program)
+                if shapes.dynamic:  # dimensions the example has at 2 or more may still hold at 1
+                    shapes = _allow_size_one(shapes, gm, model, example_inputs, example_inputs)
             for node in gm.graph.nodes:  # symbolic (or batch-2) metadata: shape_prop recomputes at the example
                 node.meta.pop("val", None)
     install_shape_check(gm, shapes)
@@ -178,13 +182,11 @@ def export_trace(model: nn.Module, example_inputs: tuple, dynamic_shapes: Any = 
 
 
 def _accepts(shapes: "InputShapes", example_inputs: tuple) -> bool:
-    """Whether every free dimension's range holds the example's size."""
-    leaves = tree_leaves(example_inputs)
-    for (i, d) in shapes.free_dims():
-        lo, hi = shapes.range_of(shapes.sizes[i][d])
-        size = leaves[i].shape[d]
-        if size < lo or (hi is not None and size > hi):
-            return False
+    """Whether the shape check passes the example: every size in range, and equal where the graph needs it."""
+    try:
+        shapes.check(tuple(tree_leaves(example_inputs)))
+    except ShapeError:
+        return False
     return True
 
 
@@ -212,7 +214,9 @@ def _export_spec(model: nn.Module, example_inputs: tuple, dynamic_shapes: Any) -
     if dynamic_shapes != "auto":
         return dynamic_shapes, example_inputs
     export_args = example_inputs
-    # Every tensor of size 1 in dim 0 (nested ones too) is tried at 2: export fixes what it sees at 1.
+    # Every tensor of size 1 in dim 0 (nested ones too) is tried at 2: export fixes what it sees at 1. Where that
+    # was a size-1 tensor broadcast beside batched ones (HF position_ids), the graph refuses the example and
+    # export_trace exports again at the example's shapes.
     ones = [x for x in tree_leaves(example_inputs) if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1]
     if ones:
         doubled = tree_map(lambda x: torch.cat([x, x]) if any(x is o for o in ones) else x, example_inputs)

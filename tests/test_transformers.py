@@ -264,6 +264,19 @@ def test_nested_inputs_keep_their_dimensions_free_under_export(batch):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_size_one_input_that_broadcasts_beside_a_batch_keeps_both_free():
+    """position_ids of shape (1, L) beside input_ids of batch 2 (transformers' broadcast form): tried at batch 2, export
+    tied it to the batch, the graph refused the user's own example, and compress failed with a raw RuntimeError."""
+    model = TINY["llama"].build()
+    ids, positions = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0)), torch.arange(8)[None]
+    plan = {d.name: ("svd", (min(model.get_submodule(d.name).weight.shape),)) for d in fxdecomp.compress(model, (ids,), budget=0.7).decisions}
+    result = fxdecomp.compress(model, (ids, None, positions), plan=plan, frontend="export")
+    for batch, length in ((2, 8), (1, 5), (3, 11)):
+        args = (torch.randint(0, 64, (batch, length)), None, torch.arange(length)[None])
+        with torch.no_grad():
+            torch.testing.assert_close(result.graph_module(*args).logits, model(*args).logits, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", list(TINY))
 def test_onnx_parity_at_two_shapes(compressed, name, tmp_path):
     spec, model, x, result = compressed(name, 0.5)
