@@ -101,7 +101,9 @@ def rebuild_kept(model: nn.Module, record: dict) -> nn.Module:
     """
     entries, folded = kept_record.from_json(record)
     modules = dict(model.named_modules())
-    missing = [e.name for e in entries if e.name not in modules and _attention_owner(e.name) not in modules]
+    # Factors of an earlier decomposed layer (a loaded model compressed again) exist once that layer is rebuilt.
+    outer = [e for e in entries if not any(e.name.startswith(f.name + ".") for f in entries)]
+    missing = [e.name for e in outer if e.name not in modules and _attention_owner(e.name) not in modules]
     if missing:
         raise InvalidInputError(f"the record names layers {missing[:5]} that {type(model).__name__} does not have")
     decided = {e.name for e in entries}
@@ -115,7 +117,7 @@ def rebuild_kept(model: nn.Module, record: dict) -> nn.Module:
             _swap(model, layer, held)
         if getattr(held, "bias", None) is None:  # a folded BatchNorm gave it one
             out = held.weight.shape[1] * held.groups if getattr(held, "transposed", False) else held.weight.shape[0]
-            held.register_parameter("bias", nn.Parameter(torch.empty(out, device=held.weight.device, dtype=held.weight.dtype)))
+            held.register_parameter("bias", nn.Parameter(torch.empty(out, device="meta", dtype=held.weight.dtype)))  # loaded next
     attentions = {owner for e in entries for owner in [_attention_owner(e.name)] if owner and packed(modules.get(owner))}
     structures = {e.name: _structure(e) for e in entries}
     pads = {e.name: (e.pad, e.pad_mode) if e.pad else None for e in entries}
@@ -127,6 +129,7 @@ def rebuild_kept(model: nn.Module, record: dict) -> nn.Module:
 def _record(new: nn.Module, decided: list, specs: dict, pads: dict, installed: dict, folded: list) -> None:
     """Write the `fxdecomp.kept_record` of ``new``'s decomposed layers into its transformers config (if it has one),
     so that ``save_pretrained`` writes it; warn where a layer's module is not what the record would rebuild."""
+    previous = getattr(getattr(new, "config", None), kept_record.RECORD_KEY, None)
     if not kept_record.write(new, None):
         return
     entries, other = [], []
@@ -148,7 +151,18 @@ def _record(new: nn.Module, decided: list, specs: dict, pads: dict, installed: d
             stacklevel=3,
         )
         return
-    kept_record.write(new, kept_record.to_json(entries, folded))
+    kept_record.write(new, kept_record.merged(previous, entries, folded, lambda name: _is_kept(new, name)))
+
+
+def _is_kept(model: nn.Module, name: str) -> bool:
+    """Whether the layer at ``name`` is a KeptLayer, or a KeptAttention's packed projection (``owner.in_proj_weight``)."""
+    owner, _, attribute = name.rpartition(".")
+    try:
+        if attribute == "in_proj_weight":
+            return isinstance(model.get_submodule(owner), KeptAttention)
+        return isinstance(model.get_submodule(name), KeptLayer)
+    except AttributeError:
+        return False
 
 
 def _with_and_without_bias(spec) -> list:
@@ -183,7 +197,8 @@ def _swap_decomposed(new: nn.Module, names: list[str], attentions: set[str], fac
             pads[name] = _pad_before(name, old, specs.get(name))
         module = factors[name] if pads[name] is None else nn.Sequential(pad_module(*pads[name]), factors[name])
         module = KeptLayer(module, old, repr(name))
-        module.to(device=old.weight.device, dtype=old.weight.dtype).train(old.training)
+        structure_only = any(p.is_meta for p in module.parameters())  # rebuild_kept: the factors are loaded afterwards
+        module.to(**({} if structure_only else {"device": old.weight.device}), dtype=old.weight.dtype).train(old.training)
         for p, q in zip(module.parameters(), old.parameters()):
             p.requires_grad_(q.requires_grad)
         _swap(new, name, module)

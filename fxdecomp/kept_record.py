@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from .errors import InvalidInputError
@@ -65,6 +66,15 @@ def from_json(data: Any) -> tuple[list[KeptEntry], list[tuple[str, str]]]:
     return entries, [tuple(pair) for pair in data.get("folded", [])]
 
 
+def merged(previous: Any, entries: list[KeptEntry], folded: list[tuple[str, str]], present: Callable[[str], bool]) -> dict[str, Any]:
+    """The record of ``entries`` after the ``previous`` record's entries still ``present`` (a model loaded by
+    load_compressed and compressed again: its earlier layers stay decomposed, its new candidates are their factors),
+    outer layers before the factors inside them, as `rebuild` order needs."""
+    before, before_folded = from_json(previous) if previous else ([], [])
+    layers = sorted([e for e in before if present(e.name)] + list(entries), key=lambda e: e.name.count("."))
+    return to_json(layers, [*before_folded, *folded])
+
+
 def write(model: Any, record: dict[str, Any] | None) -> bool:
     """Set the record (None: none) on ``model.config`` when it is a transformers config (what ``save_pretrained``
     writes); returns whether the model has one."""
@@ -75,4 +85,4 @@ def write(model: Any, record: dict[str, Any] | None) -> bool:
     return True
 
 
-__all__ = ["FORMAT", "KeptEntry", "RECORD_KEY", "from_json", "to_json", "write"]
+__all__ = ["FORMAT", "KeptEntry", "RECORD_KEY", "from_json", "merged", "to_json", "write"]

@@ -419,7 +419,10 @@ def _tiny_resnet():
 
     torch.manual_seed(0)
     config = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10, layer_type="basic")
-    return ResNetForImageClassification(config).eval(), torch.randn(2, 3, 32, 32)
+    model = ResNetForImageClassification(config).eval()
+    for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):  # trained statistics, not the initial ones
+        norm.running_mean.normal_(), norm.running_var.uniform_(0.5, 2)
+    return model, torch.randn(2, 3, 32, 32)
 
 
 def test_a_kept_model_whose_corrected_factors_gained_a_bias_loads_back(tmp_path):

@@ -8,6 +8,7 @@ Example::
 """
 
 from .checkpoint import LazyCheckpoint, ShardWriter, empty_model
-from .sequential import SequentialResult, compress_sequential, load_compressed
+from .loading import load_compressed
+from .sequential import SequentialResult, compress_sequential
 
 __all__ = ["LazyCheckpoint", "SequentialResult", "ShardWriter", "compress_sequential", "empty_model", "load_compressed"]

@@ -99,8 +99,11 @@ class LazyCheckpoint:
             self._handles[shard] = self._stack.enter_context(self._safe_open(self.path / shard, framework="pt"))
         return self._handles[shard].get_tensor(name)
 
-    def materialize(self, module: nn.Module, prefix: str = "", skip: str | None = None, dtype: torch.dtype | None = None) -> None:
-        """Load every meta parameter and meta persistent buffer of ``module`` from ``prefix.<name>``.
+    def materialize(
+        self, module: nn.Module, prefix: str = "", skip: str | None = None, dtype: torch.dtype | None = None, buffers: bool = True
+    ) -> None:
+        """Load every meta parameter of ``module`` from ``prefix.<name>``, and every persistent buffer stored there
+        (with ``buffers=False``: only meta ones).
 
         Tied parameters (one Parameter in several modules) are loaded once and stay
         tied; submodules under ``skip`` (a path relative to ``module``) are left alone. Raises
@@ -126,8 +129,15 @@ class LazyCheckpoint:
                     loaded[id(param)] = nn.Parameter(value.to(dtype) if dtype is not None else value, requires_grad=False)
                 owner._parameters[name] = loaded[id(param)]
             for name, buffer in list(owner._buffers.items()):
-                if buffer is not None and buffer.is_meta and path + name in self.weight_map:
-                    owner._buffers[name] = self.tensor(path + name)
+                stored = buffer is not None and name not in owner._non_persistent_buffers_set and path + name in self.weight_map
+                if stored and (buffer.is_meta or buffers):  # BatchNorm statistics: the saved ones, not the initial ones
+                    value = self.tensor(path + name)
+                    if value.shape != buffer.shape:
+                        raise InvalidInputError(
+                            f"{path + name!r} in the checkpoint {self.path} has shape {tuple(value.shape)}, but the model's "
+                            f"buffer has {tuple(buffer.shape)}: the checkpoint was not saved from this configuration"
+                        )
+                    owner._buffers[name] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
 
     def sizes(self) -> tuple[int, int]:
         """(elements, bytes) of every tensor in the checkpoint, read from the shard headers."""
@@ -209,15 +219,15 @@ class LazyCheckpoint:
         self.close()
 
 
-def empty_model(checkpoint: LazyCheckpoint, dtype: torch.dtype | None = None, any_class: bool = False) -> nn.Module:
+def empty_model(checkpoint: LazyCheckpoint, dtype: torch.dtype | None = None, class_name: str | None = None) -> nn.Module:
     """The checkpoint's model class built with every parameter on the meta device (buffers real).
 
-    A causal LM (`AutoModelForCausalLM`), or with ``any_class`` the class ``config.json``'s
-    ``architectures`` names (an encoder, a classifier, ...). Non-persistent buffers (rotary
-    frequencies) are computed as usual, so a block runs once its parameters are materialized.
-    Raises `InvalidInputError` when transformers does not know the config's model type.
+    The class is ``class_name``, else the one ``config.json``'s ``architectures`` names (what
+    ``save_pretrained`` writes), else a causal LM (`AutoModelForCausalLM`). Non-persistent buffers
+    (rotary frequencies) are computed as usual, so a block runs once its parameters are
+    materialized. Raises `InvalidInputError` when transformers does not know the config's model
+    type or the named class.
     """
-    import transformers
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -225,7 +235,7 @@ def empty_model(checkpoint: LazyCheckpoint, dtype: torch.dtype | None = None, an
         config = AutoConfig.from_pretrained(checkpoint.path)
     except (ValueError, KeyError) as exc:
         raise InvalidInputError(f"transformers cannot read {checkpoint.path / 'config.json'}: {exc}") from exc
-    named = _model_class(config) if any_class else None
+    named = model_class(config, class_name)
     with init_empty_weights(include_buffers=False):
         if named is not None:
             model = named._from_config(config, torch_dtype=dtype)
@@ -237,15 +247,15 @@ def empty_model(checkpoint: LazyCheckpoint, dtype: torch.dtype | None = None, an
     return model.eval()
 
 
-def _model_class(config) -> type | None:
-    """The class ``config.architectures`` names (save_pretrained writes the saved model's): from transformers' namespace,
-    or from the model type's modeling module (``WhisperEncoder`` is not exported). None when the config names none;
-    `InvalidInputError` when transformers has no such class."""
+def model_class(config, name: str | None = None) -> type | None:
+    """The transformers class ``name`` (default: the one ``config.architectures`` names, which save_pretrained writes):
+    from transformers' namespace, or from the model type's modeling module (``WhisperEncoder`` is not exported).
+    None when no name is given or recorded; `InvalidInputError` when transformers has no such class."""
     import importlib
 
     import transformers
 
-    name = (getattr(config, "architectures", None) or [None])[0]
+    name = name or (getattr(config, "architectures", None) or [None])[0]
     if not name:
         return None
     found = getattr(transformers, name, None)

@@ -50,20 +50,19 @@ from torch import nn
 from ..budget import Budget
 from ..calibration import GramAccumulator
 from ..cost import flop_counter
-from ..decomposers import get_decomposer
 from ..errors import BudgetError, InvalidInputError
+from .. import kept_record
 from ..keep_model import rebuild_kept
 from ..kept_layer import KeptLayer
-from .. import kept_record
 from ..kept_record import RECORD_KEY, KeptEntry
 from ..progress import Progress
 from ..result import Decision
 from .blocks import BlockCall, BlockStack, capture_block_inputs, head_inputs, run_block
 from .checkpoint import LazyCheckpoint, ShardWriter, empty_model
 from .distributed import World, default_device
+from .loading import PLAN_FILE, load_compressed  # noqa: F401  (load_compressed: importable from here as before)
 from .layers import LayerRecord, apply_option, factorization_cost, layer_record, linear_spec, linears, observe, solve
 
-PLAN_FILE = "fxdecomp_plan.json"
 
 
 @dataclass
@@ -137,6 +136,9 @@ def compress_sequential(
         raise InvalidInputError("compressing a checkpoint directory writes the result to disk: give out=DIR")
     device = torch.device(device) if device is not None else default_device()
     model = empty_model(checkpoint) if lazy else copy.deepcopy(source).eval()
+    previous = getattr(getattr(model, "config", None), RECORD_KEY, None)
+    if lazy and previous:  # a compressed checkpoint compressed again: its decomposed layers as they were saved
+        rebuild_kept(model, previous)
     stack = BlockStack.of(model)
     if lazy:
         checkpoint.materialize(model, skip=stack.path)
@@ -230,7 +232,8 @@ def compress_sequential(
 
         ordered = [decisions[r.name] for r in records]
         # save_pretrained of the model in memory writes this record; load_compressed rebuilds the factors from it.
-        kept_record.write(model, kept_record.to_json([KeptEntry(d.name, d.method, d.ranks, specs[d.name]) for d in ordered if d.decomposed]))
+        entries = [KeptEntry(d.name, d.method, d.ranks, specs[d.name]) for d in ordered if d.decomposed]
+        kept_record.write(model, kept_record.merged(previous, entries, [], lambda name: isinstance(_module_at(model, name), KeptLayer)))
         saved_params = sum(d.params_before - d.params_after for d in ordered)
         if writer is not None:
             for key, tensor in model.state_dict().items():
@@ -353,6 +356,13 @@ def place(target, device: torch.device, skip: str | None = None):
     return target
 
 
+def _module_at(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def _tied_parameters(model: nn.Module) -> set[int]:
     """ids of parameters held by more than one module (tied embeddings and heads)."""
     counts: dict[int, int] = {}
@@ -370,6 +380,7 @@ def _sizes(model: nn.Module) -> tuple[int, int]:
 def _write_plan(out: Path, model: nn.Module, stack: BlockStack, decisions: list[Decision]) -> None:
     config = getattr(model, "config", None)
     if config is not None:
+        config.architectures = [type(model).__name__]  # the class load_compressed builds, as save_pretrained writes it
         config.to_json_file(out / "config.json")
     plan = {
         "format": "fxdecomp.sequential/1",
@@ -378,51 +389,3 @@ def _write_plan(out: Path, model: nn.Module, stack: BlockStack, decisions: list[
         "decisions": [asdict(d) for d in decisions],
     }
     (out / PLAN_FILE).write_text(json.dumps(plan, indent=1))
-
-
-def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
-    """A compressed model saved to ``path``, in its own transformers class, its decomposed layers `KeptLayer`s.
-
-    Reads what `compress_sequential` writes (its plan file), and what ``save_pretrained`` of a kept
-    model writes (`CompressionResult.apply_to`, or `compress_sequential`'s model in memory: the
-    record `fxdecomp.kept_record` puts in ``config.json``). Builds the model from ``config.json``
-    on the meta device, puts the decomposed structures in place of the decomposed layers, and
-    loads every tensor from the safetensors files. The class's own ``from_pretrained`` cannot: it
-    builds the dense layers and leaves them random. Raises `InvalidInputError` if the directory
-    holds neither.
-    """
-    path = Path(path)
-    with LazyCheckpoint(path) as checkpoint:
-        record = checkpoint.config.get(RECORD_KEY)
-        if (path / PLAN_FILE).is_file():
-            plan = json.loads((path / PLAN_FILE).read_text())
-            model = empty_model(checkpoint, dtype)
-            for decision in plan["decisions"]:
-                if decision["method"] == "keep":
-                    continue
-                layer = model.get_submodule(decision["name"])
-                decomposer = get_decomposer("linear", decision["method"])
-                with torch.device("meta"):
-                    structure = KeptLayer(decomposer.structure(linear_spec(layer), tuple(decision["ranks"])), layer, repr(decision["name"]))
-                parent, _, attribute = decision["name"].rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, attribute, structure)
-        elif record is not None:
-            model = rebuild_kept(empty_model(checkpoint, dtype, any_class=True), record)
-        elif RECORD_KEY in checkpoint.config:
-            raise InvalidInputError(
-                f"{path} holds a kept model whose decomposed layers could not be recorded when it was made (apply_to warned: "
-                "a correction pass changed their modules); keep such a model with torch.save of the whole model"
-            )
-        else:
-            raise InvalidInputError(
-                f"{path} holds no {PLAN_FILE} and its config.json no {RECORD_KEY!r}: it was not written by fxdecomp "
-                "(compress_sequential, or save_pretrained of a kept model)"
-            )
-        checkpoint.materialize(model, dtype=dtype)
-        unused = checkpoint.unused(model)
-        if unused:  # a tensor the rebuilt model does not hold would be lost without a word
-            raise InvalidInputError(
-                f"{len(unused)} tensor(s) of {path} have no place in the rebuilt {type(model).__name__} (e.g. "
-                f"{', '.join(unused[:3])}): the directory was not written by this fxdecomp version, or was changed"
-            )
-    return model.eval()

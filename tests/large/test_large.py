@@ -432,6 +432,61 @@ def test_a_conv1d_at_full_rank_is_exact_and_keeps_its_weight_shape():
         assert kept.weight.shape == original.weight.shape  # model code reading the Conv1D's (in, out) shape
 
 
+def test_a_loaded_model_compressed_again_keeps_its_earlier_layers_when_saved_and_loaded(tmp_path):
+    """The record of the second compression replaced the first's: the reload failed ("no tensor ...gate_proj.weight")."""
+    from fxdecomp.kept_layer import KeptLayer
+
+    model, ids = llama(), tokens(2, 8)
+    first = compress_sequential(model, (ids,), budget=0.6)
+    first.model.save_pretrained(tmp_path / "a")
+    loaded = load_compressed(tmp_path / "a")
+    assert all(p.requires_grad for p in loaded.parameters())  # as from_pretrained leaves them: fine-tunable
+    earlier = [d.name for d in first.decisions if d.decomposed]
+    # Again, streamed: new layers decomposed beside the earlier ones.
+    second = compress_sequential(loaded, (ids,), budget=0.45)
+    second.model.save_pretrained(tmp_path / "b")
+    # And with compress + apply_to, a factor of an earlier layer decomposed in turn (a record entry inside another).
+    inner = f"{earlier[0]}.1"
+    rank = min(loaded.get_submodule(inner).weight.shape) - 1
+    kept = fxdecomp.compress(loaded, (ids,), plan={inner: ("svd", (rank,))}).apply_to(loaded, example_inputs=(ids,))
+    assert isinstance(kept.get_submodule(inner), KeptLayer)
+    kept.save_pretrained(tmp_path / "c")
+    for saved, directory in ((second.model, "b"), (kept, "c")):
+        again = load_compressed(tmp_path / directory)
+        assert all(isinstance(again.get_submodule(name), KeptLayer) for name in earlier)
+        with torch.no_grad():
+            torch.testing.assert_close(again(ids).logits, saved(ids).logits, rtol=1e-6, atol=1e-6)
+
+
+def test_compress_sequential_output_loads_in_its_own_class(tmp_path):
+    """load_compressed built every plan directory as a causal LM: a BertModel raised a raw AttributeError."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)).eval()
+    result = compress_sequential(model, (tokens(2, 8),), budget=0.7, out=tmp_path)
+    loaded = load_compressed(tmp_path)
+    assert type(loaded) is BertModel
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens(2, 8)).last_hidden_state, result.model(tokens(2, 8)).last_hidden_state, rtol=1e-6, atol=1e-6)
+
+
+def test_a_kept_mixture_of_experts_model_loads_back(tmp_path):
+    """Mixtral's experts are stored per expert and fused by transformers on load: the kept model's reload read them as
+    stored and refused, pointing to from_pretrained (which leaves the factors random)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1)
+    model, ids = MixtralForCausalLM(config).eval(), tokens(2, 8)
+    kept = fxdecomp.compress(model, (ids,), plan={"model.layers.0.self_attn.q_proj": ("svd", (8,))}).apply_to(model, example_inputs=(ids,))
+    kept.save_pretrained(tmp_path)
+    loaded = load_compressed(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, kept(ids).logits, rtol=1e-6, atol=1e-6)
+
+
 def test_a_decomposed_tied_head_survives_tie_weights():
     """Decomposed layers became KeptLayers, and transformers' tie_weights then raised a raw KeyError on the head."""
     model = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
