@@ -68,6 +68,7 @@ class LazyCheckpoint:
             )
         self.weight_map: dict[str, str] = dict(weight_map)
         self._renamed: dict[str, str] = {}  # the model's key -> the checkpoint's, where transformers renames on load
+        self._prefix = ""  # the model's base_model_prefix ("transformer"), which a checkpoint may store its keys without
         self._converted: list[str] = []  # what transformers builds from several stored tensors on load (MoE experts)
         self._stack = ExitStack()
         self._handles: dict[str, Any] = {}
@@ -157,6 +158,7 @@ class LazyCheckpoint:
         when it loads (GPT-NeoX's ``embed_out`` is ``lm_head``; Mixtral's ``block_sparse_moe`` is ``mlp``). Tensors
         it builds from several stored ones (``WeightConverter``: fused mixture-of-experts weights) are named in the
         error of a key the model needs."""
+        self._prefix = getattr(model, "base_model_prefix", "") or ""
         try:
             from transformers.conversion_mapping import get_model_conversion_mapping
 
@@ -177,16 +179,25 @@ class LazyCheckpoint:
             if renamed != key:
                 self._renamed.setdefault(renamed, key)
 
+    def _stored(self, key: str) -> str | None:
+        """The stored name of the model's ``key``: as is, renamed by transformers, or with / without the base model's
+        prefix (a checkpoint saved from ``GPT2Model`` read into ``GPT2LMHeadModel``, as the Hub's GPT-2 is stored)."""
+        prefix = self._prefix + "." if self._prefix else None
+        for name in (key, self._renamed.get(key), key[len(prefix):] if prefix and key.startswith(prefix) else None,
+                     prefix + key if prefix else None):
+            if name is not None and name in self.weight_map:
+                return name
+        return None
+
     def _resolve(self, key: str) -> str:
-        if key in self.weight_map:
-            return key
-        if key in self._renamed:
-            return self._renamed[key]
+        stored = self._stored(key)
+        if stored is not None:
+            return stored
         tied = self.config.get("tie_word_embeddings", False)
         if tied and key.endswith("lm_head.weight"):
             for embedding in ("model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight"):
-                if embedding in self.weight_map:
-                    return embedding
+                if self._stored(embedding) is not None:
+                    return self._stored(embedding)
         converted = [c for c in self._converted if c.strip(".") and c.strip(".") in key]
         if converted:
             raise InvalidInputError(

@@ -125,6 +125,8 @@ def _pretrained(checkpoint: LazyCheckpoint, record: dict, dtype: torch.dtype | N
             f"{checkpoint.path} does not load into {cls.__name__} with its recorded decomposed layers: "
             + "; ".join(f"{what}: {', '.join(keys[:3])}" for what, keys in
                         (("missing", missing), ("not read", unread), ("of another shape", mismatched)) if keys)
+            + (". The class built from config.json has tensors the saved model lacked: a constructor argument the config "
+               "does not record (BertModel(add_pooling_layer=False))?" if missing and not unread else "")
         )
     logging.getLogger(__name__).info("loaded %s with %d decomposed layers", cls.__name__, len(record.get("layers", ())))
     return model

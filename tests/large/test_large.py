@@ -416,6 +416,23 @@ def test_gpt2s_conv1d_layers_are_decomposed_as_the_linears_they_compute(tmp_path
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_checkpoint_stored_without_the_base_model_prefix_is_read(tmp_path):
+    """The Hub's GPT-2 stores its keys without "transformer." (saved from GPT2Model): compress_sequential from such a
+    directory raised "no tensor 'transformer.wte.weight'", though from_pretrained loads it."""
+    from transformers import GPT2LMHeadModel
+
+    model = gpt2()
+    model.transformer.save_pretrained(tmp_path / "src")  # keys "h.0.attn.c_attn.weight", "wte.weight", ...
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    reference = GPT2LMHeadModel.from_pretrained(tmp_path / "src").eval()
+    batches = [(tokens(2, 12, seed=s),) for s in range(2)]
+    in_memory = compress_sequential(reference, (tokens(),), budget=0.6, calibration=batches)
+    compress_sequential(tmp_path / "src", (tokens(),), budget=0.6, calibration=batches, out=tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(load_compressed(tmp_path / "out")(tokens(2, 9)).logits, in_memory.model(tokens(2, 9)).logits)
+
+
 def test_a_conv1d_at_full_rank_is_exact_and_keeps_its_weight_shape():
     from fxdecomp.large.layers import LayerOption, LayerRecord, apply_option
 
