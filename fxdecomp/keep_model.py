@@ -197,11 +197,17 @@ def _swap_decomposed(new: nn.Module, names: list[str], attentions: set[str], fac
             pads[name] = _pad_before(name, old, specs.get(name))
         module = factors[name] if pads[name] is None else nn.Sequential(pad_module(*pads[name]), factors[name])
         module = KeptLayer(module, old, repr(name))
-        structure_only = any(p.is_meta for p in module.parameters())  # rebuild_kept: the factors are loaded afterwards
-        module.to(**({} if structure_only else {"device": old.weight.device}), dtype=old.weight.dtype).train(old.training)
+        _place_like(module, old.weight, old.training)
         for p, q in zip(module.parameters(), old.parameters()):
             p.requires_grad_(q.requires_grad)
         _swap(new, name, module)
+
+
+def _place_like(module: nn.Module, like: torch.Tensor, training: bool) -> None:
+    """``module`` in ``like``'s dtype and device (a structure on the meta device, whose factors rebuild_kept's caller
+    loads afterwards, stays there) and in the layer's mode."""
+    structure_only = any(p.is_meta for p in module.parameters())
+    module.to(**({} if structure_only else {"device": like.device}), dtype=like.dtype).train(training)
 
 
 def _carry_batchnorm(gm: nn.Module, new: nn.Module, decomposed: set[str]) -> None:
@@ -299,7 +305,7 @@ def _kept_attention(mha: nn.MultiheadAttention, decomposed: nn.Module | None, na
         in_proj.weight, in_proj.bias = mha.in_proj_weight, mha.in_proj_bias
         return KeptAttention(mha, in_proj)
     in_proj = KeptLayer(copy.deepcopy(decomposed), projection, repr(name))
-    in_proj.to(device=mha.in_proj_weight.device, dtype=mha.in_proj_weight.dtype).train(mha.training)
+    _place_like(in_proj, mha.in_proj_weight, mha.training)
     for p in in_proj.parameters():
         p.requires_grad_(mha.in_proj_weight.requires_grad)
     return KeptAttention(mha, in_proj)

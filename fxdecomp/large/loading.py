@@ -23,6 +23,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -30,8 +31,9 @@ from torch import nn
 from ..decomposers import get_decomposer
 from ..errors import InvalidInputError
 from ..keep_model import rebuild_kept
+from ..kept_attention import KeptAttention
 from ..kept_layer import KeptLayer
-from ..kept_record import RECORD_KEY
+from ..kept_record import RECORD_KEY, from_json
 from .checkpoint import LazyCheckpoint, empty_model, model_class
 from .layers import linear_spec
 
@@ -96,10 +98,9 @@ def _streamed(checkpoint: LazyCheckpoint, plan: dict, record: dict | None, dtype
 
 def _pretrained(checkpoint: LazyCheckpoint, record: dict, dtype: torch.dtype | None) -> nn.Module:
     """A saved kept model: transformers loads what it knows, then the recorded factors take the dense layers' place."""
-    from transformers import AutoConfig
     from transformers.utils import logging as transformers_logging
 
-    cls = model_class(AutoConfig.from_pretrained(checkpoint.path))
+    cls = model_class(SimpleNamespace(**checkpoint.config))  # the class reads its own config (its config_class)
     if cls is None:
         raise InvalidInputError(f"{checkpoint.path / 'config.json'} names no model class (architectures); save the model with save_pretrained")
     # The dense layers the class builds in place of the decomposed ones are reported missing and the factors
@@ -113,6 +114,10 @@ def _pretrained(checkpoint: LazyCheckpoint, record: dict, dtype: torch.dtype | N
     finally:
         transformers_logging.set_verbosity(verbosity)
     rebuild_kept(model, record)
+    # Everything a rebuilt module holds is read from the checkpoint: its factors (built on the meta device), and what
+    # it took from the dense layer from_pretrained built (a KeptAttention's undecomposed projection, a folded bias).
+    for path in _rebuilt(model, record):
+        model.get_submodule(path).to("meta")
     checkpoint.follow_renames(model)
     factors = {name for name, p in model.named_parameters() if p.is_meta}
     checkpoint.materialize(model, dtype=dtype or _dtype_of(model), buffers=False)  # transformers loaded the buffers
@@ -130,6 +135,18 @@ def _pretrained(checkpoint: LazyCheckpoint, record: dict, dtype: torch.dtype | N
         )
     logging.getLogger(__name__).info("loaded %s with %d decomposed layers", cls.__name__, len(record.get("layers", ())))
     return model
+
+
+def _rebuilt(model: nn.Module, record: dict) -> list[str]:
+    """The paths of the modules `rebuild_kept` put in place: each decomposed layer (a `KeptAttention`'s projections: the
+    attention) and each layer a BatchNorm was folded into."""
+    entries, folded = from_json(record)
+    paths = set()
+    for entry in entries:
+        owner = entry.name.rpartition(".")[0]
+        paths.add(owner if owner and isinstance(model.get_submodule(owner), KeptAttention) else entry.name)
+    paths |= {layer for layer, _ in folded}
+    return sorted(p for p in paths if not any(p.startswith(q + ".") for q in paths))  # an outer module covers its factors
 
 
 def _dtype_of(model: nn.Module) -> torch.dtype | None:

@@ -504,6 +504,41 @@ def test_a_kept_mixture_of_experts_model_loads_back(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, kept(ids).logits, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("plan", [{"attn.out_proj": ("svd", (8,))}, {"attn.in_proj_weight": ("svd", (8,)), "head": ("svd", (4,))}],
+                         ids=["out_proj", "in_proj"])
+def test_a_kept_attention_loads_back(plan, tmp_path, monkeypatch):
+    """A transformers model holding an nn.MultiheadAttention: its KeptAttention loads back whole, the projection that
+    stayed dense included (it was left as from_pretrained's random init and refused as not read)."""
+    import transformers
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    from fxdecomp.kept_attention import KeptAttention
+
+    class ToyConfig(PretrainedConfig):
+        model_type = "fxdecomp_toy"
+
+    class Toy(PreTrainedModel):
+        config_class = ToyConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.attn, self.head = nn.MultiheadAttention(32, 4, batch_first=True), nn.Linear(32, 10)
+            self.post_init()
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+    monkeypatch.setattr(transformers, "Toy", Toy, raising=False)  # where load_compressed looks the saved class up
+    torch.manual_seed(0)
+    model, x = Toy(ToyConfig()).eval(), torch.randn(2, 5, 32)
+    kept = fxdecomp.compress(model, (x,), plan=plan).apply_to(model, example_inputs=(x,))
+    kept.save_pretrained(tmp_path)
+    loaded = load_compressed(tmp_path)
+    assert isinstance(loaded.attn, KeptAttention)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), kept(x), rtol=1e-6, atol=1e-6)
+
+
 def test_a_decomposed_tied_head_survives_tie_weights():
     """Decomposed layers became KeptLayers, and transformers' tie_weights then raised a raw KeyError on the head."""
     model = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
