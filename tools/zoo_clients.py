@@ -384,6 +384,7 @@ def run_model(name: str, build: Builder, budgets: list[float], methods, limit: i
     signal.alarm(limit)
     try:
         try:
+            torch.manual_seed(0)  # each model's weights its own: not moved by the rows before it (a reload initializes layers)
             model, inputs = build()
         except Exception as exc:
             return [f"| {name} | - | skipped: cannot build offline ({type(exc).__name__}: {_line(exc)}) ||||||||"]
