@@ -299,20 +299,22 @@ def _allow_size_one(
 ) -> InputShapes:
     """Accept size 1 for each free dimension export started at 2, where the graph matches eager at size 1.
 
-    Each symbol is tried alone at 1, the others at their exported sizes. Batch dimensions the
-    export doubled (``export_args`` against ``example_inputs``) may fail alone yet hold together:
+    Each symbol is tried alone at 1, the others at their exported sizes. Batch dimensions (the
+    export doubled them, ``export_args`` against ``example_inputs``, or they lead an input) may
+    fail alone yet hold together:
     export can leave an attention mask's batch a symbol of its own that eager broadcasts from 1
     but the graph indexes by the batch of the other inputs (transformers' BART). Those are then
-    tied into one symbol, checked at the example's sizes, so the graph refuses unequal batches
-    with a `ShapeError` instead of failing inside.
+    tied into one symbol, checked at the example's sizes and at 1 together, so the graph refuses
+    unequal batches with a `ShapeError` instead of failing inside.
     """
     ranges = {symbol: (lo, hi) for symbol, lo, hi in shapes.ranges}
+    # Batch-like symbols: those the export doubled, and every input's leading one (an example of batch 2: BERT's mask).
     doubled = {
         shape[d]
         for x, shape, e in zip(tree_leaves(export_args), shapes.sizes, tree_leaves(example_inputs))
         if shape and isinstance(x, torch.Tensor)
         for d in range(x.dim())
-        if isinstance(shape[d], str) and x.shape[d] != e.shape[d]
+        if isinstance(shape[d], str) and (x.shape[d] != e.shape[d] or d == 0)
     }
     failed = set()
     for symbol, (lo, hi) in ranges.items():
@@ -323,7 +325,8 @@ def _allow_size_one(
         else:
             failed.add(symbol)
     tie = sorted(_tie_group(gm, model, export_args, shapes, failed & doubled, doubled - failed), key=_symbol_order)
-    if failed & doubled and len(tie) > 1 and _same_outputs(gm, model, example_inputs):
+    if (failed & doubled and len(tie) > 1 and _same_outputs(gm, model, example_inputs)
+            and _same_outputs(gm, model, _at_one(export_args, shapes, set(tie)))):
         log.info("the graph holds at batch 1 only with %s equal: they are tied", ", ".join(tie))
         shapes = _tied(shapes, tie)
         hi = min((ranges[s][1] for s in tie if ranges[s][1] is not None), default=None)

@@ -264,6 +264,19 @@ def test_nested_inputs_keep_their_dimensions_free_under_export(batch):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_an_example_of_batch_two_still_serves_batch_one():
+    """BERT compressed on a batch-2 example refused batch 1: its input_ids' and attention_mask's batches, left apart by
+    export, each fail alone at 1 and hold only together, and only doubled batches were tied."""
+    model = TINY["bert"].build()
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    result = fxdecomp.compress(model, (ids, torch.ones_like(ids)), budget=0.7, frontend="export")
+    for batch, length in ((1, 5), (3, 8)):
+        args = (torch.randint(0, 100, (batch, length)), torch.ones(batch, length, dtype=torch.long))
+        assert result.graph_module(*args).last_hidden_state.shape == (batch, length, 32)
+    with pytest.raises(fxdecomp.ShapeError, match="needs them equal"):
+        result.graph_module(torch.randint(0, 100, (3, 8)), torch.ones(2, 8, dtype=torch.long))
+
+
 def test_a_size_one_input_that_broadcasts_beside_a_batch_keeps_both_free():
     """position_ids of shape (1, L) beside input_ids of batch 2 (transformers' broadcast form): tried at batch 2, export
     tied it to the batch, the graph refused the user's own example, and compress failed with a raw RuntimeError."""
