@@ -325,8 +325,8 @@ def _allow_size_one(
         else:
             failed.add(symbol)
     tie = sorted(_tie_group(gm, model, export_args, shapes, failed & doubled, doubled - failed), key=_symbol_order)
-    if (failed & doubled and len(tie) > 1 and _same_outputs(gm, model, example_inputs)
-            and _same_outputs(gm, model, _at_one(export_args, shapes, set(tie)))):
+    if (failed & doubled and len(tie) > 1 and _equal_sizes(export_args, shapes, tie) and _equal_sizes(example_inputs, shapes, tie)
+            and _same_outputs(gm, model, example_inputs) and _same_outputs(gm, model, _at_one(export_args, shapes, set(tie)))):
         log.info("the graph holds at batch 1 only with %s equal: they are tied", ", ".join(tie))
         shapes = _tied(shapes, tie)
         hi = min((ranges[s][1] for s in tie if ranges[s][1] is not None), default=None)
@@ -349,6 +349,18 @@ def _tie_group(gm, model, export_args: tuple, shapes: InputShapes, failed: set[s
     if group != failed | passed and not _same_outputs(gm, model, _at_one(export_args, shapes, group)):
         return failed | passed
     return group
+
+
+def _equal_sizes(args: tuple, shapes: InputShapes, symbols: list[str]) -> bool:
+    """Whether every dimension carrying one of ``symbols`` has one size in ``args``: only such symbols can be one."""
+    sizes = {
+        x.shape[d]
+        for x, shape in zip(tree_leaves(args), shapes.sizes)
+        if isinstance(x, torch.Tensor) and shape
+        for d, size in enumerate(shape)
+        if size in symbols
+    }
+    return len(sizes) <= 1
 
 
 def _symbol_order(symbol: str) -> tuple:

@@ -103,7 +103,7 @@ def rebuild_kept(model: nn.Module, record: dict) -> nn.Module:
     modules = dict(model.named_modules())
     # Factors of an earlier decomposed layer (a loaded model compressed again) exist once that layer is rebuilt.
     outer = [e for e in entries if not any(e.name.startswith(f.name + ".") for f in entries)]
-    missing = [e.name for e in outer if e.name not in modules and _attention_owner(e.name) not in modules]
+    missing = [e.name for e in outer if e.name not in modules and not (_attention_owner(e.name) and _attention_owner(e.name) in modules)]
     if missing:
         raise InvalidInputError(f"the record names layers {missing[:5]} that {type(model).__name__} does not have")
     decided = {e.name for e in entries}

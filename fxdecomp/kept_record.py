@@ -58,12 +58,16 @@ def from_json(data: Any) -> tuple[list[KeptEntry], list[tuple[str, str]]]:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise InvalidInputError(f"config.json's {RECORD_KEY!r} is not a {FORMAT} record; was it written by this fxdecomp?")
     entries = []
-    for layer in data.get("layers", []):
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in layer["spec"].items()}
-        spec = LinearSpec(**fields) if layer["spec_kind"] == "linear" else ConvSpec(**fields)
-        entries.append(KeptEntry(layer["name"], layer["method"], tuple(layer["ranks"]), spec, tuple(layer.get("pad", ())),
-                                 layer.get("pad_mode", "zeros")))
-    return entries, [tuple(pair) for pair in data.get("folded", [])]
+    try:
+        for layer in data.get("layers", []):
+            fields = {k: tuple(v) if isinstance(v, list) else v for k, v in layer["spec"].items()}
+            spec = LinearSpec(**fields) if layer["spec_kind"] == "linear" else ConvSpec(**fields)
+            entries.append(KeptEntry(layer["name"], layer["method"], tuple(layer["ranks"]), spec, tuple(layer.get("pad", ())),
+                                     layer.get("pad_mode", "zeros")))
+        folded = [(str(layer), str(norm)) for layer, norm in data.get("folded", [])]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInputError(f"config.json's {RECORD_KEY!r} is malformed ({type(exc).__name__}: {exc}); was it edited?") from exc
+    return entries, folded
 
 
 def merged(previous: Any, entries: list[KeptEntry], folded: list[tuple[str, str]], present: Callable[[str], bool]) -> dict[str, Any]:

@@ -277,6 +277,30 @@ def test_an_example_of_batch_two_still_serves_batch_one():
         result.graph_module(torch.randint(0, 100, (3, 8)), torch.ones(2, 8, dtype=torch.long))
 
 
+class _ItemsAndQueries(nn.Module):
+    """Items (A, 4) and queries (B, 4) of independent counts, with a shortcut that holds only when both are 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, y):
+        s = self.fc(x).sum(0) if (x.shape[0] > 1 or y.shape[0] == 1) else 2 * self.fc(x).sum(0)
+        return s + y
+
+
+def test_leading_sizes_that_differ_in_the_example_are_never_tied():
+    """Both leading symbols fail alone at 1 and hold together, but the example has 3 items and 2 queries: tying them
+    made the graph refuse the user's own example."""
+    from fxdecomp.export_capture import export_trace
+
+    torch.manual_seed(0)
+    model, example = _ItemsAndQueries().eval(), (torch.randn(3, 4), torch.randn(2, 4))
+    gm = export_trace(model, example)
+    for args in (example, (torch.randn(5, 4), torch.randn(1, 4)), (torch.randn(2, 4), torch.randn(4, 4))):
+        torch.testing.assert_close(gm(*args), model(*args))
+
+
 def test_a_size_one_input_that_broadcasts_beside_a_batch_keeps_both_free():
     """position_ids of shape (1, L) beside input_ids of batch 2 (transformers' broadcast form): tried at batch 2, export
     tied it to the batch, the graph refused the user's own example, and compress failed with a raw RuntimeError."""
@@ -392,7 +416,11 @@ def test_a_saved_kept_model_loads_back_in_its_own_class(compressed, name, tmp_pa
     spec, model, x, result = compressed(name, 0.5)
     kept = result.apply_to(model, example_inputs=x)
     kept.save_pretrained(tmp_path)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
     loaded = load_compressed(tmp_path)
+    assert torch.equal(torch.rand(3), expected)  # loading draws nothing from the caller's generator
     assert type(loaded) is type(model)
     other = spec.inputs(3, 11)
     with torch.no_grad():

@@ -239,19 +239,21 @@ def empty_model(checkpoint: LazyCheckpoint, dtype: torch.dtype | None = None, cl
     materialized. Raises `InvalidInputError` when transformers does not know the config's model
     type or the named class.
     """
+    from types import SimpleNamespace
+
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    try:
-        config = AutoConfig.from_pretrained(checkpoint.path)
+    named = model_class(SimpleNamespace(**checkpoint.config), class_name)
+    try:  # the class's own config class reads a model type transformers does not register (a custom model)
+        config = named.config_class.from_pretrained(checkpoint.path) if named is not None else AutoConfig.from_pretrained(checkpoint.path)
     except (ValueError, KeyError) as exc:
         raise InvalidInputError(f"transformers cannot read {checkpoint.path / 'config.json'}: {exc}") from exc
-    named = model_class(config, class_name)
     with init_empty_weights(include_buffers=False):
         if named is not None:
-            model = named._from_config(config, torch_dtype=dtype)
+            model = named._from_config(config, dtype=dtype)
         else:
-            model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # from_config on the meta device leaves tied heads untied
     checkpoint.follow_renames(model)

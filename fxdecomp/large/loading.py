@@ -49,6 +49,8 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> nn.Mo
     them random. Parameters are trainable (``requires_grad``), as ``from_pretrained`` leaves them.
     Raises `InvalidInputError` if the directory holds neither kind, or a tensor does not fit.
     """
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise InvalidInputError(f"dtype must be a torch.dtype (torch.bfloat16) or None, got {dtype!r}")
     path = Path(path)
     with LazyCheckpoint(path) as checkpoint:
         record = checkpoint.config.get(RECORD_KEY)
@@ -97,7 +99,12 @@ def _streamed(checkpoint: LazyCheckpoint, plan: dict, record: dict | None, dtype
 
 
 def _pretrained(checkpoint: LazyCheckpoint, record: dict, dtype: torch.dtype | None) -> nn.Module:
-    """A saved kept model: transformers loads what it knows, then the recorded factors take the dense layers' place."""
+    """A saved kept model: transformers loads what it knows, then the recorded factors take the dense layers' place.
+
+    Peak memory is about the dense model's: from_pretrained builds the layers that are then swapped. Building the
+    recorded structures inside its __init__ instead would avoid that, but transformers 5 then renames the factors'
+    keys on save and not on load (ViT's ``attention.key.0.weight``) and refuses a tie into a decomposed head.
+    """
     from transformers.utils import logging as transformers_logging
 
     cls = model_class(SimpleNamespace(**checkpoint.config))  # the class reads its own config (its config_class)
@@ -108,7 +115,9 @@ def _pretrained(checkpoint: LazyCheckpoint, record: dict, dtype: torch.dtype | N
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:
-        with warnings.catch_warnings():
+        # It initializes the dense layers it builds in place of the decomposed ones: from the global generator, which
+        # the caller's random draws must not feel.
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore")
             model, info = cls.from_pretrained(checkpoint.path, output_loading_info=True, **({"dtype": dtype} if dtype else {}))
     finally:

@@ -132,6 +132,19 @@ def test_bad_inputs_are_named(tmp_path):
     llama(layers=1).save_pretrained(tmp_path)  # a plain checkpoint: no plan, no record
     with pytest.raises(InvalidInputError, match="not written by fxdecomp"):
         load_compressed(tmp_path)
+    model = llama(layers=1)
+    compress_sequential(model, (tokens(),), budget=0.6).model.save_pretrained(tmp_path / "kept")
+    with pytest.raises(InvalidInputError, match="dtype must be a torch.dtype"):
+        load_compressed(tmp_path / "kept", dtype="bfloat16")
+    config = json.loads((tmp_path / "kept" / "config.json").read_text())
+    record = config["fxdecomp_decomposed"]
+    for edit, match in ((lambda r: r["layers"][0].update(name="model.layers.0.mlp.nosuch"), "names layers .*nosuch.* does not have"),
+                        (lambda r: r["layers"][0]["spec"].pop("in_features"), "is malformed")):
+        broken = json.loads(json.dumps(record))
+        edit(broken)
+        (tmp_path / "kept" / "config.json").write_text(json.dumps({**config, "fxdecomp_decomposed": broken}))
+        with pytest.raises(InvalidInputError, match=match):  # was a raw AttributeError / TypeError
+            load_compressed(tmp_path / "kept")
     with pytest.raises(InvalidInputError, match="ModuleList"):
         compress_sequential(nn.Sequential(nn.Linear(4, 4)), (torch.randn(1, 4),))
     with pytest.raises(InvalidInputError, match="out=DIR"):
@@ -537,6 +550,47 @@ def test_a_kept_attention_loads_back(plan, tmp_path, monkeypatch):
     assert isinstance(loaded.attn, KeptAttention)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), kept(x), rtol=1e-6, atol=1e-6)
+
+
+def test_a_custom_transformers_model_loads_back_by_either_route(tmp_path, monkeypatch):
+    """A model type transformers does not register: its own config class reads it (AutoConfig refused the streamed
+    directory of compress_sequential(out=))."""
+    import transformers
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    class ToyConfig(PretrainedConfig):
+        model_type = "fxdecomp_toy_seq"
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 32)
+
+        def forward(self, x):
+            return x + self.fc2(torch.relu(self.fc1(x)))
+
+    class ToySeq(PreTrainedModel):
+        config_class = ToyConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.emb, self.layers, self.head = nn.Embedding(VOCAB, 32), nn.ModuleList([Block(), Block()]), nn.Linear(32, VOCAB)
+            self.post_init()
+
+        def forward(self, ids):
+            x = self.emb(ids)
+            for block in self.layers:
+                x = block(x)
+            return self.head(x)
+
+    monkeypatch.setattr(transformers, "ToySeq", ToySeq, raising=False)  # where load_compressed looks the saved class up
+    torch.manual_seed(0)
+    model, ids = ToySeq(ToyConfig()).eval(), tokens(1, 6)
+    result = compress_sequential(model, (ids,), budget=0.7, out=tmp_path / "streamed")
+    result.model.save_pretrained(tmp_path / "saved")
+    with torch.no_grad():
+        for directory in ("streamed", "saved"):
+            torch.testing.assert_close(load_compressed(tmp_path / directory)(ids), result.model(ids))
 
 
 def test_a_decomposed_tied_head_survives_tie_weights():
