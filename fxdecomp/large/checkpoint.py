@@ -101,10 +101,12 @@ class LazyCheckpoint:
         return self._handles[shard].get_tensor(name)
 
     def materialize(
-        self, module: nn.Module, prefix: str = "", skip: str | None = None, dtype: torch.dtype | None = None, buffers: bool = True
+        self, module: nn.Module, prefix: str = "", skip: str | None = None, dtype: torch.dtype | None = None, buffers: bool = True,
+        placed_dtype: bool = False,
     ) -> None:
         """Load every meta parameter of ``module`` from ``prefix.<name>``, and every persistent buffer stored there
-        (with ``buffers=False``: only meta ones).
+        (with ``buffers=False``: only meta ones). Parameters come in ``dtype`` (default: as stored), or with
+        ``placed_dtype`` in the dtype of their meta placeholder.
 
         Tied parameters (one Parameter in several modules) are loaded once and stay
         tied; submodules under ``skip`` (a path relative to ``module``) are left alone. Raises
@@ -127,7 +129,8 @@ class LazyCheckpoint:
                             f"{key!r} in the checkpoint {self.path} has shape {tuple(value.shape)}, but the model's "
                             f"{path + name!r} has {tuple(param.shape)}: the checkpoint was not saved from this configuration"
                         )
-                    loaded[id(param)] = nn.Parameter(value.to(dtype) if dtype is not None else value, requires_grad=False)
+                    want = param.dtype if placed_dtype else dtype
+                    loaded[id(param)] = nn.Parameter(value.to(want) if want is not None else value, requires_grad=False)
                 owner._parameters[name] = loaded[id(param)]
             for name, buffer in list(owner._buffers.items()):
                 stored = buffer is not None and name not in owner._non_persistent_buffers_set and path + name in self.weight_map

@@ -129,7 +129,9 @@ def _pretrained(checkpoint: LazyCheckpoint, record: dict, dtype: torch.dtype | N
         model.get_submodule(path).to("meta")
     checkpoint.follow_renames(model)
     factors = {name for name, p in model.named_parameters() if p.is_meta}
-    checkpoint.materialize(model, dtype=dtype or _dtype_of(model), buffers=False)  # transformers loaded the buffers
+    # Each in the dtype from_pretrained gave the dense layer it replaces (T5's wo stays float32 in a float16 model);
+    # transformers loaded the buffers.
+    checkpoint.materialize(model, buffers=False, placed_dtype=True)
     state = model.state_dict()
     missing = sorted(k for k in info.get("missing_keys", ()) if k in state and k not in factors)
     unread = sorted(k for k in info.get("unexpected_keys", ()) if k not in factors)
@@ -156,7 +158,3 @@ def _rebuilt(model: nn.Module, record: dict) -> list[str]:
         paths.add(owner if owner and isinstance(model.get_submodule(owner), KeptAttention) else entry.name)
     paths |= {layer for layer, _ in folded}
     return sorted(p for p in paths if not any(p.startswith(q + ".") for q in paths))  # an outer module covers its factors
-
-
-def _dtype_of(model: nn.Module) -> torch.dtype | None:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.is_meta), None)
