@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -170,8 +171,12 @@ def export_trace(model: nn.Module, example_inputs: tuple, dynamic_shapes: Any = 
                 # reproduce the model at 1, or export tied a broadcast size-1 dimension to the batch): export
                 # again at the user's own shapes, which the result must always accept.
                 log.info("the graph exported at size 2 does not take %s's example; exporting at the example's shapes", type(model).__name__)
-                spec = _auto_spec(example_inputs)
-                program = torch.export.export(model, example_inputs, dynamic_shapes=spec, strict=False)
+                spec = _auto_spec(example_inputs, model)
+                try:
+                    program = torch.export.export(model, example_inputs, dynamic_shapes=spec, strict=False)
+                except Exception as exc:
+                    log.info("torch.export at the example's shapes with free dimensions failed (%s); exporting them fixed", exc)
+                    program = torch.export.export(model, example_inputs, strict=False)
                 gm, shapes = as_module(program, model), input_shapes(program)
                 if shapes.dynamic:  # dimensions the example has at 2 or more may still hold at 1
                     shapes = _allow_size_one(shapes, gm, model, example_inputs, example_inputs)
@@ -226,12 +231,24 @@ def _export_spec(model: nn.Module, example_inputs: tuple, dynamic_shapes: Any) -
             export_args = doubled
         except Exception as exc:  # the model fixes its batch: export at the user's shapes
             log.info("%s does not run at batch 2 (%s); batch stays 1", type(model).__name__, exc)
-    return _auto_spec(export_args), export_args
+    return _auto_spec(export_args, model), export_args
 
 
-def _auto_spec(args: tuple) -> tuple:
-    """torch.export's dynamic_shapes with every dimension of every tensor free, nested inputs (tuples, lists, dicts) too."""
-    return tuple(tree_map(lambda x: {d: Dim.AUTO for d in range(x.dim())} if isinstance(x, torch.Tensor) else None, x) for x in args)
+def _auto_spec(args: tuple, model: nn.Module) -> tuple:
+    """torch.export's dynamic_shapes with every dimension of every tensor free, nested inputs (tuples, lists, dicts) too.
+
+    Arguments that ``model.forward`` gathers in ``*args`` get one entry, a tuple, as torch.export reads the signature.
+    """
+    specs = tuple(tree_map(lambda x: {d: Dim.AUTO for d in range(x.dim())} if isinstance(x, torch.Tensor) else None, x) for x in args)
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return specs
+    kinds = [p.kind for p in parameters]
+    if inspect.Parameter.VAR_POSITIONAL not in kinds:
+        return specs
+    fixed = kinds.index(inspect.Parameter.VAR_POSITIONAL)
+    return (*specs[:fixed], specs[fixed:])
 
 
 def as_module(program: torch.export.ExportedProgram, model: nn.Module | None = None) -> fx.GraphModule:

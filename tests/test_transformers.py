@@ -277,6 +277,25 @@ def test_an_example_of_batch_two_still_serves_batch_one():
         result.graph_module(torch.randint(0, 100, (3, 8)), torch.ones(2, 8, dtype=torch.long))
 
 
+class _VarArgs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, *args):
+        return self.fc(args[0]) + args[1]
+
+
+def test_a_forward_taking_star_args_keeps_its_dimensions_free():
+    """One dynamic_shapes entry per argument did not fit a forward(*args) signature: torch.export refused it and every
+    dimension was fixed at the example's size."""
+    torch.manual_seed(0)
+    model = _VarArgs().eval()
+    result = fxdecomp.compress(model, (torch.randn(2, 8), torch.randn(2, 8)), plan={"fc": ("svd", (8,))}, frontend="export")
+    args = (torch.randn(5, 8), torch.randn(5, 8))
+    torch.testing.assert_close(result.graph_module(*args), model(*args), rtol=1e-5, atol=1e-5)
+
+
 class _ItemsAndQueries(nn.Module):
     """Items (A, 4) and queries (B, 4) of independent counts, with a shortcut that holds only when both are 1."""
 
