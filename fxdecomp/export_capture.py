@@ -326,7 +326,7 @@ def _allow_size_one(
     """
     ranges = {symbol: (lo, hi) for symbol, lo, hi in shapes.ranges}
     # Batch-like symbols: those the export doubled, and every input's leading one (an example of batch 2: BERT's mask).
-    doubled = {
+    batch_like = {
         shape[d]
         for x, shape, e in zip(tree_leaves(export_args), shapes.sizes, tree_leaves(example_inputs))
         if shape and isinstance(x, torch.Tensor)
@@ -341,8 +341,8 @@ def _allow_size_one(
             ranges[symbol] = (1, hi)
         else:
             failed.add(symbol)
-    tie = sorted(_tie_group(gm, model, export_args, shapes, failed & doubled, doubled - failed), key=_symbol_order)
-    if (failed & doubled and len(tie) > 1 and _equal_sizes(export_args, shapes, tie) and _equal_sizes(example_inputs, shapes, tie)
+    tie = sorted(_tie_group(gm, model, export_args, shapes, failed & batch_like, batch_like - failed), key=_symbol_order)
+    if (failed & batch_like and len(tie) > 1 and _equal_sizes(export_args, shapes, tie) and _equal_sizes(example_inputs, shapes, tie)
             and _same_outputs(gm, model, example_inputs) and _same_outputs(gm, model, _at_one(export_args, shapes, set(tie)))):
         log.info("the graph holds at batch 1 only with %s equal: they are tied", ", ".join(tie))
         shapes = _tied(shapes, tie)
@@ -358,7 +358,7 @@ def _allow_size_one(
 def _tie_group(gm, model, export_args: tuple, shapes: InputShapes, failed: set[str], passed: set[str]) -> set[str]:
     """The batch symbols to tie: those that failed alone, with each that passed and lets them hold at 1 together.
 
-    Every doubled symbol when that smaller group does not hold at 1 with the rest at their exported sizes.
+    Every batch-like symbol when that smaller group does not hold at 1 with the rest at their exported sizes.
     """
     if not failed:
         return set()

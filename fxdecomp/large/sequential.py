@@ -332,7 +332,6 @@ def _apply(model, layers, by_name, chosen, grams, world: World, specs: dict) -> 
         decisions[name] = decision
         if module is not None:
             specs[name] = linear_spec(layer)
-        if module is not None:
             built.append((module, owner))
     for module, owner in built:
         world.send_module(module, owner)
