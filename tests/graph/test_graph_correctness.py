@@ -16,6 +16,7 @@ import fxdecomp
 from fxdecomp import Budget
 from fxdecomp.errors import BudgetError, InvalidInputError
 from fxdecomp.examples.graphs import AttentionNet, Holder, SideEffect, TiedLM
+from tests.capture.test_export_modules import _SamePaddingConv as SamePaddingConv
 
 # ---- helpers: the untouched-model oracle, full-rank plans, independent counts ---------------
 
@@ -675,17 +676,6 @@ def test_a_kept_standardizing_conv_takes_its_folded_batchnorm_as_a_plain_conv():
         torch.testing.assert_close(kept(x), result.graph_module(x), rtol=1e-4, atol=1e-4)
 
 
-class _SamePaddingConv(nn.Conv2d):
-    """EfficientNet's Conv2dStaticSamePadding: a static pad module applied in its own forward."""
-
-    def __init__(self, cin, cout):
-        super().__init__(cin, cout, 3, stride=2, bias=False)
-        self.static_padding = nn.ZeroPad2d((0, 1, 0, 1))
-
-    def forward(self, x):
-        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-
 class _ConfiguredNet(nn.Module):
     """A model with a transformers config: what save_pretrained writes and load_compressed reads."""
 
@@ -695,7 +685,7 @@ class _ConfiguredNet(nn.Module):
         super().__init__()
         self.config = PretrainedConfig()
         self.std, self.std_norm = StdConv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
-        self.same, self.same_norm = _SamePaddingConv(16, 16), nn.BatchNorm2d(16)
+        self.same, self.same_norm = SamePaddingConv(16, 16), nn.BatchNorm2d(16)
         self.plain, self.head = nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 10)
         for norm in (self.std_norm, self.same_norm):
             norm.running_mean.normal_(), norm.running_var.uniform_(0.5, 2), norm.weight.data.uniform_(0.5, 3)
