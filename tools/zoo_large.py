@@ -2,9 +2,12 @@
 
 Each model (a small config with random weights, built by transformers) is saved with
 ``save_pretrained``, compressed from that directory to 0.8 of its FLOPs with 4 calibration
-batches, written out, read back with ``load_compressed``, and run. One row per model: FLOPs
-kept (fxdecomp's count), the relative error of the logits against the original, seconds, or
-the error (a named refusal is an ``InvalidInputError`` / ``BudgetError``; anything else is a bug).
+batches, written out, read back with ``load_compressed``, and run. It is also compressed in
+memory, its model saved with ``save_pretrained`` and read back with ``load_compressed`` (the
+record in its config), which must give the same logits. One row per model: FLOPs kept
+(fxdecomp's count), the relative error of the logits against the original, the in-memory
+round trip, seconds, or the error (a named refusal is an ``InvalidInputError`` /
+``BudgetError``; anything else is a bug).
 
     python tools/zoo_large.py
     python tools/zoo_large.py --models falcon,bloom,mamba
@@ -61,15 +64,31 @@ def run(name: str, budget: float) -> str:
                 small = load_compressed(f"{folder}/out")
                 with torch.no_grad():
                     want, got = model(ids).logits, small(ids).logits
-            row = f"{result.flops_after / result.flops_before:.3f} | {float((got - want).norm() / want.norm()):.3f}"
+            row = f"{result.flops_after / result.flops_before:.3f} | {float((got - want).norm() / want.norm()):.3f} |"
         except fxdecomp.FxDecompError as exc:
-            row = f"- | - | refused: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            row = f"- | - | refused: {type(exc).__name__}: {str(exc).splitlines()[0][:160]} |"
         except Exception as exc:  # a bug: a raw error from inside
-            row = f"- | - | FAIL {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            row = f"- | - | FAIL {type(exc).__name__}: {str(exc).splitlines()[0][:160]} |"
+        row += " " + _saved_in_memory(model, ids, budget, batches) + " |"
     notes = "; ".join(str(w.message).splitlines()[0][:120] for w in caught if "fxdecomp" in str(w.message))
-    if row.count("|") == 1:
-        row += " |"
     return f"| {name} | {row} {notes} | {time.perf_counter() - start:.1f} |"
+
+def _saved_in_memory(model, ids, budget: float, batches) -> str:
+    """compress_sequential in memory, its model saved with save_pretrained and loaded back: "same" when the logits are."""
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            result = compress_sequential(model, (ids,), budget=budget, calibration=batches)
+            result.model.save_pretrained(folder)
+            with torch.no_grad():
+                want, got = result.model(ids).logits, load_compressed(folder)(ids).logits
+    except fxdecomp.FxDecompError as exc:
+        return f"refused: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    except Exception as exc:  # a bug: a raw error from inside
+        return f"FAIL {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    if not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
+        return f"differs ({float((got - want).abs().max()):.2e})"
+    return f"same ({result.flops_after / result.flops_before:.3f} of the FLOPs)"
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,8 +97,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}; compress_sequential from a saved checkpoint at {args.budget} of the FLOPs, 4 calibration batches")
-    print("| model | FLOPs kept | logits error | notes / error | s |")
-    print("|---|---|---|---|---|")
+    print("| model | FLOPs kept | logits error | in memory, save_pretrained, load_compressed | notes | s |")
+    print("|---|---|---|---|---|---|")
     for name in args.models.split(",") if args.models else MODELS:
         print(run(name, args.budget), flush=True)
 
