@@ -8,13 +8,16 @@ modules in a deep copy of the model for the decomposed module that `compress`
 built (the very factors of ``result.graph_module``, copied, as a `fxdecomp.kept_layer.KeptLayer` that keeps the layer's configuration and
 the shape, dtype and device of its weight for model code that reads them), so the model keeps everything else. A decision whose weight is not held by such a module (a
 functional ``F.linear(x, self.w)``) cannot be applied this way and is named in
-an `UnsupportedLayerError`.
+an `UnsupportedLayerError`. A transformers model's copy records its decomposed layers in its
+config (`fxdecomp.kept_record`), so that its ``save_pretrained`` directory loads back with
+`fxdecomp.large.load_compressed`, which calls `rebuild_kept`.
 
 Example::
 
     result = fxdecomp.compress(gpt2, (ids,), budget=0.5)
     small = result.apply_to(gpt2, example_inputs=(ids,))   # a GPT2LMHeadModel
     small.generate(ids, max_new_tokens=8)
+    small.save_pretrained("small")                          # fxdecomp.large.load_compressed("small") loads it back
 """
 
 from __future__ import annotations

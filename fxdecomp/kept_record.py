@@ -5,9 +5,11 @@ A kept model (`CompressionResult.apply_to`, `fxdecomp.large.compress_sequential`
 does not build: ``from_pretrained`` of that class would leave the factors unused and start
 the layers from random weights. So the copy's ``config`` records, per decomposed layer, the
 decomposer kind, method, ranks and the spec of the layer the graph decomposed (plus the
-BatchNorms folded away); ``save_pretrained`` writes it into ``config.json`` under
-`RECORD_KEY`, and `fxdecomp.large.load_compressed` rebuilds the structures from it before
-loading the tensors.
+BatchNorms folded away, and the padding a conv that pads in its own forward needs);
+``save_pretrained`` writes it into ``config.json`` under `RECORD_KEY`, and
+`fxdecomp.large.load_compressed` rebuilds the structures from it
+(`fxdecomp.keep_model.rebuild_kept`) and reads their tensors. A model loaded so and compressed
+again keeps its earlier entries (`merged`).
 
 Example::
 
