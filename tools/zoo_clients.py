@@ -15,7 +15,9 @@ and the result (2 FLOPs per multiply-add), finite outputs, output shapes, and ON
 parity (`fxdecomp.export_onnx`, onnxruntime against torch; "n/a" where the user's original model
 does not export either: transformers' mixture-of-experts op has no ONNX translation), keep-the-model mode
 (`result.apply_to(model, example_inputs)`: the user's class with its layers swapped,
-checked against the graph), and prints one markdown row per model and budget: how it
+checked against the graph; a transformers model is then saved with ``save_pretrained`` and
+read back with `fxdecomp.large.load_compressed`, "ok, reloaded" when its outputs are the
+kept model's), and prints one markdown row per model and budget: how it
 was captured, FLOPs kept, the relative output error at full rank (every candidate
 decomposed by svd at its maximum rank: the rewrite alone) and at the budget, ONNX
 parity, keep-the-model mode ("ok", "refused" with fxdecomp's named reason, or "FAIL"),
