@@ -154,25 +154,31 @@ def test_bad_inputs_are_named(tmp_path):
     assert 0.05 < caught.value.smallest_reachable < 1
 
 
-def _rank_main(rank: int, world: int, init: str, out: str) -> None:
+def _spread_model(name: str) -> nn.Module:
+    return llama(layers=2) if name == "llama" else gpt2(layers=2)  # GPT-2: Conv1D factors sent between processes
+
+
+def _rank_main(rank: int, world: int, init: str, out: str, name: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         batches = [(tokens(2, 12, seed=s),) for s in range(4)]
-        result = compress_sequential(llama(layers=2), (tokens(),), budget=0.7, calibration=batches)
+        result = compress_sequential(_spread_model(name), (tokens(),), budget=0.7, calibration=batches)
         if rank == 0:
             torch.save({"plan": plan_of(result.decisions), "state": state_of(result.model)}, out)
     finally:
         dist.destroy_process_group()
 
 
-def test_two_gloo_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_two_gloo_processes_equal_one(tmp_path, name):
     out = str(tmp_path / "spread.pt")
-    mp.spawn(_rank_main, args=(2, f"file://{tmp_path / 'rendezvous'}", out), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, f"file://{tmp_path / 'rendezvous'}", out, name), nprocs=2, join=True)
     spread = torch.load(out)
     batches = [(tokens(2, 12, seed=s),) for s in range(4)]
-    single = compress_sequential(llama(layers=2), (tokens(),), budget=0.7, calibration=batches)
+    single = compress_sequential(_spread_model(name), (tokens(),), budget=0.7, calibration=batches)
     assert spread["plan"] == plan_of(single.decisions)
+    assert any(method != "keep" and ".h." in layer for layer, (method, _) in spread["plan"].items()) or name != "gpt2"
     state = state_of(single.model)
     assert spread["state"].keys() == state.keys()
     for key, value in state.items():
