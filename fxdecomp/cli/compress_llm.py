@@ -54,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
     vocab = int(checkpoint.config.get("vocab_size", 0))
     if vocab < 2:
         raise UsageError(f"{args.model_dir}/config.json has no vocab_size", "give the directory of a causal language model")
+    positions = next((int(checkpoint.config[k]) for k in ("max_position_embeddings", "n_positions") if isinstance(checkpoint.config.get(k), int)), None)
+    if positions is not None and args.tokens > positions:
+        raise UsageError(f"--tokens {args.tokens} is more than the model's {positions} positions", f"give --tokens {positions} or fewer")
     example, calibration = _token_batches(args, vocab, torch)
     result = compress_sequential(
         checkpoint, example, budget, calibration, out=args.out, exclude=tuple(args.exclude),
