@@ -31,7 +31,7 @@ def register(command: AddCommand) -> None:
     sub.add_argument("--out", required=True, metavar="DIR", help="where the compressed shards, config.json and fxdecomp_plan.json go")
     sub.add_argument("--budget", default="0.8", help="fraction of the FLOPs to keep (default 0.8)")
     sub.add_argument("--scope", choices=("model", "layers"), default="model", help="budget of the whole model's FLOPs (default) or of its Linear layers'")
-    sub.add_argument("--tokens", type=positive_int, default=128, help="tokens per example and calibration sequence (default 128)")
+    sub.add_argument("--tokens", type=positive_int, help="tokens per example and calibration sequence (default 128, or the model's positions if fewer)")
     sub.add_argument("--samples", type=positive_int, default=0, help="calibration sequences (default 0: weight-only)")
     sub.add_argument("--calibration-text", metavar="FILE", help="text cut into the calibration sequences (needs the directory's tokenizer)")
     sub.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="layer name or glob left alone (repeatable)")
@@ -55,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
     if vocab < 2:
         raise UsageError(f"{args.model_dir}/config.json has no vocab_size", "give the directory of a causal language model")
     positions = next((int(checkpoint.config[k]) for k in ("max_position_embeddings", "n_positions") if isinstance(checkpoint.config.get(k), int)), None)
-    if positions is not None and args.tokens > positions:
+    if args.tokens is None:
+        args.tokens = min(128, positions or 128)
+    elif positions is not None and args.tokens > positions:
         raise UsageError(f"--tokens {args.tokens} is more than the model's {positions} positions", f"give --tokens {positions} or fewer")
     example, calibration = _token_batches(args, vocab, torch)
     result = compress_sequential(

@@ -258,13 +258,15 @@ def test_command_line_compresses_a_checkpoint(tmp_path):
     assert main(["compress-llm", str(tmp_path / "nothing"), "--out", str(tmp_path / "o2")]) == 2  # named, usage error
 
 
-def test_command_line_names_more_tokens_than_the_model_has_positions(tmp_path, capsys):
+def test_command_line_keeps_its_sequences_within_the_model_positions(tmp_path, capsys):
     """The default 128 tokens on a model of 32 positions (GPT-2's n_positions): a raw 'index out of range in self'."""
     from fxdecomp.cli import main
 
     gpt2().save_pretrained(tmp_path / "src")
-    assert main(["compress-llm", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "-q"]) == 2
-    assert "--tokens 128 is more than the model's 32 positions" in capsys.readouterr().err
+    assert main(["compress-llm", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--tokens", "40", "-q"]) == 2
+    assert "--tokens 40 is more than the model's 32 positions" in capsys.readouterr().err
+    assert main(["compress-llm", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "-q"]) == 0  # default: 32 tokens
+    assert type(load_compressed(tmp_path / "out")).__name__ == "GPT2LMHeadModel"
 
 
 # ---- GPUs: run where CUDA is available (the GPU check of a release; CI machines have no GPU) ----
