@@ -63,7 +63,7 @@ def torch_outputs(module: nn.Module, args: tuple[torch.Tensor, ...]) -> list[tor
 
 def graph_input_shapes(module: nn.Module):
     """The `InputShapes` a graph captured by torch.export carries in its ``meta`` (free dimensions, ranges); None without."""
-    from .export_capture import SHAPES_META  # export_capture imports torch.export machinery: late
+    from .capture.input_shapes import SHAPES_META
 
     meta = getattr(module, "meta", None)
     return meta.get(SHAPES_META) if isinstance(meta, dict) else None
