@@ -28,12 +28,10 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from ..decomposers import get_decomposer
 from ..errors import InvalidInputError
 from ..keep_model import rebuild_kept
 from ..kept_attention import KeptAttention
-from ..kept_layer import KeptLayer
-from ..kept_record import RECORD_KEY, from_json
+from ..kept_record import RECORD_KEY, KeptEntry, from_json, to_json
 from .checkpoint import LazyCheckpoint, empty_model, model_class
 from .layers import linear_spec
 
@@ -78,16 +76,10 @@ def _streamed(checkpoint: LazyCheckpoint, plan: dict, record: dict | None, dtype
     model = empty_model(checkpoint, dtype, class_name=plan.get("model_class"))
     if record is not None:  # every decomposed layer, those of an earlier compression included
         rebuild_kept(model, record)
-    else:  # written before the record existed: the plan's decisions are svd of Linear layers
-        for decision in plan["decisions"]:
-            if decision["method"] == "keep":
-                continue
-            layer = model.get_submodule(decision["name"])
-            decomposer = get_decomposer("linear", decision["method"])
-            with torch.device("meta"):
-                structure = KeptLayer(decomposer.structure(linear_spec(layer), tuple(decision["ranks"])), layer, repr(decision["name"]))
-            parent, _, attribute = decision["name"].rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attribute, structure)
+    else:  # written before the record existed: the plan's decisions, svd of Linear layers, make one
+        entries = [KeptEntry(d["name"], d["method"], tuple(d["ranks"]), linear_spec(model.get_submodule(d["name"])))
+                   for d in plan["decisions"] if d["method"] != "keep"]
+        rebuild_kept(model, to_json(entries))
     checkpoint.materialize(model, dtype=dtype)
     unused = checkpoint.unused(model)
     if unused:  # a tensor the rebuilt model does not hold would be lost without a word

@@ -505,6 +505,16 @@ def test_a_loaded_model_compressed_again_keeps_its_earlier_layers_when_saved_and
             torch.testing.assert_close(again(ids).logits, saved(ids).logits, rtol=1e-6, atol=1e-6)
 
 
+def test_a_plan_directory_written_before_the_record_existed_still_loads(tmp_path):
+    model = llama()
+    result = compress_sequential(model, (tokens(),), budget=0.7, out=tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["fxdecomp_decomposed"]  # as the last landing wrote it: the plan file alone
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with torch.no_grad():
+        torch.testing.assert_close(load_compressed(tmp_path)(tokens(2, 8)).logits, result.model(tokens(2, 8)).logits)
+
+
 def test_compress_sequential_output_loads_in_its_own_class(tmp_path):
     """load_compressed built every plan directory as a causal LM: a BertModel raised a raw AttributeError."""
     from transformers import BertConfig, BertModel
