@@ -68,7 +68,7 @@ def apply_to_model(
     modules = dict(model.named_modules())
     # nn.MultiheadAttention modules with a decomposed projection: swapped whole for a KeptAttention (the model's own
     # forward hands their weights to F.multi_head_attention_forward, which an AbsentWeight cannot serve).
-    attentions = {owner for d in decided for owner in [_attention_owner(d.name)] if owner and packed(modules.get(owner))}
+    attentions = _attention_owners([d.name for d in decided], modules)
     attention = {f"{owner}.in_proj_weight" for owner in attentions}
     functional = [d.name for d in decided if d.name not in attention and not _replaceable(modules.get(d.name))]
     if functional:
@@ -121,7 +121,7 @@ def rebuild_kept(model: nn.Module, record: dict) -> nn.Module:
         if getattr(held, "bias", None) is None:  # a folded BatchNorm gave it one
             out = held.weight.shape[1] * held.groups if getattr(held, "transposed", False) else held.weight.shape[0]
             held.register_parameter("bias", nn.Parameter(torch.empty(out, device="meta", dtype=held.weight.dtype)))  # loaded next
-    attentions = {owner for e in entries for owner in [_attention_owner(e.name)] if owner and packed(modules.get(owner))}
+    attentions = _attention_owners([e.name for e in entries], modules)
     structures = {e.name: _structure(e) for e in entries}
     pads = {e.name: (e.pad, e.pad_mode) if e.pad else None for e in entries}
     _swap_decomposed(model, [e.name for e in entries], attentions, structures, {e.name: e.spec for e in entries}, pads)
@@ -132,9 +132,10 @@ def rebuild_kept(model: nn.Module, record: dict) -> nn.Module:
 def _record(new: nn.Module, decided: list, specs: dict, pads: dict, installed: dict, folded: list) -> None:
     """Write the `fxdecomp.kept_record` of ``new``'s decomposed layers into its transformers config (if it has one),
     so that ``save_pretrained`` writes it; warn where a layer's module is not what the record would rebuild."""
-    previous = getattr(getattr(new, "config", None), kept_record.RECORD_KEY, None)
-    if not kept_record.write(new, None):
+    config = kept_record.config_of(new)
+    if config is None:
         return
+    previous = getattr(config, kept_record.RECORD_KEY, None)
     entries, other = [], []
     for d in decided:
         spec = specs.get(d.name)
@@ -147,7 +148,7 @@ def _record(new: nn.Module, decided: list, specs: dict, pads: dict, installed: d
         else:
             other.append(d.name)
     if other:
-        setattr(new.config, kept_record.RECORD_KEY, None)
+        kept_record.write(new, None)  # an earlier record would not describe this model either
         warnings.warn(
             f"fxdecomp: {other[:3]} hold modules other than their method's structure at their ranks: save_pretrained of "
             "the kept model cannot be loaded back by fxdecomp.large.load_compressed (torch.save the whole model instead)",
@@ -297,6 +298,11 @@ def _attention_owner(name: str) -> str:
     (the model itself cannot be swapped: an nn.MultiheadAttention compressed on its own stays as it is)."""
     owner, _, attribute = name.rpartition(".")
     return owner if attribute in ("in_proj_weight", "out_proj") else ""
+
+
+def _attention_owners(names: list[str], modules: dict[str, nn.Module]) -> set[str]:
+    """The nn.MultiheadAttention modules (in ``modules``) whose packed or output projection is among ``names``."""
+    return {owner for name in names for owner in [_attention_owner(name)] if owner and packed(modules.get(owner))}
 
 
 def _kept_attention(mha: nn.MultiheadAttention, decomposed: nn.Module | None, name: str) -> KeptAttention:

@@ -81,14 +81,19 @@ def merged(previous: Any, entries: list[KeptEntry], folded: list[tuple[str, str]
     return to_json(layers, [*before_folded, *folded])
 
 
-def write(model: Any, record: dict[str, Any] | None) -> bool:
-    """Set the record (None: none) on ``model.config`` when it is a transformers config (what ``save_pretrained``
-    writes); returns whether the model has one."""
+def config_of(model: Any) -> Any:
+    """``model.config`` when it is a transformers config (what ``save_pretrained`` writes), else None."""
     config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_json_file"):
+    return config if hasattr(config, "to_json_file") else None
+
+
+def write(model: Any, record: dict[str, Any] | None) -> bool:
+    """Set the record (None: none) on ``model``'s transformers config; returns whether the model has one."""
+    config = config_of(model)
+    if config is None:
         return False
     setattr(config, RECORD_KEY, record)
     return True
 
 
-__all__ = ["FORMAT", "KeptEntry", "RECORD_KEY", "from_json", "merged", "to_json", "write"]
+__all__ = ["FORMAT", "KeptEntry", "RECORD_KEY", "config_of", "from_json", "merged", "to_json", "write"]

@@ -136,7 +136,7 @@ def compress_sequential(
         raise InvalidInputError("compressing a checkpoint directory writes the result to disk: give out=DIR")
     device = torch.device(device) if device is not None else default_device()
     model = empty_model(checkpoint) if lazy else copy.deepcopy(source).eval()
-    previous = getattr(getattr(model, "config", None), RECORD_KEY, None)
+    previous = getattr(kept_record.config_of(model), RECORD_KEY, None)
     if lazy and previous:  # a compressed checkpoint compressed again: its decomposed layers as they were saved
         rebuild_kept(model, previous)
     stack = BlockStack.of(model)
