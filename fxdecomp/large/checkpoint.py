@@ -122,26 +122,25 @@ class LazyCheckpoint:
                 if param is None or not param.is_meta:
                     continue
                 if id(param) not in loaded:
-                    key = self._resolve(path + name)
-                    value = self.tensor(key)
-                    if value.shape != param.shape:
-                        raise InvalidInputError(
-                            f"{key!r} in the checkpoint {self.path} has shape {tuple(value.shape)}, but the model's "
-                            f"{path + name!r} has {tuple(param.shape)}: the checkpoint was not saved from this configuration"
-                        )
+                    value = self._read(self._resolve(path + name), path + name, param)
                     want = param.dtype if placed_dtype else dtype
                     loaded[id(param)] = nn.Parameter(value.to(want) if want is not None else value, requires_grad=False)
                 owner._parameters[name] = loaded[id(param)]
             for name, buffer in list(owner._buffers.items()):
-                stored = buffer is not None and name not in owner._non_persistent_buffers_set and path + name in self.weight_map
-                if stored and (buffer.is_meta or buffers):  # BatchNorm statistics: the saved ones, not the initial ones
-                    value = self.tensor(path + name)
-                    if value.shape != buffer.shape:
-                        raise InvalidInputError(
-                            f"{path + name!r} in the checkpoint {self.path} has shape {tuple(value.shape)}, but the model's "
-                            f"buffer has {tuple(buffer.shape)}: the checkpoint was not saved from this configuration"
-                        )
+                stored = self._stored(path + name) if buffer is not None and name not in owner._non_persistent_buffers_set else None
+                if stored is not None and (buffer.is_meta or buffers):  # BatchNorm statistics: the saved ones, not the initial ones
+                    value = self._read(stored, path + name, buffer)
                     owner._buffers[name] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
+
+    def _read(self, key: str, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The stored tensor ``key`` for the model's ``name``; `InvalidInputError` unless it has ``like``'s shape."""
+        value = self.tensor(key)
+        if value.shape != like.shape:
+            raise InvalidInputError(
+                f"{key!r} in the checkpoint {self.path} has shape {tuple(value.shape)}, but the model's {name!r} has "
+                f"{tuple(like.shape)}: the checkpoint was not saved from this configuration"
+            )
+        return value
 
     def sizes(self) -> tuple[int, int]:
         """(elements, bytes) of every tensor in the checkpoint, read from the shard headers."""
@@ -199,8 +198,8 @@ class LazyCheckpoint:
         tied = self.config.get("tie_word_embeddings", False)
         if tied and key.endswith("lm_head.weight"):
             for embedding in ("model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight"):
-                if self._stored(embedding) is not None:
-                    return self._stored(embedding)
+                if (stored := self._stored(embedding)) is not None:
+                    return stored
         converted = [c for c in self._converted if c.strip(".") and c.strip(".") in key]
         if converted:
             raise InvalidInputError(
