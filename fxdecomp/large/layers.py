@@ -16,7 +16,6 @@ in its place.
 from __future__ import annotations
 
 import fnmatch
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -127,7 +126,9 @@ def layer_record(
 ) -> LayerRecord:
     """The layer's cost and its options on the plan pass's rank grid (weight-only or whitened errors)."""
     spec, decomposer, state = _factorize(linear, gram)
-    keep_flops = sum(spec.in_features * spec.out_features * math.prod(s[:-1]) for s in shapes) * FLOPS_PER_MAC
+    with torch.device("meta"):
+        dense = nn.Linear(spec.in_features, spec.out_features, bias=spec.has_bias)  # a Conv1D's as the Linear it computes
+    keep_flops = sum(module_macs(dense, s) for s in shapes) * FLOPS_PER_MAC
     record = LayerRecord(name, keep_flops, sum(p.numel() for p in linear.parameters()), tied)
     for ranks in rank_grid(decomposer.planning_max_ranks(spec), grid, 1):
         with torch.device("meta"):
