@@ -103,7 +103,9 @@ class GramAccumulator:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        """Add a batch of the layer's inputs (any batch size)."""
+        """Add a batch of the layer's inputs (any batch size; an empty one, a detector's head given no detections, adds nothing)."""
+        if x.numel() == 0:
+            return
         rows = self._rows(x.detach())
         units = _units(x) if self.shrinkage == "auto" else 0  # per-unit statistics cost a product: only when used
         for g in range(self.groups):
@@ -177,7 +179,9 @@ class OutputGramAccumulator(GramAccumulator):
 
     @torch.no_grad()
     def update(self, grad: torch.Tensor) -> None:
-        """Add one call's output gradient (without counting a probe: see `end_probe`)."""
+        """Add one call's output gradient (without counting a probe: see `end_probe`); an empty one adds nothing."""
+        if grad.numel() == 0:
+            return
         if isinstance(self.spec, LinearSpec):
             rows = grad.reshape(1, -1, self.spec.out_features)
         else:  # (N, T, H, W) -> (groups, N*H*W, T/groups)

@@ -189,6 +189,35 @@ def test_model_of_degenerate_layers_compresses():
     assert result.flops_after == result.flops_before
 
 
+class EmptyHead(nn.Module):
+    """A detector's shape: a head that the example calls on no regions at all (an empty batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.head = nn.Conv2d(32, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 8)
+
+    def forward(self, x, regions):
+        return self.stem(x), self.fc(self.head(regions).mean((2, 3)))
+
+
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_a_layer_the_example_calls_on_an_empty_batch_costs_nothing_and_still_runs(calibrate):
+    # Keypoint R-CNN with random weights detects nothing: its keypoint head ran on (0, 256, 14, 14), and the latency
+    # model and the calibration statistics refused the empty input with an error about the shape.
+    model = EmptyHead().eval()
+    example = (torch.randn(2, 3, 12, 12), torch.randn(0, 32, 7, 7))
+    calibration = [(torch.randn(2, 3, 12, 12), torch.randn(0, 32, 7, 7))] if calibrate else None
+    result = fxdecomp.compress(model, example, budget=0.6, calibration=calibration, progress=False)
+    decided = {d.name: d for d in result.decisions}
+    assert decided["stem"].decomposed and not decided["head"].decomposed and not decided["fc"].decomposed
+    assert decided["head"].flops_before == 0
+    x, regions = torch.randn(1, 3, 12, 12), torch.randn(3, 32, 7, 7)  # regions found: the kept head computes them
+    with torch.no_grad():
+        torch.testing.assert_close(result.graph_module(x, regions)[1], model(x, regions)[1], rtol=1e-5, atol=1e-5)
+
+
 # ---- bad input: the error names the problem, the model stays as it was -----------------------
 
 

@@ -173,8 +173,9 @@ class LayerTimer:
         ranks: Sequence[int] = (),
         options: Mapping[str, Any] | None = None,
     ) -> float:
-        """`layer_ms` summed over a layer's call sites (one input shape per call)."""
-        return sum(self.layer_ms(spec, shape, method, ranks, options) for shape in input_shapes)
+        """`layer_ms` summed over a layer's call sites (one input shape per call); a call on an empty tensor (a
+        detector's head given no detections) does no work and costs nothing."""
+        return sum(self.layer_ms(spec, shape, method, ranks, options) for shape in input_shapes if all(int(d) > 0 for d in shape))
 
 
 class LayerLatency(LayerTimer):
