@@ -6,7 +6,7 @@ not here: they live in the plan record (`fxdecomp.records.Plan`).
 Example::
 
     node.meta[FLOPS]            # NodeCost(flops=..., params=...)
-    node.meta[DECOMPOSED_FROM]  # Provenance(original="features.3", method="tucker2", ranks=(16, 32), stage=1)
+    node.meta[DECOMPOSED_FROM]  # Provenance(original="features.3", method="tucker2", ranks=(16, 32), stage=1, module="features.3")
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class Provenance:
     method: str
     ranks: tuple[int, ...]
     stage: int
+    module: str = ""  # where the decomposed module was installed (its stages are ``module.<i>`` for a Sequential)
 
 
 def node_shape(node) -> tuple[int, ...] | None:

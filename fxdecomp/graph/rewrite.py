@@ -66,7 +66,7 @@ def _replace_site(gm: fx.GraphModule, node: fx.Node, value: fx.Node, path: str, 
     with gm.graph.inserting_before(node):
         for index, target in enumerate(stages):
             value = gm.graph.create_node("call_module", target, (value,))  # installed right after
-            value.meta[meta.DECOMPOSED_FROM] = meta.Provenance(decision.name, decision.method, decision.ranks, index)
+            value.meta[meta.DECOMPOSED_FROM] = meta.Provenance(decision.name, decision.method, decision.ranks, index, path)
             if meta.SHAPE in node.meta and index == len(stages) - 1:
                 value.meta[meta.SHAPE] = node.meta[meta.SHAPE]
     node.replace_all_uses_with(value)

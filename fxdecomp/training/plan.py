@@ -68,10 +68,9 @@ def planned_layers(model: nn.Module, plan: Plan) -> dict[str, tuple[nn.Module, s
 
 def installed_module(gm: fx.GraphModule, name: str) -> nn.Module:
     """The decomposed module that `compress` installed for layer ``name`` (found by the rewrite's provenance)."""
-    targets = sorted(
-        {(n.meta[meta.DECOMPOSED_FROM].stage, n.target) for n in gm.graph.nodes if meta.DECOMPOSED_FROM in n.meta and n.meta[meta.DECOMPOSED_FROM].original == name}
-    )
-    if not targets:
+    paths = {n.meta[meta.DECOMPOSED_FROM].module for n in gm.graph.nodes
+             if meta.DECOMPOSED_FROM in n.meta and n.meta[meta.DECOMPOSED_FROM].original == name}
+    if not paths:
         raise InvalidInputError(f"layer {name!r} was not decomposed in this GraphModule")
-    path = targets[0][1] if len(targets) == 1 else targets[0][1].rpartition(".")[0]  # "x.0", "x.1" -> "x"
+    path = min(paths)  # one path, or several for a weight installed once per call configuration
     return gm.get_submodule(path)
