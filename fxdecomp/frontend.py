@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import traceback
 import warnings
 
 import torch
@@ -146,10 +147,10 @@ def check_runs(model: nn.Module, example_inputs: tuple) -> None:
 
 
 def _trace_message(model: nn.Module, fx_error: Exception | None, export_error: Exception | None) -> str:
-    culprit = _first_untraceable(model) if fx_error is not None else None
+    culprit = _failing_module(model, fx_error) if fx_error is not None else None
     parts = [f"cannot capture {type(model).__name__}"]
     if fx_error is not None:
-        where = f" in module {culprit!r}" if culprit else ""
+        where = f" in module {culprit!r}" if culprit else f" in {type(model).__name__}.forward" if culprit == "" else ""
         parts.append(f"torch.fx failed{where}: {fx_error}")
     if export_error is not None:
         parts.append(f"torch.export failed: {str(export_error).splitlines()[0] if str(export_error) else export_error}")
@@ -161,11 +162,24 @@ def _trace_message(model: nn.Module, fx_error: Exception | None, export_error: E
     return "; ".join(parts) + f". Way out: {hint}"
 
 
+def _failing_module(model: nn.Module, error: Exception) -> str | None:
+    """The submodule whose forward torch.fx was running when it failed: the innermost frame of the error's traceback
+    whose ``self`` is one of the model's modules ("" for the model's own forward). Without such a frame (the traced
+    graph failed when run), the deepest submodule that fx cannot trace on its own, a guess."""
+    names = {id(module): name for name, module in model.named_modules()}
+    found = None
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        owner = frame.f_locals.get("self")
+        if owner is not None and id(owner) in names:
+            found = names[id(owner)]
+    return found if found is not None else _first_untraceable(model)
+
+
 def _first_untraceable(model: nn.Module) -> str | None:
-    """The deepest submodule that torch.fx cannot trace on its own (a best guess)."""
-    failing = []
+    """The deepest submodule that torch.fx cannot trace on its own, leaves as the tracer treats them skipped."""
+    failing, tracer = [], LayerLeafTracer()
     for name, module in model.named_modules():
-        if not name or isinstance(module, LAYER_TYPES):
+        if not name or tracer.is_leaf_module(module, name):
             continue
         try:
             LayerLeafTracer().trace(module)

@@ -182,16 +182,18 @@ def compress_partial(
         rest = whole - inside
         fraction = (budget.fraction * whole - rest) / inside if inside else 1.0
         try:
-            planned = compress(
-                combined,
-                inputs,
-                budget=Budget(**{budget.metric: min(1.0, max(fraction, 1e-9))}),
-                methods=methods,
-                exclude=exclude,
-                pipeline=pipeline,
-                frontend="fx",
-                progress=progress,
-            )
+            with warnings.catch_warnings():  # no layer in the parts is an error below, not "returned unchanged"
+                warnings.filterwarnings("ignore", message="fxdecomp: the model has no Conv2d or Linear layer")
+                planned = compress(
+                    combined,
+                    inputs,
+                    budget=Budget(**{budget.metric: min(1.0, max(fraction, 1e-9))}),
+                    methods=methods,
+                    exclude=exclude,
+                    pipeline=pipeline,
+                    frontend="fx",
+                    progress=progress,
+                )
         except BudgetError as exc:
             if exc.smallest_reachable is None:
                 raise
@@ -203,6 +205,13 @@ def compress_partial(
                 smallest_reachable=smallest,
             ) from None
         decisions = planned.decisions
+        if not decisions and budget.fraction < 1.0:  # the model's layers all sit in what could not be captured
+            raise BudgetError(
+                f"a {budget.metric} budget of {budget.fraction:g} cannot be reached: {type(model).__name__} cannot be "
+                f"captured whole{f' ({_first_line(reason)})' if reason else ''}, and the submodules that can be ({[p.name for p in parts]}) hold no "
+                "Conv or Linear layer to decompose; make the module that failed traceable (see the reason) to compress it",
+                smallest_reachable=1.0,
+            )
         plan = {d.name: (d.method, d.ranks) for d in decisions if d.decomposed}
     else:
         decisions = None

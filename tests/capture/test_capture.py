@@ -226,6 +226,74 @@ def test_partial_capture_meets_the_budget_on_the_whole_model():
         result.apply_to(model)  # was a raw AttributeError from deep inside
 
 
+class DataDependentPad(nn.Module):
+    """Pads by an amount read from the data (EnCodec's conv): neither fx nor export captures it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(8, 8, 3)
+
+    def forward(self, x):
+        extra = int((x.abs().sum() * 0).item()) + 2
+        return self.conv(F.pad(x, (extra // 2, extra // 2)))
+
+
+class Recurrent(nn.Module):
+    """An LSTM block: traceable (nn.LSTM is a leaf), no Conv or Linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(8, 8)
+
+    def forward(self, x):
+        return self.lstm(x.permute(2, 0, 1))[0].permute(1, 2, 0)
+
+
+class PadThenLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pad, self.rnn = DataDependentPad(), Recurrent()
+
+    def forward(self, x):
+        return self.rnn(self.pad(x))
+
+
+def test_a_budget_no_captured_part_can_serve_is_a_budget_error_naming_the_module_that_failed():
+    # EnCodec: only its LSTM blocks captured, holding no layer: the model came back whole at 1.0 of its FLOPs for a
+    # budget of 0.5, with only a warning that it "has no Conv2d or Linear layer"; and the failure was blamed on the
+    # nn.LSTM, which the tracer keeps as a leaf, not on the module whose forward failed.
+    model, x = PadThenLSTM().eval(), torch.randn(1, 8, 16)
+    with pytest.raises(fxdecomp.BudgetError, match=r"fx failed in module 'pad'.*\['rnn'\]\) hold no Conv or Linear") as info:
+        fxdecomp.compress(model, (x,), budget=0.5)
+    assert info.value.smallest_reachable == 1.0
+    with pytest.warns(UserWarning, match="cannot be captured whole"):
+        assert fxdecomp.compress(model, (x,), budget=1.0).flops_after == fxdecomp.count_flops(model, (x,))
+
+
+def test_the_trace_error_names_the_module_whose_forward_failed():
+    class Top(nn.Module):  # fails in its own forward; its LSTM child cannot be traced alone but is a leaf
+        def __init__(self):
+            super().__init__()
+            self.fc, self.lstm = nn.Linear(8, 8), nn.LSTM(8, 8, batch_first=True)
+
+        def forward(self, x):
+            return self.lstm(self.fc(x) * int(x.abs().sum() > 0))[0]
+
+    class Outer(nn.Module):  # fails in a child two levels down, beside a child that traces
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv1d(8, 8, 1), PadThenLSTM())
+
+        def forward(self, x):
+            return self.body(x)
+
+    with pytest.raises(fxdecomp.TraceError, match=r"fx failed in Top.forward") as info:
+        fxdecomp.compress(Top().eval(), (torch.randn(1, 5, 8),), budget=0.5, frontend="fx", partial=False)
+    assert "'lstm'" not in str(info.value)
+    with pytest.raises(fxdecomp.TraceError, match=r"fx failed in module 'body.1.pad'.*Way out: mark 'body.1.pad' a leaf"):
+        fxdecomp.compress(Outer().eval(), (torch.randn(1, 8, 16),), budget=0.5, frontend="fx", partial=False)
+
+
 def test_partial_capture_at_full_rank_reproduces_the_model():
     model, inputs = detector_inputs()
     probe = fxdecomp.compress(model, inputs, budget=1.0, partial=True)
