@@ -204,7 +204,39 @@ def _swap_decomposed(new: nn.Module, names: list[str], attentions: set[str], fac
         _place_like(module, old.weight, old.training)
         for p, q in zip(module.parameters(), old.parameters()):
             p.requires_grad_(q.requires_grad)
-        _swap(new, name, module)
+        twins = _tied_twins(new, name, set(names))
+        for path in [name, *twins]:
+            _swap(new, path, module)
+        _declare_ties(new, name, twins, module)
+
+
+def _declare_ties(model: nn.Module, name: str, twins: list[str], module: nn.Module) -> None:
+    """Declare the twins' factors tied to ``name``'s in a transformers model's ``all_tied_weights_keys`` ({target:
+    source}), as the dense weights were: ``save_pretrained`` then writes them once, and refuses ties it was not told of."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if not twins or not isinstance(tied, dict):
+        return
+    declared = dict(getattr(model, "_tied_weights_keys", None) or {})  # what save_pretrained reads (an instance copy)
+    for twin in twins:
+        for keys in (tied, declared):
+            for key in [k for k in keys if k.startswith(f"{twin}.")]:
+                del keys[key]  # the twin's dense weight is gone
+            keys.update({f"{twin}.{key}": f"{name}.{key}" for key, _ in module.named_parameters()})
+    model._tied_weights_keys = declared
+
+
+def _tied_twins(model: nn.Module, name: str, decided: set[str]) -> list[str]:
+    """The other layers of ``model`` that compute what layer ``name`` computes: its weight and bias tied to theirs
+    (Zamba's shared transformer block), the same kind and configuration. The graph calls their one decomposed
+    module at every site, so the kept model swaps them all for one KeptLayer, still tied."""
+    layer = model.get_submodule(name)
+    twins = []
+    for path, other in model.named_modules():
+        if (path != name and path not in decided and other is not layer and type(other) is type(layer)
+                and getattr(other, "weight", None) is layer.weight and getattr(other, "bias", None) is layer.bias
+                and layer_spec(other) == layer_spec(layer)):
+            twins.append(path)
+    return twins
 
 
 def _place_like(module: nn.Module, like: torch.Tensor, training: bool) -> None:

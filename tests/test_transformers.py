@@ -757,3 +757,44 @@ def test_a_seq2seq_model_whose_decoder_has_its_own_config_is_captured_whole_with
         want = model(*x, use_cache=False).logits
     assert first(result.graph_module(*x)).shape == want.shape  # the logits first, no cache among the outputs
     assert all(isinstance(t, torch.Tensor) for t in tree_leaves(result.graph_module(*x)))
+
+
+def test_layers_that_share_their_weight_stay_one_layer_in_the_kept_model_and_its_reload(tmp_path, monkeypatch):
+    """Zamba's shared transformer block: two Linear modules tied to one weight (declared in _tied_weights_keys) are one
+    candidate that the graph calls twice. Keep mode swapped only the first, so the second computed with the dense
+    weight and the kept model was refused ("does not compute what result.graph_module computes")."""
+    import transformers
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    class TwinConfig(PretrainedConfig):
+        model_type = "fxdecomp_twin_toy"
+
+    class TwinToy(PreTrainedModel):
+        config_class = TwinConfig
+        _tied_weights_keys = {"second.weight": "first.weight"}
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.first, self.second, self.head = nn.Linear(48, 48, bias=False), nn.Linear(48, 48, bias=False), nn.Linear(48, 8)
+            self.post_init()
+
+        def forward(self, x):
+            return self.head(self.second(torch.relu(self.first(x))))
+
+    monkeypatch.setattr(transformers, "TwinToy", TwinToy, raising=False)  # where load_compressed looks the class up
+    torch.manual_seed(0)
+    model, x = TwinToy(TwinConfig(tie_word_embeddings=True)).eval(), (torch.randn(5, 48),)  # transformers ties only then
+    assert model.second.weight is model.first.weight
+    result = fxdecomp.compress(model, x, budget=0.5, methods=["svd"], progress=False)
+    decided = {d.name: d.decomposed for d in result.decisions}
+    assert decided["first"] and "second" not in decided  # one candidate for the tied pair, decomposed
+    kept = result.apply_to(model, example_inputs=x)
+    assert kept.second is kept.first  # one decomposed layer under both names, as the weight was one tensor
+    kept.save_pretrained(tmp_path)
+    loaded = load_compressed(tmp_path)
+    assert loaded.second is loaded.first
+    y = torch.randn(3, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(y), result.graph_module(y), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(kept(y), result.graph_module(y), rtol=1e-5, atol=1e-6)
+    assert model.second.weight is model.first.weight and isinstance(model.second, nn.Linear)  # the user's model untouched
