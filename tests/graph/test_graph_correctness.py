@@ -308,6 +308,35 @@ def test_a_module_registered_under_two_names_is_one_layer_under_both_frontends_a
             torch.testing.assert_close(kept(x), result.graph_module(x))
 
 
+class _DropoutInEval(nn.Module):
+    """Dropout that stays on in eval mode (SpeechT5's speech prenet: ``F.dropout(x, p, training=True)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.b(F.dropout(torch.relu(self.a(x)), 0.5, training=True))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_model_that_draws_random_numbers_in_eval_is_kept_and_the_callers_generator_is_left_alone(frontend):
+    # The kept model was checked against the graph on two different random draws, and refused.
+    torch.manual_seed(0)
+    model, x = _DropoutInEval().eval(), torch.randn(4, 32)
+    result = fxdecomp.compress(model, (x,), budget=0.6, frontend=frontend)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    kept = result.apply_to(model, example_inputs=(x,))
+    assert torch.equal(torch.rand(3), expected)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        got = kept(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(got, result.graph_module(x), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_a_layer_applied_to_its_own_output_is_rewritten_and_exact_at_full_rank(frontend):
     class Twice(nn.Module):
