@@ -21,12 +21,12 @@ Example::
 
 from __future__ import annotations
 
-import builtins
-import operator
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+
+from ..graph.effects import opaque_function
 
 OPAQUE_WEIGHTS = "fxdecomp.opaque_weights"  # GraphModule.meta key: tuple[OpaqueWeight, ...] found at capture
 
@@ -64,7 +64,7 @@ def opaque_weights(gm: fx.GraphModule) -> tuple[OpaqueWeight, ...]:
         if not isinstance(value, torch.Tensor) or not _layer_shaped(value):
             continue
         for user in node.users:
-            if user.op == "call_function" and _opaque_function(user.target):
+            if user.op == "call_function" and opaque_function(user.target):
                 found.setdefault(node.target, OpaqueWeight(node.target, tuple(value.shape), _describe(user.target)))
     return tuple(found.values())
 
@@ -80,17 +80,6 @@ def _attribute(gm: nn.Module, target: str):
         if value is None:
             return None
     return value
-
-
-def _opaque_function(target) -> bool:
-    if isinstance(target, torch._ops.HigherOrderOperator):
-        return True
-    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-        return False
-    if getattr(operator, getattr(target, "__name__", ""), None) is target or getattr(builtins, getattr(target, "__name__", ""), None) is target:
-        return False
-    module = getattr(target, "__module__", None) or ""
-    return not (module == "torch" or module.startswith(("torch.", "torch._")))
 
 
 def _describe(target) -> str:

@@ -12,12 +12,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+def _add_into(t: torch.Tensor, value: float) -> torch.Tensor:
+    """Writes into ``t``: a function torch.fx does not trace into (torchvision MViT's ``_add_shortcut``, ``x.add_(q)``)."""
+    t.add_(value)
+    return t
+
+
+torch.fx.wrap("_add_into")
+
+
 class SideEffect(nn.Module):
     """conv ``a`` (3 -> 8, 3x3) -> an in-place op of kind ``form`` whose result is not used -> conv ``b`` (8 -> 8).
 
     ``form``: ``"mul_"`` (issue 13's example), ``"torch.relu_"``, ``"copy_"``, ``"index_put_"``, ``"setitem"``,
-    ``"inplace_kwarg"``, ``"inplace_module"``, ``"buffer"`` (a buffer updated in place) or ``"input_mul_"``
-    (the input itself). Input (N, 3, 8, 8).
+    ``"inplace_kwarg"``, ``"inplace_module"``, ``"buffer"`` (a buffer updated in place), ``"input_mul_"``
+    (the input itself) or ``"wrapped"`` (an ``fx.wrap``'d function that writes into its argument). Input (N, 3, 8, 8).
     """
 
     def __init__(self, form: str):
@@ -46,6 +55,8 @@ class SideEffect(nn.Module):
             F.relu(t, inplace=True)
         elif self.form == "inplace_module":
             self.act(t)
+        elif self.form == "wrapped":
+            _add_into(t, 1.0)
         elif self.form == "buffer":
             self.scale.add_(1.0)
             t = t * self.scale

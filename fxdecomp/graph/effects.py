@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import builtins
 import operator
 
 import torch
@@ -59,11 +60,26 @@ def has_side_effect(node: fx.Node) -> bool:
             return target._schema.is_mutable
         if isinstance(target, torch._ops.OpOverloadPacket):
             return any(getattr(target, o)._schema.is_mutable for o in target.overloads())
-        return _inplace_name(getattr(target, "__name__", ""))
+        # A function fx did not trace into may write into its arguments (torchvision MViT's fx.wrap'd _add_shortcut
+        # does ``x.add_(q)`` and its result goes unused): kept, whatever its name.
+        return _inplace_name(getattr(target, "__name__", "")) or opaque_function(target)
     if node.op == "call_module" and node.graph.owning_module is not None:
         module = node.graph.owning_module.get_submodule(str(node.target))
         return getattr(module, "inplace", False) is True or getattr(module, "_is_impure", False)
     return False
+
+
+def opaque_function(target) -> bool:
+    """A function the graph calls without seeing into it: a ``torch.fx.wrap``'d Python function or a higher-order
+    operator (not a torch op, an ``operator`` or a builtin)."""
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return True
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return False
+    if getattr(operator, getattr(target, "__name__", ""), None) is target or getattr(builtins, getattr(target, "__name__", ""), None) is target:
+        return False
+    module = getattr(target, "__module__", None) or ""
+    return not (module == "torch" or module.startswith(("torch.", "torch._")))
 
 
 def mutates_state(gm: fx.GraphModule) -> bool:

@@ -97,7 +97,7 @@ SIDE_SIDES = {"a": (8, 27), "b": (8, 72)}
 
 
 @pytest.mark.parametrize(
-    "form", ["mul_", "torch.relu_", "copy_", "index_put_", "setitem", "inplace_kwarg", "inplace_module", "buffer", "input_mul_"]
+    "form", ["mul_", "torch.relu_", "copy_", "index_put_", "setitem", "inplace_kwarg", "inplace_module", "buffer", "input_mul_", "wrapped"]
 )
 def test_side_effects_survive_and_verification_uses_separate_inputs(form):
     torch.manual_seed(0)
