@@ -22,7 +22,7 @@ from torch import fx, nn
 from .graph.attention import functional_attention
 from .graph.parametrized import private_copy
 from .graph.effects import fresh_inputs, preserved_buffers
-from .capture.hidden import OPAQUE_WEIGHTS, OpaqueWeight, opaque_weights
+from .capture.hidden import OPAQUE_WEIGHTS, OpaqueWeight, opaque_weights, used_as_layers
 from .errors import InvalidInputError, TraceError
 from .export_capture import check_dynamic_shapes, export_trace
 from .transformers_layers import conv1d_types
@@ -103,7 +103,7 @@ def _see_opaque_weights(
     torch.export traces into the former. The weights still hidden are recorded in
     ``gm.meta[OPAQUE_WEIGHTS]`` and named in a warning.
     """
-    hidden, used = opaque_weights(gm), "fx"
+    hidden, used = used_as_layers(gm, example_inputs, opaque_weights(gm)), "fx"
     if hidden and try_export:
         try:
             exported = export_trace(model, example_inputs, dynamic_shapes)

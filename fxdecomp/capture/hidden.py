@@ -69,6 +69,45 @@ def opaque_weights(gm: fx.GraphModule) -> tuple[OpaqueWeight, ...]:
     return tuple(found.values())
 
 
+# The aten ops a Linear / conv / matmul becomes at dispatch: an operand of one of these is computed with as a layer.
+_LAYER_OPS = ("mm", "addmm", "bmm", "baddbmm", "mv", "addmv", "convolution", "_convolution", "linear", "matmul")
+
+
+def used_as_layers(gm: fx.GraphModule, example_inputs: tuple, hidden: tuple[OpaqueWeight, ...]) -> tuple[OpaqueWeight, ...]:
+    """Those of ``hidden`` that running ``gm`` on ``example_inputs`` multiplies with as a layer (an operand of a matrix
+    product or convolution, seen at aten dispatch, so inside opaque Python functions too). A table the opaque call only
+    adds or indexes (torchvision MViT's relative positions) hides no FLOPs. Weights of scripted submodules, which run
+    below dispatch, and everything when the run fails, are kept."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ..graph.effects import fresh_inputs, preserved_buffers
+
+    storages = {}
+    for weight in hidden:
+        value = _attribute(gm, weight.parameter)
+        if isinstance(value, torch.Tensor) and not weight.consumer.startswith("scripted"):
+            storages[value.untyped_storage().data_ptr()] = weight.parameter
+    if not storages:
+        return hidden
+    seen: set[str] = set()
+
+    class _Operands(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in _LAYER_OPS:
+                for arg in args:
+                    if isinstance(arg, torch.Tensor) and arg.untyped_storage().data_ptr() in storages:
+                        seen.add(storages[arg.untyped_storage().data_ptr()])
+            return func(*args, **(kwargs or {}))
+
+    try:
+        with torch.no_grad(), preserved_buffers(gm), _Operands():
+            gm(*fresh_inputs(example_inputs))
+    except Exception:  # judged by shape alone, as before
+        return hidden
+    watched = set(storages.values())
+    return tuple(w for w in hidden if w.parameter not in watched or w.parameter in seen)
+
+
 def _layer_shaped(tensor: torch.Tensor) -> bool:
     return tensor.dim() in (2, 4) and tensor.is_floating_point()
 

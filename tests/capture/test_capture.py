@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fxdecomp
 from fxdecomp.capture import opaque_weights
+from fxdecomp.capture.hidden import OPAQUE_WEIGHTS
 from fxdecomp.frontend import capture, fx_trace
 
 
@@ -122,6 +123,37 @@ def test_wrapped_function_weights_are_captured_through_export():
     full = fxdecomp.compress(model, (x,), budget=1.0, plan={n: ("svd", (64,)) for n in ("w1", "w2")})
     torch.testing.assert_close(full.graph_module(x), model(x), rtol=1e-4, atol=1e-4)
     assert_untouched(model, before)
+
+
+@fx.wrap
+def add_position_table(scores, table):
+    """A bias read from a table (torchvision MViT v2's ``_add_rel_pos``): the table is no layer weight."""
+    return scores + table[: scores.shape[-2], : scores.shape[-1]]
+
+
+class TableBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(32, 32)
+        self.table = nn.Parameter(torch.randn(31, 31))
+
+    def forward(self, x):
+        y = self.proj(x)
+        return add_position_table(y @ y.transpose(-1, -2), self.table)
+
+
+def test_a_table_an_opaque_function_only_adds_keeps_the_fx_graph_and_is_not_called_a_hidden_weight():
+    # Every 2-D parameter reaching an fx.wrap'd function counted as a hidden Linear weight: MViT v2 went to torch.export
+    # (94 s against 5 s) and was warned about 48 "Linear/Conv weights" that were position tables.
+    model, x = TableBias().eval(), torch.randn(1, 16, 32)
+    assert [w.parameter for w in opaque_weights(fx_trace(model))] == ["table"]  # by shape alone
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm, frontend = capture(model, (x,))
+    assert frontend == "fx" and gm.meta[OPAQUE_WEIGHTS] == ()
+    assert not [w for w in caught if "trace into" in str(w.message)]
+    gm, frontend = capture(WrappedMLP(), (torch.randn(4, 64),))  # weights the function multiplies with still count
+    assert frontend == "export"
 
 
 def test_autograd_function_weight_is_a_candidate():
