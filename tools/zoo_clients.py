@@ -8,6 +8,7 @@ Two suites:
 - ``--suite vision``: torchvision and timm models (weights=None). Run it in a separate
   virtual environment that has torchvision and timm (never CI, never the global env):
   ``/work/venv-vision/bin/python tools/zoo_clients.py --suite vision``.
+- ``--suite hf-more`` / ``vision-more``: a second wave of models of each kind (`zoo_more`).
 
 For each model and budget (default 0.75 and 0.5) it checks the budget with FLOPs
 counted independently by ``torch.utils.flop_counter.FlopCounterMode`` on the original
@@ -356,6 +357,12 @@ def _no_zero_layers(model: nn.Module) -> None:
                 weight.copy_(torch.randn(weight.shape, generator=generator) * 0.02)
 
 
+def _seeded(module, inputs):
+    """``module(*inputs)`` from one random state: SpeechT5's prenet keeps its dropout on in eval mode."""
+    torch.manual_seed(1234)
+    return module(*clone(inputs))
+
+
 def _ignores_input(model: nn.Module, inputs: tuple, expected: list[torch.Tensor]) -> bool:
     """Whether the model's floating outputs stay the same on other floating inputs (a random init can make every
     activation zero before the head: torchvision's GoogLeNet returns its classifier's bias)."""
@@ -393,7 +400,7 @@ def run_model(name: str, build: Builder, budgets: list[float], methods, limit: i
         _no_zero_layers(model)
         try:
             with torch.no_grad():
-                expected = tensors(copy.deepcopy(model)(*clone(inputs)))
+                expected = tensors(_seeded(copy.deepcopy(model), inputs))
         except Exception as exc:  # the zoo's own config or example is wrong: a row, not the end of the suite
             return [f"| {name} | - | skipped: the model fails on its example ({type(exc).__name__}: {_line(exc)[:200]}) ||||||||"]
         total = flops(model, inputs)
@@ -410,14 +417,14 @@ def run_model(name: str, build: Builder, budgets: list[float], methods, limit: i
                     notes.insert(0, "the original's output does not depend on its input at this random init: the errors say nothing")
                 kept = flops(result.graph_module, inputs) / total
                 with torch.no_grad():
-                    actual = tensors(result.graph_module(*clone(inputs)))
+                    actual = tensors(_seeded(result.graph_module, inputs))
                 finite = all(torch.isfinite(t).all() for t in actual if t.is_floating_point())
                 error = relative_error(expected, actual)
                 if full_error is None:
                     plan = full_rank_plan(model, result.decisions)
                     full = fxdecomp.compress(model, clone(inputs), plan=plan, progress=False, frontend=frontend) if plan else None
                     with torch.no_grad():
-                        full_error = relative_error(expected, tensors(full.graph_module(*clone(inputs)))) if full else 0.0
+                        full_error = relative_error(expected, tensors(_seeded(full.graph_module, inputs))) if full else 0.0
                 onnx = _onnx(result.graph_module, inputs, model)
                 keep = _keep(result, model, inputs)
                 how = result.frontend
@@ -493,8 +500,8 @@ def _reload(kept, inputs) -> str:
             kept.save_pretrained(folder)
             loaded = load_compressed(folder)
             with torch.no_grad():
-                want = [t for t in tree_leaves(kept.eval()(*clone(inputs))) if isinstance(t, torch.Tensor)]
-                got = [t for t in tree_leaves(loaded(*clone(inputs))) if isinstance(t, torch.Tensor)]
+                want = [t for t in tree_leaves(_seeded(kept.eval(), inputs)) if isinstance(t, torch.Tensor)]
+                got = [t for t in tree_leaves(_seeded(loaded, inputs)) if isinstance(t, torch.Tensor)]
     except Timeout:
         raise
     except Exception as exc:
@@ -511,7 +518,8 @@ def _line(value) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=("hf", "vision"), default="hf")
+    parser.add_argument("--suite", choices=("hf", "vision", "hf-more", "vision-more"), default="hf",
+                        help="hf-more / vision-more: the second wave of models, tools/zoo_more.py")
     parser.add_argument("--models", default=None, help="comma-separated subset of the suite")
     parser.add_argument("--budgets", default="0.75,0.5")
     parser.add_argument("--methods", default="svd", help="comma-separated; 'recipe' for the default recipe's (slower)")
@@ -522,7 +530,12 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    zoo = HF if args.suite == "hf" else VISION
+    if args.suite.endswith("-more"):
+        from zoo_more import HF_MORE, VISION_MORE
+
+        zoo = HF_MORE if args.suite == "hf-more" else VISION_MORE
+    else:
+        zoo = HF if args.suite == "hf" else VISION
     names = args.models.split(",") if args.models else list(zoo)
     budgets = [float(b) for b in args.budgets.split(",")]
     methods = None if args.methods == "recipe" else args.methods.split(",")
