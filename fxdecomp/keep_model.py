@@ -211,17 +211,22 @@ def _swap_decomposed(new: nn.Module, names: list[str], attentions: set[str], fac
 
 
 def _declare_ties(model: nn.Module, name: str, twins: list[str], module: nn.Module) -> None:
-    """Declare the twins' factors tied to ``name``'s in a transformers model's ``all_tied_weights_keys`` ({target:
-    source}), as the dense weights were: ``save_pretrained`` then writes them once, and refuses ties it was not told of."""
+    """Declare the tied layers' factors in a transformers model's ``all_tied_weights_keys`` and ``_tied_weights_keys``
+    ({target: source}), as the dense weights were: ``save_pretrained`` then writes them once (under the first path,
+    the one ``named_parameters`` and the loader use), and refuses ties it was not told of."""
     tied = getattr(model, "all_tied_weights_keys", None)
+    declared = getattr(model, "_tied_weights_keys", None)
     if not twins or not isinstance(tied, dict):
         return
-    declared = dict(getattr(model, "_tied_weights_keys", None) or {})  # what save_pretrained reads (an instance copy)
-    for twin in twins:
-        for keys in (tied, declared):
-            for key in [k for k in keys if k.startswith(f"{twin}.")]:
-                del keys[key]  # the twin's dense weight is gone
-            keys.update({f"{twin}.{key}": f"{name}.{key}" for key, _ in module.named_parameters()})
+    declared = dict(declared) if isinstance(declared, dict) else {}  # an instance copy: the class's stays as it was
+    order = {path: i for i, (path, _) in enumerate(model.named_modules(remove_duplicate=False))}
+    group = sorted([name, *twins], key=lambda path: order.get(path, len(order)))
+    source, prefixes = group[0], tuple(f"{path}." for path in group)
+    for keys in (tied, declared):
+        for key in [k for k, v in keys.items() if k.startswith(prefixes) or (isinstance(v, str) and v.startswith(prefixes))]:
+            del keys[key]  # the dense weights' tie is gone with them
+        for path in group[1:]:
+            keys.update({f"{path}.{key}": f"{source}.{key}" for key, _ in module.named_parameters()})
     model._tied_weights_keys = declared
 
 

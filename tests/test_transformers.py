@@ -759,7 +759,8 @@ def test_a_seq2seq_model_whose_decoder_has_its_own_config_is_captured_whole_with
     assert all(isinstance(t, torch.Tensor) for t in tree_leaves(result.graph_module(*x)))
 
 
-def test_layers_that_share_their_weight_stay_one_layer_in_the_kept_model_and_its_reload(tmp_path, monkeypatch):
+@pytest.mark.parametrize("second_first", [False, True], ids=["source-called-first", "target-called-first"])
+def test_layers_that_share_their_weight_stay_one_layer_in_the_kept_model_and_its_reload(tmp_path, monkeypatch, second_first):
     """Zamba's shared transformer block: two Linear modules tied to one weight (declared in _tied_weights_keys) are one
     candidate that the graph calls twice. Keep mode swapped only the first, so the second computed with the dense
     weight and the kept model was refused ("does not compute what result.graph_module computes")."""
@@ -779,7 +780,8 @@ def test_layers_that_share_their_weight_stay_one_layer_in_the_kept_model_and_its
             self.post_init()
 
         def forward(self, x):
-            return self.head(self.second(torch.relu(self.first(x))))
+            a, b = (self.second, self.first) if second_first else (self.first, self.second)
+            return self.head(b(torch.relu(a(x))))
 
     monkeypatch.setattr(transformers, "TwinToy", TwinToy, raising=False)  # where load_compressed looks the class up
     torch.manual_seed(0)
@@ -787,9 +789,11 @@ def test_layers_that_share_their_weight_stay_one_layer_in_the_kept_model_and_its
     assert model.second.weight is model.first.weight
     result = fxdecomp.compress(model, x, budget=0.5, methods=["svd"], progress=False)
     decided = {d.name: d.decomposed for d in result.decisions}
-    assert decided["first"] and "second" not in decided  # one candidate for the tied pair, decomposed
+    called = ("second", "first") if second_first else ("first", "second")  # the candidate is named by its first call
+    assert decided[called[0]] and called[1] not in decided  # one candidate for the tied pair, decomposed
     kept = result.apply_to(model, example_inputs=x)
     assert kept.second is kept.first  # one decomposed layer under both names, as the weight was one tensor
+    kept.tie_weights()  # the dense weights' tie is gone: it raised on "first.weight"
     kept.save_pretrained(tmp_path)
     loaded = load_compressed(tmp_path)
     assert loaded.second is loaded.first
