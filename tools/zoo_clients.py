@@ -316,34 +316,34 @@ def relative_error(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> 
 
 
 def full_rank_plan(model: nn.Module, decisions) -> dict:
-    """Every candidate decomposed by svd at its maximum rank: the result must equal the model."""
+    """Every candidate decomposed by svd at its maximum rank: the result must equal the model. A module's maximum is
+    svd's own (`max_ranks` of its spec: transposed and grouped convs, whose weights are laid out otherwise); a weight
+    applied functionally is read as a matrix (2-d) or a conv kernel (4-d, out-channels first)."""
+    from fxdecomp.decomposers import get_decomposer
+    from fxdecomp.layer_spec import layer_spec
+
     plan = {}
     for d in decisions:
-        weight, groups = _weight_of(model, d.name)
-        if weight is None:
+        module = dict(model.named_modules()).get(d.name)
+        try:
+            spec = layer_spec(module) if module is not None else None
+        except Exception:
+            spec = None
+        if spec is not None:
+            plan[d.name] = ("svd", get_decomposer(d.op if d.op == "linear" else "conv2d", "svd").max_ranks(spec))
             continue
+        try:
+            weight = model.get_parameter(d.name if d.name.endswith("weight") else d.name + ".weight")
+        except AttributeError:
+            try:
+                weight = model.get_parameter(d.name)
+            except AttributeError:
+                continue
         if weight.dim() == 2:
             plan[d.name] = ("svd", (min(weight.shape),))
         elif weight.dim() == 4:
-            plan[d.name] = ("svd", (min(weight.shape[0] // groups, weight[0].numel()),))
+            plan[d.name] = ("svd", (min(weight.shape[0], weight[0].numel()),))
     return plan
-
-
-def _weight_of(model, name):
-    try:
-        module = model.get_submodule(name)
-        if isinstance(module, nn.Conv2d):
-            return module.weight, module.groups
-        if isinstance(module, nn.Linear):
-            return module.weight, 1
-    except AttributeError:
-        pass
-    for candidate in (name, name + ".weight"):
-        try:
-            return model.get_parameter(candidate), 1
-        except AttributeError:
-            continue
-    return None, 1
 
 
 def _no_zero_layers(model: nn.Module) -> None:
