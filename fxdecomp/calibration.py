@@ -116,12 +116,14 @@ class GramAccumulator:
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """(groups, samples, dim) input rows."""
         spec = self.spec
+        # Sizes spelt out, not -1: an empty batch (a detector head given no detections) is zero rows, not an error.
         if isinstance(spec, LinearSpec):
-            return x.reshape(1, -1, spec.in_features)
+            return x.reshape(1, x.numel() // spec.in_features, spec.in_features)
         patches = F.unfold(pad_input(x, spec.pads, spec.padding_mode), spec.kernel_size, spec.dilation, 0, spec.stride)
-        n, _, positions = patches.shape  # (N, S*kh*kw, L), channel-major: group g is a contiguous slice
-        patches = patches.reshape(n, self.groups, -1, positions).permute(1, 0, 3, 2)
-        return patches.reshape(self.groups, n * positions, -1)
+        n, width, positions = patches.shape  # (N, S*kh*kw, L), channel-major: group g is a contiguous slice
+        per_group = width // self.groups
+        patches = patches.reshape(n, self.groups, per_group, positions).permute(1, 0, 3, 2)
+        return patches.reshape(self.groups, n * positions, per_group)
 
     def _count_units(self, units: int) -> None:
         # One update without units (a 1-d input) leaves the unit statistics incomplete: none then.
@@ -183,9 +185,10 @@ class OutputGramAccumulator(GramAccumulator):
         if grad.numel() == 0:
             return
         if isinstance(self.spec, LinearSpec):
-            rows = grad.reshape(1, -1, self.spec.out_features)
+            rows = grad.reshape(1, grad.numel() // self.spec.out_features, self.spec.out_features)
         else:  # (N, T, H, W) -> (groups, N*H*W, T/groups)
-            rows = grad.movedim(1, -1).reshape(-1, self.groups, self.spec.out_per_group).transpose(0, 1)
+            out = self.groups * self.spec.out_per_group
+            rows = grad.movedim(1, -1).reshape(grad.numel() // out, self.groups, self.spec.out_per_group).transpose(0, 1)
         units = _units(grad) if self.shrinkage == "auto" else 0
         for g in range(self.groups):
             self._add(g, rows[g].to(torch.float64), units)

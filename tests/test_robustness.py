@@ -1,6 +1,7 @@
 """Whatever it is given, compress returns a correct result or a clear error, and damages nothing."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -216,6 +217,26 @@ def test_a_layer_the_example_calls_on_an_empty_batch_costs_nothing_and_still_run
     x, regions = torch.randn(1, 3, 12, 12), torch.randn(3, 32, 7, 7)  # regions found: the kept head computes them
     with torch.no_grad():
         torch.testing.assert_close(result.graph_module(x, regions)[1], model(x, regions)[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("step", ["compensate", "correct_factors"])
+def test_a_decomposed_layer_calibrated_only_on_empty_batches_is_left_as_planned_by_the_corrections(step):
+    # The corrections' own row builders reshaped with -1: a raw RuntimeError (correct_factors), or compensation skipped
+    # for every layer after a warning that the batch does not run (compensate).
+    model = EmptyHead().eval()
+    example = (torch.randn(2, 3, 12, 12), torch.randn(0, 32, 7, 7))
+    batches = [(torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(s)), torch.randn(0, 32, 7, 7)) for s in range(4)]
+    recipe = fxdecomp.load_recipe("flops").with_options(**{step: {"enabled": True}})
+    plain = fxdecomp.compress(model, example, plan={"head": ("svd", (8,)), "stem": ("svd", (4,))}, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "does not run through the captured graph"
+        result = fxdecomp.compress(model, example, plan={"head": ("svd", (8,)), "stem": ("svd", (4,))}, calibration=batches,
+                                   pipeline=recipe, progress=False)
+    x, regions = torch.randn(3, 3, 12, 12), torch.randn(2, 32, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(result.graph_module(x, regions)[1], plain.graph_module(x, regions)[1])  # nothing to fit on
+        stem_error = float((result.graph_module(x, regions)[0] - model(x, regions)[0]).norm())
+        assert stem_error < float((plain.graph_module(x, regions)[0] - model(x, regions)[0]).norm())  # the stem was fitted
 
 
 # ---- bad input: the error names the problem, the model stays as it was -----------------------

@@ -88,9 +88,9 @@ def factor_rows(factor: nn.Module, z: torch.Tensor, y: torch.Tensor) -> tuple[to
         z, y = z.unsqueeze(0), y.unsqueeze(0)
     z = F.pad(z, _pad(factor), mode="constant" if factor.padding_mode == "zeros" else factor.padding_mode)
     patches = F.unfold(z, factor.kernel_size, dilation=factor.dilation, stride=factor.stride)  # (N, d, L)
-    n, d, positions = patches.shape
-    rows = patches.transpose(1, 2).reshape(-1, d)
-    targets = y.reshape(n, y.shape[1], -1).transpose(1, 2).reshape(-1, y.shape[1])
+    n, d, positions = patches.shape  # sizes spelt out below, not -1: an empty batch gives zero rows
+    rows = patches.transpose(1, 2).reshape(n * positions, d)
+    targets = y.reshape(n, y.shape[1], positions).transpose(1, 2).reshape(n * positions, y.shape[1])
     samples = torch.arange(n).repeat_interleave(positions)
     return rows, targets, samples
 
