@@ -164,9 +164,11 @@ def _trace_message(model: nn.Module, fx_error: Exception | None, export_error: E
 
 def _failing_module(model: nn.Module, error: Exception) -> str | None:
     """The submodule whose forward torch.fx was running when it failed: the innermost frame of the error's traceback
-    whose ``self`` is one of the model's modules ("" for the model's own forward). Without such a frame (the traced
-    graph failed when run), the deepest submodule that fx cannot trace on its own, a guess."""
-    names = {id(module): name for name, module in model.named_modules()}
+    whose ``self`` is one of the model's modules that fx traces into ("" for the model's own forward). Without such a
+    frame (the traced graph failed when run), the deepest submodule that fx cannot trace on its own, a guess."""
+    tracer = LayerLeafTracer()
+    # Leaves are never traced into; a frame in one means the traced graph failed while it ran.
+    names = {id(module): name for name, module in model.named_modules() if not name or not tracer.is_leaf_module(module, name)}
     found = None
     for frame, _ in traceback.walk_tb(error.__traceback__):
         owner = frame.f_locals.get("self")

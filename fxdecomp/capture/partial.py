@@ -45,6 +45,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from ..budget import Budget
 from ..cost import count_flops, count_params
 from ..errors import BudgetError, FxDecompError, InvalidInputError, TraceError
+from ..layer_spec import LAYER_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +182,13 @@ def compress_partial(
         inside = {"flops": sum(part_flops.values()), "params": sum(count_params(p.module) for p in parts)}[budget.metric]
         rest = whole - inside
         fraction = (budget.fraction * whole - rest) / inside if inside else 1.0
+        # Layers the parts miss (none in them, some outside): the budget cannot be served, an error below, not the
+        # "returned unchanged" warning of a model without any layer.
+        layers_outside = any(isinstance(m, LAYER_TYPES) for m in source.modules())
         try:
-            with warnings.catch_warnings():  # no layer in the parts is an error below, not "returned unchanged"
-                warnings.filterwarnings("ignore", message="fxdecomp: the model has no Conv2d or Linear layer")
+            with warnings.catch_warnings():
+                if layers_outside:
+                    warnings.filterwarnings("ignore", message="fxdecomp: the model has no Conv2d or Linear layer")
                 planned = compress(
                     combined,
                     inputs,
@@ -205,7 +210,7 @@ def compress_partial(
                 smallest_reachable=smallest,
             ) from None
         decisions = planned.decisions
-        if not decisions and budget.fraction < 1.0:  # the model's layers all sit in what could not be captured
+        if not decisions and budget.fraction < 1.0 and layers_outside:  # they all sit in what could not be captured
             raise BudgetError(
                 f"a {budget.metric} budget of {budget.fraction:g} cannot be reached: {type(model).__name__} cannot be "
                 f"captured whole{f' ({_first_line(reason)})' if reason else ''}, and the submodules that can be ({[p.name for p in parts]}) hold no "

@@ -300,6 +300,9 @@ def test_a_budget_no_captured_part_can_serve_is_a_budget_error_naming_the_module
     assert info.value.smallest_reachable == 1.0
     with pytest.warns(UserWarning, match="cannot be captured whole"):
         assert fxdecomp.compress(model, (x,), budget=1.0).flops_after == fxdecomp.count_flops(model, (x,))
+    model.pad.conv = nn.Identity()  # no layer anywhere: returned unchanged with a warning, as a traceable model would be
+    with pytest.warns(UserWarning, match="has no Conv2d or Linear layer to decompose; it is returned unchanged"):
+        assert fxdecomp.compress(model, (x,), budget=0.5).flops_after == fxdecomp.count_flops(model, (x,))
 
 
 def test_the_trace_error_names_the_module_whose_forward_failed():
@@ -324,6 +327,19 @@ def test_the_trace_error_names_the_module_whose_forward_failed():
     assert "'lstm'" not in str(info.value)
     with pytest.raises(fxdecomp.TraceError, match=r"fx failed in module 'body.1.pad'.*Way out: mark 'body.1.pad' a leaf"):
         fxdecomp.compress(Outer().eval(), (torch.randn(1, 8, 16),), budget=0.5, frontend="fx", partial=False)
+
+    class RunsWrong(nn.Module):  # traces, then the graph fails when run, inside a leaf Linear: no module to blame
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            return self.fc2(h if isinstance(h, torch.Tensor) else h.transpose(0, 1))  # a Proxy takes the other branch
+
+    with pytest.raises(fxdecomp.TraceError) as info:
+        fxdecomp.compress(RunsWrong().eval(), (torch.randn(5, 8),), budget=0.5, frontend="fx", partial=False)
+    assert "fc2" not in str(info.value) and "a leaf" not in str(info.value)
 
 
 def test_partial_capture_at_full_rank_reproduces_the_model():
