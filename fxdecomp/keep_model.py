@@ -379,7 +379,7 @@ def _check_shape(name: str, layer: nn.Module, decomposed: nn.Module) -> None:
 
 def _check_outputs(gm: nn.Module, new: nn.Module, example_inputs, rtol: float, atol: float) -> None:
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    cuda = sorted({t.device.index or 0 for t in tree_leaves(args) if isinstance(t, torch.Tensor) and t.is_cuda})
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []  # manual_seed seeds them all
     # One random stream for both runs, the caller's left as it was: a model that draws in eval mode (SpeechT5's
     # prenet keeps its dropout on) computes the same function from the same draws.
     with torch.no_grad(), torch.random.fork_rng(devices=cuda):

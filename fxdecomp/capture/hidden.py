@@ -71,6 +71,9 @@ def opaque_weights(gm: fx.GraphModule) -> tuple[OpaqueWeight, ...]:
 
 # The aten ops a Linear / conv / matmul becomes at dispatch: an operand of one of these is computed with as a layer.
 _LAYER_OPS = ("mm", "addmm", "bmm", "baddbmm", "mv", "addmv", "convolution", "_convolution", "linear", "matmul")
+# Ops whose output is the weight in another layout or dtype.
+_CARRIES = ("_to_copy", "clone", "t", "transpose", "permute", "view", "_unsafe_view", "reshape", "expand", "detach", "alias",
+            "contiguous", "to", "unsqueeze", "squeeze", "flatten", "slice", "select", "unbind", "split", "chunk", "copy_")
 
 
 def used_as_layers(gm: fx.GraphModule, example_inputs: tuple, hidden: tuple[OpaqueWeight, ...]) -> tuple[OpaqueWeight, ...]:
@@ -86,26 +89,37 @@ def used_as_layers(gm: fx.GraphModule, example_inputs: tuple, hidden: tuple[Opaq
     for weight in hidden:
         value = _attribute(gm, weight.parameter)
         if isinstance(value, torch.Tensor) and not weight.consumer.startswith("scripted"):
-            storages[value.untyped_storage().data_ptr()] = weight.parameter
+            if value.numel():
+                storages[value.untyped_storage().data_ptr()] = weight.parameter
     if not storages:
         return hidden
     seen: set[str] = set()
+    alive: list[torch.Tensor] = []
+
+    def watched(tensor) -> str | None:
+        return storages.get(tensor.untyped_storage().data_ptr()) if isinstance(tensor, torch.Tensor) and tensor.numel() else None
 
     class _Operands(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket.__name__ in _LAYER_OPS:
-                for arg in args:
-                    if isinstance(arg, torch.Tensor) and arg.untyped_storage().data_ptr() in storages:
-                        seen.add(storages[arg.untyped_storage().data_ptr()])
-            return func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            sources = [w for w in map(watched, args) if w is not None]
+            if sources and name in _LAYER_OPS:
+                seen.update(sources)
+            out = func(*args, **(kwargs or {}))
+            if sources and name in _CARRIES:  # a copy, cast or view of a weight is the weight (autocast, .contiguous())
+                for tensor in (out if isinstance(out, (tuple, list)) else (out,)):
+                    if isinstance(tensor, torch.Tensor) and tensor.numel():
+                        storages.setdefault(tensor.untyped_storage().data_ptr(), sources[0])
+                        alive.append(tensor)  # held for the run: a freed copy's address may come back as another tensor
+            return out
 
     try:
         with torch.no_grad(), preserved_buffers(gm), _Operands():
             gm(*fresh_inputs(example_inputs))
     except Exception:  # judged by shape alone, as before
         return hidden
-    watched = set(storages.values())
-    return tuple(w for w in hidden if w.parameter not in watched or w.parameter in seen)
+    names = set(storages.values())
+    return tuple(w for w in hidden if w.parameter not in names or w.parameter in seen)
 
 
 def _layer_shaped(tensor: torch.Tensor) -> bool:

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fxdecomp
 from fxdecomp.capture import opaque_weights
-from fxdecomp.capture.hidden import OPAQUE_WEIGHTS
+from fxdecomp.capture.hidden import OPAQUE_WEIGHTS, used_as_layers
 from fxdecomp.frontend import capture, fx_trace
 
 
@@ -154,6 +154,23 @@ def test_a_table_an_opaque_function_only_adds_keeps_the_fx_graph_and_is_not_call
     assert not [w for w in caught if "trace into" in str(w.message)]
     gm, frontend = capture(WrappedMLP(), (torch.randn(4, 64),))  # weights the function multiplies with still count
     assert frontend == "export"
+    # ... also as a copy or a cast: the operand reaching the product is new storage (autocast, .contiguous())
+    gm = fx_trace(CopiedWeight())
+    assert [w.parameter for w in used_as_layers(gm, (torch.randn(4, 16),), opaque_weights(gm))] == ["contiguous", "cast"]
+
+
+@fx.wrap
+def copied_products(x, contiguous, cast):
+    return x @ contiguous.t().contiguous() + (x.double() @ cast.double().t()).float()
+
+
+class CopiedWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.contiguous, self.cast = nn.Parameter(torch.randn(16, 16)), nn.Parameter(torch.randn(16, 16))
+
+    def forward(self, x):
+        return copied_products(x, self.contiguous, self.cast)
 
 
 def test_autograd_function_weight_is_a_candidate():
