@@ -239,9 +239,16 @@ def _tied_twins(model: nn.Module, name: str, decided: set[str]) -> list[str]:
     for path, other in model.named_modules():
         if (path != name and path not in decided and other is not layer and type(other) is type(layer)
                 and getattr(other, "weight", None) is layer.weight and getattr(other, "bias", None) is layer.bias
-                and layer_spec(other) == layer_spec(layer)):
+                and _same_configuration(other, layer)):
             twins.append(path)
     return twins
+
+
+def _same_configuration(a: nn.Module, b: nn.Module) -> bool:
+    try:
+        return layer_spec(a) == layer_spec(b)
+    except FxDecompError:  # a layer type without a spec of its own (transformers' Conv1D): its attributes
+        return all(getattr(a, k, None) == getattr(b, k, None) for k in ("nf", "nx", "in_features", "out_features"))
 
 
 def _place_like(module: nn.Module, like: torch.Tensor, training: bool) -> None:

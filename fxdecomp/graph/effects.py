@@ -4,7 +4,8 @@ torch.fx's own `Node.is_impure` knows aten ops with a mutable schema and a few
 side-effectful functions, but not the Python-level forms an fx trace holds:
 in-place tensor methods (``t.mul_(2)``, ``t.copy_(s)``), in-place torch
 functions (``torch.relu_``), augmented assignment (``operator.iadd``), the
-``inplace=True`` / ``out=`` keyword, and modules built with ``inplace=True``.
+``inplace=True`` / ``out=`` keyword, modules built with ``inplace=True``, and calls fx does not see into
+(``torch.fx.wrap``'d functions, higher-order operators), which may write into their arguments.
 A node whose result nobody reads may still write into a tensor that somebody
 reads; `has_side_effect` keeps every such node.
 
