@@ -36,7 +36,7 @@ from .graph.attention import packed
 from .graph.computed_conv import overrides_forward, plain_with_weight, plain_equivalent
 from .kept_attention import KeptAttention, in_projection_like
 from . import kept_record
-from .kept_layer import KeptLayer
+from .kept_layer import FactoredWeightOwner, KeptLayer, own_factors
 from .kept_record import KeptEntry
 from .layer_spec import LAYER_TYPES, ConvSpec, layer_spec, pad_module
 from .meta import DECOMPOSED_SPECS
@@ -70,7 +70,8 @@ def apply_to_model(
     # forward hands their weights to F.multi_head_attention_forward, which an AbsentWeight cannot serve).
     attentions = _attention_owners([d.name for d in decided], modules)
     attention = {f"{owner}.in_proj_weight" for owner in attentions}
-    functional = [d.name for d in decided if d.name not in attention and not _replaceable(modules.get(d.name))]
+    functional = [d.name for d in decided if d.name not in attention and not _replaceable(modules.get(d.name))
+                  and not (d.op == "linear" and _applies_own_weight(modules.get(d.name)))]
     if functional:
         raise UnsupportedLayerError(
             f"keep-the-model mode swaps modules, but {functional} are not nn.Linear, nn.Conv*d / nn.ConvTranspose*d or transformers "
@@ -80,7 +81,7 @@ def apply_to_model(
     installed = {d.name: installed_module(result.graph_module, d.name) for d in decided}  # each a scan of the graph
     for d in decided:
         if d.name not in attention:
-            _check_shape(d.name, modules[d.name], installed[d.name])
+            _check_shape(d.name, _as_layer(modules[d.name]), installed[d.name])
     new = copy.deepcopy(model)
     _carry_batchnorm(result.graph_module, new, set(installed))
     specs = getattr(result.graph_module, "meta", {}).get(DECOMPOSED_SPECS, {})
@@ -164,7 +165,7 @@ def _is_kept(model: nn.Module, name: str) -> bool:
     try:
         if attribute == "in_proj_weight":
             return isinstance(model.get_submodule(owner), KeptAttention)
-        return isinstance(model.get_submodule(name), KeptLayer)
+        return isinstance(model.get_submodule(name), (KeptLayer, FactoredWeightOwner))
     except AttributeError:
         return False
 
@@ -197,6 +198,13 @@ def _swap_decomposed(new: nn.Module, names: list[str], attentions: set[str], fac
         if name in attention:
             continue
         old = new.get_submodule(name)
+        if not _replaceable(old):  # a module applying its own weight (a router): it keeps its class, the weight goes
+            module = KeptLayer(factors[name], _as_layer(old), repr(name))
+            _place_like(module, old.weight, old.training)
+            module.requires_grad_(old.weight.requires_grad)
+            own_factors(old, module)
+            pads[name] = None
+            continue
         if name not in pads:
             pads[name] = _pad_before(name, old, specs.get(name))
         module = factors[name] if pads[name] is None else nn.Sequential(pad_module(*pads[name]), factors[name])
@@ -366,6 +374,22 @@ def _kept_attention(mha: nn.MultiheadAttention, decomposed: nn.Module | None, na
 
 def _replaceable(module: nn.Module | None) -> bool:
     return isinstance(module, LAYER_TYPES) or (module is not None and is_conv1d(module))
+
+
+def _applies_own_weight(module: nn.Module | None) -> bool:
+    """A module that is no layer type but holds a matrix ``weight`` and no bias, which its forward applies with
+    ``F.linear`` (Mixtral's router): kept with its factors as its weight (`own_factors`). Whether the forward really
+    does is what the output check (``example_inputs``) confirms; any other use of the weight raises, naming it."""
+    weight = module._parameters.get("weight") if module is not None else None
+    return isinstance(weight, nn.Parameter) and weight.dim() == 2 and module._parameters.get("bias") is None
+
+
+def _as_layer(module: nn.Module) -> nn.Module:
+    """The layer itself, or for a module applying its own weight the nn.Linear it computes (on the meta device)."""
+    if _replaceable(module):
+        return module
+    out, in_ = module.weight.shape
+    return nn.Linear(in_, out, bias=False, device="meta", dtype=module.weight.dtype)
 
 
 def _check_shape(name: str, layer: nn.Module, decomposed: nn.Module) -> None:

@@ -146,3 +146,44 @@ class KeptLayer(nn.Sequential):
     def bias(self) -> AbsentWeight | None:
         """The bias's shape (None where the decomposed layer has none); no data."""
         return None if self._bias_shape is None else self._absent(self._bias_shape, "bias")
+
+
+FACTORS = "weight_factors"  # the child holding the factors of a module that applies its own weight
+
+
+class FactoredWeightOwner:
+    """A mixin for a module whose own forward applies its ``weight`` with ``F.linear`` (Mixtral's and Qwen3-MoE's
+    router, ``F.linear(hidden, self.weight)``): its ``weight`` is the `AbsentWeight` of the `KeptLayer` child
+    ``weight_factors``, so that call runs the factors. `own_factors` puts it on a module (a subclass made once
+    per class, like ``torch.nn.utils.parametrize``'s); it pickles as its original class with the mixin."""
+
+    _fxdecomp_base: type
+
+    @property
+    def weight(self) -> AbsentWeight:
+        return self._modules[FACTORS].weight
+
+    def __reduce_ex__(self, protocol):
+        return _restore_owner, (self._fxdecomp_base, self.__dict__)
+
+
+_OWNER_CLASSES: dict[type, type] = {}
+
+
+def own_factors(owner: nn.Module, kept: "KeptLayer") -> None:
+    """Replace ``owner``'s ``weight`` Parameter by ``kept`` (registered as ``owner.weight_factors``), in place."""
+    del owner._parameters["weight"]
+    owner.__class__ = _owner_class(type(owner))
+    owner.add_module(FACTORS, kept)
+
+
+def _owner_class(base: type) -> type:
+    if base not in _OWNER_CLASSES:
+        _OWNER_CLASSES[base] = type(f"Factored{base.__name__}", (FactoredWeightOwner, base), {"_fxdecomp_base": base})
+    return _OWNER_CLASSES[base]
+
+
+def _restore_owner(base: type, state: dict) -> nn.Module:
+    owner = object.__new__(_owner_class(base))
+    owner.__dict__.update(state)
+    return owner

@@ -661,6 +661,54 @@ def test_keep_the_model_names_functional_weights():
         result.apply_to(model)
 
 
+def test_a_router_applying_its_own_weight_is_kept_in_its_class_saved_and_loaded_back(tmp_path):
+    """Mixtral's router (MixtralTopKRouter: F.linear(hidden, self.weight) in its own forward) is no Linear: keep mode
+    refused the whole model. It keeps its class now, its weight the factors' AbsentWeight, and reloads."""
+    import io
+
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from fxdecomp.kept_layer import AbsentWeight
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    model, ids = MixtralForCausalLM(config).eval(), torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    router = "model.layers.0.mlp.gate"
+    result = fxdecomp.compress(model, (ids,), plan={router: ("svd", (3,)), "model.layers.0.self_attn.q_proj": ("svd", (8,))})
+    kept = result.apply_to(model, example_inputs=(ids,))  # checked against the graph
+    gate = kept.get_submodule(router)
+    assert isinstance(gate, type(model.get_submodule(router))) and isinstance(gate.weight, AbsentWeight)
+    assert tuple(gate.weight.shape) == (4, 32) and not isinstance(model.get_submodule(router).weight, AbsentWeight)
+    other = torch.randint(0, 256, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(kept(other).logits, result.graph_module(other).logits, rtol=1e-5, atol=1e-5)
+        buffer = io.BytesIO()
+        torch.save(kept, buffer)  # the owner's class pickles as its own class with the mixin
+        buffer.seek(0)
+        torch.testing.assert_close(torch.load(buffer, weights_only=False)(other).logits, kept(other).logits)
+        kept.save_pretrained(tmp_path)
+        loaded = load_compressed(tmp_path)
+        torch.testing.assert_close(loaded(other).logits, kept(other).logits, rtol=1e-6, atol=1e-6)
+    assert isinstance(loaded.get_submodule(router).weight, AbsentWeight)
+
+
+def test_a_module_using_its_own_weight_otherwise_is_refused_by_name():
+    class Scores(nn.Module):  # no F.linear: the weight is multiplied with by hand, which the factors cannot serve
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(8, 32))
+
+        def forward(self, x):
+            return x @ self.weight.t()
+
+    model = nn.Sequential(nn.Linear(32, 32), Scores()).eval()
+    x = torch.randn(4, 32)
+    result = fxdecomp.compress(model, (x,), plan={"1": ("svd", (4,))})
+    with pytest.raises(fxdecomp.FxDecompError, match="'1'.*exclude"):
+        result.apply_to(model, example_inputs=(x,))
+
+
 def test_deeptwist_on_gpt2_conv1d(compressed):
     spec, model, x, result = compressed("gpt2", 0.5)
     student = copy.deepcopy(model)
