@@ -322,9 +322,9 @@ def full_rank_plan(model: nn.Module, decisions) -> dict:
     from fxdecomp.decomposers import get_decomposer
     from fxdecomp.layer_spec import layer_spec
 
-    plan = {}
+    plan, modules = {}, dict(model.named_modules())
     for d in decisions:
-        module = dict(model.named_modules()).get(d.name)
+        module = modules.get(d.name)
         try:
             spec = layer_spec(module) if module is not None else None
         except Exception:

@@ -32,24 +32,20 @@ def _gen(config_name, model_name, inputs, config_kw=None, **kw):
     return build
 
 
-def _clip():
-    import transformers
-
-    text = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=256,
-                max_position_embeddings=32, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    vision = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8)
-    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
-    return transformers.CLIPModel(config).eval(), (torch.randint(0, 256, (1, 16)), torch.randn(1, 3, 32, 32))
+# The tower configs of a two-tower text / image model (CLIP, SigLIP): inputs (token ids, an image).
+_TEXT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=256,
+             max_position_embeddings=32, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_VISION = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8)
 
 
-def _siglip():
-    import transformers
+def _text_image(config_name, model_name, **kw):
+    def build():
+        import transformers
 
-    text = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=256,
-                max_position_embeddings=32, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    vision = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8)
-    config = transformers.SiglipConfig(text_config=text, vision_config=vision)
-    return transformers.SiglipModel(config).eval(), (torch.randint(0, 256, (1, 16)), torch.randn(1, 3, 32, 32))
+        config = getattr(transformers, config_name)(text_config=_TEXT, vision_config=_VISION, **kw)
+        return getattr(transformers, model_name)(config).eval(), (torch.randint(0, 256, (1, 16)), torch.randn(1, 3, 32, 32))
+
+    return build
 
 
 def _whisper():
@@ -166,8 +162,8 @@ HF_MORE = {
     "funnel": _encoder("FunnelConfig", "FunnelModel", d_model=64, n_head=4, d_head=16, d_inner=128, block_sizes=[1, 1],
                        num_decoder_layers=1, vocab_size=256),
     "clip-text": _encoder("CLIPTextConfig", "CLIPTextModel", max_position_embeddings=32, bos_token_id=1, eos_token_id=2, pad_token_id=0, **SMALL),
-    "clip": _clip,
-    "siglip": _siglip,
+    "clip": _text_image("CLIPConfig", "CLIPModel", projection_dim=32),
+    "siglip": _text_image("SiglipConfig", "SiglipModel"),
     "whisper": _whisper,
     "speech2text": _speech2text,
     "speecht5-tts": _speecht5,
