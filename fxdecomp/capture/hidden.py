@@ -69,11 +69,12 @@ def opaque_weights(gm: fx.GraphModule) -> tuple[OpaqueWeight, ...]:
     return tuple(found.values())
 
 
-# The aten ops a Linear / conv / matmul becomes at dispatch: an operand of one of these is computed with as a layer.
-_LAYER_OPS = ("mm", "addmm", "bmm", "baddbmm", "mv", "addmv", "convolution", "_convolution", "linear", "matmul")
-# Ops whose output is the weight in another layout or dtype.
-_CARRIES = ("_to_copy", "clone", "t", "transpose", "permute", "view", "_unsafe_view", "reshape", "expand", "detach", "alias",
-            "contiguous", "to", "unsqueeze", "squeeze", "flatten", "slice", "select", "unbind", "split", "chunk", "copy_")
+# What a Linear / conv / matmul is at aten dispatch (F.linear and torch.matmul are decomposed before it): an operand
+# of one of these is multiplied with as a layer.
+_LAYER_OPS = ("mm", "addmm", "bmm", "baddbmm", "mv", "addmv", "convolution", "_convolution")
+# Ops at dispatch whose output is the weight in another layout or dtype (reshape, contiguous, .to() reach it as these).
+_CARRIES = ("_to_copy", "clone", "t", "transpose", "permute", "view", "_unsafe_view", "expand", "detach", "alias",
+            "unsqueeze", "squeeze", "slice", "select", "unbind", "split", "copy_")
 
 
 def used_as_layers(gm: fx.GraphModule, example_inputs: tuple, hidden: tuple[OpaqueWeight, ...]) -> tuple[OpaqueWeight, ...]:
