@@ -108,10 +108,13 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kw
 
 
 def flop_counter():
-    """A `torch.utils.flop_counter.FlopCounterMode` that counts as `count_flops` does (CPU's fused SDPA included)."""
+    """A `torch.utils.flop_counter.FlopCounterMode` that counts as `count_flops` does (CPU's fused SDPA and grouped matmuls included)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops})
+    from .capture.experts import grouped_mm_flop_formulas
+
+    formulas = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops, **grouped_mm_flop_formulas()}
+    return FlopCounterMode(display=False, custom_mapping=formulas)
 
 
 def count_flops(module: nn.Module, example_inputs: tuple | torch.Tensor) -> int:
@@ -119,8 +122,10 @@ def count_flops(module: nn.Module, example_inputs: tuple | torch.Tensor) -> int:
 
     Counted by `torch.utils.flop_counter.FlopCounterMode` on the ops the model
     really runs: convolutions (transposed too), matrix products (mm, bmm, addmm,
-    baddbmm) and scaled-dot-product attention, fused kernels included (CPU's flash
-    attention kernel is given the formula of the other SDPA kernels). Bias
+    baddbmm), scaled-dot-product attention, fused kernels included (CPU's flash
+    attention kernel is given the formula of the other SDPA kernels), and the grouped
+    matmuls of mixture-of-experts layers (``aten._grouped_mm``, transformers'
+    ``grouped_mm_fallback``: 2 FLOPs per multiply-add of every routed row). Bias
     additions, norms and elementwise ops count zero, as in ONNX-side counting
     (`fxdecomp.onnx_flops`). The model runs in eval mode, under ``no_grad``,
     with torch's native multi-head-attention fast path switched off for the

@@ -23,6 +23,7 @@ from .graph.attention import functional_attention
 from .graph.parametrized import private_copy
 from .graph.effects import fresh_inputs, preserved_buffers
 from .capture.hidden import OPAQUE_WEIGHTS, OpaqueWeight, opaque_weights, used_as_layers
+from .capture.experts import lower_grouped_experts
 from .errors import InvalidInputError, TraceError
 from .export_capture import check_dynamic_shapes, export_trace
 from .transformers_layers import conv1d_types
@@ -74,7 +75,7 @@ def capture_with_source(
     fx_error = None
     if frontend in ("auto", "fx"):
         try:
-            gm = fx_trace(model)
+            gm = lower_grouped_experts(fx_trace(model))
             with preserved_buffers(gm):
                 gm(*fresh_inputs(example_inputs))  # fx can trace graphs that do not run (e.g. data-dependent shapes)
         except Exception as exc:
@@ -86,7 +87,7 @@ def capture_with_source(
             gm, used = _see_opaque_weights(model, example_inputs, gm, frontend == "auto", dynamic_shapes)
             return gm, used, model
     try:
-        gm = export_trace(model, example_inputs, dynamic_shapes)
+        gm = lower_grouped_experts(export_trace(model, example_inputs, dynamic_shapes))
     except Exception as exc:
         raise TraceError(_trace_message(model, fx_error, exc)) from exc
     gm.meta[OPAQUE_WEIGHTS] = opaque_weights(gm)
@@ -106,7 +107,7 @@ def _see_opaque_weights(
     hidden, used = used_as_layers(gm, example_inputs, opaque_weights(gm)), "fx"
     if hidden and try_export:
         try:
-            exported = export_trace(model, example_inputs, dynamic_shapes)
+            exported = lower_grouped_experts(export_trace(model, example_inputs, dynamic_shapes))
         except Exception as exc:  # e.g. export cannot call a scripted submodule
             log.info("torch.export cannot capture %s either (%s); keeping the fx graph", type(model).__name__, exc)
         else:

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .errors import FxDecompError, InvalidInputError, UnsupportedLayerError
+from .capture.experts import EXPERTS_PATTERN, is_lowered_expert
 from .graph.attention import packed
 from .graph.computed_conv import overrides_forward, plain_with_weight, plain_equivalent
 from .kept_attention import KeptAttention, in_projection_like
@@ -72,6 +73,13 @@ def apply_to_model(
     attention = {f"{owner}.in_proj_weight" for owner in attentions}
     functional = [d.name for d in decided if d.name not in attention and not _replaceable(modules.get(d.name))
                   and not (d.op == "linear" and _applies_own_weight(modules.get(d.name)))]
+    if any(is_lowered_expert(name) for name in functional):
+        raise UnsupportedLayerError(
+            f"keep-the-model mode swaps modules, but {type(model).__name__} stores its mixture-of-experts weights as one "
+            f"stacked parameter per projection, which its experts module indexes, and the result decomposed experts "
+            f"{[n for n in functional if is_lowered_expert(n)][:4]}...; use result.graph_module, or compress again with "
+            f"exclude=[{EXPERTS_PATTERN!r}] to keep the experts dense"
+        )
     if functional:
         raise UnsupportedLayerError(
             f"keep-the-model mode swaps modules, but {functional} are not nn.Linear, nn.Conv*d / nn.ConvTranspose*d or transformers "

@@ -1,0 +1,171 @@
+"""Mixture-of-experts weights made visible: a grouped matmul over stacked expert weights becomes one Linear per expert.
+
+transformers (5.x) stores the experts of a mixture-of-experts block (Mixtral, Qwen3-MoE,
+DeepSeek, ...) as 3-D parameters, ``gate_up_proj`` (E, 2I, H) and ``down_proj`` (E, H, I), and
+applies them, under torch.export, with one grouped matmul over rows sorted by expert:
+``transformers::grouped_mm_fallback(x, W.transpose(-2, -1), offs)``, or ``aten._grouped_mm`` where
+torch's kernel runs. Such a call is neither a Linear nor a conv: its weights, most of an MoE
+model's, were neither counted nor decomposed. `lower_grouped_experts` rewrites the call as what it
+computes: rows ``offs[e-1]:offs[e]`` times expert e's (out, in) matrix, one ``F.linear`` per
+expert on a view of the stacked weight (no copy), the results joined in row order, and rows past
+``offs[-1]`` zero (as transformers' fallback leaves them). Each expert is then a Linear candidate
+of its own, registered as ``<weight path>_expert<e>``: planned, calibrated on the rows routed to
+it, and decomposed like any other Linear. An expert the example routes no row to costs nothing
+there and is left as it is.
+
+The lowered graph runs in eager PyTorch (the split follows the routing at run time); like the
+original op, it has no ONNX translation. Written here: no library lowers transformers' grouped
+matmul (its eager loop over ``torch.mm`` is the reference, `transformers.integrations.moe`).
+
+Example::
+
+    gm = lower_grouped_experts(export_trace(mixtral, (ids,)))
+    # F.linear(rows_e, model.layers.0.mlp.experts.gate_up_proj_expert0), ... per expert
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+aten = torch.ops.aten
+
+GROUPED_MM_OPS = ("transformers::grouped_mm_fallback", "aten::_grouped_mm")
+EXPERT_SUFFIX = "_expert"
+EXPERTS_PATTERN = f"*{EXPERT_SUFFIX}[0-9]*"  # an `exclude` pattern for every lowered expert (not Qwen2-MoE's shared_expert)
+
+
+def is_lowered_expert(name: str) -> bool:
+    """Whether a candidate name is an expert's view made by `lower_grouped_experts` (``..._expert3``)."""
+    return re.search(rf"{EXPERT_SUFFIX}\d+$", name) is not None
+
+
+def is_grouped_mm(node: fx.Node) -> bool:
+    """Whether ``node`` calls a grouped matmul: transformers' fallback op or ``aten._grouped_mm``, as torch.export
+    records them (op overloads) or as torch.fx does (``torch.ops.transformers.grouped_mm_fallback``, ``torch._grouped_mm``)."""
+    target = node.target
+    if node.op != "call_function":
+        return False
+    if isinstance(target, torch._ops.OpOverload):
+        return target.name() in GROUPED_MM_OPS
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name in GROUPED_MM_OPS
+    return target is getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_flops(input_shape, mat2_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of a grouped matmul (2 per multiply-add): every row of ``input`` meets one (K, N) matrix.
+
+    Shapes: input (S, K) with mat2 (E, K, N) -> 2 S K N; input (E, M, K) with mat2 (E, K, N) -> 2 E M K N;
+    input (M, K) with mat2 (K, N) grouped along K -> 2 M K N. A formula for
+    `torch.utils.flop_counter.FlopCounterMode`, which has none for these ops (torch 2.13).
+    """
+    rows = 1
+    for size in input_shape[:-1]:
+        rows *= size
+    return 2 * rows * input_shape[-1] * mat2_shape[-1]
+
+
+def grouped_mm_flop_formulas() -> dict:
+    """``custom_mapping`` entries for FlopCounterMode: the grouped matmul ops this process has registered."""
+    packets = [aten._grouped_mm, getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)]
+    return {packet: grouped_mm_flops for packet in packets if packet is not None}
+
+
+def split_expert_rows(x: torch.Tensor, offs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Rows of ``x`` (S, K) per expert, ``offs`` (E,) being cumulative row counts: E chunks, then the rows past offs[-1]."""
+    ends = [int(end) for end in offs.tolist()]
+    sizes, start = [], 0
+    for end in ends:
+        sizes.append(max(end - start, 0))
+        start = max(start, end)
+    sizes.append(x.shape[0] - start)
+    return tuple(x.split(sizes))
+
+
+def join_expert_rows(outputs: list[torch.Tensor], rest: torch.Tensor) -> torch.Tensor:
+    """The experts' outputs in row order, and zeros for the rows no expert takes (``rest``)."""
+    zeros = outputs[0].new_zeros((rest.shape[0], outputs[0].shape[1]))
+    return torch.cat([*outputs, zeros])
+
+
+def lower_grouped_experts(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite in place every grouped matmul over a stored 3-D weight as one ``F.linear`` per expert; returns ``gm``.
+
+    A call whose weight is not a stored (E, K, N) tensor, or its transpose ``(E, N, K).transpose(-2, -1)``,
+    whose bias or output dtype is set, or whose input is not 2-D, is left as it is. The stacked
+    parameter is removed from ``gm`` once nothing reads it (its experts' views keep the storage).
+    """
+    stacked = {path for node in list(gm.graph.nodes) if is_grouped_mm(node) for path in [_lower(gm, node)] if path}
+    if stacked:
+        _drop_unread(gm, stacked)
+        gm.graph.lint()
+        gm.recompile()
+    return gm
+
+
+def _lower(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Lower one call; the stacked weight's path, or None where the call is left as it is."""
+    x, weight_node, offs = (list(node.args) + [node.kwargs.get("offs")])[:3]
+    if any(node.kwargs.get(k) is not None for k in ("bias", "out_dtype")) or len(node.args) > 3:
+        return None
+    found = _stacked_weight(gm, weight_node)
+    shape = x.meta.get("val").shape if isinstance(x, fx.Node) and "val" in x.meta else None
+    if found is None or not isinstance(offs, fx.Node) or (shape is not None and len(shape) != 2):
+        return None
+    path, stacked, transposed = found
+    owner_path, _, name = path.rpartition(".")
+    owner = gm.get_submodule(owner_path)
+    with gm.graph.inserting_before(node):
+        chunks = gm.graph.call_function(split_expert_rows, (x, offs))
+        outputs = []
+        for expert in range(stacked.shape[0]):
+            view_name = f"{name}{EXPERT_SUFFIX}{expert}"
+            if not hasattr(owner, view_name):
+                matrix = stacked[expert] if transposed else stacked[expert].T  # the (out, in) Linear weight
+                owner.register_parameter(view_name, nn.Parameter(matrix.detach(), requires_grad=stacked.requires_grad))
+            weight = gm.graph.get_attr(f"{owner_path}.{view_name}" if owner_path else view_name)
+            rows = gm.graph.call_function(operator.getitem, (chunks, expert))
+            outputs.append(gm.graph.call_function(F.linear, (rows, weight)))
+        rest = gm.graph.call_function(operator.getitem, (chunks, stacked.shape[0]))
+        joined = gm.graph.call_function(join_expert_rows, (outputs, rest))
+    joined.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
+    node.replace_all_uses_with(joined)
+    gm.graph.erase_node(node)
+    if isinstance(weight_node, fx.Node) and not weight_node.users and weight_node.op == "call_function":
+        gm.graph.erase_node(weight_node)
+    return path
+
+
+def _stacked_weight(gm: fx.GraphModule, node) -> tuple[str, torch.Tensor, bool] | None:
+    """(parameter path, the stored 3-D tensor, whether the op reads it transposed) for ``W`` or ``W.transpose(-2, -1)``."""
+    transposed = False
+    if isinstance(node, fx.Node) and (
+        (node.op == "call_function" and node.target in (aten.transpose.int, torch.transpose))
+        or (node.op == "call_method" and node.target == "transpose")
+    ):
+        dims = tuple(d % 3 for d in node.args[1:3] if isinstance(d, int))
+        if sorted(dims) != [1, 2]:
+            return None
+        node, transposed = node.args[0], True
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    value = operator.attrgetter(node.target)(gm)
+    if not isinstance(value, torch.Tensor) or value.dim() != 3 or not value.is_floating_point():
+        return None
+    return node.target, value, transposed
+
+
+def _drop_unread(gm: fx.GraphModule, stacked: set[str]) -> None:
+    """Remove the lowered stacked parameters that no node reads any more (their experts' views keep the storage)."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and node.target in stacked and not node.users:
+            gm.graph.erase_node(node)
+    read = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
+    for path in stacked - read:
+        owner_path, _, name = path.rpartition(".")
+        delattr(gm.get_submodule(owner_path), name)

@@ -1,0 +1,189 @@
+"""Mixture-of-experts weights stored stacked (transformers 5's fused experts): counted, planned per expert, decomposed.
+
+Oracles: the same transformers model run with its ``eager`` experts implementation (a Python loop of
+``F.linear`` over ``gate_up_proj[e]``, which torch.utils.flop_counter counts natively), the original
+model's outputs at other shapes and routings, and onnxruntime.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import fxdecomp
+from fxdecomp.capture.experts import EXPERTS_PATTERN, is_lowered_expert, lower_grouped_experts
+from fxdecomp.errors import UnsupportedLayerError
+from fxdecomp.export_capture import export_trace
+
+transformers = pytest.importorskip("transformers")
+
+EXAMPLE = (2, 16)
+OTHER_SHAPES = ((1, 5), (3, 11))
+
+
+def mixtral(experts_implementation: str | None = None) -> nn.Module:
+    config = transformers.MixtralConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config).eval()
+    if experts_implementation is not None:
+        model.set_experts_implementation(experts_implementation)
+    return model
+
+
+def ids(batch: int, sequence: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 128, (batch, sequence), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(module, x) -> torch.Tensor:
+    with torch.no_grad():
+        out = module(x)
+    return out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
+
+
+def native_flops(module, *inputs) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(*inputs)
+    return counter.get_total_flops()
+
+
+@pytest.fixture(scope="module")
+def compressed():
+    model = mixtral()
+    x = ids(*EXAMPLE)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return model, x, fxdecomp.compress(model, (x,), budget=0.5), state
+
+
+def test_count_flops_counts_the_stacked_experts_as_the_eager_loop_does():
+    x = ids(*EXAMPLE)
+    eager = mixtral("eager")
+    expected = fxdecomp.count_flops(eager, (x,))  # F.linear per expert: mm, torch's own formula
+    assert fxdecomp.count_flops(mixtral(), (x,)) == expected
+    # The experts are most of it: gate_up (2I x H) and down (H x I) for every routed (token, expert) pair.
+    config = eager.config
+    experts = 2 * config.num_hidden_layers * x.numel() * config.num_experts_per_tok * 3 * config.intermediate_size * config.hidden_size
+    assert expected > experts > expected / 2
+
+
+def test_each_expert_is_planned_and_the_budget_holds_by_an_independent_count(compressed):
+    model, x, result, _ = compressed
+    experts = [d for d in result.decisions if is_lowered_expert(d.name)]
+    assert len(experts) == 2 * 2 * 4  # (gate_up, down) x layers x experts
+    assert {d.name for d in experts} >= {"model.layers.0.mlp.experts.gate_up_proj_expert0", "model.layers.1.mlp.experts.down_proj_expert3"}
+    assert sum(d.decomposed for d in experts) >= len(experts) // 2
+    assert result.flops_ratio <= 0.5 + 1e-6
+    assert native_flops(result.graph_module, x) / native_flops(mixtral("eager"), x) <= 0.5 + 0.01
+    assert result.params_after < 0.7 * result.params_before  # the experts' parameters, most of the model, shrink
+
+
+def full_rank(model: nn.Module, name: str) -> int:
+    """The largest svd rank of a decision's matrix: min(out, in) of a Linear, or of one expert's slice of a stacked weight."""
+    owner, _, attribute = name.rpartition(".")
+    if is_lowered_expert(name):
+        stacked = getattr(model.get_submodule(owner), attribute.rsplit("_expert", 1)[0])
+        return min(stacked.shape[1:])
+    return min(model.get_submodule(name).weight.shape)
+
+
+def test_a_full_rank_plan_reproduces_the_model_at_other_shapes_and_routings(compressed):
+    model, x, result, _ = compressed
+    full = fxdecomp.compress(model, (x,), plan={d.name: ("svd", (full_rank(model, d.name),)) for d in result.decisions})
+    assert all(d.decomposed for d in full.decisions)
+    for seed, shape in enumerate(OTHER_SHAPES + (EXAMPLE,)):
+        other = ids(*shape, seed=seed + 1)  # other tokens: other experts chosen
+        torch.testing.assert_close(logits(full.graph_module, other), logits(model, other), rtol=1e-4, atol=1e-4)
+
+
+def test_the_users_model_is_left_alone(compressed):
+    model, _, _, state = compressed
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    experts = model.model.layers[0].mlp.experts
+    assert not any(is_lowered_expert(name) for name, _ in experts.named_parameters())
+    assert experts.gate_up_proj.dim() == 3
+
+
+def test_the_result_exports_to_onnx_and_follows_the_routing_at_other_shapes(compressed, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model, x, result, _ = compressed
+    fxdecomp.export_onnx(result.graph_module, (x,), tmp_path / "moe.onnx")
+    session = ort.InferenceSession(str(tmp_path / "moe.onnx"), providers=["CPUExecutionProvider"])
+    for seed, shape in enumerate(OTHER_SHAPES):
+        other = ids(*shape, seed=10 + seed)
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: other.numpy()})[0])
+        torch.testing.assert_close(got, logits(result.graph_module, other), rtol=1e-4, atol=1e-4)
+
+
+def test_keep_mode_refuses_decomposed_experts_by_name_and_keeps_the_model_with_them_excluded(compressed):
+    model, x, result, _ = compressed
+    with pytest.raises(UnsupportedLayerError, match=r"stacked parameter.*exclude=\['\*_expert\[0-9\]\*'\]"):
+        result.apply_to(model, example_inputs=(x,))
+    dense = fxdecomp.compress(model, (x,), budget=0.9, exclude=[EXPERTS_PATTERN])
+    assert not any(is_lowered_expert(d.name) and d.decomposed for d in dense.decisions)
+    kept = dense.apply_to(model, example_inputs=(x,))
+    torch.testing.assert_close(logits(kept, x), logits(dense.graph_module, x), rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_reaches_each_expert_with_its_own_rows(compressed):
+    model, x, weight_only, _ = compressed
+    batches = [(ids(2, 16, seed=s),) for s in range(20, 24)]
+    calibrated = fxdecomp.compress(model, (x,), budget=0.5, calibration=batches)
+    assert any(is_lowered_expert(d.name) and d.decomposed for d in calibrated.decisions)
+    held_out = ids(4, 16, seed=99)
+    error = {name: float((logits(r.graph_module, held_out) - logits(model, held_out)).norm() / logits(model, held_out).norm())
+             for name, r in (("weight-only", weight_only), ("calibrated", calibrated))}
+    assert error["calibrated"] < error["weight-only"], error
+
+
+class GroupedExperts(nn.Module):
+    """Experts applied by one grouped matmul over rows sorted by expert: ``aten._grouped_mm`` or transformers' op, on
+    a weight stored (E, out, in) and read transposed, or stored (E, in, out) and read as it is."""
+
+    def __init__(self, op: str, stored: str, experts: int = 3, features: int = 8, out: int = 16):
+        super().__init__()
+        self.op, self.stored = op, stored
+        shape = (experts, out, features) if stored == "out_in" else (experts, features, out)
+        self.weight = nn.Parameter(torch.randn(*shape) / features**0.5)
+        self.router = nn.Linear(features, experts)
+
+    def forward(self, x):
+        expert = self.router(x).argmax(-1)
+        order = expert.argsort()
+        counts = F.one_hot(expert, self.weight.shape[0]).sum(0)
+        offs = counts.cumsum(0).to(torch.int32)
+        weight = self.weight.transpose(-2, -1) if self.stored == "out_in" else self.weight
+        if self.op == "aten":
+            y = torch._grouped_mm(x[order], weight, offs=offs)
+        else:
+            y = torch.ops.transformers.grouped_mm_fallback(x[order], weight, offs)
+        return torch.empty_like(y).index_copy_(0, order, y)
+
+
+@pytest.mark.parametrize("stored", ["out_in", "in_out"])
+@pytest.mark.parametrize("op", ["aten", "transformers"])
+def test_both_grouped_matmuls_and_both_weight_layouts_are_lowered_exactly(op, stored):
+    import transformers.integrations.moe  # noqa: F401  (registers transformers' op)
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if op == "aten" else torch.float32  # torch's grouped kernel: bf16 only (torch 2.13)
+    model, x = GroupedExperts(op, stored).eval().to(dtype), torch.randn(10, 8, dtype=dtype)
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if op == "aten" else {"rtol": 1e-5, "atol": 1e-5}
+    gm = lower_grouped_experts(export_trace(model, (x,)))
+    assert not any(n.op == "call_function" and "grouped_mm" in str(n.target) for n in gm.graph.nodes)
+    assert sum(n.target is F.linear for n in gm.graph.nodes) == 3
+    for rows in (10, 4, 17):
+        other = torch.randn(rows, 8, dtype=dtype)
+        torch.testing.assert_close(gm(other), model(other), **tolerance)
+    assert fxdecomp.count_flops(model, (x,)) == 2 * 10 * 8 * 16 + 2 * 10 * 8 * 3  # experts + router
+    for frontend in ("fx", "export"):  # fx records torch._grouped_mm / torch.ops.transformers...; export the aten overloads
+        result = fxdecomp.compress(copy.deepcopy(model), (x,), budget=0.6, frontend=frontend)
+        assert [d.name for d in result.decisions if is_lowered_expert(d.name)] == [f"weight_expert{e}" for e in range(3)]
+        assert result.flops_ratio <= 0.6
