@@ -7,6 +7,10 @@ position tables taken for hidden weights (MViT v2), layers tied to one weight (Z
 SAM, UperNet with the default methods), partial captures with no layer (EnCodec), the culprit a trace error names
 (Longformer, EnCodec), eval-mode dropout in the keep check (SpeechT5).
 
+Suite ``hf-moe`` (`HF_MOE`, 2026-12-01): mixtures of experts whose experts are stacked 3-D weights, which fxdecomp
+lowers to one Linear per expert (`fxdecomp.capture.experts`); before, they were neither counted nor decomposed.
+
+    python tools/zoo_clients.py --suite hf-moe --budgets 0.5
     python tools/zoo_clients.py --suite hf-more --budgets 0.5 --time-limit 3600
     /work/venv-vision/bin/python tools/zoo_clients.py --suite vision-more --budgets 0.5 --time-limit 3600
 """
@@ -286,6 +290,32 @@ _HF_MORE2 = {
                            pad_token_id=1, **SMALL),
 }
 HF_MORE.update(_HF_MORE2)
+
+# Mixtures of experts, for the stacked (3-D) expert weights fxdecomp lowers to one Linear per expert (2026-12-01):
+# gated and not, with biases (GPT-OSS), shared experts (Qwen2-MoE, OLMoE-style), MLA attention beside them.
+_MOE = dict(num_key_value_heads=2, max_position_embeddings=64, **SMALL)
+HF_MOE = {
+    "mixtral-moe": _causal("MixtralConfig", num_local_experts=4, num_experts_per_tok=2, **_MOE),
+    "qwen3-moe": HF_MORE["qwen3-moe"],
+    "deepseek-v3": HF_MORE["deepseek-v3"],
+    "jamba": HF_MORE["jamba"],
+    "qwen2-moe": _causal("Qwen2MoeConfig", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                         shared_expert_intermediate_size=64, **_MOE),
+    "olmoe": _causal("OlmoeConfig", num_experts=4, num_experts_per_tok=2, **_MOE),
+    "phimoe": _causal("PhimoeConfig", num_local_experts=4, num_experts_per_tok=2, **_MOE),
+    "granitemoe": _causal("GraniteMoeConfig", num_local_experts=4, num_experts_per_tok=2, **_MOE),
+    "gpt-oss": _causal("GptOssConfig", num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=8,
+                       layer_types=["sliding_attention", "full_attention"], **_MOE),
+    "dbrx": _causal("DbrxConfig", d_model=64, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=256,
+                    attn_config={"kv_n_heads": 2}, ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2}),
+    "llama4-text": _causal("Llama4TextConfig", num_local_experts=4, num_experts_per_tok=1, head_dim=16,
+                           intermediate_size_mlp=128, no_rope_layers=[1, 1], **_MOE),
+    "glm4-moe": _causal("Glm4MoeConfig", n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                        first_k_dense_replace=1, n_group=1, topk_group=1, head_dim=16, **_MOE),
+    "ernie4.5-moe": _causal("Ernie4_5_MoeConfig", moe_num_experts=4, moe_k=2, moe_intermediate_size=32, moe_layer_start_index=0,
+                            **_MOE),
+    "jetmoe": _causal("JetMoeConfig", num_local_experts=4, num_experts_per_tok=2, kv_channels=16, **{k: v for k, v in SMALL.items()}),
+}
 
 
 

@@ -61,7 +61,7 @@ from .blocks import BlockCall, BlockStack, capture_block_inputs, head_inputs, ru
 from .checkpoint import LazyCheckpoint, ShardWriter, empty_model
 from .distributed import World, default_device
 from .loading import PLAN_FILE, load_compressed  # noqa: F401  (load_compressed: importable from here as before)
-from .layers import LayerRecord, apply_option, factorization_cost, layer_record, linear_spec, linears, observe, solve
+from .layers import LayerRecord, apply_option, factorization_cost, layer_record, linear_spec, linears, observe, solve, stacked_weights
 
 
 
@@ -151,6 +151,7 @@ def compress_sequential(
         raise InvalidInputError(f"{len(batches)} calibration batches for {world.size} processes: give at least one per process")
     batches = world.share(batches)
     tied = _tied_parameters(model)
+    _warn_stacked(model)
     head_layers = [(n, m) for n, m in linears(model, "", exclude) if not n.startswith(stack.path + ".")]
 
     def load(index: int) -> nn.Module:
@@ -263,6 +264,18 @@ def compress_sequential(
 
 
 @functools.cache
+def _warn_stacked(model: nn.Module) -> None:
+    stacked = stacked_weights(model)
+    if stacked:
+        warnings.warn(
+            f"fxdecomp: compress_sequential decomposes nn.Linear modules; {len(stacked)} weight(s) of {type(model).__name__} "
+            f"stored stacked (one 3-D parameter for all experts of a mixture of experts) keep their FLOPs, which the "
+            f"budget counts: {', '.join(stacked[:4])}{', ...' if len(stacked) > 4 else ''}. fxdecomp.compress(model, ...) "
+            "plans and decomposes each expert",
+            stacklevel=3,
+        )
+
+
 def _malloc_trim():
     """glibc's ``malloc_trim``, or None (another C library, another OS)."""
     if not sys.platform.startswith("linux"):

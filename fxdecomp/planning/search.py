@@ -25,6 +25,7 @@ from .budget import unreachable
 from .grid import Choice, LayerMs, decision, keep_choice, option_grid
 from .latency import follow_latency, follows_latency, replan_on_measurement
 from .solver import Infeasible, Option, solve_mckp
+from .tied import expand, tie_experts
 
 # A decomposition must buy something: at equal damage, keeping the layer wins.
 TIE_BREAK = 1e-12
@@ -78,8 +79,13 @@ def search(
     else:
         capacity = budget.fraction * total - fixed
 
+    planned, groups = tie_experts(planned, groups, metric, TIE_BREAK)  # a stack's experts at one option
+
     def measure_plan(planned_, plan: list[int]) -> float:
-        return measure({c.name: decision(c, choices[i], "") for (c, choices), i in zip(planned_, plan) if i > 0})
+        return measure({
+            member.name: decision(member, chosen, "")
+            for (c, choices), i in zip(planned_, plan) if i > 0 for member, chosen in expand(c, choices[i])
+        })
 
     try:
         plan = solve_mckp(groups, capacity, max_front=options.max_front)
@@ -94,5 +100,6 @@ def search(
         excluded = [c.name for c in ctx.candidates.values() if c.excluded]
         raise unreachable(exc, fixed, total, budget, ctx.refused, excluded) from None
     for (candidate, choices), index in zip(planned, plan):
-        decisions[candidate.name] = decision(candidate, choices[index], "budget" if index == 0 else "")
+        for member, chosen in expand(candidate, choices[index]):
+            decisions[member.name] = decision(member, chosen, "budget" if index == 0 else "")
     return {c.name: decisions[c.name] for c in ctx.candidates.values()}

@@ -187,3 +187,25 @@ def test_both_grouped_matmuls_and_both_weight_layouts_are_lowered_exactly(op, st
         result = fxdecomp.compress(copy.deepcopy(model), (x,), budget=0.6, frontend=frontend)
         assert [d.name for d in result.decisions if is_lowered_expert(d.name)] == [f"weight_expert{e}" for e in range(3)]
         assert result.flops_ratio <= 0.6
+
+
+def test_the_experts_of_a_stack_share_one_option_so_the_budget_holds_at_any_routing():
+    config = transformers.Qwen2MoeConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+        vocab_size=128, max_position_embeddings=64, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.Qwen2MoeForCausalLM(config).eval()
+    result = fxdecomp.compress(model, (ids(*EXAMPLE),), budget=0.5)
+    stacks: dict[str, set] = {}
+    for d in result.decisions:
+        if is_lowered_expert(d.name):
+            stacks.setdefault(d.name.rsplit("_expert", 1)[0], set()).add((d.method, d.ranks))
+    assert len(stacks) == 4 and all(len(options) == 1 for options in stacks.values()), stacks
+    assert any(method != "keep" for options in stacks.values() for method, _ in options)
+    for seed in range(3):  # other tokens, other routings: the same FLOPs as planned
+        other = ids(*EXAMPLE, seed=50 + seed)
+        assert fxdecomp.count_flops(result.graph_module, (other,)) == result.flops_after
+        assert fxdecomp.count_flops(model, (other,)) == result.flops_before
+    assert result.flops_ratio <= 0.5
