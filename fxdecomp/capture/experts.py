@@ -8,7 +8,8 @@ torch's kernel runs. Such a call is neither a Linear nor a conv: its weights, mo
 model's, were neither counted nor decomposed. `lower_grouped_experts` rewrites the call as what it
 computes: rows ``offs[e-1]:offs[e]`` times expert e's (out, in) matrix, one ``F.linear`` per
 expert on a view of the stacked weight (no copy), the results joined in row order, and rows past
-``offs[-1]`` zero (as transformers' fallback leaves them). Each expert is then a Linear candidate
+``offs[-1]`` zero (as transformers' fallback leaves them). ``bmm(x (E, T, K), W (E, K, N))`` over a stored stack
+(Llama 4's experts, each on its own T rows) becomes one ``F.linear`` per expert too, the results stacked. Each expert is then a Linear candidate
 of its own, registered as ``<weight path>_expert<e>``: planned, calibrated on the rows routed to
 it, and decomposed like any other Linear. An expert the example routes no row to costs nothing
 there and is left as it is.
@@ -100,7 +101,10 @@ def lower_grouped_experts(gm: fx.GraphModule) -> fx.GraphModule:
     whose bias or output dtype is set, or whose input is not 2-D, is left as it is. The stacked
     parameter is removed from ``gm`` once nothing reads it (its experts' views keep the storage).
     """
-    stacked = {path for node in list(gm.graph.nodes) if is_grouped_mm(node) for path in [_lower(gm, node)] if path}
+    stacked = {
+        path for node in list(gm.graph.nodes)
+        for path in [_lower(gm, node) if is_grouped_mm(node) else _lower_bmm(gm, node) if _is_bmm(node) else None] if path
+    }
     if stacked:
         _drop_unread(gm, stacked)
         gm.graph.lint()
@@ -118,21 +122,49 @@ def _lower(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if found is None or not isinstance(offs, fx.Node) or (shape is not None and len(shape) != 2):
         return None
     path, stacked, transposed = found
-    owner_path, _, name = path.rpartition(".")
-    owner = gm.get_submodule(owner_path)
     with gm.graph.inserting_before(node):
         chunks = gm.graph.call_function(split_expert_rows, (x, offs))
-        outputs = []
-        for expert in range(stacked.shape[0]):
-            view_name = f"{name}{EXPERT_SUFFIX}{expert}"
-            if not hasattr(owner, view_name):
-                matrix = stacked[expert] if transposed else stacked[expert].T  # the (out, in) Linear weight
-                owner.register_parameter(view_name, nn.Parameter(matrix.detach(), requires_grad=stacked.requires_grad))
-            weight = gm.graph.get_attr(f"{owner_path}.{view_name}" if owner_path else view_name)
-            rows = gm.graph.call_function(operator.getitem, (chunks, expert))
-            outputs.append(gm.graph.call_function(F.linear, (rows, weight)))
+        outputs = [_expert_linear(gm, path, stacked, transposed, e, gm.graph.call_function(operator.getitem, (chunks, e)))
+                   for e in range(stacked.shape[0])]
         rest = gm.graph.call_function(operator.getitem, (chunks, stacked.shape[0]))
         joined = gm.graph.call_function(join_expert_rows, (outputs, rest))
+    return _replace(gm, node, joined, weight_node, path)
+
+
+def _is_bmm(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (aten.bmm.default, torch.bmm)
+
+
+def _lower_bmm(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """``bmm(x (E, T, K), W (E, K, N))``, every expert on its own rows (Llama 4's experts): one F.linear per expert, stacked."""
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    x, weight_node = node.args
+    found = _stacked_weight(gm, weight_node)
+    if found is None or not isinstance(x, fx.Node):
+        return None
+    path, stacked, transposed = found
+    with gm.graph.inserting_before(node):
+        rows = gm.graph.call_function(torch.unbind, (x, 0))
+        outputs = [_expert_linear(gm, path, stacked, transposed, e, gm.graph.call_function(operator.getitem, (rows, e)))
+                   for e in range(stacked.shape[0])]
+        joined = gm.graph.call_function(torch.stack, (outputs, 0))
+    return _replace(gm, node, joined, weight_node, path)
+
+
+def _expert_linear(gm: fx.GraphModule, path: str, stacked: torch.Tensor, transposed: bool, expert: int, rows: fx.Node) -> fx.Node:
+    """``F.linear(rows, <path>_expert<e>)``, the expert's (out, in) view registered beside the stack once."""
+    owner_path, _, name = path.rpartition(".")
+    owner = gm.get_submodule(owner_path)
+    view_name = f"{name}{EXPERT_SUFFIX}{expert}"
+    if not hasattr(owner, view_name):
+        matrix = stacked[expert] if transposed else stacked[expert].T  # the (out, in) Linear weight
+        owner.register_parameter(view_name, nn.Parameter(matrix.detach(), requires_grad=stacked.requires_grad))
+    weight = gm.graph.get_attr(f"{owner_path}.{view_name}" if owner_path else view_name)
+    return gm.graph.call_function(F.linear, (rows, weight))
+
+
+def _replace(gm: fx.GraphModule, node: fx.Node, joined: fx.Node, weight_node, path: str) -> str:
     joined.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
     node.replace_all_uses_with(joined)
     gm.graph.erase_node(node)

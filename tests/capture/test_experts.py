@@ -209,3 +209,27 @@ def test_the_experts_of_a_stack_share_one_option_so_the_budget_holds_at_any_rout
         assert fxdecomp.count_flops(result.graph_module, (other,)) == result.flops_after
         assert fxdecomp.count_flops(model, (other,)) == result.flops_before
     assert result.flops_ratio <= 0.5
+
+
+class BatchedExperts(nn.Module):
+    """Every expert on its own rows by one ``torch.bmm`` with a stored (E, in, out) stack (Llama 4's experts)."""
+
+    def __init__(self, experts: int = 3, features: int = 8, out: int = 16):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(experts, features, out) / features**0.5)
+
+    def forward(self, x):
+        return torch.bmm(x.view(self.weight.shape[0], -1, x.shape[-1]), self.weight).relu().sum(0)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_batched_matmul_over_a_stored_stack_is_one_linear_per_expert(frontend):
+    torch.manual_seed(0)
+    model, x = BatchedExperts().eval(), torch.randn(12, 8)
+    result = fxdecomp.compress(model, (x,), budget=0.6, frontend=frontend)
+    assert [d.name for d in result.decisions] == [f"weight_expert{e}" for e in range(3)]
+    assert len({(d.method, d.ranks) for d in result.decisions}) == 1 and result.flops_ratio <= 0.6
+    full = fxdecomp.compress(model, (x,), plan={d.name: ("svd", (8,)) for d in result.decisions}, frontend=frontend)
+    for rows in (12, 6):
+        other = torch.randn(rows, 8)
+        torch.testing.assert_close(full.graph_module(other), model(other), rtol=1e-5, atol=1e-5)
