@@ -27,26 +27,33 @@ from .capture.experts import lower_grouped_experts
 from .errors import InvalidInputError, TraceError
 from .export_capture import check_dynamic_shapes, export_trace
 from .transformers_layers import conv1d_types
-from .layer_spec import LAYER_TYPES
+from .layer_spec import LAYER_TYPES, computes_plain_linear
 
 log = logging.getLogger(__name__)
 
 
 class LayerLeafTracer(fx.Tracer):
-    """The default tracer, with every Linear and conv (Conv1d/2d/3d, ConvTranspose1d/2d/3d; subclasses too) kept as a leaf."""
+    """The default tracer, with every Linear and conv (Conv1d/2d/3d, ConvTranspose1d/2d/3d; subclasses too) kept as a
+    leaf, except a Linear subclass whose own forward computes more than the Linear."""
 
-    def __init__(self, leaf_types: tuple[type, ...] = ()):
+    def __init__(self, leaf_types: tuple[type, ...] = (), traced_into: frozenset[int] = frozenset()):
         super().__init__()
         self.leaf_types = (*LAYER_TYPES, *conv1d_types(), *leaf_types)
+        self.traced_into = traced_into  # ids of Linear modules whose own forward computes more than the Linear
         # Buffers as graph inputs: an in-place write into one (a counter) is recorded, not run once while tracing.
         self.proxy_buffer_attributes = True
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        if id(module) in self.traced_into:
+            # Traced into: its forward computes more than the Linear (PhiMoE's router returns a tuple), and the
+            # F.linear inside is a candidate of its own. (Conv subclasses stay leaves: layer_spec checks their forward.)
+            return False
         return isinstance(module, self.leaf_types) or super().is_leaf_module(module, qualified_name)
 
 
 def fx_trace(model: nn.Module) -> fx.GraphModule:
-    tracer = LayerLeafTracer()
+    # Probed before tracing: while fx traces, a module's parameters read as proxies.
+    tracer = LayerLeafTracer(traced_into=frozenset(id(m) for m in model.modules() if isinstance(m, nn.Linear) and not computes_plain_linear(m)))
     with preserved_buffers(model):
         graph = tracer.trace(model)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)

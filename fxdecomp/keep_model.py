@@ -32,14 +32,15 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .errors import FxDecompError, InvalidInputError, UnsupportedLayerError
-from .capture.experts import EXPERTS_PATTERN, is_lowered_expert
+from .capture.experts import is_lowered_expert
+from .kept_experts import is_kept_expert, rebuild_experts, swap_experts
 from .graph.attention import packed
 from .graph.computed_conv import overrides_forward, plain_with_weight, plain_equivalent
 from .kept_attention import KeptAttention, in_projection_like
 from . import kept_record
 from .kept_layer import FactoredWeightOwner, KeptLayer, own_factors
 from .kept_record import KeptEntry
-from .layer_spec import LAYER_TYPES, ConvSpec, layer_spec, pad_module
+from .layer_spec import LAYER_TYPES, ConvSpec, computes_plain_linear, layer_spec, pad_module
 from .meta import DECOMPOSED_SPECS
 from .transformers_layers import is_conv1d
 
@@ -71,15 +72,9 @@ def apply_to_model(
     # forward hands their weights to F.multi_head_attention_forward, which an AbsentWeight cannot serve).
     attentions = _attention_owners([d.name for d in decided], modules)
     attention = {f"{owner}.in_proj_weight" for owner in attentions}
+    experts = [d.name for d in decided if is_lowered_expert(d.name)]  # kept in their stacks: fxdecomp.kept_experts
     functional = [d.name for d in decided if d.name not in attention and not _replaceable(modules.get(d.name))
-                  and not (d.op == "linear" and _applies_own_weight(modules.get(d.name)))]
-    if any(is_lowered_expert(name) for name in functional):
-        raise UnsupportedLayerError(
-            f"keep-the-model mode swaps modules, but {type(model).__name__} stores its mixture-of-experts weights as one "
-            f"stacked parameter per projection, which its experts module indexes, and the result decomposed experts "
-            f"{[n for n in functional if is_lowered_expert(n)][:4]}...; use result.graph_module, or compress again with "
-            f"exclude=[{EXPERTS_PATTERN!r}] to keep the experts dense"
-        )
+                  and not (d.op == "linear" and _applies_own_weight(modules.get(d.name))) and d.name not in experts]
     if functional:
         raise UnsupportedLayerError(
             f"keep-the-model mode swaps modules, but {functional} are not nn.Linear, nn.Conv*d / nn.ConvTranspose*d or transformers "
@@ -88,13 +83,15 @@ def apply_to_model(
         )
     installed = {d.name: installed_module(result.graph_module, d.name) for d in decided}  # each a scan of the graph
     for d in decided:
-        if d.name not in attention:
+        if d.name not in attention and d.name not in experts:
             _check_shape(d.name, _as_layer(modules[d.name]), installed[d.name])
     new = copy.deepcopy(model)
     _carry_batchnorm(result.graph_module, new, set(installed))
     specs = getattr(result.graph_module, "meta", {}).get(DECOMPOSED_SPECS, {})
     pads: dict = {}
-    _swap_decomposed(new, [d.name for d in decided], attentions, {n: copy.deepcopy(m) for n, m in installed.items()}, specs, pads)
+    factors = {n: copy.deepcopy(m) for n, m in installed.items()}
+    _swap_decomposed(new, [d.name for d in decided if d.name not in experts], attentions, factors, specs, pads)
+    swap_experts(new, result.graph_module, experts, factors)
     folded = getattr(result.graph_module, "meta", {}).get("fxdecomp.folded_batchnorm", ())
     _record(new, decided, specs, pads, installed, list(folded))
     if example_inputs is not None:
@@ -115,7 +112,9 @@ def rebuild_kept(model: nn.Module, record: dict) -> nn.Module:
     modules = dict(model.named_modules())
     # Factors of an earlier decomposed layer (a loaded model compressed again) exist once that layer is rebuilt.
     outer = [e for e in entries if not any(e.name.startswith(f.name + ".") for f in entries)]
-    missing = [e.name for e in outer if e.name not in modules and not (_attention_owner(e.name) and _attention_owner(e.name) in modules)]
+    experts = {e.name for e in outer if is_lowered_expert(e.name)}  # rebuilt in their stacks: fxdecomp.kept_experts
+    missing = [e.name for e in outer if e.name not in modules and e.name not in experts
+               and not (_attention_owner(e.name) and _attention_owner(e.name) in modules)]
     if missing:
         raise InvalidInputError(f"the record names layers {missing[:5]} that {type(model).__name__} does not have")
     decided = {e.name for e in entries}
@@ -133,7 +132,8 @@ def rebuild_kept(model: nn.Module, record: dict) -> nn.Module:
     attentions = _attention_owners([e.name for e in entries], modules)
     structures = {e.name: _structure(e) for e in entries}
     pads = {e.name: (e.pad, e.pad_mode) if e.pad else None for e in entries}
-    _swap_decomposed(model, [e.name for e in entries], attentions, structures, {e.name: e.spec for e in entries}, pads)
+    _swap_decomposed(model, [e.name for e in entries if e.name not in experts], attentions, structures, {e.name: e.spec for e in entries}, pads)
+    rebuild_experts(model, {name: structures[name] for name in experts})
     kept_record.write(model, record)
     return model
 
@@ -173,6 +173,8 @@ def _is_kept(model: nn.Module, name: str) -> bool:
     try:
         if attribute == "in_proj_weight":
             return isinstance(model.get_submodule(owner), KeptAttention)
+        if is_lowered_expert(name):
+            return is_kept_expert(model, name)
         return isinstance(model.get_submodule(name), (KeptLayer, FactoredWeightOwner))
     except AttributeError:
         return False
@@ -381,15 +383,20 @@ def _kept_attention(mha: nn.MultiheadAttention, decomposed: nn.Module | None, na
 
 
 def _replaceable(module: nn.Module | None) -> bool:
+    """A layer a KeptLayer can stand in for. A Linear subclass whose own forward computes more (PhiMoE's router returns
+    (probabilities, weights, experts)) is not: it keeps its class, its weight the factors' (`_applies_own_weight`)."""
+    if isinstance(module, nn.Linear) and not computes_plain_linear(module):
+        return False
     return isinstance(module, LAYER_TYPES) or (module is not None and is_conv1d(module))
 
 
 def _applies_own_weight(module: nn.Module | None) -> bool:
-    """A module that is no layer type but holds a matrix ``weight`` and no bias, which its forward applies with
-    ``F.linear`` (Mixtral's router): kept with its factors as its weight (`own_factors`). Whether the forward really
+    """A module that is no layer type but holds a matrix ``weight`` (and a bias or none), which its forward applies with
+    ``F.linear`` (Mixtral's and GPT-OSS's router): kept with its factors as its weight (`own_factors`). Whether the forward really
     does is what the output check (``example_inputs``) confirms; any other use of the weight raises, naming it."""
     weight = module._parameters.get("weight") if module is not None else None
-    return isinstance(weight, nn.Parameter) and weight.dim() == 2 and module._parameters.get("bias") is None
+    bias = module._parameters.get("bias") if module is not None else None
+    return isinstance(weight, nn.Parameter) and weight.dim() == 2 and (bias is None or bias.dim() == 1)
 
 
 def _as_layer(module: nn.Module) -> nn.Module:

@@ -153,7 +153,7 @@ FACTORS = "weight_factors"  # the child holding the factors of a module that app
 
 class FactoredWeightOwner:
     """A mixin for a module whose own forward applies its ``weight`` with ``F.linear`` (Mixtral's and Qwen3-MoE's
-    router, ``F.linear(hidden, self.weight)``): its ``weight`` is the `AbsentWeight` of the `KeptLayer` child
+    router, ``F.linear(hidden, self.weight)``; GPT-OSS's with its bias): its ``weight`` (and ``bias``) is the `AbsentWeight` of the `KeptLayer` child
     ``weight_factors``, so that call runs the factors. `own_factors` puts it on a module (a subclass made once
     per class, like ``torch.nn.utils.parametrize``'s); it pickles as its original class with the mixin."""
 
@@ -163,6 +163,10 @@ class FactoredWeightOwner:
     def weight(self) -> AbsentWeight:
         return self._modules[FACTORS].weight
 
+    @property
+    def bias(self) -> AbsentWeight | None:
+        return self._modules[FACTORS].bias
+
     def __reduce_ex__(self, protocol):
         return _restore_owner, (self._fxdecomp_base, self.__dict__)
 
@@ -171,8 +175,9 @@ _OWNER_CLASSES: dict[type, type] = {}
 
 
 def own_factors(owner: nn.Module, kept: "KeptLayer") -> None:
-    """Replace ``owner``'s ``weight`` Parameter by ``kept`` (registered as ``owner.weight_factors``), in place."""
+    """Replace ``owner``'s ``weight`` (and ``bias``) Parameter by ``kept`` (registered as ``owner.weight_factors``), in place."""
     del owner._parameters["weight"]
+    owner._parameters.pop("bias", None)  # the factors' last layer holds it
     owner.__class__ = _owner_class(type(owner))
     owner.add_module(FACTORS, kept)
 

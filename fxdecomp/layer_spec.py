@@ -121,6 +121,24 @@ def layer_spec(layer: nn.Module) -> ConvSpec | LinearSpec:
     )
 
 
+def computes_plain_linear(layer: nn.Linear) -> bool:
+    """Whether an nn.Linear (or subclass) computes ``F.linear(x, weight, bias)``: a forward of its own (timm's
+    ``Linear`` casts for TorchScript; PhiMoE's router returns (probabilities, weights, experts)) is checked on a
+    seeded probe, without hooks. A layer on the meta device, or a forward that fails on the probe, does not."""
+    if type(layer).forward is nn.Linear.forward:
+        return True
+    weight = layer.weight
+    if weight.is_meta or not weight.is_floating_point():
+        return False
+    probe = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0)).to(weight)
+    try:
+        with torch.no_grad():
+            out, want = type(layer).forward(layer, probe), F.linear(probe, weight, layer.bias)
+    except Exception:
+        return False
+    return isinstance(out, torch.Tensor) and out.shape == want.shape and bool(torch.allclose(out, want, rtol=1e-4, atol=1e-5))
+
+
 def check_finite(name: str, layer: nn.Module) -> None:
     """Refuse layers whose weight or bias holds NaN or infinity."""
     for pname, tensor in (("weight", layer.weight), ("bias", getattr(layer, "bias", None))):

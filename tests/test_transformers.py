@@ -693,6 +693,53 @@ def test_a_router_applying_its_own_weight_is_kept_in_its_class_saved_and_loaded_
     assert isinstance(loaded.get_submodule(router).weight, AbsentWeight)
 
 
+def test_a_linear_subclass_with_a_forward_of_its_own_keeps_its_class_and_forward():
+    """PhiMoE's router subclasses nn.Linear and returns (probabilities, weights, experts): a KeptLayer in its place
+    returned the logits alone, and the model failed to unpack them."""
+
+    class TopK(nn.Linear):
+        def forward(self, x):
+            logits = F.linear(x, self.weight)
+            return logits.softmax(-1), logits.topk(2, dim=-1).indices
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router, self.head = TopK(32, 8, bias=False), nn.Linear(32, 4)
+
+        def forward(self, x):
+            probabilities, chosen = self.router(x)
+            return self.head(x) * probabilities.gather(-1, chosen).sum(-1, keepdim=True)
+
+    torch.manual_seed(0)
+    model, x = Model().eval(), torch.randn(5, 32)
+    # torch.fx traced the router as a Linear leaf, and the rewrite gave the model its logits for the tuple.
+    full = fxdecomp.compress(model, (x,), plan={"router": ("svd", (8,))}, frontend="fx")
+    other = torch.randn(7, 32)
+    torch.testing.assert_close(full.graph_module(other), model(other), rtol=1e-5, atol=1e-5)
+    result = fxdecomp.compress(model, (x,), plan={"router": ("svd", (4,))})
+    kept = result.apply_to(model, example_inputs=(x,))
+    assert isinstance(kept.router, TopK) and type(kept.router).forward is TopK.forward
+    torch.testing.assert_close(kept(other), result.graph_module(other), rtol=1e-5, atol=1e-5)
+
+
+def test_a_linear_subclass_whose_forward_is_the_linear_stays_a_swappable_layer():
+    """timm's Linear overrides forward only to cast under TorchScript: it is still a Linear leaf and a KeptLayer."""
+    from fxdecomp.kept_layer import KeptLayer
+
+    class CastingLinear(nn.Linear):
+        def forward(self, input):
+            if torch.jit.is_scripting():
+                return F.linear(input, self.weight.to(input.dtype), self.bias)
+            return F.linear(input, self.weight, self.bias)
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(CastingLinear(32, 24), nn.ReLU(), nn.Linear(24, 4)).eval(), torch.randn(5, 32)
+    result = fxdecomp.compress(model, (x,), plan={"0": ("svd", (6,))}, frontend="fx")
+    assert any(n.op == "call_module" and n.target.startswith("0") for n in result.graph_module.graph.nodes)
+    assert isinstance(result.apply_to(model, example_inputs=(x,))[0], KeptLayer)
+
+
 def test_a_module_using_its_own_weight_otherwise_is_refused_by_name():
     class Scores(nn.Module):  # no F.linear: the weight is multiplied with by hand, which the factors cannot serve
         def __init__(self):

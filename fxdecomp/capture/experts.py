@@ -37,6 +37,7 @@ aten = torch.ops.aten
 
 GROUPED_MM_OPS = ("transformers::grouped_mm_fallback", "aten::_grouped_mm")
 EXPERT_SUFFIX = "_expert"
+EXPERT_STACKS = "fxdecomp.expert_stacks"  # GraphModule.meta: {stacked weight path: stored (E, out, in)?} of the lowered stacks
 EXPERTS_PATTERN = f"*{EXPERT_SUFFIX}[0-9]*"  # an `exclude` pattern for every lowered expert (not Qwen2-MoE's shared_expert)
 
 
@@ -122,6 +123,7 @@ def _lower(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if found is None or not isinstance(offs, fx.Node) or (shape is not None and len(shape) != 2):
         return None
     path, stacked, transposed = found
+    gm.meta.setdefault(EXPERT_STACKS, {})[path] = transposed
     with gm.graph.inserting_before(node):
         chunks = gm.graph.call_function(split_expert_rows, (x, offs))
         outputs = [_expert_linear(gm, path, stacked, transposed, e, gm.graph.call_function(operator.getitem, (chunks, e)))
@@ -144,6 +146,7 @@ def _lower_bmm(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if found is None or not isinstance(x, fx.Node):
         return None
     path, stacked, transposed = found
+    gm.meta.setdefault(EXPERT_STACKS, {})[path] = transposed
     with gm.graph.inserting_before(node):
         rows = gm.graph.call_function(torch.unbind, (x, 0))
         outputs = [_expert_linear(gm, path, stacked, transposed, e, gm.graph.call_function(operator.getitem, (rows, e)))

@@ -30,6 +30,8 @@ from torch import nn
 
 from ..errors import InvalidInputError
 from ..keep_model import rebuild_kept
+from ..capture.experts import is_lowered_expert
+from ..kept_experts import experts_path
 from ..kept_attention import KeptAttention
 from ..kept_record import RECORD_KEY, KeptEntry, from_json, to_json
 from .checkpoint import LazyCheckpoint, empty_model, model_class
@@ -146,6 +148,9 @@ def _rebuilt(model: nn.Module, record: dict) -> list[str]:
     entries, folded = from_json(record)
     paths = set()
     for entry in entries:
+        if is_lowered_expert(entry.name):  # its stack's KeptExperts: the factors and the experts kept dense
+            paths.add(experts_path(entry.name))
+            continue
         owner = entry.name.rpartition(".")[0]
         paths.add(owner if owner and isinstance(model.get_submodule(owner), KeptAttention) else entry.name)
     paths |= {layer for layer, _ in folded}

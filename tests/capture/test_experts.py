@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxdecomp
-from fxdecomp.capture.experts import EXPERTS_PATTERN, is_lowered_expert, lower_grouped_experts
+from fxdecomp.capture.experts import is_lowered_expert, lower_grouped_experts
 from fxdecomp.errors import UnsupportedLayerError
 from fxdecomp.export_capture import export_trace
 
@@ -122,14 +122,64 @@ def test_the_result_exports_to_onnx_and_follows_the_routing_at_other_shapes(comp
         torch.testing.assert_close(got, logits(result.graph_module, other), rtol=1e-4, atol=1e-4)
 
 
-def test_keep_mode_refuses_decomposed_experts_by_name_and_keeps_the_model_with_them_excluded(compressed):
+def test_keep_mode_keeps_the_experts_module_with_its_experts_decomposed_and_loads_back(compressed, tmp_path):
+    import io
+
+    from fxdecomp.kept_experts import AbsentStack, KeptExperts
+    from fxdecomp.kept_layer import KeptLayer
+    from fxdecomp.large import load_compressed
+
     model, x, result, _ = compressed
-    with pytest.raises(UnsupportedLayerError, match=r"stacked parameter.*exclude=\['\*_expert\[0-9\]\*'\]"):
-        result.apply_to(model, example_inputs=(x,))
-    dense = fxdecomp.compress(model, (x,), budget=0.9, exclude=[EXPERTS_PATTERN])
-    assert not any(is_lowered_expert(d.name) and d.decomposed for d in dense.decisions)
-    kept = dense.apply_to(model, example_inputs=(x,))
-    torch.testing.assert_close(logits(kept, x), logits(dense.graph_module, x), rtol=1e-5, atol=1e-5)
+    kept = result.apply_to(model, example_inputs=(x,))  # checked against the graph
+    experts = kept.model.layers[0].mlp.experts
+    assert type(kept) is type(model) and isinstance(experts, type(model.model.layers[0].mlp.experts))
+    assert isinstance(experts.gate_up_proj, AbsentStack) and tuple(experts.gate_up_proj.shape) == (4, 2 * 96, 64)
+    assert isinstance(experts.gate_up_proj_experts, KeptExperts)
+    decided = {d.name for d in result.decisions if d.decomposed}
+    for e, layer in enumerate(experts.gate_up_proj_experts):
+        assert isinstance(layer, KeptLayer) == (f"model.layers.0.mlp.experts.gate_up_proj_expert{e}" in decided)
+    assert sum(p.numel() for p in kept.parameters()) == result.params_after
+    with pytest.raises(UnsupportedLayerError, match="stacked expert weight"):
+        experts.gate_up_proj.sum()
+    for seed, shape in enumerate(OTHER_SHAPES):
+        other = ids(*shape, seed=30 + seed)
+        want = logits(result.graph_module, other)
+        torch.testing.assert_close(logits(kept, other), want, rtol=1e-5, atol=1e-5)
+        kept.set_experts_implementation("eager")  # the Python loop: F.linear(rows, gate_up_proj[e])
+        torch.testing.assert_close(logits(kept, other), want, rtol=1e-5, atol=1e-5)
+        kept.set_experts_implementation("grouped_mm")
+    assert kept.generate(x[:1, :4], max_new_tokens=4, do_sample=False).shape == (1, 8)
+    buffer = io.BytesIO()
+    torch.save(kept, buffer)  # the experts module pickles as its own class with the mixin
+    buffer.seek(0)
+    torch.testing.assert_close(logits(torch.load(buffer, weights_only=False), x), logits(kept, x))
+    kept.save_pretrained(tmp_path)
+    torch.testing.assert_close(logits(load_compressed(tmp_path), x), logits(kept, x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gpt-oss", "llama4"])
+def test_keep_mode_runs_experts_stored_in_out_through_grouped_and_batched_matmuls(name, tmp_path):
+    """GPT-OSS stores (E, in, out) with biases and transformers' grouped matmul reads it as it is; Llama 4's experts
+    each take their own rows through one bmm."""
+    from fxdecomp.large import load_compressed
+
+    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                 vocab_size=128, max_position_embeddings=64, num_local_experts=4, head_dim=16)
+    if name == "gpt-oss":
+        config = transformers.GptOssConfig(num_experts_per_tok=2, sliding_window=8, layer_types=["sliding_attention", "full_attention"], **small)
+        cls = transformers.GptOssForCausalLM
+    else:
+        config = transformers.Llama4TextConfig(num_experts_per_tok=1, intermediate_size_mlp=128, no_rope_layers=[1, 1], **small)
+        cls = transformers.Llama4ForCausalLM
+    torch.manual_seed(0)
+    model, x = cls(config).eval(), ids(*EXAMPLE)
+    result = fxdecomp.compress(model, (x,), budget=0.5)
+    assert any(is_lowered_expert(d.name) and d.decomposed for d in result.decisions)
+    kept = result.apply_to(model, example_inputs=(x,))
+    other = ids(3, 11, seed=7)
+    torch.testing.assert_close(logits(kept, other), logits(result.graph_module, other), rtol=1e-5, atol=1e-5)
+    kept.save_pretrained(tmp_path)
+    torch.testing.assert_close(logits(load_compressed(tmp_path), other), logits(kept, other), rtol=1e-6, atol=1e-6)
 
 
 def test_calibration_reaches_each_expert_with_its_own_rows(compressed):
