@@ -107,14 +107,31 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kw
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+class _WholeModel:
+    """A stand-in for FlopCounterMode's module tracker: every count goes to "Global", no hook is put on any module.
+    Torch's tracker hooks each module's inputs that require grad, and fails (AssertionError, torch 2.13) on a view of a
+    parameter made under no_grad (DBRX's experts, ``self.w1.view(...)[e]``); fxdecomp reads the total only."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args) -> None:
+        return None
+
+
 def flop_counter():
-    """A `torch.utils.flop_counter.FlopCounterMode` that counts as `count_flops` does (CPU's fused SDPA and grouped matmuls included)."""
+    """A `torch.utils.flop_counter.FlopCounterMode` that counts as `count_flops` does (CPU's fused SDPA and grouped
+    matmuls included), for the whole model (``get_total_flops``; no per-module table)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from .capture.experts import grouped_mm_flop_formulas
 
     formulas = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops, **grouped_mm_flop_formulas()}
-    return FlopCounterMode(display=False, custom_mapping=formulas)
+    counter = FlopCounterMode(display=False, custom_mapping=formulas)
+    counter.mod_tracker = _WholeModel()
+    return counter
 
 
 def count_flops(module: nn.Module, example_inputs: tuple | torch.Tensor) -> int:

@@ -217,3 +217,23 @@ class PadsInForward(nn.Conv2d):
 def test_cost_model_refuses_conv_subclasses_with_their_own_forward():
     with pytest.raises(fxdecomp.errors.InvalidInputError, match="PadsInForward"):
         module_macs(PadsInForward(3, 4, 3), (1, 3, 8, 8))
+
+
+def test_count_flops_counts_a_module_handed_a_view_of_a_parameter():
+    """DBRX hands its expert MLP ``self.w1.view(E, out, in)[e]``; under no_grad that view requires grad without a grad
+    function, and torch's per-module tracker in FlopCounterMode raised AssertionError (torch 2.13)."""
+
+    class Apply(nn.Module):
+        def forward(self, x, weight):
+            return x @ weight.t()
+
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(2 * 4, 8))
+            self.apply_one = Apply()
+
+        def forward(self, x):
+            return sum(self.apply_one(x, self.w.view(2, 4, 8)[e]) for e in range(2))
+
+    assert fxdecomp.count_flops(Experts(), (torch.randn(3, 8),)) == 2 * (2 * 3 * 8 * 4)

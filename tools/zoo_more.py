@@ -307,7 +307,7 @@ HF_MOE = {
     "gpt-oss": _causal("GptOssConfig", num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=8,
                        layer_types=["sliding_attention", "full_attention"], **_MOE),
     "dbrx": _causal("DbrxConfig", d_model=64, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=256,
-                    attn_config={"kv_n_heads": 2}, ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2}),
+                    attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}, ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2}),
     "llama4-text": _causal("Llama4TextConfig", num_local_experts=4, num_experts_per_tok=1, head_dim=16,
                            intermediate_size_mlp=128, no_rope_layers=[1, 1], **_MOE),
     "glm4-moe": _causal("Glm4MoeConfig", n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,

@@ -9,7 +9,8 @@ model's, were neither counted nor decomposed. `lower_grouped_experts` rewrites t
 computes: rows ``offs[e-1]:offs[e]`` times expert e's (out, in) matrix, one ``F.linear`` per
 expert on a view of the stacked weight (no copy), the results joined in row order, and rows past
 ``offs[-1]`` zero (as transformers' fallback leaves them). ``bmm(x (E, T, K), W (E, K, N))`` over a stored stack
-(Llama 4's experts, each on its own T rows) becomes one ``F.linear`` per expert too, the results stacked. Each expert is then a Linear candidate
+(Llama 4's experts, each on its own T rows) becomes one ``F.linear`` per expert too, the results stacked; and
+``F.linear(x, W[e])`` on a stored stack (JetMoE's experts) reads expert e's view. Each expert is then a Linear candidate
 of its own, registered as ``<weight path>_expert<e>``: planned, calibrated on the rows routed to
 it, and decomposed like any other Linear. An expert the example routes no row to costs nothing
 there and is left as it is.
@@ -104,7 +105,8 @@ def lower_grouped_experts(gm: fx.GraphModule) -> fx.GraphModule:
     """
     stacked = {
         path for node in list(gm.graph.nodes)
-        for path in [_lower(gm, node) if is_grouped_mm(node) else _lower_bmm(gm, node) if _is_bmm(node) else None] if path
+        for path in [_lower(gm, node) if is_grouped_mm(node) else _lower_bmm(gm, node) if _is_bmm(node)
+                     else _lower_selected(gm, node) if _selects_expert(node) else None] if path
     }
     if stacked:
         _drop_unread(gm, stacked)
@@ -155,16 +157,57 @@ def _lower_bmm(gm: fx.GraphModule, node: fx.Node) -> str | None:
     return _replace(gm, node, joined, weight_node, path)
 
 
+def _selects_expert(node: fx.Node) -> bool:
+    """``F.linear(x, W[e])`` / ``aten.linear(x, aten.select(W, 0, e))`` with ``e`` a constant (JetMoE's experts)."""
+    if node.op != "call_function" or node.target not in (F.linear, aten.linear.default) or len(node.args) < 2:
+        return False
+    return _selected_expert(node.args[1]) is not None
+
+
+def _selected_expert(weight) -> int | None:
+    """e where ``weight`` is ``aten.select(W, 0, e)`` or ``W[e]`` with e an int; else None."""
+    if not isinstance(weight, fx.Node) or weight.op != "call_function":
+        return None
+    if weight.target is aten.select.int and len(weight.args) == 3 and weight.args[1] == 0 and isinstance(weight.args[2], int):
+        return weight.args[2]
+    if weight.target is operator.getitem and len(weight.args) == 2 and isinstance(weight.args[1], int):
+        return weight.args[1]
+    return None
+
+
+def _lower_selected(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Read expert e's weight as its own parameter view: the linear becomes a Linear candidate of its own."""
+    select = node.args[1]
+    found = _stacked_weight(gm, select.args[0])
+    if found is None or found[2]:  # a transposed stack is not what W[e] reads
+        return None
+    path, stacked, _ = found
+    expert = _selected_expert(select)
+    if not -stacked.shape[0] <= expert < stacked.shape[0]:
+        return None
+    gm.meta.setdefault(EXPERT_STACKS, {})[path] = True
+    with gm.graph.inserting_before(node):
+        weight = _expert_weight(gm, path, stacked, True, expert % stacked.shape[0])
+    node.replace_input_with(select, weight)
+    if not select.users:
+        gm.graph.erase_node(select)
+    return path
+
+
 def _expert_linear(gm: fx.GraphModule, path: str, stacked: torch.Tensor, transposed: bool, expert: int, rows: fx.Node) -> fx.Node:
     """``F.linear(rows, <path>_expert<e>)``, the expert's (out, in) view registered beside the stack once."""
+    return gm.graph.call_function(F.linear, (rows, _expert_weight(gm, path, stacked, transposed, expert)))
+
+
+def _expert_weight(gm: fx.GraphModule, path: str, stacked: torch.Tensor, transposed: bool, expert: int) -> fx.Node:
+    """A get_attr of expert e's (out, in) view ``<path>_expert<e>``, registered beside the stack once (no copy)."""
     owner_path, _, name = path.rpartition(".")
     owner = gm.get_submodule(owner_path)
     view_name = f"{name}{EXPERT_SUFFIX}{expert}"
     if not hasattr(owner, view_name):
         matrix = stacked[expert] if transposed else stacked[expert].T  # the (out, in) Linear weight
         owner.register_parameter(view_name, nn.Parameter(matrix.detach(), requires_grad=stacked.requires_grad))
-    weight = gm.graph.get_attr(f"{owner_path}.{view_name}" if owner_path else view_name)
-    return gm.graph.call_function(F.linear, (rows, weight))
+    return gm.graph.get_attr(f"{owner_path}.{view_name}" if owner_path else view_name)
 
 
 def _replace(gm: fx.GraphModule, node: fx.Node, joined: fx.Node, weight_node, path: str) -> str:

@@ -283,3 +283,41 @@ def test_a_batched_matmul_over_a_stored_stack_is_one_linear_per_expert(frontend)
     for rows in (12, 6):
         other = torch.randn(rows, 8)
         torch.testing.assert_close(full.graph_module(other), model(other), rtol=1e-5, atol=1e-5)
+
+
+class IndexedExperts(nn.Module):
+    """``F.linear(rows, self.weight[e])`` per expert, rows split by a routing count (JetMoE's ParallelExperts)."""
+
+    def __init__(self, experts: int = 3, features: int = 8, out: int = 16):
+        super().__init__()
+        self.num_experts = experts
+        self.weight = nn.Parameter(torch.randn(experts, out, features) / features**0.5)
+
+    def forward(self, x, sizes: list[int]):
+        rows = x.split(sizes, dim=0)
+        return torch.cat([F.linear(rows[e], self.weight[e]) for e in range(self.num_experts)])
+
+
+class RoutedIndexedExperts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.experts = IndexedExperts()
+
+    def forward(self, x):
+        return self.experts(x, [4, 2, 6])
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_linear_on_one_indexed_expert_of_a_stack_is_that_experts_linear_and_is_kept(frontend):
+    from fxdecomp.kept_experts import AbsentStack
+
+    torch.manual_seed(0)
+    model, x = RoutedIndexedExperts().eval(), torch.randn(12, 8)
+    result = fxdecomp.compress(model, (x,), budget=0.6, frontend=frontend)
+    assert [d.name for d in result.decisions] == [f"experts.weight_expert{e}" for e in range(3)]
+    assert result.flops_ratio <= 0.6 and all(d.decomposed for d in result.decisions)
+    full = fxdecomp.compress(model, (x,), plan={d.name: ("svd", (8,)) for d in result.decisions}, frontend=frontend)
+    torch.testing.assert_close(full.graph_module(x), model(x), rtol=1e-5, atol=1e-5)
+    kept = result.apply_to(model, example_inputs=(x,))  # stack[e] with an int: the expert's layer
+    assert isinstance(kept.experts.weight, AbsentStack)
+    torch.testing.assert_close(kept(x), result.graph_module(x), rtol=1e-5, atol=1e-5)
