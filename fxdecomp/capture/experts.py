@@ -15,8 +15,8 @@ of its own, registered as ``<weight path>_expert<e>``: planned, calibrated on th
 it, and decomposed like any other Linear. An expert the example routes no row to costs nothing
 there and is left as it is.
 
-The lowered graph runs in eager PyTorch (the split follows the routing at run time); like the
-original op, it has no ONNX translation. Written here: no library lowers transformers' grouped
+The lowered graph follows the routing at run time (the split sizes are read from ``offs``), and it
+exports to ONNX with them free, where transformers' op has no ONNX translation. Written here: no library lowers transformers' grouped
 matmul (its eager loop over ``torch.mm`` is the reference, `transformers.integrations.moe`).
 
 Example::
