@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .errors import FxDecompError, InvalidInputError, UnsupportedLayerError
-from .capture.experts import is_lowered_expert
+from .capture.experts import expert_of, stacks_of
 from .kept_experts import is_kept_expert, rebuild_experts, swap_experts
 from .graph.attention import packed
 from .graph.computed_conv import overrides_forward, plain_with_weight, plain_equivalent
@@ -72,9 +72,12 @@ def apply_to_model(
     # forward hands their weights to F.multi_head_attention_forward, which an AbsentWeight cannot serve).
     attentions = _attention_owners([d.name for d in decided], modules)
     attention = {f"{owner}.in_proj_weight" for owner in attentions}
-    experts = [d.name for d in decided if is_lowered_expert(d.name)]  # kept in their stacks: fxdecomp.kept_experts
+    stacks = stacks_of(result.graph_module)
+    experts = [d.name for d in decided if expert_of(stacks, d.name)]  # kept in their stacks: fxdecomp.kept_experts
+    specs = getattr(result.graph_module, "meta", {}).get(DECOMPOSED_SPECS, {})
     functional = [d.name for d in decided if d.name not in attention and not _replaceable(modules.get(d.name))
-                  and not (d.op == "linear" and _applies_own_weight(modules.get(d.name))) and d.name not in experts]
+                  and not (d.op == "linear" and _applies_own_weight(modules.get(d.name), specs.get(d.name)))
+                  and d.name not in experts]
     if functional:
         raise UnsupportedLayerError(
             f"keep-the-model mode swaps modules, but {functional} are not nn.Linear, nn.Conv*d / nn.ConvTranspose*d or transformers "
@@ -87,13 +90,12 @@ def apply_to_model(
             _check_shape(d.name, _as_layer(modules[d.name]), installed[d.name])
     new = copy.deepcopy(model)
     _carry_batchnorm(result.graph_module, new, set(installed))
-    specs = getattr(result.graph_module, "meta", {}).get(DECOMPOSED_SPECS, {})
     pads: dict = {}
     factors = {n: copy.deepcopy(m) for n, m in installed.items()}
     _swap_decomposed(new, [d.name for d in decided if d.name not in experts], attentions, factors, specs, pads)
-    swap_experts(new, result.graph_module, experts, factors)
+    swap_experts(new, stacks, experts, factors)
     folded = getattr(result.graph_module, "meta", {}).get("fxdecomp.folded_batchnorm", ())
-    _record(new, decided, specs, pads, installed, list(folded))
+    _record(new, decided, specs, pads, installed, list(folded), {expert_of(stacks, n)[0]: stacks[expert_of(stacks, n)[0]] for n in experts})
     if example_inputs is not None:
         _check_outputs(result.graph_module, new, example_inputs, rtol, atol)
     return new
@@ -112,7 +114,8 @@ def rebuild_kept(model: nn.Module, record: dict) -> nn.Module:
     modules = dict(model.named_modules())
     # Factors of an earlier decomposed layer (a loaded model compressed again) exist once that layer is rebuilt.
     outer = [e for e in entries if not any(e.name.startswith(f.name + ".") for f in entries)]
-    experts = {e.name for e in outer if is_lowered_expert(e.name)}  # rebuilt in their stacks: fxdecomp.kept_experts
+    stacks = kept_record.expert_stacks(record)
+    experts = {e.name for e in outer if expert_of(stacks, e.name)}  # rebuilt in their stacks: fxdecomp.kept_experts
     missing = [e.name for e in outer if e.name not in modules and e.name not in experts
                and not (_attention_owner(e.name) and _attention_owner(e.name) in modules)]
     if missing:
@@ -133,12 +136,12 @@ def rebuild_kept(model: nn.Module, record: dict) -> nn.Module:
     structures = {e.name: _structure(e) for e in entries}
     pads = {e.name: (e.pad, e.pad_mode) if e.pad else None for e in entries}
     _swap_decomposed(model, [e.name for e in entries if e.name not in experts], attentions, structures, {e.name: e.spec for e in entries}, pads)
-    rebuild_experts(model, {name: structures[name] for name in experts})
+    rebuild_experts(model, stacks, {name: structures[name] for name in experts})
     kept_record.write(model, record)
     return model
 
 
-def _record(new: nn.Module, decided: list, specs: dict, pads: dict, installed: dict, folded: list) -> None:
+def _record(new: nn.Module, decided: list, specs: dict, pads: dict, installed: dict, folded: list, stacks: dict) -> None:
     """Write the `fxdecomp.kept_record` of ``new``'s decomposed layers into its transformers config (if it has one),
     so that ``save_pretrained`` writes it; warn where a layer's module is not what the record would rebuild."""
     config = kept_record.config_of(new)
@@ -164,17 +167,18 @@ def _record(new: nn.Module, decided: list, specs: dict, pads: dict, installed: d
             stacklevel=3,
         )
         return
-    kept_record.write(new, kept_record.merged(previous, entries, folded, lambda name: _is_kept(new, name)))
+    known = {**(kept_record.expert_stacks(previous) if previous else {}), **stacks}
+    kept_record.write(new, kept_record.merged(previous, entries, folded, lambda name: _is_kept(new, name, known), stacks))
 
 
-def _is_kept(model: nn.Module, name: str) -> bool:
+def _is_kept(model: nn.Module, name: str, stacks: dict) -> bool:
     """Whether the layer at ``name`` is a KeptLayer, or a KeptAttention's packed projection (``owner.in_proj_weight``)."""
     owner, _, attribute = name.rpartition(".")
     try:
         if attribute == "in_proj_weight":
             return isinstance(model.get_submodule(owner), KeptAttention)
-        if is_lowered_expert(name):
-            return is_kept_expert(model, name)
+        if expert_of(stacks, name):
+            return is_kept_expert(model, stacks, name)
         return isinstance(model.get_submodule(name), (KeptLayer, FactoredWeightOwner))
     except AttributeError:
         return False
@@ -390,13 +394,14 @@ def _replaceable(module: nn.Module | None) -> bool:
     return isinstance(module, LAYER_TYPES) or (module is not None and is_conv1d(module))
 
 
-def _applies_own_weight(module: nn.Module | None) -> bool:
+def _applies_own_weight(module: nn.Module | None, spec=None) -> bool:
     """A module that is no layer type but holds a matrix ``weight`` (and a bias or none), which its forward applies with
     ``F.linear`` (Mixtral's and GPT-OSS's router): kept with its factors as its weight (`own_factors`). Whether the forward really
     does is what the output check (``example_inputs``) confirms; any other use of the weight raises, naming it."""
     weight = module._parameters.get("weight") if module is not None else None
     bias = module._parameters.get("bias") if module is not None else None
-    return isinstance(weight, nn.Parameter) and weight.dim() == 2 and (bias is None or bias.dim() == 1)
+    # Its bias goes to the factors: only where the graph's F.linear took it (``spec``), not one the forward adds itself.
+    return isinstance(weight, nn.Parameter) and weight.dim() == 2 and (bias is None or getattr(spec, "has_bias", False))
 
 
 def _as_layer(module: nn.Module) -> nn.Module:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .capture.experts import join_expert_rows, split_expert_rows
+from .capture.experts import EXPERT_SUFFIX, EXPERTS_PATTERN, expert_of, join_expert_rows, split_expert_rows
 from .errors import InvalidInputError, UnsupportedLayerError
 
 EXPERTS_CHILD = "{}_experts"  # the child of the experts module holding a decomposed stack's experts
@@ -76,8 +76,9 @@ class AbsentStack(torch.Tensor):
         name = next((a.experts.stack_name for a in args if isinstance(a, AbsentStack)), "a decomposed expert stack")
         raise UnsupportedLayerError(
             f"the model computes with the stacked expert weight {name} ({func}), whose experts decomposition replaced by "
-            "their factors; only its shape, dtype and device remain. Compress with exclude=['*_expert[0-9]*'] to keep "
-            "the experts dense"
+            "their factors; only its shape, dtype and device remain. A transformers experts module runs them in its "
+            "'grouped_mm' and 'eager' implementations (model.set_experts_implementation('grouped_mm')); or compress "
+            f"with exclude=[{EXPERTS_PATTERN!r}] to keep the experts dense"
         )
 
     def __repr__(self, *, tensor_contents=None) -> str:
@@ -182,73 +183,60 @@ def _restore_owner(base: type, names: tuple[str, ...], state: dict) -> nn.Module
     return owner
 
 
-def swap_experts(new: nn.Module, gm: nn.Module, decided: list[str], factors: dict[str, nn.Module]) -> None:
-    """Put the decomposed experts ``decided`` (names ``<stack>_expert<e>``) of a result into ``new``, in place: each
-    stack with one becomes a `KeptExperts` of the experts' ``factors`` (KeptLayers) and nn.Linear copies of the experts
-    kept dense. Raises `UnsupportedLayerError` naming a stack ``new`` does not hold."""
-    from .capture.experts import EXPERT_STACKS
-
-    layouts = getattr(gm, "meta", {}).get(EXPERT_STACKS, {})
-    for stack, experts in _by_stack(decided).items():
-        owner, attribute, stacked = _stack_of(new, stack, known=stack in layouts)
-        _install(owner, attribute, stacked, layouts[stack], {e: (factors[name], name) for e, name in experts.items()}, stack)
+def swap_experts(new: nn.Module, stacks: dict[str, bool], decided: list[str], factors: dict[str, nn.Module]) -> None:
+    """Put the decomposed experts ``decided`` of a result into ``new``, in place: each stack (``stacks``: the lowered
+    stacks, `fxdecomp.capture.experts.stacks_of`) with one becomes a `KeptExperts` of the experts' ``factors``
+    (KeptLayers) and nn.Linear copies of the experts kept dense. Raises `UnsupportedLayerError` naming a stack
+    ``new`` does not hold."""
+    for stack, experts in _by_stack(stacks, decided).items():
+        owner, attribute, stacked = _stack_of(new, stack)
+        _install(owner, attribute, stacked, stacks[stack], {e: (factors[name], name) for e, name in experts.items()}, stack)
 
 
-def rebuild_experts(model: nn.Module, structures: dict[str, nn.Module]) -> None:
+def rebuild_experts(model: nn.Module, stacks: dict[str, bool], structures: dict[str, nn.Module]) -> None:
     """`swap_experts` from a kept record (`fxdecomp.keep_model.rebuild_kept`): ``structures`` maps each recorded
-    expert to its factors' structure (on the meta device, as ``model``); the stack's layout is its class's
-    ``is_transposed`` (transformers' experts), else read from its shape and the recorded Linear's."""
-    for stack, experts in _by_stack(list(structures)).items():
-        owner, attribute, stacked = _stack_of(model, stack, known=True)
-        first = next(iter(structures[name] for name in experts.values()))
-        linear = [m for m in first.modules() if isinstance(m, nn.Linear)]
-        features = (linear[-1].out_features, linear[0].in_features) if linear else None
-        flag = getattr(owner, "is_transposed", None)
-        if isinstance(flag, bool):
-            linear_layout = not flag
-        elif features is not None and features[0] != features[1] and tuple(stacked.shape[1:]) in (features, features[::-1]):
-            linear_layout = tuple(stacked.shape[1:]) == features
-        else:
-            raise InvalidInputError(f"cannot tell how {stack!r} {tuple(stacked.shape)} lays out its experts' weights")
-        _install(owner, attribute, stacked, linear_layout, {e: (structures[name], name) for e, name in experts.items()}, stack)
+    expert to its factors' structure (on the meta device, as ``model``), ``stacks`` is the record's."""
+    for stack, experts in _by_stack(stacks, list(structures)).items():
+        owner, attribute, stacked = _stack_of(model, stack)
+        _install(owner, attribute, stacked, stacks[stack], {e: (structures[name], name) for e, name in experts.items()}, stack)
 
 
 def experts_path(name: str) -> str:
     """The path of the `KeptExperts` holding expert ``<stack>_expert<e>``: ``<stack>_experts``."""
-    return EXPERTS_CHILD.format(name.rpartition("_expert")[0])
+    return EXPERTS_CHILD.format(name.rpartition(EXPERT_SUFFIX)[0])
 
 
-def is_kept_expert(model: nn.Module, name: str) -> bool:
-    """Whether the expert ``<stack>_expert<e>`` is a KeptLayer in ``model``'s `KeptExperts`."""
+def is_kept_expert(model: nn.Module, stacks: dict[str, bool], name: str) -> bool:
+    """Whether ``name`` is an expert of ``stacks`` that is a KeptLayer in ``model``'s `KeptExperts`."""
     from .kept_layer import KeptLayer
 
-    stack, _, expert = name.rpartition("_expert")
-    owner_path, _, attribute = stack.rpartition(".")
+    found = expert_of(stacks, name)
+    if found is None:
+        return False
+    owner_path, _, attribute = found[0].rpartition(".")
     try:
         experts = (model.get_submodule(owner_path) if owner_path else model)._modules.get(EXPERTS_CHILD.format(attribute))
     except AttributeError:
         return False
-    return isinstance(experts, KeptExperts) and isinstance(experts[int(expert)], KeptLayer)
+    return isinstance(experts, KeptExperts) and found[1] < len(experts) and isinstance(experts[found[1]], KeptLayer)
 
 
-def _by_stack(names: list[str]) -> dict[str, dict[int, str]]:
-    stacks: dict[str, dict[int, str]] = {}
+def _by_stack(stacks: dict[str, bool], names: list[str]) -> dict[str, dict[int, str]]:
+    grouped: dict[str, dict[int, str]] = {}
     for name in names:
-        stack, _, expert = name.rpartition("_expert")
-        stacks.setdefault(stack, {})[int(expert)] = name
-    return stacks
+        stack, expert = expert_of(stacks, name)
+        grouped.setdefault(stack, {})[expert] = name
+    return grouped
 
 
-def _stack_of(model: nn.Module, stack: str, known: bool) -> tuple[nn.Module, str, torch.Tensor]:
-    from .capture.experts import EXPERTS_PATTERN
-
+def _stack_of(model: nn.Module, stack: str) -> tuple[nn.Module, str, torch.Tensor]:
     owner_path, _, attribute = stack.rpartition(".")
     try:
         owner = model.get_submodule(owner_path) if owner_path else model
     except AttributeError:
         owner = None
     stacked = owner._parameters.get(attribute) if owner is not None else None
-    if not known or not isinstance(stacked, nn.Parameter) or stacked.dim() != 3:
+    if not isinstance(stacked, nn.Parameter) or stacked.dim() != 3:
         raise UnsupportedLayerError(
             f"the result decomposed experts of {stack!r}, which {type(model).__name__} does not hold as a stacked 3-D "
             f"parameter; use result.graph_module, or compress again with exclude=[{EXPERTS_PATTERN!r}]"

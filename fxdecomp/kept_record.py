@@ -45,14 +45,27 @@ class KeptEntry:
     pad_mode: str = "zeros"
 
 
-def to_json(entries: list[KeptEntry], folded: list[tuple[str, str]] = ()) -> dict[str, Any]:
-    """The record as JSON data: ``{"format", "layers": [...], "folded": [[layer, batchnorm], ...]}``."""
+def to_json(entries: list[KeptEntry], folded: list[tuple[str, str]] = (), stacks: dict[str, bool] | None = None) -> dict[str, Any]:
+    """The record as JSON data: ``{"format", "layers": [...], "folded": [[layer, batchnorm], ...]}``, and
+    ``"expert_stacks": {stack path: stored (E, out, in)?}`` where experts of stacked weights are decomposed
+    (`fxdecomp.kept_experts`; an entry ``<stack>_expert<e>`` is one of them)."""
     layers = [
         {"name": e.name, "method": e.method, "ranks": list(e.ranks), "spec_kind": "linear" if isinstance(e.spec, LinearSpec) else "conv",
          "spec": dataclasses.asdict(e.spec), "pad": list(e.pad), "pad_mode": e.pad_mode}
         for e in entries
     ]
-    return {"format": FORMAT, "layers": layers, "folded": [list(pair) for pair in folded]}
+    record = {"format": FORMAT, "layers": layers, "folded": [list(pair) for pair in folded]}
+    if stacks:
+        record["expert_stacks"] = dict(stacks)
+    return record
+
+
+def expert_stacks(data: Any) -> dict[str, bool]:
+    """The record's ``expert_stacks`` (none in a record without decomposed experts)."""
+    stacks = data.get("expert_stacks", {}) if isinstance(data, dict) else {}
+    if not isinstance(stacks, dict) or not all(isinstance(v, bool) for v in stacks.values()):
+        raise InvalidInputError(f"config.json's {RECORD_KEY!r} has a malformed 'expert_stacks'; was it edited?")
+    return stacks
 
 
 def from_json(data: Any) -> tuple[list[KeptEntry], list[tuple[str, str]]]:
@@ -72,13 +85,16 @@ def from_json(data: Any) -> tuple[list[KeptEntry], list[tuple[str, str]]]:
     return entries, folded
 
 
-def merged(previous: Any, entries: list[KeptEntry], folded: list[tuple[str, str]], present: Callable[[str], bool]) -> dict[str, Any]:
+def merged(
+    previous: Any, entries: list[KeptEntry], folded: list[tuple[str, str]], present: Callable[[str], bool],
+    stacks: dict[str, bool] | None = None,
+) -> dict[str, Any]:
     """The record of ``entries`` after the ``previous`` record's entries still ``present`` (a model loaded by
     load_compressed and compressed again: its earlier layers stay decomposed, its new candidates are their factors),
     outer layers before the factors inside them, as `rebuild` order needs."""
     before, before_folded = from_json(previous) if previous else ([], [])
     layers = sorted([e for e in before if present(e.name)] + list(entries), key=lambda e: e.name.count("."))
-    return to_json(layers, [*before_folded, *folded])
+    return to_json(layers, [*before_folded, *folded], {**(expert_stacks(previous) if previous else {}), **(stacks or {})})
 
 
 def config_of(model: Any) -> Any:
@@ -96,4 +112,4 @@ def write(model: Any, record: dict[str, Any] | None) -> bool:
     return True
 
 
-__all__ = ["FORMAT", "KeptEntry", "RECORD_KEY", "config_of", "from_json", "merged", "to_json", "write"]
+__all__ = ["FORMAT", "KeptEntry", "RECORD_KEY", "config_of", "expert_stacks", "from_json", "merged", "to_json", "write"]

@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -123,20 +124,29 @@ def layer_spec(layer: nn.Module) -> ConvSpec | LinearSpec:
 
 def computes_plain_linear(layer: nn.Linear) -> bool:
     """Whether an nn.Linear (or subclass) computes ``F.linear(x, weight, bias)``: a forward of its own (timm's
-    ``Linear`` casts for TorchScript; PhiMoE's router returns (probabilities, weights, experts)) is checked on a
-    seeded probe, without hooks. A layer on the meta device, or a forward that fails on the probe, does not."""
+    ``Linear`` casts for TorchScript; Falcon's computes ``x @ W.T + b``; PhiMoE's router returns (probabilities,
+    weights, experts)) is checked on a seeded probe, run on an eval-mode copy without hooks (random values where the
+    layer is on the meta device). A forward that fails on the probe does not."""
     if type(layer).forward is nn.Linear.forward:
         return True
-    weight = layer.weight
-    if weight.is_meta or not weight.is_floating_point():
+    if not layer.weight.is_floating_point():
         return False
-    probe = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0)).to(weight)
     try:
-        with torch.no_grad():
-            out, want = type(layer).forward(layer, probe), F.linear(probe, weight, layer.bias)
-    except Exception:
+        # A copy in eval mode and a forked random state: the probe writes into no buffer and draws from no generator
+        # of the model's (a layer on the meta device, as load_compressed builds it, gets random values).
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            copy_ = copy.deepcopy(layer).eval()
+            if layer.weight.is_meta:
+                copy_ = copy_.to_empty(device="cpu")
+                for tensor in [*copy_.parameters(), *copy_.buffers()]:
+                    tensor.normal_() if tensor.is_floating_point() else tensor.zero_()
+            probe = torch.randn(3, layer.in_features).to(copy_.weight)
+            out, want = type(copy_).forward(copy_, probe), F.linear(probe, copy_.weight, copy_.bias)
+            return (isinstance(out, torch.Tensor) and out.shape == want.shape and out.dtype == want.dtype
+                    and bool(torch.allclose(out, want, rtol=1e-4, atol=1e-5)))
+    except Exception:  # a forward the probe cannot run (another dtype, input rank): not a plain Linear
         return False
-    return isinstance(out, torch.Tensor) and out.shape == want.shape and bool(torch.allclose(out, want, rtol=1e-4, atol=1e-5))
 
 
 def check_finite(name: str, layer: nn.Module) -> None:

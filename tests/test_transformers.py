@@ -733,11 +733,76 @@ def test_a_linear_subclass_whose_forward_is_the_linear_stays_a_swappable_layer()
                 return F.linear(input, self.weight.to(input.dtype), self.bias)
             return F.linear(input, self.weight, self.bias)
 
+    from fxdecomp.frontend import fx_trace
+
     torch.manual_seed(0)
     model, x = nn.Sequential(CastingLinear(32, 24), nn.ReLU(), nn.Linear(24, 4)).eval(), torch.randn(5, 32)
+    traced = fx_trace(model).graph
+    assert [n.target for n in traced.nodes if n.op == "call_module"] == ["0", "1", "2"]
+    assert not [n for n in traced.nodes if n.op == "get_attr"]  # not traced into: no F.linear on 0.weight
     result = fxdecomp.compress(model, (x,), plan={"0": ("svd", (6,))}, frontend="fx")
-    assert any(n.op == "call_module" and n.target.startswith("0") for n in result.graph_module.graph.nodes)
     assert isinstance(result.apply_to(model, example_inputs=(x,))[0], KeptLayer)
+
+
+def test_probing_a_linear_subclass_changes_nothing_and_survives_another_dtype():
+    """The probe ran the layer's own forward on the model being traced (and on the user's model in keep mode): a buffer
+    it updates moved, so the graph started from another state; a float32 layer in a bfloat16 model raised."""
+    from fxdecomp.layer_spec import computes_plain_linear
+
+    class Counting(nn.Linear):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.register_buffer("scale", torch.ones(()))
+
+        def forward(self, x):
+            self.scale.mul_(0.9)
+            return F.linear(x, self.weight, self.bias) * self.scale
+
+    class Upcast(nn.Linear):  # DeepSeek-style router: computes in float32 whatever the input
+        def forward(self, x):
+            return F.linear(x.float(), self.weight.float())
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(Counting(8, 8), nn.Linear(8, 4)).eval(), torch.randn(3, 8)
+    before = model.state_dict()["0.scale"].clone()
+    full = fxdecomp.compress(model, (x,), plan={"0": ("svd", (8,))}, frontend="fx")
+    torch.testing.assert_close(model.state_dict()["0.scale"], before)
+    torch.testing.assert_close(full.graph_module(x), copy.deepcopy(model)(x), rtol=1e-5, atol=1e-5)
+    assert computes_plain_linear(Upcast(8, 4, bias=False).to(torch.bfloat16)) is False
+
+
+def test_a_bias_the_module_adds_itself_is_not_dropped_by_keep_mode():
+    class OwnBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight, self.bias = nn.Parameter(torch.randn(8, 32)), nn.Parameter(torch.randn(8))
+
+        def forward(self, x):
+            return F.linear(x, self.weight) + self.bias
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(OwnBias(), nn.ReLU(), nn.Linear(8, 4)).eval(), torch.randn(5, 32)
+    result = fxdecomp.compress(model, (x,), plan={"0": ("svd", (4,))})
+    with pytest.raises(fxdecomp.UnsupportedLayerError, match="'0'"):
+        result.apply_to(model)
+
+
+def test_a_linear_whose_name_ends_like_an_expert_view_is_an_ordinary_layer():
+    from fxdecomp.kept_layer import KeptLayer
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc_expert0, self.fc_expert1 = nn.Linear(64, 64), nn.Linear(64, 32)
+
+        def forward(self, x):
+            return self.fc_expert1(self.fc_expert0(x))
+
+    torch.manual_seed(0)
+    model, x = Model().eval(), torch.randn(4, 64)
+    result = fxdecomp.compress(model, (x,), plan={"fc_expert0": ("svd", (8,)), "fc_expert1": ("svd", (4,))})
+    kept = result.apply_to(model, example_inputs=(x,))
+    assert isinstance(kept.fc_expert0, KeptLayer) and isinstance(kept.fc_expert1, KeptLayer)
 
 
 def test_a_module_using_its_own_weight_otherwise_is_refused_by_name():

@@ -65,7 +65,6 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fxdecomp  # noqa: E402
-from fxdecomp.capture.experts import EXPERTS_PATTERN, is_lowered_expert  # noqa: E402
 
 Builder = Callable[[], tuple[nn.Module, tuple]]
 
@@ -468,11 +467,6 @@ def run_model(name: str, build: Builder, budgets: list[float], methods, limit: i
                         full_error = relative_error(expected, tensors(_seeded(full.graph_module, inputs))) if full else 0.0
                 onnx = _onnx(result.graph_module, inputs, model)
                 keep = _keep(result, model, inputs)
-                if keep.startswith("refused") and any(is_lowered_expert(d.name) for d in result.decisions if d.decomposed):
-                    # Keep mode refuses decomposed experts by name; the way out it names: the experts kept dense.
-                    dense = fxdecomp.compress(model, clone(inputs), budget=0.9, methods=methods, progress=False, frontend=frontend,
-                                              exclude=[EXPERTS_PATTERN])
-                    keep = "experts refused by name; excluded, at 0.9: " + _keep(dense, model, inputs)
                 how = result.frontend
                 if result.partial:
                     frontends = sorted({c.frontend for c in result.captured})

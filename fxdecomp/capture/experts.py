@@ -27,24 +27,31 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import operator
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 aten = torch.ops.aten
+log = logging.getLogger(__name__)
 
 GROUPED_MM_OPS = ("transformers::grouped_mm_fallback", "aten::_grouped_mm")
 EXPERT_SUFFIX = "_expert"
-EXPERT_STACKS = "fxdecomp.expert_stacks"  # GraphModule.meta: {stacked weight path: stored (E, out, in)?} of the lowered stacks
 EXPERTS_PATTERN = f"*{EXPERT_SUFFIX}[0-9]*"  # an `exclude` pattern for every lowered expert (not Qwen2-MoE's shared_expert)
+EXPERT_STACKS = "fxdecomp.expert_stacks"  # GraphModule.meta: {stacked weight path: stored (E, out, in)?} of the lowered stacks
 
 
-def is_lowered_expert(name: str) -> bool:
-    """Whether a candidate name is an expert's view made by `lower_grouped_experts` (``..._expert3``)."""
-    return re.search(rf"{EXPERT_SUFFIX}\d+$", name) is not None
+def stacks_of(gm) -> dict[str, bool]:
+    """The stacks `lower_grouped_experts` lowered in ``gm``: {stack path: stored (E, out, in)?} (``gm.meta``)."""
+    return getattr(gm, "meta", {}).get(EXPERT_STACKS, {})
+
+
+def expert_of(stacks: dict[str, bool], name: str) -> tuple[str, int] | None:
+    """(stack, e) where ``name`` is expert e's view ``<stack>_expert<e>`` of a lowered stack in ``stacks``, else None."""
+    stack, found, index = name.rpartition(EXPERT_SUFFIX)
+    return (stack, int(index)) if found and stack in stacks and index.isdigit() else None
 
 
 def is_grouped_mm(node: fx.Node) -> bool:
@@ -125,6 +132,8 @@ def _lower(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if found is None or not isinstance(offs, fx.Node) or (shape is not None and len(shape) != 2):
         return None
     path, stacked, transposed = found
+    if not _views_free(gm, path, stacked.shape[0]):
+        return None
     gm.meta.setdefault(EXPERT_STACKS, {})[path] = transposed
     with gm.graph.inserting_before(node):
         chunks = gm.graph.call_function(split_expert_rows, (x, offs))
@@ -148,6 +157,8 @@ def _lower_bmm(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if found is None or not isinstance(x, fx.Node):
         return None
     path, stacked, transposed = found
+    if not _views_free(gm, path, stacked.shape[0]):
+        return None
     gm.meta.setdefault(EXPERT_STACKS, {})[path] = transposed
     with gm.graph.inserting_before(node):
         rows = gm.graph.call_function(torch.unbind, (x, 0))
@@ -182,6 +193,8 @@ def _lower_selected(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if found is None or found[2]:  # a transposed stack is not what W[e] reads
         return None
     path, stacked, _ = found
+    if not _views_free(gm, path, stacked.shape[0]):
+        return None
     expert = _selected_expert(select)
     if not -stacked.shape[0] <= expert < stacked.shape[0]:
         return None
@@ -192,6 +205,18 @@ def _lower_selected(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if not select.users:
         gm.graph.erase_node(select)
     return path
+
+
+def _views_free(gm: fx.GraphModule, path: str, experts: int) -> bool:
+    """Whether ``<path>_expert<e>`` names nothing of ``gm`` but this pass's views (a parameter of the model so named
+    would be read as expert e's weight): a stack whose names are taken is left as it is, and named in the log."""
+    owner_path, _, name = path.rpartition(".")
+    owner = gm.get_submodule(owner_path)
+    ours = gm.meta.get(EXPERT_STACKS, {})
+    taken = [f"{name}{EXPERT_SUFFIX}{e}" for e in range(experts) if hasattr(owner, f"{name}{EXPERT_SUFFIX}{e}") and path not in ours]
+    if taken:
+        log.warning("the experts of %r are not lowered: %s names %s already", path, owner_path or "the model", taken[:3])
+    return not taken
 
 
 def _expert_linear(gm: fx.GraphModule, path: str, stacked: torch.Tensor, transposed: bool, expert: int, rows: fx.Node) -> fx.Node:
@@ -233,7 +258,7 @@ def _stacked_weight(gm: fx.GraphModule, node) -> tuple[str, torch.Tensor, bool] 
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
     value = operator.attrgetter(node.target)(gm)
-    if not isinstance(value, torch.Tensor) or value.dim() != 3 or not value.is_floating_point():
+    if not isinstance(value, nn.Parameter) or value.dim() != 3 or not value.is_floating_point():  # a weight, no buffer
         return None
     return node.target, value, transposed
 

@@ -75,7 +75,7 @@ def stacked_weights(module: nn.Module) -> list[str]:
         for owner, child in module.named_modules()
         if not isinstance(child, (nn.Conv1d, nn.ConvTranspose1d))
         for name, parameter in child.named_parameters(recurse=False)
-        if parameter.dim() == 3 and parameter.is_floating_point()
+        if parameter.dim() == 3 and parameter.shape[0] > 1 and parameter.is_floating_point()  # not a (1, N, D) table
     ]
 
 

@@ -30,10 +30,10 @@ from torch import nn
 
 from ..errors import InvalidInputError
 from ..keep_model import rebuild_kept
-from ..capture.experts import is_lowered_expert
+from ..capture.experts import expert_of
 from ..kept_experts import experts_path
 from ..kept_attention import KeptAttention
-from ..kept_record import RECORD_KEY, KeptEntry, from_json, to_json
+from ..kept_record import RECORD_KEY, KeptEntry, expert_stacks, from_json, to_json
 from .checkpoint import LazyCheckpoint, empty_model, model_class
 from .layers import linear_spec
 
@@ -147,8 +147,9 @@ def _rebuilt(model: nn.Module, record: dict) -> list[str]:
     attention) and each layer a BatchNorm was folded into."""
     entries, folded = from_json(record)
     paths = set()
+    stacks = expert_stacks(record)
     for entry in entries:
-        if is_lowered_expert(entry.name):  # its stack's KeptExperts: the factors and the experts kept dense
+        if expert_of(stacks, entry.name):  # its stack's KeptExperts: the factors and the experts kept dense
             paths.add(experts_path(entry.name))
             continue
         owner = entry.name.rpartition(".")[0]

@@ -263,7 +263,6 @@ def compress_sequential(
     )
 
 
-@functools.cache
 def _warn_stacked(model: nn.Module) -> None:
     stacked = stacked_weights(model)
     if stacked:
@@ -276,6 +275,7 @@ def _warn_stacked(model: nn.Module) -> None:
         )
 
 
+@functools.cache
 def _malloc_trim():
     """glibc's ``malloc_trim``, or None (another C library, another OS)."""
     if not sys.platform.startswith("linux"):

@@ -117,11 +117,14 @@ def option_grid(
     round_to: int,
     layer_ms: LayerMs | None = None,
     score: Callable[[Candidate, Choice], float] | None = None,
+    unrouted: bool = False,
 ) -> list[Choice]:
     """Every option of ``candidate`` (``keep`` excluded) cheaper than ``keep`` in ``metric``, on the rank grid.
 
     ``options`` is the plan pass's Options (grid sizes); ``layer_ms`` times options
     (latency budgets, latency filter); ``score`` replaces the damage by a score drop.
+    ``unrouted``: an expert the example routes no row to (it costs nothing there): its options are those with
+    fewer parameters, at no cost, so that its stack's one option (`fxdecomp.planning.tied`) can reach it too.
     """
     choices = []
     for method in methods:
@@ -134,10 +137,10 @@ def option_grid(
         adaptive = getattr(options, "round_to", 1) == 0  # round_to = 0: this CPU's block, adapted to small bonds
         for ranks in rank_grid(decomposer.planning_max_ranks(candidate.spec), steps, round_to, adaptive):
             flops, params = structure_cost(decomposer, candidate, ranks)
-            if (params >= keep.params) if metric == "params" else (flops >= keep.flops):
+            if (params >= keep.params) if metric == "params" or unrouted else (flops >= keep.flops):
                 continue  # never chosen: costs at least as much as the layer
-            latency = layer_ms(candidate, method, ranks) if layer_ms is not None else None
-            if latency is not None and latency >= keep.latency_ms:
+            latency = (0.0 if unrouted else layer_ms(candidate, method, ranks)) if layer_ms is not None else None
+            if latency is not None and latency >= keep.latency_ms and not unrouted:
                 continue  # measured no faster than the layer it would replace
             error = predicted_error(ctx, candidate, method, ranks)
             choice = Choice(method, ranks, flops, params, error, damage=output_damage(ctx, candidate, error), latency_ms=latency)

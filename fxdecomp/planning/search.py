@@ -26,6 +26,7 @@ from .grid import Choice, LayerMs, decision, keep_choice, option_grid
 from .latency import follow_latency, follows_latency, replan_on_measurement
 from .solver import Infeasible, Option, solve_mckp
 from .tied import expand, tie_experts
+from ..capture.experts import expert_of, stacks_of
 
 # A decomposition must buy something: at equal damage, keeping the layer wins.
 TIE_BREAK = 1e-12
@@ -56,12 +57,15 @@ def search(
     groups, planned, fixed = [], [], total
     decisions: dict[str, Decision] = {}
     progress = Progress("planning layer", len(ctx.candidates), ctx.progress)
+    stacks = next((stacks_of(c.sites[0].node.graph.owning_module) for c in ctx.candidates.values() if c.sites), {})
     for candidate in ctx.candidates.values():
         progress.step(candidate.name)
         keep = keep_choice(candidate, layer_ms)
         fixed -= keep.cost(metric)
+        unrouted = keep.flops == 0 and expert_of(stacks, candidate.name) is not None
         choices = [] if candidate.excluded else option_grid(
-            ctx, candidate, methods, options, metric=metric, keep=keep, round_to=round_to, layer_ms=layer_ms, score=score
+            ctx, candidate, methods, options, metric=metric, keep=keep, round_to=round_to, layer_ms=layer_ms, score=score,
+            unrouted=unrouted,
         )
         if not choices:
             decisions[candidate.name] = decision(candidate, keep, "excluded" if candidate.excluded else "no cheaper option")
@@ -79,7 +83,7 @@ def search(
     else:
         capacity = budget.fraction * total - fixed
 
-    planned, groups = tie_experts(planned, groups, metric, TIE_BREAK)  # a stack's experts at one option
+    planned, groups = tie_experts(planned, groups, metric, TIE_BREAK, stacks)  # a stack's experts at one option
 
     def measure_plan(planned_, plan: list[int]) -> float:
         return measure({

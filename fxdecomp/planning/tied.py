@@ -8,22 +8,21 @@ at a budget of 0.5 measured 0.503 on its own example). With one option for all
 experts of a stack, the stack costs ``rows x cost per row`` whichever expert each row
 is routed to. `tie_experts` merges their knapsack groups into one whose options are
 the options every expert has, costs and damages summed; `expand` gives back one
-choice per expert. Experts the example routes no row to have no option (they cost
-nothing there) and are left as they are.
+choice per expert. An expert the example routes no row to costs nothing there; its
+options are priced at no cost (`fxdecomp.planning.grid.option_grid`'s ``unrouted``), so it
+takes its stack's option too. Where the experts share no option but "keep" (a latency
+filter that kept different ranks per expert), they are planned apart.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..capture.experts import expert_of
 from .grid import Choice
 from .solver import Option
-
-_EXPERT = re.compile(r"(.*)_expert\d+$")
-
 
 @dataclass(frozen=True)
 class TiedChoice(Choice):
@@ -40,15 +39,16 @@ class TiedCandidate:
     members: tuple[Any, ...]
 
 
-def tie_experts(planned: list, groups: list, metric: str, tie_break: float) -> tuple[list, list]:
-    """``planned`` [(candidate, [keep, *choices])] and the solver's ``groups`` with each stack's experts merged."""
-    stacks: dict[str, list[int]] = {}
+def tie_experts(planned: list, groups: list, metric: str, tie_break: float, stacks: dict[str, bool]) -> tuple[list, list]:
+    """``planned`` [(candidate, [keep, *choices])] and the solver's ``groups`` with the experts of each of ``stacks``
+    (`fxdecomp.capture.experts.stacks_of`) merged."""
+    members: dict[str, list[int]] = {}
     for index, (candidate, _) in enumerate(planned):
-        match = _EXPERT.match(candidate.name)
-        if match:
-            stacks.setdefault(match[1], []).append(index)
+        found = expert_of(stacks, candidate.name)
+        if found:
+            members.setdefault(found[0], []).append(index)
     merged: dict[int, tuple] = {}
-    for stack, indices in stacks.items():
+    for stack, indices in members.items():
         tied = _tie(stack, [planned[i] for i in indices])
         if len(indices) > 1 and tied is not None:
             merged[indices[0]] = tied
