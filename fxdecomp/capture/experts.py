@@ -12,8 +12,8 @@ expert on a view of the stacked weight (no copy), the results joined in row orde
 (Llama 4's experts, each on its own T rows) becomes one ``F.linear`` per expert too, the results stacked; and
 ``F.linear(x, W[e])`` on a stored stack (JetMoE's experts) reads expert e's view. Each expert is then a Linear candidate
 of its own, registered as ``<weight path>_expert<e>``: planned, calibrated on the rows routed to
-it, and decomposed like any other Linear. An expert the example routes no row to costs nothing
-there and is left as it is.
+it, and decomposed like any other Linear; `fxdecomp.planning.tied` plans the experts of a stack at one option,
+an expert the example routes no row to included. A stack whose view names its module already uses is left as it is.
 
 The lowered graph follows the routing at run time (the split sizes are read from ``offs``), and it
 exports to ONNX with them free, where transformers' op has no ONNX translation. Written here: no library lowers transformers' grouped
@@ -132,13 +132,11 @@ def _lower(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if found is None or not isinstance(offs, fx.Node) or (shape is not None and len(shape) != 2):
         return None
     path, stacked, transposed = found
-    if not _views_free(gm, path, stacked.shape[0]):
+    if not _claim(gm, path, stacked, transposed):
         return None
-    gm.meta.setdefault(EXPERT_STACKS, {})[path] = transposed
     with gm.graph.inserting_before(node):
         chunks = gm.graph.call_function(split_expert_rows, (x, offs))
-        outputs = [_expert_linear(gm, path, stacked, transposed, e, gm.graph.call_function(operator.getitem, (chunks, e)))
-                   for e in range(stacked.shape[0])]
+        outputs = _expert_outputs(gm, path, stacked, transposed, chunks)
         rest = gm.graph.call_function(operator.getitem, (chunks, stacked.shape[0]))
         joined = gm.graph.call_function(join_expert_rows, (outputs, rest))
     return _replace(gm, node, joined, weight_node, path)
@@ -157,13 +155,10 @@ def _lower_bmm(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if found is None or not isinstance(x, fx.Node):
         return None
     path, stacked, transposed = found
-    if not _views_free(gm, path, stacked.shape[0]):
+    if not _claim(gm, path, stacked, transposed):
         return None
-    gm.meta.setdefault(EXPERT_STACKS, {})[path] = transposed
     with gm.graph.inserting_before(node):
-        rows = gm.graph.call_function(torch.unbind, (x, 0))
-        outputs = [_expert_linear(gm, path, stacked, transposed, e, gm.graph.call_function(operator.getitem, (rows, e)))
-                   for e in range(stacked.shape[0])]
+        outputs = _expert_outputs(gm, path, stacked, transposed, gm.graph.call_function(torch.unbind, (x, 0)))
         joined = gm.graph.call_function(torch.stack, (outputs, 0))
     return _replace(gm, node, joined, weight_node, path)
 
@@ -193,18 +188,29 @@ def _lower_selected(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if found is None or found[2]:  # a transposed stack is not what W[e] reads
         return None
     path, stacked, _ = found
-    if not _views_free(gm, path, stacked.shape[0]):
-        return None
     expert = _selected_expert(select)
-    if not -stacked.shape[0] <= expert < stacked.shape[0]:
+    if not -stacked.shape[0] <= expert < stacked.shape[0] or not _claim(gm, path, stacked, True):
         return None
-    gm.meta.setdefault(EXPERT_STACKS, {})[path] = True
     with gm.graph.inserting_before(node):
         weight = _expert_weight(gm, path, stacked, True, expert % stacked.shape[0])
     node.replace_input_with(select, weight)
     if not select.users:
         gm.graph.erase_node(select)
     return path
+
+
+def _claim(gm: fx.GraphModule, path: str, stacked: torch.Tensor, transposed: bool) -> bool:
+    """Record ``path`` as a lowered stack (stored (E, out, in) where ``transposed``), unless its view names are taken."""
+    if not _views_free(gm, path, stacked.shape[0]):
+        return False
+    gm.meta.setdefault(EXPERT_STACKS, {})[path] = transposed
+    return True
+
+
+def _expert_outputs(gm: fx.GraphModule, path: str, stacked: torch.Tensor, transposed: bool, parts: fx.Node) -> list[fx.Node]:
+    """Expert e's F.linear on ``parts[e]``, for every expert."""
+    return [_expert_linear(gm, path, stacked, transposed, e, gm.graph.call_function(operator.getitem, (parts, e)))
+            for e in range(stacked.shape[0])]
 
 
 def _views_free(gm: fx.GraphModule, path: str, experts: int) -> bool:
