@@ -23,7 +23,8 @@ from .graph.attention import functional_attention
 from .graph.parametrized import private_copy
 from .graph.effects import fresh_inputs, preserved_buffers
 from .capture.hidden import OPAQUE_WEIGHTS, OpaqueWeight, opaque_weights, used_as_layers
-from .capture.experts import lower_grouped_experts
+from .capture.experts import lower_grouped_experts, stacks_of
+from .large.layers import stacked_weights
 from .errors import InvalidInputError, TraceError
 from .export_capture import check_dynamic_shapes, export_trace
 from .transformers_layers import conv1d_types
@@ -99,6 +100,7 @@ def capture_with_source(
         raise TraceError(_trace_message(model, fx_error, exc)) from exc
     gm.meta[OPAQUE_WEIGHTS] = opaque_weights(gm)
     _warn_opaque(model, gm.meta[OPAQUE_WEIGHTS])
+    _warn_unlowered_stacks(model, gm)
     return gm, "export", model
 
 
@@ -125,6 +127,22 @@ def _see_opaque_weights(
     gm.meta[OPAQUE_WEIGHTS] = hidden
     _warn_opaque(model, hidden)
     return gm, used
+
+
+def _warn_unlowered_stacks(model: nn.Module, gm: fx.GraphModule) -> None:
+    """Name the stacked (E, a, b) expert weights of a transformers mixture of experts that capture did not lower
+    (an experts implementation other than transformers' grouped matmul): they keep their cost."""
+    lowered = stacks_of(gm)
+    implementation = getattr(getattr(model, "config", None), "_experts_implementation", None)
+    stacked = [name for name in stacked_weights(model) if name not in lowered]
+    if stacked and implementation not in (None, "grouped_mm"):
+        warnings.warn(
+            f"fxdecomp: {len(stacked)} stacked expert weight(s) of {type(model).__name__} are applied by its "
+            f"{implementation!r} experts implementation, which fxdecomp does not decompose, so they keep their cost: "
+            f"{', '.join(stacked[:4])}{', ...' if len(stacked) > 4 else ''}. Way out: "
+            "model.set_experts_implementation('grouped_mm') before compress",
+            stacklevel=3,
+        )
 
 
 def _warn_opaque(model: nn.Module, hidden: tuple[OpaqueWeight, ...]) -> None:

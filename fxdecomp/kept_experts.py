@@ -75,10 +75,10 @@ class AbsentStack(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         name = next((a.experts.stack_name for a in args if isinstance(a, AbsentStack)), "a decomposed expert stack")
         raise UnsupportedLayerError(
-            f"the model computes with the stacked expert weight {name} ({func}), whose experts decomposition replaced by "
-            "their factors; only its shape, dtype and device remain. A transformers experts module runs them in its "
-            "'grouped_mm' and 'eager' implementations (model.set_experts_implementation('grouped_mm')); or compress "
-            f"with exclude=[{EXPERTS_PATTERN!r}] to keep the experts dense"
+            f"the model computes with the stacked expert weight {name} ({func}); decomposition replaced its experts by "
+            "their factors, and only its shape, dtype and device remain. A transformers experts module runs them in its "
+            "'grouped_mm' implementation (model.set_experts_implementation('grouped_mm')); or compress with "
+            f"exclude=[{EXPERTS_PATTERN!r}] to keep the experts dense"
         )
 
     def __repr__(self, *, tensor_contents=None) -> str:

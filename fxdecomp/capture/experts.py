@@ -88,11 +88,15 @@ def grouped_mm_flop_formulas() -> dict:
 
 def split_expert_rows(x: torch.Tensor, offs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Rows of ``x`` (S, K) per expert, ``offs`` (E,) being cumulative row counts: E chunks, then the rows past offs[-1]."""
-    ends = [int(end) for end in offs.tolist()]
     sizes, start = [], 0
-    for end in ends:
-        sizes.append(max(end - start, 0))
-        start = max(start, end)
+    for end in offs.tolist():
+        if isinstance(end, int):
+            sizes.append(max(end - start, 0))
+            start = max(start, end)
+        else:  # traced (torch.export of a kept model): an unbacked size, cumulative counts never decrease
+            torch._check(end >= start)
+            sizes.append(end - start)
+            start = end
     sizes.append(x.shape[0] - start)
     return tuple(x.split(sizes))
 

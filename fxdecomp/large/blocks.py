@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..kept_experts import KeptExperts
 from ..errors import InvalidInputError
 from ..export_capture import no_kv_cache
 
@@ -41,7 +42,9 @@ class BlockStack:
     @classmethod
     def of(cls, model: nn.Module) -> "BlockStack":
         """The longest ModuleList in ``model``; raises `InvalidInputError` if there is none."""
-        lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+        # A kept mixture of experts' KeptExperts (one layer per expert) is a ModuleList too, and often the longest.
+        lists = [(name, m) for name, m in model.named_modules()
+                 if isinstance(m, nn.ModuleList) and not isinstance(m, KeptExperts) and len(m) > 0]
         if not lists:
             raise InvalidInputError(
                 f"{type(model).__name__} has no nn.ModuleList of blocks (decoder or encoder layers) to stream; "

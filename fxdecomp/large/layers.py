@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..kept_experts import KeptExperts
 from ..calibration import GramAccumulator
 from ..cost import FLOPS_PER_MAC, module_macs
 from ..decomposers import get_decomposer
@@ -60,8 +61,12 @@ def linears(module: nn.Module, prefix: str, exclude: Sequence[str] = ()) -> list
     """(qualified name, layer) of every nn.Linear (and transformers Conv1D) under ``module``, names prefixed,
     excluded ones left out."""
     found = []
+    # The experts of a kept mixture (fxdecomp.kept_experts) stay as kept: planned apart, their FLOPs would follow the routing.
+    experts = tuple(f"{name}." for name, child in module.named_modules() if isinstance(child, KeptExperts))
     for name, child in module.named_modules():
         full = ".".join(p for p in (prefix, name) if p)
+        if name.startswith(experts):
+            continue
         if (isinstance(child, nn.Linear) or is_conv1d(child)) and not any(fnmatch.fnmatchcase(full, p) or full == p for p in exclude):
             found.append((full, child))
     return found

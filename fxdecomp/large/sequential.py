@@ -53,7 +53,8 @@ from ..cost import flop_counter
 from ..errors import BudgetError, InvalidInputError
 from .. import kept_record
 from ..keep_model import rebuild_kept
-from ..kept_layer import KeptLayer
+from ..kept_experts import is_kept_expert
+from ..kept_layer import FactoredWeightOwner, KeptLayer
 from ..kept_record import RECORD_KEY, KeptEntry
 from ..progress import Progress
 from ..result import Decision
@@ -234,7 +235,8 @@ def compress_sequential(
         ordered = [decisions[r.name] for r in records]
         # save_pretrained of the model in memory writes this record; load_compressed rebuilds the factors from it.
         entries = [KeptEntry(d.name, d.method, d.ranks, specs[d.name]) for d in ordered if d.decomposed]
-        kept_record.write(model, kept_record.merged(previous, entries, [], lambda name: isinstance(_module_at(model, name), KeptLayer)))
+        stacks = kept_record.expert_stacks(previous) if previous else {}
+        kept_record.write(model, kept_record.merged(previous, entries, [], lambda name: _still_kept(model, stacks, name)))
         saved_params = sum(d.params_before - d.params_after for d in ordered)
         if writer is not None:
             for key, tensor in model.state_dict().items():
@@ -261,6 +263,11 @@ def compress_sequential(
         seconds=time.perf_counter() - start,
         output_dir=str(out) if out is not None else None,
     )
+
+
+def _still_kept(model: nn.Module, stacks: dict[str, bool], name: str) -> bool:
+    """Whether an earlier record's layer is still decomposed: a KeptLayer, a router holding its factors, or a kept expert."""
+    return isinstance(_module_at(model, name), (KeptLayer, FactoredWeightOwner)) or is_kept_expert(model, stacks, name)
 
 
 def _warn_stacked(model: nn.Module) -> None:

@@ -47,6 +47,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from ..capture.experts import expert_of, stacks_of
 from ..calibration import DAMPING
 from ..errors import FxDecompError, InvalidInputError
 from ..graph.rewrite import rewrite_graph
@@ -115,6 +116,10 @@ class CompensatePass(Pass):
     def _compensable(self, name: str) -> bool:
         spec = self.context.candidates[name].spec
         if spec.kind not in COMPENSATED_KINDS:
+            return False
+        if expert_of(stacks_of(self.context.reference), name):
+            # The compressed graph routes other tokens to an expert than the original: its rows do not pair.
+            log.info("compensate: %s is an expert of a mixture; it keeps the plan's factors", name)
             return False
         if PairedGram.dimension(spec) > MAX_DENSE_DIM:
             log.info("compensate: %s has too many inputs for dense Gram matrices; it keeps the plan's factors", name)

@@ -29,6 +29,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
+from ..capture.experts import expert_of, stacks_of
 from ..errors import RecipeError
 from ..calibration_batches import calibration_batches
 from ..factorize.least_squares import LeastSquaresAccumulator, refit
@@ -83,6 +84,8 @@ class CorrectFactorsPass(Pass):
             ctx.provide("corrections", Corrections())
             return PassResult(gm, False)
         layers = [layer for layer in decomposed_layers(gm) if refittable(layer.last_factor(gm))]
+        if options.inputs == "compressed":  # the compressed graph routes other tokens to an expert: rows do not pair
+            layers = [layer for layer in layers if not expert_of(stacks_of(ctx.reference), layer.name)]
         sites = self._reference_sites(layers)
         layers = [layer for layer in layers if layer.name in sites]
         accumulators = {layer.name: self._accumulator(layer.last_factor(gm)) for layer in layers}

@@ -11,6 +11,8 @@ import fnmatch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from ..kept_experts import KeptExperts
+from ..capture.experts import expert_of, stacks_of
 from .. import meta
 from ..meta import node_shape
 from ..errors import FxDecompError
@@ -45,6 +47,10 @@ class FindCandidatesPass(Pass):
         by_key: dict[tuple, Candidate] = {}
         refused: dict[str, str] = {}
         aliases, modules = weight_aliases(ctx.source_model), module_aliases(ctx.source_model)
+        stacks = stacks_of(gm)
+        # A kept mixture compressed again: its experts stay as kept (planned apart, their FLOPs would follow the routing).
+        kept_experts = tuple(f"{n}." for n, m in (ctx.source_model.named_modules() if ctx.source_model is not None else ())
+                             if isinstance(m, KeptExperts))
         for node in gm.graph.nodes:
             use = match_call(gm, node)
             if use is None:
@@ -65,7 +71,11 @@ class FindCandidatesPass(Pass):
             name = _candidate_name(use, node, {c.name for c in by_key.values()}, paths, modules)
             check_finite(name, use.layer)
             labels = {name} | {_owner(path) for path in paths}
+            stack = expert_of(stacks, name)
+            if stack:  # an expert of a stacked weight: excluded by the stack's path or its experts module's too
+                labels |= {stack[0], stack[0].rpartition(".")[0]}
             excluded = any(fnmatch.fnmatchcase(label, pattern) or label == pattern for label in labels for pattern in ctx.exclude)
+            excluded = excluded or any(label.startswith(kept_experts) for label in labels)
             by_key[use.key] = Candidate(name, use.layer, spec, [site], use.form, use.target, excluded)
         ctx.candidates = {c.name: c for c in by_key.values()}
         ctx.provide("refused", refused)

@@ -370,3 +370,74 @@ def test_a_parameter_already_named_like_an_expert_view_leaves_its_stack_unlowere
     assert any("grouped_mm" in str(n.target) for n in gm.graph.nodes)  # left as it is
     other = torch.randn(7, 8)
     torch.testing.assert_close(gm(other), model(other), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pipeline", ["corrected", "compensated"])
+def test_corrections_on_the_compressed_graphs_inputs_leave_the_experts_and_refit_the_rest(compressed, pipeline):
+    """The compressed graph routes other tokens to an expert than the original: pairing their rows raised a raw
+    IndexError (corrected), or stopped compensation for every layer after the first experts (compensated)."""
+    import warnings
+
+    model, x, _, _ = compressed
+    batches = [(ids(2, 16, seed=s),) for s in range(40, 44)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "does not run through the captured graph" would be one
+        result = fxdecomp.compress(model, (x,), budget=0.5, calibration=batches, pipeline=pipeline)
+    assert any(is_lowered_expert(d.name) and d.decomposed for d in result.decisions)
+    other = ids(3, 11, seed=9)
+    assert torch.isfinite(logits(result.graph_module, other)).all()
+
+
+def test_excluding_a_stack_or_its_experts_module_by_path_keeps_its_experts_dense(compressed):
+    model, x, _, _ = compressed
+    stack, module = "model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts"
+    result = fxdecomp.compress(model, (x,), budget=0.7, exclude=[stack, module])
+    excluded = [d for d in result.decisions if d.name.startswith((stack + "_expert", module + "."))]
+    assert len(excluded) == 4 + 8 and all(not d.decomposed for d in excluded)
+
+
+def test_an_experts_implementation_fxdecomp_does_not_lower_is_named(recwarn):
+    model = mixtral("batched_mm")
+    x = ids(*EXAMPLE)
+    try:
+        fxdecomp.compress(model, (x,), budget=0.9)
+    except fxdecomp.FxDecompError:
+        pass  # the budget may be out of reach without the experts: the warning names why
+    assert any("'batched_mm' experts implementation" in str(w.message) and "grouped_mm" in str(w.message) for w in recwarn)
+
+
+def test_a_kept_mixture_is_streamed_again_and_its_experts_stay_as_kept(compressed, tmp_path):
+    """compress_sequential took the longest ModuleList, a KeptExperts of 4 experts over 2 layers, for the blocks (a raw
+    shape error), and its record dropped the experts, so the saved model did not load back."""
+    from fxdecomp.kept_experts import KeptExperts
+    from fxdecomp.large import compress_sequential, load_compressed
+
+    model, x, result, _ = compressed
+    kept = result.apply_to(model, example_inputs=(x,))
+    again = compress_sequential(kept, (x,), budget=0.9)
+    assert not any(".gate_up_proj_experts." in d.name for d in again.decisions)  # the kept experts are not planned again
+    assert isinstance(again.model.model.layers[0].mlp.experts.gate_up_proj_experts, KeptExperts)
+    again.model.save_pretrained(tmp_path)
+    loaded = load_compressed(tmp_path)
+    torch.testing.assert_close(logits(loaded, x), logits(again.model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_kept_mixture_is_captured_whole_compressed_again_and_exported(compressed, tmp_path):
+    """torch.export could not trace the kept experts' row split (int() of a data-dependent size): compressing a kept
+    MoE again was a partial capture that apply_to refused, and export_onnx of it failed."""
+    from fxdecomp.large import load_compressed
+
+    model, x, result, _ = compressed
+    kept = result.apply_to(model, example_inputs=(x,))
+    again = fxdecomp.compress(kept, (x,), budget=0.8)
+    assert not again.partial and again.flops_ratio <= 0.8
+    assert not any(d.decomposed for d in again.decisions if "_experts." in d.name)  # the kept experts stay as kept
+    for seed in range(2):
+        other = ids(*EXAMPLE, seed=60 + seed)
+        assert fxdecomp.count_flops(again.graph_module, (other,)) == again.flops_after
+    twice = again.apply_to(kept, example_inputs=(x,))
+    twice.save_pretrained(tmp_path / "twice")
+    other = ids(3, 11, seed=61)
+    torch.testing.assert_close(logits(load_compressed(tmp_path / "twice"), other), logits(twice, other), rtol=1e-6, atol=1e-6)
+    report = fxdecomp.export_onnx(kept, (x,), tmp_path / "kept.onnx")
+    assert report.max_abs_diff < 1e-4
