@@ -38,9 +38,9 @@ from .graph.attention import packed
 from .graph.computed_conv import overrides_forward, plain_with_weight, plain_equivalent
 from .kept_attention import KeptAttention, in_projection_like
 from . import kept_record
-from .kept_layer import FactoredWeightOwner, KeptLayer, own_factors
+from .kept_layer import FactoredWeightOwner, KeptLayer, applies_own_weight, as_layer, own_factors, replaceable
 from .kept_record import KeptEntry
-from .layer_spec import LAYER_TYPES, ConvSpec, computes_plain_linear, layer_spec, pad_module
+from .layer_spec import LAYER_TYPES, ConvSpec, layer_spec, pad_module
 from .meta import DECOMPOSED_SPECS
 from .transformers_layers import is_conv1d
 
@@ -75,8 +75,8 @@ def apply_to_model(
     stacks = stacks_of(result.graph_module)
     experts = [d.name for d in decided if expert_of(stacks, d.name)]  # kept in their stacks: fxdecomp.kept_experts
     specs = getattr(result.graph_module, "meta", {}).get(DECOMPOSED_SPECS, {})
-    functional = [d.name for d in decided if d.name not in attention and not _replaceable(modules.get(d.name))
-                  and not (d.op == "linear" and _applies_own_weight(modules.get(d.name), specs.get(d.name)))
+    functional = [d.name for d in decided if d.name not in attention and not replaceable(modules.get(d.name))
+                  and not (d.op == "linear" and applies_own_weight(modules.get(d.name), specs.get(d.name)))
                   and d.name not in experts]
     if functional:
         raise UnsupportedLayerError(
@@ -87,7 +87,7 @@ def apply_to_model(
     installed = {d.name: installed_module(result.graph_module, d.name) for d in decided}  # each a scan of the graph
     for d in decided:
         if d.name not in attention and d.name not in experts:
-            _check_shape(d.name, _as_layer(modules[d.name]), installed[d.name])
+            _check_shape(d.name, as_layer(modules[d.name]), installed[d.name])
     new = copy.deepcopy(model)
     _carry_batchnorm(result.graph_module, new, set(installed))
     pads: dict = {}
@@ -95,7 +95,8 @@ def apply_to_model(
     _swap_decomposed(new, [d.name for d in decided if d.name not in experts], attentions, factors, specs, pads)
     swap_experts(new, stacks, experts, factors)
     folded = getattr(result.graph_module, "meta", {}).get("fxdecomp.folded_batchnorm", ())
-    _record(new, decided, specs, pads, installed, list(folded), {expert_of(stacks, n)[0]: stacks[expert_of(stacks, n)[0]] for n in experts})
+    used = {expert_of(stacks, name)[0] for name in experts}
+    _record(new, decided, specs, pads, installed, list(folded), {stack: stacks[stack] for stack in used})
     if example_inputs is not None:
         _check_outputs(result.graph_module, new, example_inputs, rtol, atol)
     return new
@@ -212,8 +213,8 @@ def _swap_decomposed(new: nn.Module, names: list[str], attentions: set[str], fac
         if name in attention:
             continue
         old = new.get_submodule(name)
-        if not _replaceable(old):  # a module applying its own weight (a router): it keeps its class, the weight goes
-            module = KeptLayer(factors[name], _as_layer(old), repr(name))
+        if not replaceable(old):  # a module applying its own weight (a router): it keeps its class, the weight goes
+            module = KeptLayer(factors[name], as_layer(old), repr(name))
             _place_like(module, old.weight, old.training)
             module.requires_grad_(old.weight.requires_grad)
             own_factors(old, module)
@@ -384,32 +385,6 @@ def _kept_attention(mha: nn.MultiheadAttention, decomposed: nn.Module | None, na
     for p in in_proj.parameters():
         p.requires_grad_(mha.in_proj_weight.requires_grad)
     return KeptAttention(mha, in_proj)
-
-
-def _replaceable(module: nn.Module | None) -> bool:
-    """A layer a KeptLayer can stand in for. A Linear subclass whose own forward computes more (PhiMoE's router returns
-    (probabilities, weights, experts)) is not: it keeps its class, its weight the factors' (`_applies_own_weight`)."""
-    if isinstance(module, nn.Linear) and not computes_plain_linear(module):
-        return False
-    return isinstance(module, LAYER_TYPES) or (module is not None and is_conv1d(module))
-
-
-def _applies_own_weight(module: nn.Module | None, spec=None) -> bool:
-    """A module that is no layer type but holds a matrix ``weight`` (and a bias or none), which its forward applies with
-    ``F.linear`` (Mixtral's and GPT-OSS's router): kept with its factors as its weight (`own_factors`). Whether the forward really
-    does is what the output check (``example_inputs``) confirms; any other use of the weight raises, naming it."""
-    weight = module._parameters.get("weight") if module is not None else None
-    bias = module._parameters.get("bias") if module is not None else None
-    # Its bias goes to the factors: only where the graph's F.linear took it (``spec``), not one the forward adds itself.
-    return isinstance(weight, nn.Parameter) and weight.dim() == 2 and (bias is None or getattr(spec, "has_bias", False))
-
-
-def _as_layer(module: nn.Module) -> nn.Module:
-    """The layer itself, or for a module applying its own weight the nn.Linear it computes (on the meta device)."""
-    if _replaceable(module):
-        return module
-    out, in_ = module.weight.shape
-    return nn.Linear(in_, out, bias=False, device="meta", dtype=module.weight.dtype)
 
 
 def _check_shape(name: str, layer: nn.Module, decomposed: nn.Module) -> None:

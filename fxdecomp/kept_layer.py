@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UnsupportedLayerError
+from .layer_spec import LAYER_TYPES, computes_plain_linear
+from .transformers_layers import is_conv1d
 
 # The configuration a swapped layer keeps for model code that reads it.
 LAYER_ATTRIBUTES = (
@@ -192,3 +194,29 @@ def _restore_owner(base: type, state: dict) -> nn.Module:
     owner = object.__new__(_owner_class(base))
     owner.__dict__.update(state)
     return owner
+
+
+def replaceable(module: nn.Module | None) -> bool:
+    """A layer a KeptLayer can stand in for. A Linear subclass whose own forward computes more (PhiMoE's router returns
+    (probabilities, weights, experts)) is not: it keeps its class, its weight the factors' (`applies_own_weight`)."""
+    if isinstance(module, nn.Linear) and not computes_plain_linear(module):
+        return False
+    return isinstance(module, LAYER_TYPES) or (module is not None and is_conv1d(module))
+
+
+def applies_own_weight(module: nn.Module | None, spec=None) -> bool:
+    """A module that is no layer type but holds a matrix ``weight`` (and a bias or none), which its forward applies with
+    ``F.linear`` (Mixtral's and GPT-OSS's router): kept with its factors as its weight (`own_factors`). Whether the forward really
+    does is what the output check (``example_inputs``) confirms; any other use of the weight raises, naming it."""
+    weight = module._parameters.get("weight") if module is not None else None
+    bias = module._parameters.get("bias") if module is not None else None
+    # Its bias goes to the factors: only where the graph's F.linear took it (``spec``), not one the forward adds itself.
+    return isinstance(weight, nn.Parameter) and weight.dim() == 2 and (bias is None or getattr(spec, "has_bias", False))
+
+
+def as_layer(module: nn.Module) -> nn.Module:
+    """The layer itself, or for a module applying its own weight the nn.Linear it computes (on the meta device)."""
+    if replaceable(module):
+        return module
+    out, in_ = module.weight.shape
+    return nn.Linear(in_, out, bias=False, device="meta", dtype=module.weight.dtype)

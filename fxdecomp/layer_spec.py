@@ -136,11 +136,15 @@ def computes_plain_linear(layer: nn.Linear) -> bool:
         # of the model's (a layer on the meta device, as load_compressed builds it, gets random values).
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            copy_ = copy.deepcopy(layer).eval()
             if layer.weight.is_meta:
-                copy_ = copy_.to_empty(device="cpu")
+                copy_ = copy.deepcopy(layer).to_empty(device="cpu")
                 for tensor in [*copy_.parameters(), *copy_.buffers()]:
                     tensor.normal_() if tensor.is_floating_point() else tensor.zero_()
+            else:  # the same parameters (no copy of a large weight), its own buffers
+                copy_ = copy.copy(layer)
+                copy_.__dict__.update(_parameters=dict(layer._parameters), _modules=dict(layer._modules),
+                                      _buffers={k: None if v is None else v.clone() for k, v in layer._buffers.items()})
+            copy_.training = False
             probe = torch.randn(3, layer.in_features).to(copy_.weight)
             out, want = type(copy_).forward(copy_, probe), F.linear(probe, copy_.weight, copy_.bias)
             return (isinstance(out, torch.Tensor) and out.shape == want.shape and out.dtype == want.dtype
