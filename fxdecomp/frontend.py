@@ -23,8 +23,7 @@ from .graph.attention import functional_attention
 from .graph.parametrized import private_copy
 from .graph.effects import fresh_inputs, preserved_buffers
 from .capture.hidden import OPAQUE_WEIGHTS, OpaqueWeight, opaque_weights, used_as_layers
-from .capture.experts import lower_grouped_experts, stacks_of
-from .large.layers import stacked_weights
+from .capture.experts import lower_grouped_experts, stacked_weights, stacks_of
 from .errors import InvalidInputError, TraceError
 from .export_capture import check_dynamic_shapes, export_trace
 from .transformers_layers import conv1d_types

@@ -57,7 +57,7 @@ def apply_to_model(
     Raises `UnsupportedLayerError` naming every decision that is not a module of ``model``, and
     `InvalidInputError` for a partial result (whose ``graph_module`` already is the model's class).
     """
-    from .training.plan import installed_module  # training imports compress, which imports this module's users
+    from .training.plan import installed_modules  # training imports compress, which imports this module's users
 
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -84,7 +84,7 @@ def apply_to_model(
             f"Conv1D modules of {type(model).__name__} (functional weights, or a different model); use "
             f"result.graph_module, or compress again with exclude={functional}"
         )
-    installed = {d.name: installed_module(result.graph_module, d.name) for d in decided}  # each a scan of the graph
+    installed = installed_modules(result.graph_module, [d.name for d in decided])
     for d in decided:
         if d.name not in attention and d.name not in experts:
             _check_shape(d.name, as_layer(modules[d.name]), installed[d.name])

@@ -30,10 +30,9 @@ Example::
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .capture.experts import EXPERT_SUFFIX, EXPERTS_PATTERN, expert_of, join_expert_rows, split_expert_rows
+from .capture.experts import EXPERT_SUFFIX, EXPERTS_PATTERN, expert_of, is_grouped_mm_function, join_expert_rows, split_expert_rows
 from .errors import InvalidInputError, UnsupportedLayerError
 
 EXPERTS_CHILD = "{}_experts"  # the child of the experts module holding a decomposed stack's experts
@@ -65,7 +64,7 @@ class AbsentStack(torch.Tensor):
             out = _batched(*args, **kwargs)
             if out is not None:
                 return out
-        if _is_grouped(func):
+        if is_grouped_mm_function(func):
             out = _grouped(*args, **kwargs)
             if out is not None:
                 return out
@@ -88,13 +87,6 @@ class AbsentStack(torch.Tensor):
 def _swaps_last_two(args, kwargs) -> bool:
     dims = [d % 3 for d in (list(args[1:3]) + [kwargs.get("dim0"), kwargs.get("dim1")]) if isinstance(d, int)]
     return sorted(dims) == [1, 2]
-
-
-def _is_grouped(func) -> bool:
-    if isinstance(func, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
-        name = func._qualified_op_name if isinstance(func, torch._ops.OpOverloadPacket) else func.name()
-        return name in ("transformers::grouped_mm_fallback", "aten::_grouped_mm")
-    return func is getattr(torch, "_grouped_mm", None) or func is getattr(F, "grouped_mm", None)
 
 
 def _expert_weight(stack: "AbsentStack", index) -> torch.Tensor | None:

@@ -55,16 +55,30 @@ def expert_of(stacks: dict[str, bool], name: str) -> tuple[str, int] | None:
 
 
 def is_grouped_mm(node: fx.Node) -> bool:
-    """Whether ``node`` calls a grouped matmul: transformers' fallback op or ``aten._grouped_mm``, as torch.export
-    records them (op overloads) or as torch.fx does (``torch.ops.transformers.grouped_mm_fallback``, ``torch._grouped_mm``)."""
-    target = node.target
-    if node.op != "call_function":
-        return False
+    """Whether ``node`` calls a grouped matmul (`is_grouped_mm_function`)."""
+    return node.op == "call_function" and is_grouped_mm_function(node.target)
+
+
+def is_grouped_mm_function(target) -> bool:
+    """Transformers' fallback op or ``aten._grouped_mm``, as torch.export records them (op overloads), as torch.fx
+    does (``torch.ops.transformers.grouped_mm_fallback``, ``torch._grouped_mm``), or ``F.grouped_mm``."""
     if isinstance(target, torch._ops.OpOverload):
         return target.name() in GROUPED_MM_OPS
     if isinstance(target, torch._ops.OpOverloadPacket):
         return target._qualified_op_name in GROUPED_MM_OPS
-    return target is getattr(torch, "_grouped_mm", None)
+    return target is getattr(torch, "_grouped_mm", None) or target is getattr(F, "grouped_mm", None)
+
+
+def stacked_weights(module: nn.Module) -> list[str]:
+    """Names of weights stored stacked, one 3-D floating parameter for several matrices (transformers 5's
+    mixture-of-experts ``gate_up_proj`` / ``down_proj``), which no Linear module holds; conv kernels left out."""
+    return [
+        f"{owner}.{name}" if owner else name
+        for owner, child in module.named_modules()
+        if not isinstance(child, (nn.Conv1d, nn.ConvTranspose1d))
+        for name, parameter in child.named_parameters(recurse=False)
+        if parameter.dim() == 3 and parameter.shape[0] > 1 and parameter.is_floating_point()  # not a (1, N, D) table
+    ]
 
 
 def grouped_mm_flops(input_shape, mat2_shape, *args, out_shape=None, **kwargs) -> int:

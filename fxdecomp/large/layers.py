@@ -72,18 +72,6 @@ def linears(module: nn.Module, prefix: str, exclude: Sequence[str] = ()) -> list
     return found
 
 
-def stacked_weights(module: nn.Module) -> list[str]:
-    """Names of weights stored stacked, one 3-D floating parameter for several matrices (transformers 5's
-    mixture-of-experts ``gate_up_proj`` / ``down_proj``), which `linears` does not find; conv kernels left out."""
-    return [
-        f"{owner}.{name}" if owner else name
-        for owner, child in module.named_modules()
-        if not isinstance(child, (nn.Conv1d, nn.ConvTranspose1d))
-        for name, parameter in child.named_parameters(recurse=False)
-        if parameter.dim() == 3 and parameter.shape[0] > 1 and parameter.is_floating_point()  # not a (1, N, D) table
-    ]
-
-
 class observe:
     """Forward pre-hooks on named Linear layers: record input shapes and/or accumulate input Gram matrices.
 

@@ -53,6 +53,7 @@ from ..cost import flop_counter
 from ..errors import BudgetError, InvalidInputError
 from .. import kept_record
 from ..keep_model import rebuild_kept
+from ..capture.experts import stacked_weights
 from ..kept_experts import is_kept_expert
 from ..kept_layer import FactoredWeightOwner, KeptLayer
 from ..kept_record import RECORD_KEY, KeptEntry
@@ -62,7 +63,7 @@ from .blocks import BlockCall, BlockStack, capture_block_inputs, head_inputs, ru
 from .checkpoint import LazyCheckpoint, ShardWriter, empty_model
 from .distributed import World, default_device
 from .loading import PLAN_FILE, load_compressed  # noqa: F401  (load_compressed: importable from here as before)
-from .layers import LayerRecord, apply_option, factorization_cost, layer_record, linear_spec, linears, observe, solve, stacked_weights
+from .layers import LayerRecord, apply_option, factorization_cost, layer_record, linear_spec, linears, observe, solve
 
 
 

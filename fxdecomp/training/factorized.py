@@ -35,7 +35,7 @@ from ..compress import compress
 from ..errors import InvalidInputError
 from ..layer_spec import ConvSpec, LinearSpec, layer_spec
 from ..transformers_layers import lifted_layer
-from .plan import PlanLike, installed_module, normalize_plan, planned_layers
+from .plan import PlanLike, installed_modules, normalize_plan, planned_layers
 from .reconstruct import dense_weight
 
 
@@ -67,10 +67,11 @@ def factorized_model(
     gm = result.graph_module
     layers = planned_layers(model, normalize_plan(result.decisions))
     generator = torch.Generator().manual_seed(seed)
+    installed = installed_modules(gm, list(layers))
     for name, (layer, _, _) in layers.items():
-        init_factors(installed_module(gm, name), layer_spec(lifted_layer(layer)), generator)
+        init_factors(installed[name], layer_spec(lifted_layer(layer)), generator)
     if reinit_rest:
-        _reset_others(gm, {_path(installed_module(gm, name), gm) for name in layers}, seed)
+        _reset_others(gm, {_path(module, gm) for module in installed.values()}, seed)
     gm.fxdecomp_result = result
     return gm
 
