@@ -152,10 +152,11 @@ def own_stacks(owner: nn.Module, stacks: dict[str, KeptExperts]) -> None:
     for name, experts in stacks.items():
         del owner._parameters[name]
         owner.add_module(EXPERTS_CHILD.format(name), experts)
-    owner.__class__ = _owner_class(base, names)
+    owner.__class__ = owner_class(base, names)
 
 
-def _owner_class(base: type, names: tuple[str, ...]) -> type:
+def owner_class(base: type, names: tuple[str, ...]) -> type:
+    """The subclass of ``base`` (made once) whose attributes ``names`` answer their `KeptExperts`' AbsentStack."""
     key = (base, names)
     if key not in _OWNER_CLASSES:
         properties = {name: property(_stack_getter(name), doc=f"the AbsentStack of {name}'s decomposed experts") for name in names}
@@ -170,7 +171,7 @@ def _stack_getter(name: str):
 
 
 def _restore_owner(base: type, names: tuple[str, ...], state: dict) -> nn.Module:
-    owner = object.__new__(_owner_class(base, names))
+    owner = object.__new__(owner_class(base, names))
     owner.__dict__.update(state)
     return owner
 

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError
+from .fused import FusedKey, build, fused_source
 from .shards import INDEX_FILE, SAFETENSORS_DTYPES, SINGLE_FILE, ShardWriter  # noqa: F401 (ShardWriter: re-exported)
 
 _DTYPE_BYTES = {name: dtype.itemsize for dtype, name in SAFETENSORS_DTYPES.items()}  # safetensors dtype name -> bytes
@@ -69,7 +70,8 @@ class LazyCheckpoint:
         self.weight_map: dict[str, str] = dict(weight_map)
         self._renamed: dict[str, str] = {}  # the model's key -> the checkpoint's, where transformers renames on load
         self._prefix = ""  # the model's base_model_prefix ("transformer"), which a checkpoint may store its keys without
-        self._converted: list[str] = []  # what transformers builds from several stored tensors on load (MoE experts)
+        self._converters: list = []  # transformers' WeightConverters: tensors it builds from several stored ones (MoE experts)
+        self._stored_as: dict[str, str] = {}  # a stored key under transformers' renames -> the stored key
         self._stack = ExitStack()
         self._handles: dict[str, Any] = {}
         self._safe_open = safe_open
@@ -82,16 +84,20 @@ class LazyCheckpoint:
         read = set()
         for key in model.state_dict(keep_vars=True):
             try:
-                read.add(self._resolve(key))
+                resolved = self._resolve(key)
             except InvalidInputError:
                 continue
+            read.update(resolved.stored if isinstance(resolved, FusedKey) else (resolved,))
         return sorted(set(self.weight_map) - read)
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """One tensor, read from its shard (a fresh CPU tensor of the stored dtype)."""
+    def tensor(self, name: str | FusedKey) -> torch.Tensor:
+        """One tensor, read from its shard (a fresh CPU tensor of the stored dtype), or built as transformers builds a
+        `FusedKey` from the stored ones."""
+        if isinstance(name, FusedKey):
+            return build(name, self.tensor)
         try:
             shard = self.weight_map[name]
         except KeyError:
@@ -132,10 +138,11 @@ class LazyCheckpoint:
                     value = self._read(stored, path + name, buffer)
                     owner._buffers[name] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
 
-    def _read(self, key: str, name: str, like: torch.Tensor) -> torch.Tensor:
+    def _read(self, key: str | FusedKey, name: str, like: torch.Tensor) -> torch.Tensor:
         """The stored tensor ``key`` for the model's ``name``; `InvalidInputError` unless it has ``like``'s shape."""
         value = self.tensor(key)
         if value.shape != like.shape:
+            key = key.name if isinstance(key, FusedKey) else key
             raise InvalidInputError(
                 f"{key!r} in the checkpoint {self.path} has shape {tuple(value.shape)}, but the model's {name!r} has "
                 f"{tuple(like.shape)}: the checkpoint was not saved from this configuration"
@@ -158,8 +165,8 @@ class LazyCheckpoint:
     def follow_renames(self, model: nn.Module) -> None:
         """Read the checkpoint under the names ``model`` uses: transformers (5 and later) renames some stored keys
         when it loads (GPT-NeoX's ``embed_out`` is ``lm_head``; Mixtral's ``block_sparse_moe`` is ``mlp``). Tensors
-        it builds from several stored ones (``WeightConverter``: fused mixture-of-experts weights) are named in the
-        error of a key the model needs."""
+        it builds from several stored ones (``WeightConverter``: fused mixture-of-experts weights) are built as it
+        builds them (`fxdecomp.large.fused`)."""
         self._prefix = getattr(model, "base_model_prefix", "") or ""
         try:
             from transformers.conversion_mapping import get_model_conversion_mapping
@@ -173,11 +180,12 @@ class LazyCheckpoint:
             if type(t).__name__ == "WeightRenaming" and not getattr(t, "scope_prefix", None) and len(t.target_patterns) == 1
             for source in t.source_patterns
         ]
-        self._converted = [target for t in transforms if type(t).__name__ == "WeightConverter" for target in t.target_patterns]
+        self._converters = [t for t in transforms if type(t).__name__ == "WeightConverter"]
         for key in self.weight_map:
             renamed = key
             for source, target in renames:
                 renamed = re.sub(source, target, renamed)
+            self._stored_as.setdefault(renamed, key)
             if renamed != key:
                 self._renamed.setdefault(renamed, key)
 
@@ -191,7 +199,7 @@ class LazyCheckpoint:
                 return name
         return None
 
-    def _resolve(self, key: str) -> str:
+    def _resolve(self, key: str) -> str | FusedKey:
         stored = self._stored(key)
         if stored is not None:
             return stored
@@ -200,13 +208,9 @@ class LazyCheckpoint:
             for embedding in ("model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight"):
                 if (stored := self._stored(embedding)) is not None:
                     return stored
-        converted = [c for c in self._converted if c.strip(".") and c.strip(".") in key]
-        if converted:
-            raise InvalidInputError(
-                f"the checkpoint {self.path} has no tensor {key!r}: transformers builds it from several stored tensors when it "
-                f"loads ({converted[0]!r}, e.g. mixture-of-experts weights fused into one), and a checkpoint is read here as "
-                "stored; load the model with from_pretrained and compress it in memory"
-            )
+        fused = fused_source(key, self._converters, self._stored_as)
+        if fused is not None:
+            return fused
         raise InvalidInputError(f"the checkpoint {self.path} has no tensor {key!r} that the model needs")
 
     def release(self, module: nn.Module) -> None:

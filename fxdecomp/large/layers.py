@@ -16,7 +16,7 @@ in its place.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -139,8 +139,8 @@ def layer_record(
         with torch.device("meta"):
             structure = decomposer.structure(spec, ranks)
         flops = sum(module_macs(structure, s) for s in shapes) * FLOPS_PER_MAC
-        if flops >= keep_flops:
-            continue  # never chosen: costs at least as much as the layer
+        if flops >= keep_flops and keep_flops:
+            continue  # never chosen: costs at least as much as the layer (an expert no row reaches: each option costs 0)
         params = sum(p.numel() for p in structure.parameters())
         record.options.append(LayerOption(ranks, flops, params, decomposer.estimate_error(spec, state, ranks)))
     return record
@@ -175,9 +175,11 @@ def apply_option(
     option: LayerOption | None,
     gram: GramAccumulator | None,
     factorize: bool = True,
+    install: Callable[[str, nn.Module], None] | None = None,
 ) -> tuple[Decision, nn.Module | None]:
     """Swap the layer at ``record.name`` in ``root`` for its decomposition at the planned ranks.
 
+    ``install(name, module)`` puts the module in place instead (an expert of an opened stack).
     Returns the decision and the new module (None when kept). With ``factorize=False``
     the module has the planned structure but unset factors (another process sends
     them, see `fxdecomp.large.distributed`). ``params_after`` of a tied layer counts
@@ -196,8 +198,11 @@ def apply_option(
     # A KeptLayer (the same children and state-dict keys) keeps the Linear's configuration and answers
     # ``weight.dtype`` for model code that reads it (Mamba's head).
     module = KeptLayer(module, linear, repr(record.name))
-    parent, _, attribute = record.name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, attribute, module)
+    if install is not None:  # an expert of an opened stack (fxdecomp.large.experts): its place is not its name
+        install(record.name, module)
+    else:
+        parent, _, attribute = record.name.rpartition(".")
+        setattr(root.get_submodule(parent) if parent else root, attribute, module)
     params_after = option.params + (record.params if record.tied else 0)
     return Decision(record.name, "linear", METHOD, option.ranks, record.flops, option.flops, record.params, params_after, option.error), module
 

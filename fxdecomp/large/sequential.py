@@ -62,6 +62,7 @@ from ..result import Decision
 from .blocks import BlockCall, BlockStack, capture_block_inputs, head_inputs, run_block
 from .checkpoint import LazyCheckpoint, ShardWriter, empty_model
 from .distributed import World, default_device
+from .experts import close_stacks, expand, expert_layers, install_expert, open_stacks, stacked_experts, tie
 from .loading import PLAN_FILE, load_compressed  # noqa: F401  (load_compressed: importable from here as before)
 from .layers import LayerRecord, apply_option, factorization_cost, layer_record, linear_spec, linears, observe, solve
 
@@ -171,6 +172,7 @@ def compress_sequential(
 
     # 1. Statistics on the original blocks.
     records: list[LayerRecord] = []
+    stack_of: dict[str, str] = {}  # an opened expert's name -> its stack's (fxdecomp.large.experts)
     unused: list[str] = []
     with flop_counter() as counter:
         example_call = capture_block_inputs(model, stack, [example])[0]
@@ -181,17 +183,24 @@ def compress_sequential(
         for index in range(len(stack.blocks)):
             report.step(stack.name(index))
             block = load(index)
+            opened = open_stacks(block, stack.name(index))
             layers = linears(block, stack.name(index), exclude)
+            experts = expert_layers(opened, exclude)
             shapes: dict = {}
-            with flop_counter() as counter, observe(layers, shapes=shapes), torch.no_grad():
+            with flop_counter() as counter, observe(layers + experts, shapes=shapes), torch.no_grad():
                 output = block(*example_call.args, **example_call.kwargs)
             flops += counter.get_total_flops()
             layers = _called(layers, shapes, unused)
+            for name, _ in experts:  # an expert no row reaches stays a candidate: it takes its stack's option
+                shapes.setdefault(name, [])
+            layers += experts
+            stack_of.update({s.expert_name(e): s.name for s in opened for e in range(len(s.experts))})
             tuple_output = not isinstance(output, torch.Tensor)
             example_call = example_call.with_hidden(output if isinstance(output, torch.Tensor) else output[0])
             grams = _grams(block, layers, calls, world)
             calls = [run_block(block, call) for call in calls]
             records += _records(layers, shapes, grams, grid, tied, world)
+            close_stacks(opened, only_dense=False)
             unload(block)
     shapes = {}
     with flop_counter() as counter, observe(head_layers, shapes=shapes):
@@ -209,22 +218,29 @@ def compress_sequential(
     records += _records(head_layers, shapes, grams, grid, tied, world)
 
     # 2. One plan for every layer.
-    chosen = dict(zip((r.name for r in records), solve(records, budget.fraction, flops, scope)))
     by_name = {r.name: r for r in records}
+    planned, members = tie(records, stack_of)
+    chosen = {}
+    for record, option in zip(planned, solve(planned, budget.fraction, flops, scope)):
+        for name in members.get(record.name, [record.name]):
+            chosen[name] = expand(option, by_name[name]) if record.name in members else option
 
     # 3. Apply block by block, calibrated on the outputs of the compressed blocks before.
     writer = ShardWriter(out, shard_bytes) if out is not None and world.rank == 0 else None
     try:
         decisions: dict[str, Decision] = {}
         specs: dict = {}
+        stacks: dict[str, bool] = {}  # the stacks with decomposed experts, as kept_record.expert_stacks
         calls = capture_block_inputs(model, stack, batches) if batches else []
         with Progress("compressing block", len(stack.blocks), progress) as report:
             for index in range(len(stack.blocks)):
                 report.step(stack.name(index))
                 block = load(index)
-                layers = [(n, m) for n, m in linears(block, stack.name(index), exclude) if n in by_name]
+                opened = open_stacks(block, stack.name(index))
+                layers = [(n, m) for n, m in linears(block, stack.name(index), exclude) + expert_layers(opened, exclude) if n in by_name]
                 grams = _grams(block, layers, calls, world)
-                decisions.update(_apply(model, layers, by_name, chosen, grams, world, specs))
+                decisions.update(_apply(model, layers, by_name, chosen, grams, world, specs, opened))
+                stacks.update({s.name: s.linear_layout for s in close_stacks(opened)})
                 calls = [run_block(block, call) for call in calls]
                 if writer is not None:
                     for key, tensor in block.state_dict(prefix=stack.name(index) + ".").items():
@@ -236,8 +252,8 @@ def compress_sequential(
         ordered = [decisions[r.name] for r in records]
         # save_pretrained of the model in memory writes this record; load_compressed rebuilds the factors from it.
         entries = [KeptEntry(d.name, d.method, d.ranks, specs[d.name]) for d in ordered if d.decomposed]
-        stacks = kept_record.expert_stacks(previous) if previous else {}
-        kept_record.write(model, kept_record.merged(previous, entries, [], lambda name: _still_kept(model, stacks, name)))
+        earlier = kept_record.expert_stacks(previous) if previous else {}
+        kept_record.write(model, kept_record.merged(previous, entries, [], lambda name: _still_kept(model, earlier, name), stacks))
         saved_params = sum(d.params_before - d.params_after for d in ordered)
         if writer is not None:
             for key, tensor in model.state_dict().items():
@@ -272,13 +288,15 @@ def _still_kept(model: nn.Module, stacks: dict[str, bool], name: str) -> bool:
 
 
 def _warn_stacked(model: nn.Module) -> None:
-    stacked = stacked_weights(model)
+    opened = {".".join(p for p in (path, attribute) if p) for path, _, attribute in stacked_experts(model)}
+    stacked = [name for name in stacked_weights(model) if name not in opened]
     if stacked:
         warnings.warn(
-            f"fxdecomp: compress_sequential decomposes nn.Linear modules; {len(stacked)} weight(s) of {type(model).__name__} "
-            f"stored stacked (one 3-D parameter for all experts of a mixture of experts) keep their FLOPs, which the "
-            f"budget counts: {', '.join(stacked[:4])}{', ...' if len(stacked) > 4 else ''}. fxdecomp.compress(model, ...) "
-            "plans and decomposes each expert",
+            f"fxdecomp: {len(stacked)} weight(s) of {type(model).__name__} stored stacked (one 3-D parameter for all "
+            f"experts of a mixture of experts) keep their FLOPs, which the budget counts: "
+            f"{', '.join(stacked[:4])}{', ...' if len(stacked) > 4 else ''}. compress_sequential decomposes the experts "
+            "of a transformers experts module in its 'grouped_mm' implementation (model.set_experts_implementation("
+            "'grouped_mm')); fxdecomp.compress(model, ...) decomposes the others it can capture",
             stacklevel=3,
         )
 
@@ -343,13 +361,15 @@ def _records(layers, shapes, grams, grid: int, tied: set[int], world: World) -> 
     return [shared[name] for name, _ in layers]
 
 
-def _apply(model, layers, by_name, chosen, grams, world: World, specs: dict) -> dict[str, Decision]:
+def _apply(model, layers, by_name, chosen, grams, world: World, specs: dict, opened=()) -> dict[str, Decision]:
     """Decompose the layers as planned, each factorized by one process and sent to the others. ``specs`` gets the
-    `LinearSpec` of each decomposed layer."""
+    `LinearSpec` of each decomposed layer; an expert of the ``opened`` stacks goes to its stack's experts."""
     owners = world.owners([factorization_cost(m) for _, m in layers])
+    experts = {s.expert_name(e) for s in opened for e in range(len(s.experts))}
     decisions, built = {}, []
     for (name, layer), owner in zip(layers, owners):
-        decision, module = apply_option(model, by_name[name], layer, chosen[name], grams.get(name), owner == world.rank)
+        install = (lambda n, m: install_expert(opened, n, m)) if name in experts else None
+        decision, module = apply_option(model, by_name[name], layer, chosen[name], grams.get(name), owner == world.rank, install)
         decisions[name] = decision
         if module is not None:
             specs[name] = linear_spec(layer)

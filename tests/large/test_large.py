@@ -402,17 +402,6 @@ def test_a_checkpoint_whose_keys_transformers_renames_on_load_is_read_under_the_
         torch.testing.assert_close(load_compressed(tmp_path / "out")(tokens()).logits, memory.model(tokens()).logits)
 
 
-def test_a_checkpoint_of_fused_experts_is_refused_naming_the_conversion(tmp_path):
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                           intermediate_size=32, num_local_experts=2)
-    MixtralForCausalLM(config).eval().save_pretrained(tmp_path / "src")
-    with pytest.raises(InvalidInputError, match="transformers builds it from several stored tensors.*compress it in memory"):
-        compress_sequential(tmp_path / "src", (tokens(),), budget=0.9, out=tmp_path / "out")
-
-
 def gpt2(layers: int = 2):
     from transformers import GPT2Config, GPT2LMHeadModel
 
