@@ -11,6 +11,9 @@ round trip, seconds, or the error (a named refusal is an ``InvalidInputError`` /
 
     python tools/zoo_large.py
     python tools/zoo_large.py --models falcon,bloom,mamba
+    python tools/zoo_large.py --suite moe --budget 0.5    # the mixtures of experts of zoo_more.HF_MOE
+
+The notes say how many stacked experts were decomposed ("experts: decomposed / planned").
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fxdecomp  # noqa: E402
 from fxdecomp.large import compress_sequential, load_compressed  # noqa: E402
 from zoo_clients import HF, SMALL, _causal  # noqa: E402
+from zoo_more import HF_MOE  # noqa: E402
 
 MODELS = {
     **{name: HF[name] for name in ("gpt2", "llama-gqa", "qwen2", "phi", "gpt-neox", "opt", "gemma2", "phi3", "falcon", "bloom",
@@ -55,6 +59,7 @@ def run(name: str, budget: float) -> str:
     model, (ids,) = MODELS[name]()
     batches = [(torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(s)),) for s in range(4)]
     start = time.perf_counter()
+    experts_note = ""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -65,12 +70,15 @@ def run(name: str, budget: float) -> str:
                 with torch.no_grad():
                     want, got = model(ids).logits, small(ids).logits
             row = f"{result.flops_after / result.flops_before:.3f} | {float((got - want).norm() / want.norm()):.3f} |"
+            experts = [d for d in result.decisions if "_expert" in d.name.rpartition(".")[2]]
+            if experts:
+                experts_note = f"experts: {sum(d.method != 'keep' for d in experts)} / {len(experts)}"
         except fxdecomp.FxDecompError as exc:
             row = f"- | - | refused: {type(exc).__name__}: {str(exc).splitlines()[0][:160]} |"
         except Exception as exc:  # a bug: a raw error from inside
             row = f"- | - | FAIL {type(exc).__name__}: {str(exc).splitlines()[0][:160]} |"
         row += " " + _saved_in_memory(model, ids, budget, batches) + " |"
-    notes = "; ".join(str(w.message).splitlines()[0][:120] for w in caught if "fxdecomp" in str(w.message))
+    notes = "; ".join([experts_note] * bool(experts_note) + [str(w.message).splitlines()[0][:120] for w in caught if "fxdecomp" in str(w.message)])
     return f"| {name} | {row} {notes} | {time.perf_counter() - start:.1f} |"
 
 def _saved_in_memory(model, ids, budget: float, batches) -> str:
@@ -94,12 +102,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=None, help="comma-separated subset")
     parser.add_argument("--budget", type=float, default=0.8)
+    parser.add_argument("--suite", choices=["default", "moe"], default="default", help="moe: zoo_more.HF_MOE's models")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}; compress_sequential from a saved checkpoint at {args.budget} of the FLOPs, 4 calibration batches")
     print("| model | FLOPs kept | logits error | in memory, save_pretrained, load_compressed | notes | s |")
     print("|---|---|---|---|---|---|")
-    for name in args.models.split(",") if args.models else MODELS:
+    if args.suite == "moe":
+        MODELS.update(HF_MOE)
+    for name in args.models.split(",") if args.models else (HF_MOE if args.suite == "moe" else MODELS):
         print(run(name, args.budget), flush=True)
 
 
