@@ -211,6 +211,13 @@ class LazyCheckpoint:
         fused = fused_source(key, self._converters, self._stored_as)
         if fused is not None:
             return fused
+        converted = [t for c in self._converters for t in c.target_patterns if t.strip(".") and t in key]
+        if converted:
+            raise InvalidInputError(
+                f"the checkpoint {self.path} has no tensor {key!r}, and transformers builds it ({converted[0]!r}) from "
+                "stored tensors that are not there either, or not under names read here; load the model with "
+                "from_pretrained and compress it in memory"
+            )
         raise InvalidInputError(f"the checkpoint {self.path} has no tensor {key!r} that the model needs")
 
     def release(self, module: nn.Module) -> None:

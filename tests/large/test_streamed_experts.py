@@ -145,3 +145,14 @@ def test_excluding_the_experts_keeps_them_dense():
         result = compress_sequential(model, (tokens(),), budget=0.8, exclude=exclude)
         names = [d.name for d in result.decisions]
         assert not any("down_proj_expert" in n for n in names), exclude
+
+
+def test_a_checkpoint_missing_an_experts_tensors_is_refused_naming_the_fused_parameter(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = mixture("mixtral")
+    model.save_pretrained(tmp_path / "src")
+    stored = load_file(tmp_path / "src" / "model.safetensors")
+    save_file({k: v for k, v in stored.items() if ".w2." not in k}, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(fxdecomp.InvalidInputError, match="down_proj.*transformers builds it.*in memory"):
+        compress_sequential(tmp_path / "src", (tokens(),), budget=0.8, out=tmp_path / "out")
