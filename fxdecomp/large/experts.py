@@ -89,17 +89,15 @@ def open_stacks(block: nn.Module, prefix: str) -> list[OpenedStack]:
 
 
 def expert_layers(opened: list[OpenedStack], exclude: Sequence[str] = ()) -> list[tuple[str, nn.Module]]:
-    """(``<stack>_expert<e>``, nn.Linear) of the opened stacks' experts that are still dense, less those ``exclude``
-    names: by the expert's name, its stack's path or its experts module's path (as `fxdecomp.compress` matches)."""
+    """(``<stack>_expert<e>``, nn.Linear) of the opened stacks' experts that are still dense. A stack is left out
+    whole where ``exclude`` names its path, its experts module's path or any of its experts: an expert kept dense
+    beside tied decomposed ones would cost what the router sends it, which the plan cannot bound."""
     found = []
     for stack in opened:
-        experts_module = stack.name.rpartition(".")[0]
-        if any(fnmatch.fnmatchcase(p_name, p) or p_name == p for p in exclude for p_name in (stack.name, experts_module)):
+        names = [stack.name, stack.name.rpartition(".")[0]] + [stack.expert_name(e) for e in range(len(stack.experts))]
+        if any(fnmatch.fnmatchcase(name, p) or name == p for p in exclude for name in names):
             continue
-        for e, layer in enumerate(stack.experts):
-            name = stack.expert_name(e)
-            if type(layer) is nn.Linear and not any(fnmatch.fnmatchcase(name, p) for p in exclude):
-                found.append((name, layer))
+        found += [(stack.expert_name(e), layer) for e, layer in enumerate(stack.experts) if type(layer) is nn.Linear]
     return found
 
 

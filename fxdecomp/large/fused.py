@@ -47,10 +47,24 @@ def fused_source(key: str, converters: list, stored_as: dict[str, str]) -> Fused
                 regex = re.compile(re.escape(prefix) + re.escape(pattern).replace(r"\*", r"(\d+)") + re.escape(suffix) + "$")
                 found = sorted((int(m.group(1)) if m.groups() else 0, stored) for name, stored in stored_as.items()
                                if (m := regex.match(name)))
-                sources.append((pattern, tuple(stored for _, stored in found)))
-            if all(keys for _, keys in sources):
-                return FusedKey(key, converter, tuple(sources))
+                sources.append((pattern, [index for index, _ in found], tuple(stored for _, stored in found)))
+            if all(keys for *_, keys in sources):
+                _check_complete(key, prefix, suffix, sources)
+                return FusedKey(key, converter, tuple((pattern, keys) for pattern, _, keys in sources))
     return None
+
+
+def _check_complete(key: str, prefix: str, suffix: str, sources: list) -> None:
+    """`InvalidInputError` naming the stored tensors missing for ``key``: every source pattern needs experts 0..E-1."""
+    count = max(max(indices) for _, indices, _ in sources) + 1
+    missing = [prefix + pattern.replace("*", str(e)) + suffix for pattern, indices, _ in sources
+               for e in sorted(set(range(count)) - set(indices))]
+    if missing:
+        raise InvalidInputError(
+            f"the checkpoint lacks {len(missing)} of the tensors transformers builds {key!r} from (experts 0 to {count - 1}): "
+            f"{', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''} (names as transformers renames them on load); "
+            "was the checkpoint written completely?"
+        )
 
 
 def build(fused: FusedKey, read: Callable[[str], torch.Tensor]) -> torch.Tensor:

@@ -121,7 +121,7 @@ def _factorize(linear: nn.Module, gram: GramAccumulator | None):
     linear = lifted_layer(linear)
     spec, decomposer = layer_spec(linear), get_decomposer("linear", METHOD)
     weight = linear.weight.detach().float()
-    if gram is None:
+    if gram is None or gram.count == 0:  # no calibration row reached it (an expert the router skipped): weight-only
         return spec, decomposer, decomposer.factorize(spec, weight)
     return spec, decomposer, decomposer.factorize_whitened(spec, weight, [gram.matrix(0)])
 
