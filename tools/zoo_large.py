@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 import time
@@ -70,7 +71,7 @@ def run(name: str, budget: float) -> str:
                 with torch.no_grad():
                     want, got = model(ids).logits, small(ids).logits
             row = f"{result.flops_after / result.flops_before:.3f} | {float((got - want).norm() / want.norm()):.3f} |"
-            experts = [d for d in result.decisions if "_expert" in d.name.rpartition(".")[2]]
+            experts = [d for d in result.decisions if re.search(r"_expert\d+$", d.name)]
             if experts:
                 experts_note = f"experts: {sum(d.method != 'keep' for d in experts)} / {len(experts)}"
         except fxdecomp.FxDecompError as exc:
