@@ -108,7 +108,8 @@ def compress_sequential(
     device: str | torch.device | None = None,
 ) -> SequentialResult:
     """Compress the Linear layers (and transformers ``Conv1D``, GPT-2's) of a stack-of-blocks model one block at a
-    time (see the module doc).
+    time (see the module doc), and the stacked experts of its mixtures of experts, each expert a Linear
+    ``<stack>_expert<e>`` and the experts of a stack tied to one option (`fxdecomp.large.experts`).
 
     ``source`` is a model in memory (never modified; the result is a compressed
     copy, so peak memory is about twice the model), or a Hugging Face model
