@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError
-from .fused import FusedKey, build, fused_source
+from .fused import FusedKey, build, fused_sources
 from .shards import INDEX_FILE, SAFETENSORS_DTYPES, SINGLE_FILE, ShardWriter  # noqa: F401 (ShardWriter: re-exported)
 
 _DTYPE_BYTES = {name: dtype.itemsize for dtype, name in SAFETENSORS_DTYPES.items()}  # safetensors dtype name -> bytes
@@ -71,7 +71,7 @@ class LazyCheckpoint:
         self._renamed: dict[str, str] = {}  # the model's key -> the checkpoint's, where transformers renames on load
         self._prefix = ""  # the model's base_model_prefix ("transformer"), which a checkpoint may store its keys without
         self._converters: list = []  # transformers' WeightConverters: tensors it builds from several stored ones (MoE experts)
-        self._stored_as: dict[str, str] = {}  # a stored key under transformers' renames -> the stored key
+        self._fused: dict[str, FusedKey] = {}  # the model's key -> the stored tensors transformers builds it from
         self._stack = ExitStack()
         self._handles: dict[str, Any] = {}
         self._safe_open = safe_open
@@ -181,13 +181,15 @@ class LazyCheckpoint:
             for source in t.source_patterns
         ]
         self._converters = [t for t in transforms if type(t).__name__ == "WeightConverter"]
+        stored_as: dict[str, str] = {}  # a stored key under transformers' renames -> the stored key
         for key in self.weight_map:
             renamed = key
             for source, target in renames:
                 renamed = re.sub(source, target, renamed)
-            self._stored_as.setdefault(renamed, key)
+            stored_as.setdefault(renamed, key)
             if renamed != key:
                 self._renamed.setdefault(renamed, key)
+        self._fused = fused_sources(self._converters, stored_as)
 
     def _stored(self, key: str) -> str | None:
         """The stored name of the model's ``key``: as is, renamed by transformers, or with / without the base model's
@@ -208,7 +210,9 @@ class LazyCheckpoint:
             for embedding in ("model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight"):
                 if (stored := self._stored(embedding)) is not None:
                     return stored
-        fused = fused_source(key, self._converters, self._stored_as)
+        fused = self._fused.get(key)
+        if fused is not None and fused.missing:
+            raise InvalidInputError(fused.missing)
         if fused is not None:
             return fused
         converted = [t for c in self._converters for t in c.target_patterns if t.strip(".") and t in key]

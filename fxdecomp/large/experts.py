@@ -52,6 +52,10 @@ class OpenedStack:
     def expert_name(self, index: int) -> str:
         return f"{self.name}{EXPERT_SUFFIX}{index}"
 
+    @property
+    def expert_names(self) -> list[str]:
+        return [self.expert_name(e) for e in range(len(self.experts))]
+
 
 def stacked_experts(block: nn.Module) -> list[tuple[str, nn.Module, str]]:
     """(owner path, owner, attribute) of every stacked expert weight of ``block`` that `open_stacks` opens: a 3-D
@@ -94,10 +98,10 @@ def expert_layers(opened: list[OpenedStack], exclude: Sequence[str] = ()) -> lis
     beside tied decomposed ones would cost what the router sends it, which the plan cannot bound."""
     found = []
     for stack in opened:
-        names = [stack.name, stack.name.rpartition(".")[0]] + [stack.expert_name(e) for e in range(len(stack.experts))]
+        names = [stack.name, stack.name.rpartition(".")[0], *stack.expert_names]
         if any(fnmatch.fnmatchcase(name, p) or name == p for p in exclude for name in names):
             continue
-        found += [(stack.expert_name(e), layer) for e, layer in enumerate(stack.experts) if type(layer) is nn.Linear]
+        found += [(name, layer) for name, layer in zip(stack.expert_names, stack.experts) if type(layer) is nn.Linear]
     return found
 
 
@@ -125,38 +129,29 @@ def close_stacks(opened: list[OpenedStack], only_dense: bool = True) -> list[Ope
 
 
 def tie(records: list[LayerRecord], stack_of: dict[str, str]) -> tuple[list[LayerRecord], dict[str, list[str]]]:
-    """The records with each stack's experts merged into one record (their FLOPs, parameters and squared errors
-    summed, on the ranks every expert offers), and {stack record name: its experts' names}.
+    """The records with each stack's experts merged into one record, in the place of its first expert (their FLOPs,
+    parameters and squared errors summed, on the ranks every expert offers), and {stack: its experts' names}.
 
     ``stack_of`` maps an expert's name to its stack's. An expert the example routes no row to has options of 0
     FLOPs (`layer_record` with no calls), so it takes its stack's option and adds its error to it."""
-    merged: dict[str, LayerRecord] = {}
-    members: dict[str, list[str]] = {}
-    out: list[LayerRecord] = []
+    groups: dict[str, list[LayerRecord]] = {}
     for record in records:
-        stack = stack_of.get(record.name)
-        if stack is None:
-            out.append(record)
-            continue
-        members.setdefault(stack, []).append(record.name)
-        if stack not in merged:
-            merged[stack] = LayerRecord(stack, 0, 0, False, None)
-            out.append(merged[stack])
-        group = merged[stack]
-        group.flops += record.flops
-        group.params += record.params
-        by_ranks = {o.ranks: o for o in record.options}
-        if group.options is None:
-            group.options = list(record.options)
-        else:
-            group.options = [
-                LayerOption(o.ranks, o.flops + by_ranks[o.ranks].flops, o.params + by_ranks[o.ranks].params,
-                            (o.error**2 + by_ranks[o.ranks].error**2) ** 0.5)
-                for o in group.options if o.ranks in by_ranks
-            ]
-    for group in merged.values():
-        group.options = group.options or []
-    return out, members
+        if record.name in stack_of:
+            groups.setdefault(stack_of[record.name], []).append(record)
+    placed = {group[0].name: stack for stack, group in groups.items()}
+    out = [_merged(placed[r.name], groups[placed[r.name]]) if r.name in placed else r
+           for r in records if r.name not in stack_of or r.name in placed]
+    return out, {stack: [r.name for r in group] for stack, group in groups.items()}
+
+
+def _merged(stack: str, group: list[LayerRecord]) -> LayerRecord:
+    offered = [{o.ranks: o for o in r.options} for r in group]
+    options = [
+        LayerOption(ranks, sum(o[ranks].flops for o in offered), sum(o[ranks].params for o in offered),
+                    sum(o[ranks].error ** 2 for o in offered) ** 0.5)
+        for ranks in offered[0] if all(ranks in o for o in offered)
+    ]
+    return LayerRecord(stack, sum(r.flops for r in group), sum(r.params for r in group), False, options)
 
 
 def expand(option: LayerOption | None, record: LayerRecord) -> LayerOption | None:

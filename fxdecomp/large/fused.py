@@ -3,8 +3,8 @@
 transformers (5.x) stores a mixture of experts' weights one per expert
 (``mlp.experts.3.gate_proj.weight``, Mixtral's ``block_sparse_moe.experts.3.w1.weight``) and fuses
 them on load into the stacked parameters its model holds (``mlp.experts.gate_up_proj``), with the
-model's ``WeightConverter``s (``transformers.conversion_mapping``). `fused_source` finds the stored
-tensors one such parameter is built from; `build` runs the converter's own operations on them, so a
+model's ``WeightConverter``s (``transformers.conversion_mapping``). `fused_sources` finds the stored
+tensors each such parameter is built from; `build` runs the converter's own operations on them, so a
 streamed block gets exactly what ``from_pretrained`` would give it.
 """
 
@@ -28,43 +28,51 @@ class FusedKey:
     name: str
     converter: Any  # a transformers WeightConverter
     sources: tuple[tuple[str, tuple[str, ...]], ...]
+    missing: str = ""  # why it cannot be built: the stored tensors it lacks (`_missing`)
 
     @property
     def stored(self) -> tuple[str, ...]:
         return tuple(key for _, keys in self.sources for key in keys)
 
 
-def fused_source(key: str, converters: list, stored_as: dict[str, str]) -> FusedKey | None:
-    """The `FusedKey` of the model's ``key`` if a converter builds it from tensors in ``stored_as`` ({the name
-    after transformers' renames: the stored name}), else None."""
+def fused_sources(converters: list, stored_as: dict[str, str]) -> dict[str, FusedKey]:
+    """{model key: its `FusedKey`} of every tensor a converter builds from tensors in ``stored_as`` ({the name after
+    transformers' renames: the stored name}), found in one pass over the checkpoint's names. One that lacks some
+    expert's tensor says which in its ``missing``."""
+    found: dict[str, tuple[Any, str, str, dict[str, list[tuple[int, str]]]]] = {}
     for converter in converters:
-        for target in converter.target_patterns:
-            if not target.strip(".") or target not in key:
-                continue
-            prefix, _, suffix = key.partition(target)
-            sources = []
-            for pattern in converter.source_patterns:
-                regex = re.compile(re.escape(prefix) + re.escape(pattern).replace(r"\*", r"(\d+)") + re.escape(suffix) + "$")
-                found = sorted((int(m.group(1)) if m.groups() else 0, stored) for name, stored in stored_as.items()
-                               if (m := regex.match(name)))
-                sources.append((pattern, [index for index, _ in found], tuple(stored for _, stored in found)))
-            if all(keys for *_, keys in sources):
-                _check_complete(key, prefix, suffix, sources)
-                return FusedKey(key, converter, tuple((pattern, keys) for pattern, _, keys in sources))
-    return None
+        targets = [t for t in converter.target_patterns if t.strip(".")]
+        for pattern in converter.source_patterns:
+            regex = re.compile("(.*?)" + re.escape(pattern).replace(r"\*", r"(\d+)") + "(.*)$")
+            for name, stored in stored_as.items():
+                match = regex.match(name)
+                if match is None:
+                    continue
+                prefix, *index, suffix = match.groups()
+                for target in targets:
+                    entry = found.setdefault(prefix + target + suffix, (converter, prefix, suffix, {}))
+                    if entry[0] is converter:
+                        entry[3].setdefault(pattern, []).append((int(index[0]) if index else 0, stored))
+    fused = {}
+    for key, (converter, prefix, suffix, by_pattern) in found.items():
+        if len(by_pattern) < len(converter.source_patterns):
+            continue  # not every source is stored: transformers would not build it from these either
+        sources = [(pattern, sorted(by_pattern[pattern])) for pattern in converter.source_patterns]
+        fused[key] = FusedKey(key, converter, tuple((pattern, tuple(s for _, s in pairs)) for pattern, pairs in sources),
+                              _missing(key, prefix, suffix, sources))
+    return fused
 
 
-def _check_complete(key: str, prefix: str, suffix: str, sources: list) -> None:
-    """`InvalidInputError` naming the stored tensors missing for ``key``: every source pattern needs experts 0..E-1."""
-    count = max(max(indices) for _, indices, _ in sources) + 1
-    missing = [prefix + pattern.replace("*", str(e)) + suffix for pattern, indices, _ in sources
-               for e in sorted(set(range(count)) - set(indices))]
-    if missing:
-        raise InvalidInputError(
-            f"the checkpoint lacks {len(missing)} of the tensors transformers builds {key!r} from (experts 0 to {count - 1}): "
+def _missing(key: str, prefix: str, suffix: str, sources: list[tuple[str, list[tuple[int, str]]]]) -> str:
+    """The error for ``key`` when a source pattern lacks some of experts 0..E-1 (E: one past the highest stored), or ""."""
+    count = max(index for _, pairs in sources for index, _ in pairs) + 1
+    missing = [prefix + pattern.replace("*", str(e)) + suffix for pattern, pairs in sources
+               for e in sorted(set(range(count)) - {index for index, _ in pairs})]
+    if not missing:
+        return ""
+    return (f"the checkpoint lacks {len(missing)} of the tensors transformers builds {key!r} from (experts 0 to {count - 1}): "
             f"{', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''} (names as transformers renames them on load); "
-            "was the checkpoint written completely?"
-        )
+            "was the checkpoint written completely?")
 
 
 def build(fused: FusedKey, read: Callable[[str], torch.Tensor]) -> torch.Tensor:

@@ -195,7 +195,7 @@ def compress_sequential(
             for name, _ in experts:  # an expert no row reaches stays a candidate: it takes its stack's option
                 shapes.setdefault(name, [])
             layers += experts
-            stack_of.update({s.expert_name(e): s.name for s in opened for e in range(len(s.experts))})
+            stack_of.update({name: s.name for s in opened for name in s.expert_names})
             tuple_output = not isinstance(output, torch.Tensor)
             example_call = example_call.with_hidden(output if isinstance(output, torch.Tensor) else output[0])
             grams = _grams(block, layers, calls, world)
@@ -366,7 +366,7 @@ def _apply(model, layers, by_name, chosen, grams, world: World, specs: dict, ope
     """Decompose the layers as planned, each factorized by one process and sent to the others. ``specs`` gets the
     `LinearSpec` of each decomposed layer; an expert of the ``opened`` stacks goes to its stack's experts."""
     owners = world.owners([factorization_cost(m) for _, m in layers])
-    experts = {s.expert_name(e) for s in opened for e in range(len(s.experts))}
+    experts = {name for s in opened for name in s.expert_names}
     decisions, built = {}, []
     for (name, layer), owner in zip(layers, owners):
         install = (lambda n, m: install_expert(opened, n, m)) if name in experts else None
