@@ -3,12 +3,13 @@
     python tools/bench_scale.py                       # ~0.1 B to ~0.8 B parameters, with and without calibration
     python tools/bench_scale.py --sizes 0.1b --whole  # also the whole-model fxdecomp.compress, for contrast
     python tools/bench_scale.py --sizes 7b --dtype bfloat16 --calibration-only   # the Llama-2-7B shape
+    python tools/bench_scale.py --sizes moe-0.4b      # a Mixtral-style mixture of experts (8 experts, top 2)
 
 Each model is written once as safetensors shards (a Hugging Face directory under
 --work), then compressed in a fresh process by `fxdecomp.large.compress_sequential`
 reading it lazily, at --budget of the Linear FLOPs (scope "layers"), without
 and with calibration (--samples batches of --tokens random tokens). A row gives
-the peak RSS of that process (ru_maxrss, which includes the interpreter and
+the peak RSS of that process (VmHWM, which includes the interpreter and
 libraries: the "imports" row is that baseline), its ratio to the model's bytes
 and to one block's bytes, and the seconds. The last lines print how peak and
 time grow from the smallest size to the largest.
@@ -35,9 +36,15 @@ SIZES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "7b-2l": (4096, 11008, 2, 32, 32, 32000),  # two blocks of the 7B shape: per-block time and peak, quickly
     "7b-6l": (4096, 11008, 6, 32, 32, 32000),  # six: past the first 1 GiB output shard
 }
+# Mixtral-style mixtures of experts: the sizes above, then experts and experts per token. Their checkpoints
+# store the experts one per expert, as save_pretrained writes them; transformers fuses them on load.
+MOE_SIZES = {
+    "moe-tiny": (64, 128, 2, 4, 2, 256, 4, 2),
+    "moe-0.4b": (1024, 1408, 8, 16, 4, 32000, 8, 2),
+}
 
 CHILD = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
 torch.manual_seed(0)
 path, out, budget, samples, tokens, whole = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1"
 from transformers import AutoConfig
@@ -55,30 +62,42 @@ if whole:
 else:
     result = compress_sequential(path, example, budget=budget, calibration=calibration, out=out, scope="layers", progress=True)
     kept = sum(d.flops_after for d in result.decisions) / sum(d.flops_before for d in result.decisions)
-print(json.dumps({"seconds": time.perf_counter() - start, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "kept": kept}))
+experts = [d for d in result.decisions if "_expert" in d.name.rpartition(".")[2] and d.name.rpartition("_expert")[2].isdigit()]
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"seconds": time.perf_counter() - start, "peak": peak, "kept": kept,
+                  "experts": f"{sum(d.method != 'keep' for d in experts)} / {len(experts)}" if experts else ""}))
 """
 
-IMPORTS = "import resource, torch, transformers, fxdecomp.large; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would report the parent's peak when that was
+# higher (as after the parent built a mixture of experts in memory to save_pretrained it).
+IMPORTS = ("import torch, transformers, fxdecomp.large; "
+           "print(next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmHWM:')))")
 
 
 def write_model(name: str, path: Path, dtype: str) -> tuple[int, int, int]:
-    """Write a random Llama-style checkpoint; (parameters, bytes, bytes of one block)."""
+    """Write a random Llama-style (or Mixtral-style) checkpoint; (parameters, bytes, bytes of one block)."""
     import torch
     from accelerate import init_empty_weights
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
-    hidden, intermediate, layers, heads, kv, vocab = SIZES[name]
-    config = LlamaConfig(
+    moe = name in MOE_SIZES
+    hidden, intermediate, layers, heads, kv, vocab, *experts = MOE_SIZES[name] if moe else SIZES[name]
+    shape = dict(
         hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=False, use_cache=False, torch_dtype=dtype,
     )
+    config = MixtralConfig(**shape, num_local_experts=experts[0], num_experts_per_tok=experts[1]) if moe else LlamaConfig(**shape)
     with init_empty_weights():
-        skeleton = LlamaForCausalLM(config)
+        skeleton = (MixtralForCausalLM if moe else LlamaForCausalLM)(config)
     block_params = sum(p.numel() for p in skeleton.model.layers[0].parameters())
     params = sum(p.numel() for p in skeleton.parameters())
     width = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
     if not (path / "config.json").is_file():
-        _write_random(skeleton, config, path, getattr(torch, dtype))
+        if moe:  # save_pretrained writes the experts as transformers stores them (one tensor per expert)
+            torch.manual_seed(0)
+            (MixtralForCausalLM(config).to(getattr(torch, dtype))).save_pretrained(path, max_shard_size="2GB")
+        else:
+            _write_random(skeleton, config, path, getattr(torch, dtype))
     return params, params * width, block_params * width
 
 
@@ -115,7 +134,7 @@ def run(path: Path, out: Path, budget: float, samples: int, tokens: int, whole: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=["0.1b", "0.3b", "0.5b", "0.8b"], choices=sorted(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=["0.1b", "0.3b", "0.5b", "0.8b"], choices=sorted(SIZES) + sorted(MOE_SIZES))
     parser.add_argument("--budget", type=float, default=0.8)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=128)
@@ -147,7 +166,7 @@ def main() -> None:
             print(
                 f"| {name} | {params / 1e9:.2f} B | {nbytes / 2**30:.2f} | {pipeline} | {calibration} | "
                 f"{got['peak'] / 2**30:.2f} | {got['peak'] / nbytes:.2f} | {got['peak'] / block:.1f} | "
-                f"{got['seconds']:.0f} | {got['kept']:.3f} |",
+                f"{got['seconds']:.0f} | {got['kept']:.3f}{' (experts decomposed: ' + got['experts'] + ')' if got.get('experts') else ''} |",
                 flush=True,
             )
     for samples in sorted({r[1] for r in rows}):
