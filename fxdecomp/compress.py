@@ -32,8 +32,10 @@ from .progress import stderr_is_terminal
 from .records import PassContext, Request, Verification
 from .recipes import Recipe, load_recipe
 from .result import CompressionResult
+from .grad_mode import outside_inference_mode
 
 
+@outside_inference_mode
 def compress(
     model: nn.Module,
     example_inputs: tuple | torch.Tensor,

@@ -13,8 +13,10 @@ from typing import Any
 from torch import nn
 
 from .decomposers import get_decomposer
+from .decomposers.base import inherit_trainable
 from .layer_spec import check_finite, layer_spec
 from .ranks import RankSpec, resolve_ranks
+from .grad_mode import outside_inference_mode
 
 
 def factorize_layer(layer: nn.Module, method: str, ranks: RankSpec = "full", **options: Any):
@@ -27,6 +29,7 @@ def factorize_layer(layer: nn.Module, method: str, ranks: RankSpec = "full", **o
     return spec, decomposer, state, resolve_ranks(ranks, decomposer, spec, state)
 
 
+@outside_inference_mode
 def decompose_layer(layer: nn.Module, method: str, ranks: RankSpec = "full", **options: Any) -> nn.Module:
     """Decompose ``layer`` with ``method`` at ``ranks``; the layer itself is left untouched.
 
@@ -39,6 +42,7 @@ def decompose_layer(layer: nn.Module, method: str, ranks: RankSpec = "full", **o
     spec, decomposer, state, chosen = factorize_layer(layer, method, ranks, **options)
     weight = layer.weight.detach()
     module = decomposer.build(spec, state, chosen, layer.bias.detach() if layer.bias is not None else None, weight)
+    inherit_trainable(module, layer)
     module.train(layer.training)
     module.fxdecomp_method, module.fxdecomp_ranks = method, chosen
     return module

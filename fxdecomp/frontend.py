@@ -22,6 +22,7 @@ from torch import fx, nn
 from .graph.attention import functional_attention
 from .graph.parametrized import private_copy
 from .graph.effects import fresh_inputs, preserved_buffers
+from .graph.hooks import describe, user_hooks
 from .capture.hidden import OPAQUE_WEIGHTS, OpaqueWeight, opaque_weights, used_as_layers
 from .capture.experts import lower_grouped_experts, stacked_weights, stacks_of
 from .errors import InvalidInputError, TraceError
@@ -48,6 +49,8 @@ class LayerLeafTracer(fx.Tracer):
             # Traced into: its forward computes more than the Linear (PhiMoE's router returns a tuple), and the
             # F.linear inside is a candidate of its own. (Conv subclasses stay leaves: layer_spec checks their forward.)
             return False
+        if type(module) is nn.DataParallel:
+            return False  # torch.nn's, so a leaf to fx; its forward calls the module it wraps (on the CPU), traced into
         return isinstance(module, self.leaf_types) or super().is_leaf_module(module, qualified_name)
 
 
@@ -80,7 +83,15 @@ def capture_with_source(
         raise InvalidInputError(f"unknown frontend {frontend!r}; use 'auto', 'fx' or 'export'")
     check_dynamic_shapes(dynamic_shapes)
     fx_error = None
-    if frontend in ("auto", "fx"):
+    if root_hooks := user_hooks(model):
+        # torch.fx traces forward, not __call__: the model's own hooks would be lost. torch.export records them.
+        if frontend == "fx":
+            raise TraceError(
+                f"the model carries hooks of yours ({describe({'': root_hooks})}), which torch.fx does not trace (it traces "
+                "forward, not the hooks around it); use frontend='auto' or 'export', which records them, or remove the hooks"
+            )
+        log.info("the model carries hooks (%s): captured with torch.export, which records them", ", ".join(root_hooks))
+    elif frontend in ("auto", "fx"):
         try:
             gm = lower_grouped_experts(fx_trace(model))
             with preserved_buffers(gm):
@@ -96,6 +107,12 @@ def capture_with_source(
     try:
         gm = lower_grouped_experts(export_trace(model, example_inputs, dynamic_shapes))
     except Exception as exc:
+        if root_hooks:
+            raise TraceError(
+                f"cannot capture {type(model).__name__}: it carries hooks of yours ({describe({'': root_hooks})}), which "
+                f"torch.fx would drop, and torch.export failed: {str(exc).splitlines()[0] if str(exc) else exc}. Way out: "
+                "remove the hooks before compress (handle.remove()) and register them on the result"
+            ) from exc
         raise TraceError(_trace_message(model, fx_error, exc)) from exc
     gm.meta[OPAQUE_WEIGHTS] = opaque_weights(gm)
     _warn_opaque(model, gm.meta[OPAQUE_WEIGHTS])

@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_leaves
 
 from .errors import FxDecompError, InvalidInputError, UnsupportedLayerError
 from .capture.experts import expert_of, stacks_of
+from .decomposers.base import inherit_trainable
 from .kept_experts import is_kept_expert, rebuild_experts, swap_experts
 from .graph.attention import packed
 from .graph.computed_conv import overrides_forward, plain_with_weight, plain_equivalent
@@ -216,7 +217,7 @@ def _swap_decomposed(new: nn.Module, names: list[str], attentions: set[str], fac
         if not replaceable(old):  # a module applying its own weight (a router): it keeps its class, the weight goes
             module = KeptLayer(factors[name], as_layer(old), repr(name))
             _place_like(module, old.weight, old.training)
-            module.requires_grad_(old.weight.requires_grad)
+            inherit_trainable(module, old)
             own_factors(old, module)
             pads[name] = None
             continue
@@ -225,8 +226,7 @@ def _swap_decomposed(new: nn.Module, names: list[str], attentions: set[str], fac
         module = factors[name] if pads[name] is None else nn.Sequential(pad_module(*pads[name]), factors[name])
         module = KeptLayer(module, old, repr(name))
         _place_like(module, old.weight, old.training)
-        for p, q in zip(module.parameters(), old.parameters()):
-            p.requires_grad_(q.requires_grad)
+        inherit_trainable(factors[name], old)
         twins = _tied_twins(new, name, set(names))
         for path in [name, *twins]:
             _swap(new, path, module)

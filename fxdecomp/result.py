@@ -16,6 +16,7 @@ from torch import fx
 
 from .report.json import result_dict
 from .report.text import markdown_report
+from .grad_mode import outside_inference_mode
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Decision:
     params_after: int
     error: float
     calls: int = 1
-    reason: str = ""  # why a layer was kept: "excluded", "budget", "no cheaper option"
+    reason: str = ""  # why a layer was kept: "excluded", "budget", "no cheaper option", "hooks" (the user's, on its module)
     note: str = ""  # what else happened to the layer, e.g. a weight_norm / parametrization materialized
 
     @property
@@ -78,6 +79,7 @@ class CompressionResult:
     def params_ratio(self) -> float:
         return self.params_after / self.params_before if self.params_before else 1.0
 
+    @outside_inference_mode
     def apply_to(self, model, example_inputs=None):
         """Keep-the-model mode: a copy of ``model`` with its decomposed layers' modules swapped in.
 

@@ -188,7 +188,7 @@ def compress_partial(
         try:
             with warnings.catch_warnings():
                 if layers_outside:
-                    warnings.filterwarnings("ignore", message="fxdecomp: the model has no Conv2d or Linear layer")
+                    warnings.filterwarnings("ignore", message=r"fxdecomp: the model has (no Conv2d or Linear layer|\d+ Conv/Linear)")
                 planned = compress(
                     combined,
                     inputs,

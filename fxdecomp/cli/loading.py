@@ -27,8 +27,14 @@ def load_model(spec: str, weights: str | None = None):
     from torch import nn
 
     if os.path.isfile(spec):
+        _import_from_working_directory()  # the model's class may live in a module beside the file, as `python` finds it
         try:
             model = torch.load(spec, map_location="cpu", weights_only=False)
+        except ModuleNotFoundError as exc:
+            raise UsageError(
+                f"cannot load {spec!r} with torch.load: {exc}",
+                f"run from the directory that holds module {exc.name!r} (the model's class), or install it",
+            ) from exc
         except Exception as exc:
             raise UsageError(f"cannot load {spec!r} with torch.load: {exc}", "give a file written by torch.save(model)") from exc
         if isinstance(model, dict):
@@ -58,10 +64,14 @@ def load_model(spec: str, weights: str | None = None):
     return model.eval()
 
 
-def _from_factory(spec: str):
-    module_name, _, attr = spec.partition(":")
+def _import_from_working_directory() -> None:
     if str(Path.cwd()) not in sys.path and "" not in sys.path:
         sys.path.insert(0, str(Path.cwd()))  # the console script does not put the working directory on sys.path
+
+
+def _from_factory(spec: str):
+    module_name, _, attr = spec.partition(":")
+    _import_from_working_directory()
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:

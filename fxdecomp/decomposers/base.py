@@ -123,6 +123,8 @@ class Decomposer(ABC):
         if bias is not None:
             with torch.no_grad():
                 last.bias.copy_(bias)
+        if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+            module.to(memory_format=torch.channels_last)  # the layout the user chose for the layer (fast NHWC kernels)
         return module
 
     def params(self, spec: Spec, ranks: Ranks) -> int:
@@ -174,6 +176,16 @@ def get_decomposer(kind: str, method: str, **options: Any) -> Decomposer:
 def final_layer(module: nn.Module) -> nn.Module:
     """The last layer of a decomposed module: the one that carries the bias."""
     return module[-1] if isinstance(module, nn.Sequential) else module
+
+
+def inherit_trainable(module: nn.Module, layer: nn.Module) -> nn.Module:
+    """``module`` (the decomposition of ``layer``) with its factors trainable as the layer's weight is and its bias as
+    the layer's bias is: a frozen layer's factors stay frozen. Returns ``module``."""
+    module.requires_grad_(bool(layer.weight.requires_grad))
+    bias, last = getattr(layer, "bias", None), final_layer(module)
+    if isinstance(bias, torch.Tensor) and isinstance(getattr(last, "bias", None), torch.Tensor):
+        last.bias.requires_grad_(bool(bias.requires_grad))
+    return module
 
 
 # ---- helpers shared by the conv decomposers ---------------------------------------------

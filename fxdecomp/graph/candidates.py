@@ -50,6 +50,7 @@ class Candidate:
     # another user reads the same tensor (a tied embedding, the same weight called another way).
     shared_params: int = 0
     note: str = ""  # e.g. a parametrization that was materialized (see graph.parametrized)
+    hooks: tuple[str, ...] = ()  # the user's hooks on its module (graph.hooks): kept dense even when a plan names it
 
     @property
     def kind(self) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from torch import fx, nn
 
 from .. import meta
+from ..decomposers.base import inherit_trainable
 from ..planning.factors import factorization
 from .candidates import Candidate
 from .effects import has_side_effect
@@ -39,7 +40,7 @@ def rewrite_graph(gm: fx.GraphModule, ctx, plan: dict) -> bool:
         decomposer, state = factorization(ctx, candidate, decision.method)
         layer = candidate.layer
         bias = layer.bias.detach() if layer.bias is not None else None
-        module = decomposer.build(candidate.spec, state, decision.ranks, bias, layer.weight)
+        module = inherit_trainable(decomposer.build(candidate.spec, state, decision.ranks, bias, layer.weight), layer)
         module.train(layer.training)
         site_nodes = [nodes[s.node.name] for s in candidate.sites]
         path = _install_path(gm, candidate, set(site_nodes))
@@ -127,5 +128,9 @@ def _drop_unused_attributes(gm: fx.GraphModule) -> None:
             continue  # read by a get_attr, or owned by a called module whose forward reads it
         owner_path, _, attribute = name.rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm
-        if attribute in owner._parameters or attribute in owner._buffers:
-            delattr(owner, attribute)
+        # Left registered as None, not deleted: a module kept for its weight alone (read by a functional call) still
+        # answers its other attributes, as a Conv2d's repr and export read its ``bias``.
+        if attribute in owner._parameters:
+            owner.register_parameter(attribute, None)
+        elif attribute in owner._buffers:
+            owner.register_buffer(attribute, None)

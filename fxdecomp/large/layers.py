@@ -26,6 +26,7 @@ from ..kept_experts import KeptExperts
 from ..calibration import GramAccumulator
 from ..cost import FLOPS_PER_MAC, module_macs
 from ..decomposers import get_decomposer
+from ..decomposers.base import inherit_trainable
 from ..errors import BudgetError
 from ..kept_layer import KeptLayer
 from ..layer_spec import LinearSpec, layer_spec
@@ -191,10 +192,10 @@ def apply_option(
     if factorize:
         spec, decomposer, state = _factorize(linear, gram)
         bias = linear.bias.detach() if linear.bias is not None else None
-        module = decomposer.build(spec, state, option.ranks, bias, linear.weight)
+        module = inherit_trainable(decomposer.build(spec, state, option.ranks, bias, linear.weight), linear)
     else:
         spec, decomposer = linear_spec(linear), get_decomposer("linear", METHOD)
-        module = decomposer.structure(spec, option.ranks).to(linear.weight.dtype)
+        module = inherit_trainable(decomposer.structure(spec, option.ranks).to(linear.weight.dtype), linear)
     # A KeptLayer (the same children and state-dict keys) keeps the Linear's configuration and answers
     # ``weight.dtype`` for model code that reads it (Mamba's head).
     module = KeptLayer(module, linear, repr(record.name))

@@ -65,6 +65,7 @@ from .distributed import World, default_device
 from .experts import close_stacks, expand, expert_layers, install_expert, open_stacks, stacked_experts, tie
 from .loading import PLAN_FILE, load_compressed  # noqa: F401  (load_compressed: importable from here as before)
 from .layers import LayerRecord, apply_option, factorization_cost, layer_record, linear_spec, linears, observe, solve
+from ..grad_mode import outside_inference_mode
 
 
 
@@ -93,6 +94,7 @@ class SequentialResult:
         return data
 
 
+@outside_inference_mode
 def compress_sequential(
     source: nn.Module | LazyCheckpoint | str | Path,
     example_inputs: tuple,

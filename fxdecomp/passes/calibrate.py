@@ -144,7 +144,9 @@ class CalibratePass(Pass):
                 inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
                 if not all(isinstance(x, torch.Tensor) for x in inputs):
                     raise InvalidInputError("calibration must yield input tuples (or single tensors) like example_inputs")
-                self._observe(forward, tuple(inputs), batches, output_grams)
+                # A batch made under torch.inference_mode cannot be saved for backward: a normal copy can.
+                inputs = tuple(x.clone() if x.is_inference() else x for x in inputs)
+                self._observe(forward, inputs, batches, output_grams)
                 batches += 1
                 samples += inputs[0].shape[0] if inputs[0].dim() else 1
                 progress.step()

@@ -7,6 +7,7 @@ applies ``exclude``, and notes shared (tied) weights and materialized parametriz
 from __future__ import annotations
 
 import fnmatch
+import warnings
 
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
@@ -17,6 +18,7 @@ from .. import meta
 from ..meta import node_shape
 from ..errors import FxDecompError
 from ..graph.callsites import WeightUse, match_call, module_aliases, tensor_key, weight_aliases, weight_users
+from ..graph.hooks import describe, user_hooks
 from ..graph.parametrized import notes_of
 from ..layer_spec import check_finite, layer_spec
 from .base import CallSite, Candidate, Pass, log, register_pass
@@ -46,6 +48,8 @@ class FindCandidatesPass(Pass):
         ctx = self.context
         by_key: dict[tuple, Candidate] = {}
         refused: dict[str, str] = {}
+        hooked: dict[str, list[str]] = {}
+        matched: set[str] = set()  # the exclude patterns that name a layer
         aliases, modules = weight_aliases(ctx.source_model), module_aliases(ctx.source_model)
         stacks = stacks_of(gm)
         # A kept mixture compressed again: its experts stay as kept (planned apart, their FLOPs would follow the routing).
@@ -66,6 +70,7 @@ class FindCandidatesPass(Pass):
             except FxDecompError as exc:
                 log.info("not a candidate: %s (%s)", use.target, exc)
                 refused.setdefault(use.target, str(exc))
+                matched |= {p for p in ctx.exclude if fnmatch.fnmatchcase(use.target, p) or use.target == p}
                 continue
             paths = aliases.get(use.weight_path, (use.weight_path,))
             name = _candidate_name(use, node, {c.name for c in by_key.values()}, paths, modules)
@@ -74,10 +79,31 @@ class FindCandidatesPass(Pass):
             stack = expert_of(stacks, name)
             if stack:  # an expert of a stacked weight: excluded by the stack's path or its experts module's too
                 labels |= {stack[0], stack[0].rpartition(".")[0]}
-            excluded = any(fnmatch.fnmatchcase(label, pattern) or label == pattern for label in labels for pattern in ctx.exclude)
+            hits = {pattern for pattern in ctx.exclude for label in labels if fnmatch.fnmatchcase(label, pattern) or label == pattern}
+            matched |= hits
+            excluded = bool(hits)
             excluded = excluded or any(label.startswith(kept_experts) for label in labels)
-            by_key[use.key] = Candidate(name, use.layer, spec, [site], use.form, use.target, excluded)
+            kinds = _hooks_of(gm, ctx.source_model, use, paths)
+            if kinds and not excluded:
+                hooked[name] = kinds  # its replacement would not run them
+            excluded = excluded or bool(kinds)
+            by_key[use.key] = Candidate(name, use.layer, spec, [site], use.form, use.target, excluded, hooks=tuple(kinds))
         ctx.candidates = {c.name: c for c in by_key.values()}
+        if unmatched := [p for p in ctx.exclude if p not in matched]:
+            names = sorted(c.name for c in ctx.candidates.values())
+            warnings.warn(
+                f"fxdecomp: exclude pattern(s) {unmatched} name no layer of this model, so they exclude nothing; its layers "
+                f"are named like {names[:4]} (a wrapped model's names carry the wrapper's prefix: '_orig_mod.' under "
+                "torch.compile, 'module.' under DataParallel)",
+                stacklevel=2,
+            )
+        if hooked:
+            warnings.warn(
+                f"fxdecomp: {len(hooked)} layer(s) carry hooks of yours and are kept as they are, since a decomposed "
+                f"layer is a new module that would not run them: {describe(hooked)}. To decompose them, remove the hooks "
+                "(handle.remove()) before compress and register them again where you need them.",
+                stacklevel=2,
+            )
         ctx.provide("refused", refused)
         users = weight_users(gm)
         notes = notes_of(ctx.source_model)
@@ -89,6 +115,22 @@ class FindCandidatesPass(Pass):
             for site in candidate.sites:
                 site.node.meta[meta.CANDIDATE] = candidate.name
         return PassResult(gm, False)
+
+
+def _hooks_of(gm: fx.GraphModule, source, use: WeightUse, paths: tuple[str, ...]) -> list[str]:
+    """The user's hooks on the module that calls the weight: the called module, or (a functional call, as
+    torch.export records an nn.Linear) the module owning the weight under any of its paths."""
+    if use.form == "module":
+        return user_hooks(gm.get_submodule(use.target))
+    kinds: list[str] = []
+    for path in paths:
+        owner, _, attribute = path.rpartition(".")
+        if attribute == "weight" and source is not None:
+            try:
+                kinds += user_hooks(source.get_submodule(owner))
+            except AttributeError:
+                continue
+    return kinds
 
 
 def _owner(path: str) -> str:

@@ -72,6 +72,9 @@ def replay(ctx, fixed_plan: Mapping[str, tuple[str, tuple[int, ...]]]) -> dict[s
     for candidate in ctx.candidates.values():
         method, ranks = fixed_plan.get(candidate.name, ("keep", ()))
         choice = keep_choice(candidate)
+        if candidate.hooks:  # named in find_candidates' warning: its replacement would not run the user's hooks
+            decisions[candidate.name] = decision(candidate, choice, "hooks")
+            continue
         if method != "keep":
             decomposer, state = factorization(ctx, candidate, method)
             if state is None:

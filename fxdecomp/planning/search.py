@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..graph.candidates import Candidate
+from ..layer_spec import LAYER_TYPES
 from ..progress import Progress
 from ..result import Decision
 from .budget import unreachable
@@ -68,7 +69,7 @@ def search(
             unrouted=unrouted,
         )
         if not choices:
-            decisions[candidate.name] = decision(candidate, keep, "excluded" if candidate.excluded else "no cheaper option")
+            decisions[candidate.name] = decision(candidate, keep, "hooks" if candidate.hooks else "excluded" if candidate.excluded else "no cheaper option")
             fixed += keep.cost(metric)
             continue
         choices = [keep, *choices]
@@ -76,7 +77,7 @@ def search(
         planned.append((candidate, choices))
     progress.__exit__()
     if not ctx.candidates or all(c.excluded for c in ctx.candidates.values()):
-        why = "has no Conv2d or Linear layer to decompose" if not ctx.candidates else "has every candidate layer excluded"
+        why = _no_candidate_reason(ctx) if not ctx.candidates else "has every candidate layer excluded"
         warnings.warn(f"fxdecomp: the model {why}; it is returned unchanged", stacklevel=2)
         groups, planned = [], []
         capacity = 0.0
@@ -107,3 +108,18 @@ def search(
         for member, chosen in expand(candidate, choices[index]):
             decisions[member.name] = decision(member, chosen, "budget" if index == 0 else "")
     return {c.name: decisions[c.name] for c in ctx.candidates.values()}
+
+
+def _no_candidate_reason(ctx) -> str:
+    """Why no layer is a candidate: none in the model, or every one inside a module the graph calls as a whole."""
+    layers = [n for n, m in ctx.source_model.named_modules() if isinstance(m, LAYER_TYPES)] if ctx.source_model is not None else []
+    if not layers:
+        return "has no Conv2d or Linear layer to decompose"
+    graph = ctx.reference if ctx.reference is not None else None
+    opaque = sorted({
+        node.target for node in (graph.graph.nodes if graph is not None else ())
+        if node.op == "call_module" and any(name.startswith(f"{node.target}.") for name in layers)
+    })
+    where = f"inside {', '.join(repr(o) for o in opaque[:3])}, which the captured graph calls as a whole" if opaque else "where the captured graph does not show them"
+    return (f"has {len(layers)} Conv/Linear layer(s) but none is called where fxdecomp can decompose it (they run {where}); "
+            "compress the module that holds them, or unwrap it")

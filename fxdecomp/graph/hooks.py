@@ -1,0 +1,45 @@
+"""Hooks a user registered on a module (``register_forward_hook`` and the like), told apart from torch's own.
+
+A decomposed layer is a new module, so hooks on the layer it replaces would no longer
+run; torch.fx traces the root's ``forward``, not its ``__call__``, so hooks on the model
+itself are not in an fx graph (torch.export records them, as it records the hooks of
+every module it calls). torch's own weight-computing pre-hooks (pruning masks, the
+hook-based ``weight_norm`` and ``spectral_norm``) are not the user's: the private copy
+materializes their weights (`fxdecomp.graph.parametrized`).
+
+Example::
+
+    user_hooks(layer)      # ["forward hook"] after layer.register_forward_hook(fn)
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def _torch_hook_types() -> tuple[type, ...]:
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return BasePruningMethod, SpectralNorm, WeightNorm
+
+
+_KINDS = (
+    ("_forward_pre_hooks", "forward pre-hook"),
+    ("_forward_hooks", "forward hook"),
+    ("_backward_pre_hooks", "backward pre-hook"),
+    ("_backward_hooks", "backward hook"),
+)
+
+
+def user_hooks(module: nn.Module) -> list[str]:
+    """The kinds of hooks registered on ``module`` itself (not its children) other than torch's own, one entry each."""
+    own = _torch_hook_types()
+    return [kind for attribute, kind in _KINDS for hook in getattr(module, attribute, {}).values() if not isinstance(hook, own)]
+
+
+def describe(hooked: dict[str, list[str]], limit: int = 5) -> str:
+    """``"fc1 (forward hook), conv2 (forward pre-hook, forward hook)"`` for {module path: kinds}."""
+    parts = [f"{name or '<the model>'} ({', '.join(kinds)})" for name, kinds in list(hooked.items())[:limit]]
+    return ", ".join(parts) + (f" and {len(hooked) - limit} more" if len(hooked) > limit else "")

@@ -1,0 +1,230 @@
+"""Models in the states users hand them over in: hooks registered, frozen layers, inference mode, wrapped in
+DataParallel, channels_last, a weight also read by a functional call. Each state must come out computing what the
+user's model computes (or refused by name), with the user's model untouched.
+
+Found by probing fxdecomp with models in these states (2026-12-01); each test fails on the code before its fix.
+"""
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.utils.prune
+import torch.nn.functional as F
+from torch import nn
+
+import fxdecomp
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.fc1 = nn.Linear(32 * 4 * 4, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+FULL_RANK = {"conv1": ("svd", (16,)), "conv2": ("svd", (32,)), "fc1": ("svd", (64,)), "fc2": ("svd", (10,))}
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# ---- hooks ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("kind", ["forward hook", "forward pre-hook"])
+def test_a_layer_with_a_hook_of_the_users_is_kept_so_its_hook_still_runs(frontend, kind):
+    model = net()
+    if kind == "forward hook":
+        handle = model.fc1.register_forward_hook(lambda module, args, output: output * 2)
+    else:
+        handle = model.fc1.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    with torch.no_grad():
+        expected = model(X)
+    with pytest.warns(UserWarning, match=r"fc1 \(" + kind):
+        result = fxdecomp.compress(model, (X,), plan=FULL_RANK, frontend=frontend)
+    decisions = {d.name: d for d in result.decisions}
+    assert (decisions["fc1"].method, decisions["fc1"].reason) == ("keep", "hooks")  # though the plan names it
+    assert decisions["conv2"].method == "svd"  # the others are decomposed as planned
+    with torch.no_grad():
+        assert relative_error(result.graph_module(X), expected) < 1e-5
+        assert relative_error(result.apply_to(model, example_inputs=(X,))(X), expected) < 1e-5
+    assert list(model.fc1._forward_hooks.values()) + list(model.fc1._forward_pre_hooks.values())  # the user's, untouched
+    handle.remove()
+
+
+def test_hooks_on_the_model_itself_are_captured_with_it():
+    model = net()
+    model.register_forward_pre_hook(lambda module, args: (args[0] * 3,))
+    model.register_forward_hook(lambda module, args, output: output + 1)
+    with torch.no_grad():
+        expected = model(X)
+    result = fxdecomp.compress(model, (X,), plan=FULL_RANK)
+    assert result.frontend == "export"  # torch.fx traces forward, without the hooks around it
+    assert all(d.method == "svd" for d in result.decisions)
+    with torch.no_grad():
+        assert relative_error(result.graph_module(X), expected) < 1e-5
+        assert relative_error(result.apply_to(model, example_inputs=(X,))(X), expected) < 1e-5
+    assert len(model._forward_hooks) == len(model._forward_pre_hooks) == 1
+
+
+def test_torchs_own_weight_hooks_are_not_taken_for_the_users():
+    model = net()
+    torch.nn.utils.prune.l1_unstructured(model.fc1, "weight", amount=0.5)
+    with torch.no_grad():
+        expected = model(X)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*hooks of yours")
+        result = fxdecomp.compress(model, (X,), plan=FULL_RANK)
+    assert {d.name: d.method for d in result.decisions}["fc1"] == "svd"
+    with torch.no_grad():
+        assert relative_error(result.graph_module(X), expected) < 1e-5
+
+
+# ---- trainability and modes ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frozen", ["weight and bias", "weight only"])
+def test_a_frozen_layers_factors_stay_frozen(frozen):
+    model = net()
+    model.conv2.weight.requires_grad_(False)
+    if frozen == "weight and bias":
+        model.conv2.bias.requires_grad_(False)
+    result = fxdecomp.compress(model, (X,), plan={"conv2": ("svd", (8,))})
+    bias_trains = frozen == "weight only"
+    for module in (result.graph_module.conv2, result.apply_to(model, example_inputs=(X,)).conv2):
+        flags = {name: p.requires_grad for name, p in module.named_parameters()}
+        assert flags == {"0.weight": False, "1.weight": False, "1.bias": bias_trains}
+    layer = fxdecomp.decompose_layer(model.conv2, "tucker2", "full")
+    assert [p.requires_grad for n, p in layer.named_parameters() if not n.endswith("bias")] == [False] * 3
+    assert layer[-1].bias.requires_grad is bias_trains
+    assert model.conv2.weight.requires_grad is False and model.conv2.bias.requires_grad is bias_trains
+
+
+def test_compress_under_inference_mode_calibrates_and_returns_a_trainable_model():
+    model = net()
+    batches = [(torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(s)),) for s in (2, 3)]
+    outside = fxdecomp.compress(model, (X,), budget=0.5, calibration=batches, pipeline="flops")
+    with torch.inference_mode():
+        inference_batches = [(b[0].clone(),) for b in batches]
+        inside = fxdecomp.compress(model, (X.clone(),), budget=0.5, calibration=inference_batches, pipeline="flops")
+    # The same plan: output-aware calibration ran although the caller and its batches were in inference mode.
+    assert [(d.name, d.method, d.ranks) for d in inside.decisions] == [(d.name, d.method, d.ranks) for d in outside.decisions]
+    assert not any(p.is_inference() for p in inside.graph_module.parameters())
+    inside.graph_module(X).sum().backward()  # trainable: fine-tuning it works
+    assert all(p.grad is not None for p in inside.graph_module.parameters())
+
+
+# ---- wrappers, layouts, weights read elsewhere ------------------------------------------------------
+
+
+def test_a_dataparallel_inside_the_model_is_traced_into():
+    model = nn.Sequential(nn.DataParallel(net()), nn.Softmax(-1)).eval()
+    result = fxdecomp.compress(model, (X,), budget=0.5, pipeline="flops")
+    assert {d.name for d in result.decisions} == {f"0.module.{n}" for n in ("conv1", "conv2", "fc1", "fc2")}
+    assert result.flops_after / result.flops_before <= 0.5
+    assert torch.isfinite(result.graph_module(X)).all()
+
+
+def test_layers_hidden_inside_a_module_the_graph_calls_whole_are_named_in_the_warning():
+    class Opaque(nn.Module):  # a torch.nn module to torch.fx, hence a leaf it does not trace into
+        def __init__(self):
+            super().__init__()
+            self.inner = net()
+
+        def forward(self, x):
+            return self.inner(x)
+
+    Opaque.__module__ = "torch.nn.modules.user_opaque"
+    with pytest.warns(UserWarning, match=r"has 4 Conv/Linear layer\(s\) but none .* inside 'opaque'"):
+        fxdecomp.compress(_Holder(Opaque()), (X,), budget=0.5, frontend="fx")
+
+
+class _Holder(nn.Module):
+    def __init__(self, module):
+        super().__init__()
+        self.opaque = module
+
+    def forward(self, x):
+        return self.opaque(x)
+
+
+def test_channels_last_layers_get_channels_last_factors():
+    model = net().to(memory_format=torch.channels_last)
+    result = fxdecomp.compress(model, (X.to(memory_format=torch.channels_last),), plan={"conv2": ("tucker2", (8, 8))})
+    for module in (result.graph_module.conv2, result.apply_to(model, example_inputs=(X,)).conv2):
+        assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in module if isinstance(m, nn.Conv2d))
+
+
+def test_a_layer_whose_weight_a_functional_call_also_reads_stays_printable_and_exports(tmp_path):
+    class TiedFunctional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+            self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+            self.head = nn.Linear(16, 10)
+
+        def forward(self, x):
+            y = F.relu(self.conv2(F.relu(self.conv1(x))))
+            y = F.relu(F.conv2d(y, self.conv2.weight.transpose(0, 1).flip(2, 3), padding=1))
+            return self.head(y.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = TiedFunctional().eval()
+    result = fxdecomp.compress(model, (X,), plan={"conv2": ("svd", (16,))})
+    with torch.no_grad():
+        assert relative_error(result.graph_module(X), model(X)) < 1e-5
+    assert "conv2" in repr(result.graph_module)  # the Conv2d kept for its weight, its bias unused
+    fxdecomp.export_onnx(result.graph_module, (X,), tmp_path / "tied.onnx")  # checks parity with onnxruntime
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+
+def test_the_cli_loads_a_saved_model_whose_class_is_in_the_working_directory(tmp_path):
+    (tmp_path / "mymodels.py").write_text(
+        "import torch.nn as nn\n"
+        "class Tiny(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.fc = nn.Linear(8, 4)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(x)\n"
+    )
+    save = "import torch, mymodels; torch.save(mymodels.Tiny(), 'whole.pt')"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    subprocess.run([sys.executable, "-c", save], cwd=tmp_path, check=True, env=env)
+    package_parent = str(Path(fxdecomp.__file__).resolve().parents[1])
+    # As the console script runs: the package importable, the working directory not on sys.path (PYTHONSAFEPATH).
+    run = [sys.executable, "-c", f"import sys; sys.path.insert(0, {package_parent!r}); from fxdecomp.cli import main; sys.exit(main())",
+           "inspect", "whole.pt", "--input-shape", "2,8"]
+    proc = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, timeout=240, env={**env, "PYTHONSAFEPATH": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "fc" in proc.stdout
+
+
+def test_an_exclude_pattern_that_names_no_layer_is_named_in_a_warning():
+    model = nn.DataParallel(net())  # its layers are named module.conv1, ...
+    with pytest.warns(UserWarning, match=r"exclude pattern\(s\) \['conv2'\] name no layer .*module\.conv1"):
+        result = fxdecomp.compress(model, (X,), budget=0.6, exclude=["conv2", "module.fc1"], pipeline="flops")
+    assert {d.name: d.reason for d in result.decisions}["module.fc1"] == "excluded"
