@@ -88,9 +88,9 @@ def lifted_conv(call: ConvCall, weight: torch.Tensor, bias: torch.Tensor | None,
     layer = _MODULES[ndim, transposed](
         *channels, tuple(weight.shape[2:]), groups=groups, bias=bias is not None, device="meta", **common
     )
-    layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    layer.weight = nn.Parameter(weight.detach(), requires_grad=weight.requires_grad)  # factors inherit it
     if bias is not None:
-        layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        layer.bias = nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
     return layer
 
 

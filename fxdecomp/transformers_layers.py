@@ -31,16 +31,17 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def as_linear(module: nn.Module) -> nn.Linear:
-    """An ``nn.Linear`` computing what the Conv1D ``module`` computes (weight transposed, detached, no grad).
+    """An ``nn.Linear`` computing what the Conv1D ``module`` computes (weight transposed, detached, trainable as the
+    Conv1D's parameters are, so that the factors inherit it).
 
     Shapes: Conv1D weight (in, out), bias (out,) -> Linear weight (out, in), bias (out,).
     """
     weight = module.weight.detach().T
     bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    layer.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+    layer.weight = nn.Parameter(weight.contiguous(), requires_grad=module.weight.requires_grad)
     if bias is not None:
-        layer.bias = nn.Parameter(bias, requires_grad=False)
+        layer.bias = nn.Parameter(bias, requires_grad=module.bias.requires_grad)
     layer.train(module.training)
     return layer
 

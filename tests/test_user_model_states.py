@@ -122,6 +122,45 @@ def test_a_frozen_layers_factors_stay_frozen(frozen):
     assert model.conv2.weight.requires_grad is False and model.conv2.bias.requires_grad is bias_trains
 
 
+
+class FunctionalNet(nn.Module):
+    """Weights read by functional calls (and one through ``.T``): capture lifts each into a stand-in layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_w = nn.Parameter(torch.randn(16, 3, 3, 3) * 0.2)
+        self.conv_b = nn.Parameter(torch.zeros(16))
+        self.fc_w = nn.Parameter(torch.randn(32, 16) * 0.2)
+        self.fc_b = nn.Parameter(torch.zeros(32))
+        self.out_w = nn.Parameter(torch.randn(16, 10) * 0.2)  # (in, out): read as x @ W
+
+    def forward(self, x):
+        x = F.conv2d(x, self.conv_w, self.conv_b, padding=1).mean((2, 3))
+        return F.relu(F.linear(x, self.fc_w, self.fc_b))[:, :16] @ self.out_w
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_factors_train_as_their_weights_do_in_every_form_and_frontend(frontend):
+    # The factors of a functional call or of an exported graph once came from stand-in layers built frozen: every
+    # factor came back frozen, and finetune refused the result ("no trainable parameters").
+    torch.manual_seed(0)
+    model = FunctionalNet().eval()
+    model.fc_b.requires_grad_(False)  # a frozen bias beside a trainable weight
+    x = torch.randn(2, 3, 8, 8)
+    plan = {"conv_w": ("svd", (4,)), "fc_w": ("svd", (4,)), "out_w": ("svd", (4,))}
+    result = fxdecomp.compress(model, (x,), plan=plan, frontend=frontend)
+    decomposed = [d.name for d in result.decisions if d.decomposed]
+    assert len(decomposed) == 3, result.decisions
+    flags = {name: p.requires_grad for name, p in result.graph_module.named_parameters()}
+    assert flags and all(trains for name, trains in flags.items() if not name.startswith("fc_w")), flags
+    fc = {name: trains for name, trains in flags.items() if name.startswith("fc_w")}
+    assert fc == {"fc_w_lowrank.0.weight": True, "fc_w_lowrank.1.weight": True, "fc_w_lowrank.1.bias": False}, flags
+    graph = result.graph_module
+    model.fc_w.requires_grad_(False)
+    frozen = fxdecomp.compress(model, (x,), plan=plan, frontend=frontend).graph_module
+    assert not any(p.requires_grad for name, p in frozen.named_parameters() if name.startswith("fc_w")), frozen
+    assert any(p.requires_grad for p in graph.parameters())
+
 def test_compress_under_inference_mode_calibrates_and_returns_a_trainable_model():
     model = net()
     batches = [(torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(s)),) for s in (2, 3)]
@@ -228,3 +267,5 @@ def test_an_exclude_pattern_that_names_no_layer_is_named_in_a_warning():
     with pytest.warns(UserWarning, match=r"exclude pattern\(s\) \['conv2'\] name no layer .*module\.conv1"):
         result = fxdecomp.compress(model, (X,), budget=0.6, exclude=["conv2", "module.fc1"], pipeline="flops")
     assert {d.name: d.reason for d in result.decisions}["module.fc1"] == "excluded"
+
+

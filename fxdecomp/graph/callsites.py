@@ -150,12 +150,18 @@ def transposed_attr(gm: fx.GraphModule, node) -> tuple[str, torch.Tensor] | None
 
 
 def lifted_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """An nn.Linear on the meta device whose weight and bias ARE the given tensors (no copy)."""
+    """An nn.Linear on the meta device whose weight and bias ARE the given tensors (no copy), trainable as they are
+    (the factors inherit it: ``decomposers.base.inherit_trainable``)."""
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    layer.weight = nn.Parameter(weight.detach(), requires_grad=trainable(weight))
     if bias is not None:
-        layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        layer.bias = nn.Parameter(bias.detach(), requires_grad=trainable(bias))
     return layer
+
+
+def trainable(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``, or the parameter it is a view of (``W.T`` read under no_grad), requires grad."""
+    return bool(tensor.requires_grad or (tensor._base is not None and tensor._base.requires_grad))
 
 
 def _function_use(target: str, layer: nn.Module, value) -> WeightUse | None:
