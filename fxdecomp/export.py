@@ -37,6 +37,7 @@ from .errors import ExportError, InvalidInputError, ParityError
 from .export_capture import no_kv_cache
 from .onnx_attention import has_attention, with_math_attention
 from .onnx_parity import check_parity, eval_mode, graph_input_shapes, torch_outputs
+from .user_warnings import warn
 
 __all__ = ["ExportReport", "TensorInfo", "export_onnx"]
 
@@ -266,10 +267,9 @@ def _export(module, args, opset, dynamic_batch, input_names, output_names) -> tu
                 program = run(module, shapes, inputs)
             except Exception:
                 continue
-            warnings.warn(
+            warn(
                 f"fxdecomp: ONNX export with the free input dimensions {_describe_spec(dynamic_shapes)} failed "
-                f"({type(exc).__name__}: {_summary(exc)[:200]}); exported with {what}",
-                stacklevel=3,
+                f"({type(exc).__name__}: {_summary(exc)[:200]}); exported with {what}"
             )
             return program, False
         error = ExportError(_export_failure(module, exc, opset, dynamic_batch, retry))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import traceback
-import warnings
 
 import torch
 from torch import fx, nn
@@ -29,6 +28,7 @@ from .errors import InvalidInputError, TraceError
 from .export_capture import check_dynamic_shapes, export_trace
 from .transformers_layers import conv1d_types
 from .layer_spec import LAYER_TYPES, computes_plain_linear
+from .user_warnings import warn
 
 log = logging.getLogger(__name__)
 
@@ -152,12 +152,11 @@ def _warn_unlowered_stacks(model: nn.Module, gm: fx.GraphModule) -> None:
     implementation = getattr(getattr(model, "config", None), "_experts_implementation", None)
     stacked = [name for name in stacked_weights(model) if name not in lowered]
     if stacked and implementation not in (None, "grouped_mm"):
-        warnings.warn(
+        warn(
             f"fxdecomp: {len(stacked)} stacked expert weight(s) of {type(model).__name__} are applied by its "
             f"{implementation!r} experts implementation, which fxdecomp does not decompose, so they keep their cost: "
             f"{', '.join(stacked[:4])}{', ...' if len(stacked) > 4 else ''}. Way out: "
-            "model.set_experts_implementation('grouped_mm') before compress",
-            stacklevel=3,
+            "model.set_experts_implementation('grouped_mm') before compress"
         )
 
 
@@ -166,12 +165,11 @@ def _warn_opaque(model: nn.Module, hidden: tuple[OpaqueWeight, ...]) -> None:
         return
     listed = ", ".join(f"{w.parameter!r} {tuple(w.shape)} in {w.consumer}" for w in hidden[:8])
     more = f" and {len(hidden) - 8} more" if len(hidden) > 8 else ""
-    warnings.warn(
+    warn(
         f"fxdecomp: {len(hidden)} Linear/Conv weight(s) of {type(model).__name__} reach calls that neither torch.fx "
         f"nor torch.export trace into, so they are kept and their FLOPs cannot be reduced: {listed}{more}. "
         "Way out: apply them in Python with nn.Linear/nn.Conv2d or F.linear/F.conv2d (not inside a "
-        "torch.fx.wrap'd function or a scripted submodule), or compress that submodule on its own",
-        stacklevel=3,
+        "torch.fx.wrap'd function or a scripted submodule), or compress that submodule on its own"
     )
 
 

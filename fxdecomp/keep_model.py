@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -44,6 +43,7 @@ from .kept_record import KeptEntry
 from .layer_spec import LAYER_TYPES, ConvSpec, layer_spec, pad_module
 from .meta import DECOMPOSED_SPECS
 from .transformers_layers import is_conv1d
+from .user_warnings import warn
 
 
 def apply_to_model(
@@ -163,10 +163,9 @@ def _record(new: nn.Module, decided: list, specs: dict, pads: dict, installed: d
             other.append(d.name)
     if other:
         kept_record.write(new, None)  # an earlier record would not describe this model either
-        warnings.warn(
+        warn(
             f"fxdecomp: {other[:3]} hold modules other than their method's structure at their ranks: save_pretrained of "
-            "the kept model cannot be loaded back by fxdecomp.large.load_compressed (torch.save the whole model instead)",
-            stacklevel=3,
+            "the kept model cannot be loaded back by fxdecomp.large.load_compressed (torch.save the whole model instead)"
         )
         return
     known = {**(kept_record.expert_stacks(previous) if previous else {}), **stacks}

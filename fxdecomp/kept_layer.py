@@ -19,7 +19,6 @@ Example::
 
 from __future__ import annotations
 
-import warnings
 from collections import OrderedDict
 
 import torch
@@ -29,6 +28,7 @@ from torch import nn
 from .errors import UnsupportedLayerError
 from .layer_spec import LAYER_TYPES, computes_plain_linear
 from .transformers_layers import is_conv1d
+from .user_warnings import warn
 
 # The configuration a swapped layer keeps for model code that reads it.
 LAYER_ATTRIBUTES = (
@@ -116,10 +116,9 @@ class KeptLayer(nn.Sequential):
     def __setattr__(self, name: str, value) -> None:
         if name in ("weight", "bias") and "_weight_shape" in self.__dict__:
             # transformers' tie_weights sets a tied head's weight: a decomposed head holds factors, not a weight.
-            warnings.warn(
+            warn(
                 f"fxdecomp: setting {name!r} of the decomposed layer {self._name or ''} is ignored: it holds factors, not a "
-                "weight (a tied head stays decomposed)",
-                stacklevel=2,
+                "weight (a tied head stays decomposed)"
             )
             return
         super().__setattr__(name, value)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -19,6 +18,7 @@ from torch.utils._pytree import tree_leaves
 
 from .benchmark import make_feed
 from .errors import InvalidInputError, ParityError, ShapeError
+from .user_warnings import warn
 
 
 def check_parity(
@@ -105,10 +105,9 @@ def _second_shape(module: nn.Module, args: tuple[torch.Tensor, ...], session) ->
             steps[name] = step
             break
     if names and accepted is None:
-        warnings.warn(
+        warn(
             f"fxdecomp: parity checked at the example's shapes only: the graph refuses every other size of its free "
-            f"dimensions tried ({', '.join(names)} moved by {', '.join(map(str, SECOND_SHAPE_STEPS))})",
-            stacklevel=3,
+            f"dimensions tried ({', '.join(names)} moved by {', '.join(map(str, SECOND_SHAPE_STEPS))})"
         )
     return accepted
 

@@ -5,6 +5,7 @@ user's model computes (or refused by name), with the user's model untouched.
 Found by probing fxdecomp with models in these states (2026-12-01); each test fails on the code before its fix.
 """
 
+import inspect
 import os
 import subprocess
 import sys
@@ -269,3 +270,19 @@ def test_an_exclude_pattern_that_names_no_layer_is_named_in_a_warning():
     assert {d.name: d.reason for d in result.decisions}["module.fc1"] == "excluded"
 
 
+
+def test_warnings_name_the_users_line_whatever_path_raised_them():
+    # A fixed stacklevel named fxdecomp's own lines (grad_mode.py's wrapper, passes/base.py's runner), and Python's
+    # once-per-location filter then counted every user's call as one place.
+    model = net()
+    model.fc1.register_forward_hook(lambda module, args, output: output)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compress_line = inspect.currentframe().f_lineno + 1
+        result = fxdecomp.compress(model, (X,), budget=0.6, exclude=["nothing"], pipeline="flops")
+        apply_line = inspect.currentframe().f_lineno + 1
+        result.apply_to(model, example_inputs=(X,))
+    ours = [w for w in caught if str(w.message).startswith("fxdecomp:")]
+    assert any("exclude pattern" in str(w.message) for w in ours) and any("hook" in str(w.message) for w in ours)
+    assert {(w.filename, w.lineno) for w in ours} <= {(__file__, compress_line), (__file__, apply_line)}, [
+        (w.filename, w.lineno, str(w.message)[:60]) for w in ours]

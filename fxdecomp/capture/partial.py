@@ -46,6 +46,7 @@ from ..budget import Budget
 from ..cost import count_flops, count_params
 from ..errors import BudgetError, FxDecompError, InvalidInputError, TraceError
 from ..layer_spec import LAYER_TYPES
+from ..user_warnings import warn
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +171,10 @@ def compress_partial(
         for p in parts
     )
     if reason is not None:
-        warnings.warn(
+        warn(
             f"fxdecomp: {type(model).__name__} cannot be captured whole ({_first_line(reason)}); compressing the "
             f"submodules that can be: {', '.join(f'{c.name!r} ({c.frontend}, {c.fraction:.1%} of the FLOPs)' for c in captured)}; "
-            "the rest is kept as it is",
-            stacklevel=3,
+            "the rest is kept as it is"
         )
     if plan is None:
         combined, inputs = combined_graph(parts)

@@ -39,7 +39,6 @@ import functools
 import json
 import sys
 import time
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -66,6 +65,7 @@ from .experts import close_stacks, expand, expert_layers, install_expert, open_s
 from .loading import PLAN_FILE, load_compressed  # noqa: F401  (load_compressed: importable from here as before)
 from .layers import LayerRecord, apply_option, factorization_cost, layer_record, linear_spec, linears, observe, solve
 from ..grad_mode import outside_inference_mode
+from ..user_warnings import warn
 
 
 
@@ -211,11 +211,10 @@ def compress_sequential(
     flops += counter.get_total_flops()
     head_layers = _called(head_layers, shapes, unused)
     if unused:
-        warnings.warn(
+        warn(
             f"fxdecomp: {len(unused)} Linear layer(s) are never called as modules on the example batch, so they are kept "
             f"(their weight is read directly, as Mamba's dt_proj, or the example does not reach them, as an expert it is not "
-            f"routed to): {', '.join(unused[:5])}{', ...' if len(unused) > 5 else ''}",
-            stacklevel=2,
+            f"routed to): {', '.join(unused[:5])}{', ...' if len(unused) > 5 else ''}"
         )
     grams = _head_grams(model, stack, head_layers, batches, calls, tuple_output, world)
     records += _records(head_layers, shapes, grams, grid, tied, world)
@@ -294,13 +293,12 @@ def _warn_stacked(model: nn.Module) -> None:
     opened = {".".join(p for p in (path, attribute) if p) for path, _, attribute in stacked_experts(model)}
     stacked = [name for name in stacked_weights(model) if name not in opened]
     if stacked:
-        warnings.warn(
+        warn(
             f"fxdecomp: {len(stacked)} weight(s) of {type(model).__name__} stored stacked (one 3-D parameter for all "
             f"experts of a mixture of experts) keep their FLOPs, which the budget counts: "
             f"{', '.join(stacked[:4])}{', ...' if len(stacked) > 4 else ''}. compress_sequential decomposes the experts "
             "of a transformers experts module in its 'grouped_mm' implementation (model.set_experts_implementation("
-            "'grouped_mm')); fxdecomp.compress(model, ...) decomposes the others it can capture",
-            stacklevel=3,
+            "'grouped_mm')); fxdecomp.compress(model, ...) decomposes the others it can capture"
         )
 
 

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import tempfile
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,7 @@ from ..layer_spec import ConvSpec, LinearSpec
 from .files import atomic_write_text, locked, read_json_dict, signature
 from .layers import module_to_onnx
 from .timing import Protocol, Provider, check_threads, cpu_model
+from ..user_warnings import warn
 
 __all__ = ["LayerLatency", "build_onnx", "canonical", "default_cache_dir", "original_module", "structure_key"]
 
@@ -325,10 +325,9 @@ class LayerLatency(LayerTimer):
                 self._seen = signature(self.path)
         except OSError as exc:  # a read-only home or cache folder: time as before, remember in memory only
             self.persist = False
-            warnings.warn(
+            warn(
                 f"fxdecomp: cannot write the latency cache {self.path} ({exc}); timings are kept in memory for "
-                "this process only. Set FXDECOMP_CACHE_DIR to a writable folder to keep them.",
-                stacklevel=2,
+                "this process only. Set FXDECOMP_CACHE_DIR to a writable folder to keep them."
             )
 
 

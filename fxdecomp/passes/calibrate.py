@@ -18,7 +18,6 @@ stderr when asked.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +31,7 @@ from ..errors import InvalidInputError
 from ..progress import Progress
 from ..records import CalibrationStats
 from .base import Pass, log, register_pass
+from ..user_warnings import warn
 
 
 class _Taps:
@@ -208,10 +208,9 @@ class CalibratePass(Pass):
             ) from exc
 
     def _stop_differentiating(self, exc: Exception) -> None:
-        warnings.warn(
+        warn(
             f"fxdecomp: the model cannot be differentiated for output-aware calibration ({exc}); "
-            "layer errors are measured on their own outputs instead",
-            stacklevel=5,
+            "layer errors are measured on their own outputs instead"
         )
         self.differentiable = self.taps.enabled = False
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +57,7 @@ from ..progress import Progress
 from ..records import Plan
 from ..sketch import MAX_DENSE_DIM
 from .base import Pass, log, register_pass
+from ..user_warnings import warn
 
 COMPENSATED_KINDS = ("linear", "conv2d")
 DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # ridges tried on held-out batches, times the mean diagonal of X_hat's Gram
@@ -152,11 +152,10 @@ class CompensatePass(Pass):
                     for site, x_hat in compressed.inputs(inputs).items():
                         grams[keys[site][0]].update(seen[site], x_hat, held_out=self.options.select and batches % 2 == 1)
                 except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-                    warnings.warn(
+                    warn(
                         f"fxdecomp: calibration batch {batches} does not run through the captured graph "
                         f"({type(exc).__name__}: {exc}); layers not yet refitted keep the plan's factors. Give "
-                        "calibration batches shaped like example_inputs to compensate every layer",
-                        stacklevel=4,
+                        "calibration batches shaped like example_inputs to compensate every layer"
                     )
                     return False
                 batches += 1

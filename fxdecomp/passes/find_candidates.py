@@ -7,7 +7,6 @@ applies ``exclude``, and notes shared (tied) weights and materialized parametriz
 from __future__ import annotations
 
 import fnmatch
-import warnings
 
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
@@ -22,6 +21,7 @@ from ..graph.hooks import describe, user_hooks
 from ..graph.parametrized import notes_of
 from ..layer_spec import check_finite, layer_spec
 from .base import CallSite, Candidate, Pass, log, register_pass
+from ..user_warnings import warn
 
 
 @register_pass
@@ -91,18 +91,16 @@ class FindCandidatesPass(Pass):
         ctx.candidates = {c.name: c for c in by_key.values()}
         if unmatched := [p for p in ctx.exclude if p not in matched]:
             names = sorted(c.name for c in ctx.candidates.values())
-            warnings.warn(
+            warn(
                 f"fxdecomp: exclude pattern(s) {unmatched} name no layer of this model, so they exclude nothing; its layers "
                 f"are named like {names[:4]} (a wrapped model's names carry the wrapper's prefix: '_orig_mod.' under "
-                "torch.compile, 'module.' under DataParallel)",
-                stacklevel=2,
+                "torch.compile, 'module.' under DataParallel)"
             )
         if hooked:
-            warnings.warn(
+            warn(
                 f"fxdecomp: {len(hooked)} layer(s) carry hooks of yours and are kept as they are, since a decomposed "
                 f"layer is a new module that would not run them: {describe(hooked)}. To decompose them, remove the hooks "
-                "(handle.remove()) before compress and register them again where you need them.",
-                stacklevel=2,
+                "(handle.remove()) before compress and register them again where you need them."
             )
         ctx.provide("refused", refused)
         users = weight_users(gm)

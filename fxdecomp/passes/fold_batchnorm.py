@@ -25,7 +25,6 @@ Off in the shipped recipes (``enabled = false``); ask for it with
 from __future__ import annotations
 
 import copy
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +36,7 @@ from ..errors import InvalidInputError, RecipeError
 from ..graph.effects import fresh_inputs
 from .base import Pass, log, register_pass
 from .fold_batchnorm_ops import fold_op, foldable_ops, is_layer_op, module_calls, normalises
+from ..user_warnings import warn
 
 PATTERNS = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d), (nn.Linear, nn.BatchNorm1d))
 FOLDED = "fxdecomp.folded_batchnorm"  # gm.meta: ((layer path, BatchNorm path), ...) folded
@@ -112,7 +112,7 @@ def fold_batchnorm(gm: fx.GraphModule, example_inputs: tuple) -> tuple[fx.GraphM
         else:
             refused.append(path)
     if refused:
-        warnings.warn(f"fxdecomp: {refused[:3]} do not compute a plain conv of their weight; their BatchNorm is not folded", stacklevel=3)
+        warn(f"fxdecomp: {refused[:3]} do not compute a plain conv of their weight; their BatchNorm is not folded")
     folded.delete_all_unused_submodules()
     folded.graph.lint()
     folded.recompile()
@@ -168,11 +168,10 @@ class FoldBatchNormPass(Pass):
         folded, count = fold_batchnorm(gm, ctx.example_inputs)
         unfoldable = _after_aten_layers(folded)
         if unfoldable:
-            warnings.warn(
+            warn(
                 f"fxdecomp: BatchNorm written as an aten op, or after a conv / Linear op that it cannot be folded into "
                 f"(a torch.export graph: {unfoldable[:3]}; the op's output or weight is read elsewhere, the weight is tied, "
-                "the BatchNorm is called again, or it does not normalise the layer's output channels), is not folded",
-                stacklevel=2,
+                "the BatchNorm is called again, or it does not normalise the layer's output channels), is not folded"
             )
         if count and ctx.reference is not None:
             ctx.reference, _ = fold_batchnorm(ctx.reference, ctx.example_inputs)

@@ -26,7 +26,6 @@ Without calibration data it changes nothing.
 from __future__ import annotations
 
 import copy
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +37,7 @@ from ..calibration_batches import calibration_batches
 from ..errors import InvalidInputError, RecipeError
 from ..records import Corrections
 from .base import Pass, log, register_pass
+from ..user_warnings import warn
 
 SCOPES = ("decomposed", "all")
 MODES = ("replace", "shift")
@@ -137,10 +137,9 @@ class ReestimateBatchNormPass(Pass):
             return PassResult(gm, False)
         functional = _functional_in_scope(gm, options.scope)
         if functional:
-            warnings.warn(
+            warn(
                 f"fxdecomp: BatchNorm written as an aten op ({functional[:3]}) is not re-estimated; "
-                "capture with frontend='fx' to re-estimate it",
-                stacklevel=2,
+                "capture with frontend='fx' to re-estimate it"
             )
         nodes = batchnorm_nodes(gm, options.scope)
         if not nodes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import operator
-import warnings
 
 import torch
 from torch import fx
@@ -16,6 +15,7 @@ from ..graph.effects import fresh_inputs, preserved_buffers
 from ..errors import FxDecompError
 from ..records import Verification
 from .base import Pass, register_pass
+from ..user_warnings import warn
 
 
 def output_error(reference, candidate, example_inputs, counts_may_vary: bool | None = None) -> float | None:
@@ -43,11 +43,10 @@ def output_error(reference, candidate, example_inputs, counts_may_vary: bool | N
             counts_may_vary = isinstance(reference, fx.GraphModule) and data_dependent_sizes(reference, example_inputs)
         if not (leading_only and counts_may_vary):
             raise _shape_bug()
-        warnings.warn(
+        warn(
             f"fxdecomp: the output error is not measured: {len(changed)} output(s) change their leading size "
             f"(e.g. {changed[0][0]} -> {changed[0][1]}), a count that depends on the data (detections kept after "
-            "NMS, say); judge the result on your own metric",
-            stacklevel=2,
+            "NMS, say); judge the result on your own metric"
         )
         return None
     errors = [float((a.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30)) for a, e in zip(actual, expected) if e.is_floating_point()]

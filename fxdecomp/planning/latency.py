@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from .solver import Infeasible, Option, solve_mckp
+from ..user_warnings import warn
 
 log = logging.getLogger("fxdecomp")
 
@@ -178,20 +178,18 @@ def follow_latency(
     if reached < target:
         if options.repair_damage > 0:
             kept = max((s for s in [plan, *path] if worth_its_damage(s)), key=plan_efficiency)
-            warnings.warn(
+            warn(
                 f"fxdecomp: no plan under this budget is predicted to reach efficiency {target:g} within "
                 f"{options.repair_damage:g}x the FLOP plan's damage (the most efficient found: {reached:.3f}, at "
                 f"{totals(state)[3] / max(flop_plan_damage, 1e-12):.2f}x); keeping the most efficient plan that covers "
                 f"at least as large a share of the way to the target as of that damage allowance: "
-                f"{plan_efficiency(kept):.3f}, at {totals(kept)[3] / max(flop_plan_damage, 1e-12):.2f}x",
-                stacklevel=3,
+                f"{plan_efficiency(kept):.3f}, at {totals(kept)[3] / max(flop_plan_damage, 1e-12):.2f}x"
             )
             state = list(kept)
         else:
-            warnings.warn(
+            warn(
                 f"fxdecomp: no plan under this budget is predicted to reach efficiency {target:g}; "
-                f"keeping the most efficient found, {reached:.3f}",
-                stacklevel=3,
+                f"keeping the most efficient found, {reached:.3f}"
             )
     log.info(
         "latency-following plan: predicted efficiency %.3f (FLOP plan: %.3f), damage %.4g (FLOP plan: %.4g)",

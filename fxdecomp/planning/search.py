@@ -14,7 +14,6 @@ Example::
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +27,7 @@ from .latency import follow_latency, follows_latency, replan_on_measurement
 from .solver import Infeasible, Option, solve_mckp
 from .tied import expand, tie_experts
 from ..capture.experts import expert_of, stacks_of
+from ..user_warnings import warn
 
 # A decomposition must buy something: at equal damage, keeping the layer wins.
 TIE_BREAK = 1e-12
@@ -78,7 +78,7 @@ def search(
     progress.__exit__()
     if not ctx.candidates or all(c.excluded for c in ctx.candidates.values()):
         why = _no_candidate_reason(ctx) if not ctx.candidates else "has every candidate layer excluded"
-        warnings.warn(f"fxdecomp: the model {why}; it is returned unchanged", stacklevel=2)
+        warn(f"fxdecomp: the model {why}; it is returned unchanged")
         groups, planned = [], []
         capacity = 0.0
     else:
