@@ -21,7 +21,7 @@ from torch import fx, nn
 from .graph.attention import functional_attention
 from .graph.parametrized import private_copy
 from .graph.effects import fresh_inputs, preserved_buffers
-from .graph.hooks import describe, user_hooks
+from .graph.hooks import EXPORT_DROPS, describe, user_hooks
 from .capture.hidden import OPAQUE_WEIGHTS, OpaqueWeight, opaque_weights, used_as_layers
 from .capture.experts import lower_grouped_experts, stacked_weights, stacks_of
 from .errors import InvalidInputError, TraceError
@@ -90,7 +90,11 @@ def capture_with_source(
                 f"the model carries hooks of yours ({describe({'': root_hooks})}), which torch.fx does not trace (it traces "
                 "forward, not the hooks around it); use frontend='auto' or 'export', which records them, or remove the hooks"
             )
-        log.info("the model carries hooks (%s): captured with torch.export, which records them", ", ".join(root_hooks))
+        warn(
+            f"fxdecomp: the model carries hooks of yours ({', '.join(root_hooks)}), which torch.fx does not trace: it is "
+            f"captured with torch.export, which records what forward hooks compute on tensors; {EXPORT_DROPS}. "
+            "result.apply_to(model) returns your model's class, which keeps its hooks."
+        )
     elif frontend in ("auto", "fx"):
         try:
             gm = lower_grouped_experts(fx_trace(model))

@@ -19,10 +19,13 @@ F = TypeVar("F", bound=Callable)
 
 
 def outside_inference_mode(fn: F) -> F:
-    """``fn`` run under ``torch.inference_mode(False)`` (the grad mode is left as the caller set it)."""
+    """``fn``, run under ``torch.inference_mode(False)`` (which also enables grad) when its caller is in inference
+    mode; otherwise run as called, its grad mode untouched."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if not torch.is_inference_mode_enabled():
+            return fn(*args, **kwargs)
         with torch.inference_mode(False):
             return fn(*args, **kwargs)
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxdecomp
+from fxdecomp.kept_layer import KeptLayer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,6 +89,49 @@ def test_hooks_on_the_model_itself_are_captured_with_it():
         assert relative_error(result.graph_module(X), expected) < 1e-5
         assert relative_error(result.apply_to(model, example_inputs=(X,))(X), expected) < 1e-5
     assert len(model._forward_hooks) == len(model._forward_pre_hooks) == 1
+
+
+@pytest.mark.parametrize("where", ["the model", "a layer"])
+def test_what_an_exported_graph_loses_of_hooks_is_said_and_keep_mode_keeps_them(where):
+    # torch.export records what forward hooks compute, not their Python side effects nor backward hooks; the warning
+    # once claimed a layer was kept "so its hook still runs" in a graph where it could not.
+    model, seen = net(), []
+    hooked = model if where == "the model" else model.fc1
+    hooked.register_forward_hook(lambda module, args, output: seen.append("forward"))
+    hooked.register_full_backward_hook(lambda module, grad_input, grad_output: seen.append("backward"))
+    with pytest.warns(UserWarning, match="torch.export.*backward hooks do not run in it.*result.apply_to"):
+        result = fxdecomp.compress(model, (X,), budget=0.6, frontend="export", pipeline="flops")
+    for compressed, runs in ((result.graph_module, []), (result.apply_to(model, example_inputs=(X,)), ["forward", "backward"])):
+        seen.clear()
+        compressed(X.clone().requires_grad_(True)).sum().backward()
+        assert seen == runs
+
+
+class TiedPair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 32)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_hook_on_one_user_of_a_tied_weight_keeps_that_user_only(frontend):
+    # torch.export calls a tied weight functionally from both modules; the hooks of every owner of the weight were
+    # taken for each call's, so the call of the module without a hook was kept (and named) too.
+    torch.manual_seed(0)
+    model = TiedPair().eval()
+    model.b.register_forward_hook(lambda module, args, output: output * 2)
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) carry hooks of yours.*: b \(forward hook\)"):
+        result = fxdecomp.compress(model, (x,), plan={"a": ("svd", (32,)), "b": ("svd", (32,))}, frontend=frontend)
+    assert {d.name: (d.method, d.reason) for d in result.decisions} == {"a": ("svd", ""), "b": ("keep", "hooks")}
+    with torch.no_grad():
+        assert relative_error(result.graph_module(x), expected) < 1e-5
 
 
 def test_torchs_own_weight_hooks_are_not_taken_for_the_users():
@@ -201,6 +245,19 @@ def test_layers_hidden_inside_a_module_the_graph_calls_whole_are_named_in_the_wa
         fxdecomp.compress(_Holder(Opaque()), (X,), budget=0.5, frontend="fx")
 
 
+class _Doubling(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_layers_fxdecomp_refuses_are_named_with_their_reason_when_none_is_left():
+    # It said they ran "where the captured graph does not show them", for a layer the graph showed and refused.
+    with pytest.warns(UserWarning, match=r"has 1 Conv/Linear layer\(s\), none of which fxdecomp can decompose \(opaque: "
+                                         r"_Doubling overrides forward"):
+        result = fxdecomp.compress(_Holder(_Doubling(3, 8, 3)), (X,), budget=0.5)
+    assert result.decisions == []
+
+
 class _Holder(nn.Module):
     def __init__(self, module):
         super().__init__()
@@ -286,3 +343,43 @@ def test_warnings_name_the_users_line_whatever_path_raised_them():
     assert any("exclude pattern" in str(w.message) for w in ours) and any("hook" in str(w.message) for w in ours)
     assert {(w.filename, w.lineno) for w in ours} <= {(__file__, compress_line), (__file__, apply_line)}, [
         (w.filename, w.lineno, str(w.message)[:60]) for w in ours]
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 128), nn.Linear(128, 64)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class _Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(_Block() for _ in range(3))
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        for block in self.layers:
+            x = block(x)
+        return self.head(x)
+
+
+def test_compress_sequential_keeps_a_hooked_layer_with_its_hook():
+    # The streamed path factorized it and dropped the hook, silently.
+    from fxdecomp.large import compress_sequential
+
+    torch.manual_seed(0)
+    model, calls = _Stack().eval(), []
+    model.layers[1].fc1.register_forward_hook(lambda module, args, output: calls.append(output.shape))
+    x = torch.randn(8, 64)
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) carry hooks of yours .*layers\.1\.fc1 \(forward hook\)"):
+        result = compress_sequential(model, (x,), budget=0.5)
+    compressed = result.model
+    assert "layers.1.fc1" not in {d.name for d in result.decisions}  # not planned, as an excluded layer is not
+    assert type(compressed.layers[0].fc1) is KeptLayer  # the others are decomposed
+    calls.clear()
+    with torch.no_grad():
+        compressed(x)
+    assert calls == [torch.Size([8, 128])]

@@ -2,8 +2,9 @@
 
 A decomposed layer is a new module, so hooks on the layer it replaces would no longer
 run; torch.fx traces the root's ``forward``, not its ``__call__``, so hooks on the model
-itself are not in an fx graph (torch.export records them, as it records the hooks of
-every module it calls). torch's own weight-computing pre-hooks (pruning masks, the
+itself are not in an fx graph. torch.export records what forward hooks compute on
+tensors, for every module it calls, but neither their Python side effects nor backward
+hooks (`EXPORT_DROPS`). torch's own weight-computing pre-hooks (pruning masks, the
 hook-based ``weight_norm`` and ``spectral_norm``) are not the user's: the private copy
 materializes their weights (`fxdecomp.graph.parametrized`).
 
@@ -37,6 +38,10 @@ def user_hooks(module: nn.Module) -> list[str]:
     """The kinds of hooks registered on ``module`` itself (not its children) other than torch's own, one entry each."""
     own = _torch_hook_types()
     return [kind for attribute, kind in _KINDS for hook in getattr(module, attribute, {}).values() if not isinstance(hook, own)]
+
+
+# What a graph captured by torch.export loses of the hooks it traced through.
+EXPORT_DROPS = "their Python side effects (a list a hook appends to) and backward hooks do not run in it"
 
 
 def describe(hooked: dict[str, list[str]], limit: int = 5) -> str:

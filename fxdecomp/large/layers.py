@@ -28,6 +28,7 @@ from ..cost import FLOPS_PER_MAC, module_macs
 from ..decomposers import get_decomposer
 from ..decomposers.base import inherit_trainable
 from ..errors import BudgetError
+from ..graph.hooks import user_hooks
 from ..kept_layer import KeptLayer
 from ..layer_spec import LinearSpec, layer_spec
 from ..planning.grid import rank_grid
@@ -60,7 +61,8 @@ class LayerRecord:
 
 def linears(module: nn.Module, prefix: str, exclude: Sequence[str] = ()) -> list[tuple[str, nn.Module]]:
     """(qualified name, layer) of every nn.Linear (and transformers Conv1D) under ``module``, names prefixed,
-    excluded ones left out."""
+    excluded ones and ones carrying hooks of the user's (`hooked_linears`: a factorized layer would not run them)
+    left out."""
     found = []
     # The experts of a kept mixture (fxdecomp.kept_experts) stay as kept: planned apart, their FLOPs would follow the routing.
     experts = tuple(f"{name}." for name, child in module.named_modules() if isinstance(child, KeptExperts))
@@ -69,8 +71,15 @@ def linears(module: nn.Module, prefix: str, exclude: Sequence[str] = ()) -> list
         if name.startswith(experts):
             continue
         if (isinstance(child, nn.Linear) or is_conv1d(child)) and not any(fnmatch.fnmatchcase(full, p) or full == p for p in exclude):
-            found.append((full, child))
+            if not user_hooks(child):
+                found.append((full, child))
     return found
+
+
+def hooked_linears(model: nn.Module) -> dict[str, list[str]]:
+    """{name: hook kinds} of the Linear layers (and Conv1D) of ``model`` that carry hooks of the user's."""
+    return {name: kinds for name, child in model.named_modules()
+            if (isinstance(child, nn.Linear) or is_conv1d(child)) and (kinds := user_hooks(child))}
 
 
 class observe:

@@ -63,8 +63,11 @@ from .checkpoint import LazyCheckpoint, ShardWriter, empty_model
 from .distributed import World, default_device
 from .experts import close_stacks, expand, expert_layers, install_expert, open_stacks, stacked_experts, tie
 from .loading import PLAN_FILE, load_compressed  # noqa: F401  (load_compressed: importable from here as before)
-from .layers import LayerRecord, apply_option, factorization_cost, layer_record, linear_spec, linears, observe, solve
+from .layers import (
+    LayerRecord, apply_option, factorization_cost, hooked_linears, layer_record, linear_spec, linears, observe, solve,
+)
 from ..grad_mode import outside_inference_mode
+from ..graph.hooks import describe
 from ..user_warnings import warn
 
 
@@ -158,6 +161,12 @@ def compress_sequential(
     batches = world.share(batches)
     tied = _tied_parameters(model)
     _warn_stacked(model)
+    if hooked := hooked_linears(model):
+        warn(
+            f"fxdecomp: {len(hooked)} layer(s) carry hooks of yours and are kept as they are, since a factorized layer is a "
+            f"new module that would not run them: {describe(hooked)}. To decompose them, remove the hooks (handle.remove()) "
+            "before compress_sequential and register them again where you need them."
+        )
     head_layers = [(n, m) for n, m in linears(model, "", exclude) if not n.startswith(stack.path + ".")]
 
     def load(index: int) -> nn.Module:

@@ -17,7 +17,7 @@ from .. import meta
 from ..meta import node_shape
 from ..errors import FxDecompError
 from ..graph.callsites import WeightUse, match_call, module_aliases, tensor_key, weight_aliases, weight_users
-from ..graph.hooks import describe, user_hooks
+from ..graph.hooks import EXPORT_DROPS, describe, user_hooks
 from ..graph.parametrized import notes_of
 from ..layer_spec import check_finite, layer_spec
 from .base import CallSite, Candidate, Pass, log, register_pass
@@ -83,7 +83,7 @@ class FindCandidatesPass(Pass):
             matched |= hits
             excluded = bool(hits)
             excluded = excluded or any(label.startswith(kept_experts) for label in labels)
-            kinds = _hooks_of(gm, ctx.source_model, use, paths)
+            kinds = _hooks_of(gm, ctx.source_model, use, paths, node)
             if kinds and not excluded:
                 hooked[name] = kinds  # its replacement would not run them
             excluded = excluded or bool(kinds)
@@ -96,7 +96,13 @@ class FindCandidatesPass(Pass):
                 f"are named like {names[:4]} (a wrapped model's names carry the wrapper's prefix: '_orig_mod.' under "
                 "torch.compile, 'module.' under DataParallel)"
             )
-        if hooked:
+        if hooked and ctx.frontend == "export":
+            warn(
+                f"fxdecomp: {len(hooked)} layer(s) carry hooks of yours: {describe(hooked)}. They are kept as they are, but "
+                f"the graph torch.export captured (result.graph_module) holds only what forward hooks compute on tensors: "
+                f"{EXPORT_DROPS}. result.apply_to(model) returns your model's class, in which kept layers keep their hooks."
+            )
+        elif hooked:
             warn(
                 f"fxdecomp: {len(hooked)} layer(s) carry hooks of yours and are kept as they are, since a decomposed "
                 f"layer is a new module that would not run them: {describe(hooked)}. To decompose them, remove the hooks "
@@ -115,19 +121,23 @@ class FindCandidatesPass(Pass):
         return PassResult(gm, False)
 
 
-def _hooks_of(gm: fx.GraphModule, source, use: WeightUse, paths: tuple[str, ...]) -> list[str]:
+def _hooks_of(gm: fx.GraphModule, source, use: WeightUse, paths: tuple[str, ...], node: fx.Node) -> list[str]:
     """The user's hooks on the module that calls the weight: the called module, or (a functional call, as
-    torch.export records an nn.Linear) the module owning the weight under any of its paths."""
+    torch.export records an nn.Linear) the innermost module on the call's ``nn_module_stack`` that owns the weight
+    under one of its paths (a tied weight: the module that made this call, not every owner)."""
     if use.form == "module":
         return user_hooks(gm.get_submodule(use.target))
+    if source is None:
+        return []
+    owners = [path.rpartition(".")[0] for path in paths if path.rpartition(".")[2] == "weight"]
+    callers = [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
+    caller = next((path for path in reversed(callers) if path in owners), None)
     kinds: list[str] = []
-    for path in paths:
-        owner, _, attribute = path.rpartition(".")
-        if attribute == "weight" and source is not None:
-            try:
-                kinds += user_hooks(source.get_submodule(owner))
-            except AttributeError:
-                continue
+    for owner in [caller] if caller is not None else owners:
+        try:
+            kinds += user_hooks(source.get_submodule(owner))
+        except AttributeError:
+            continue
     return kinds
 
 

@@ -111,7 +111,13 @@ def search(
 
 
 def _no_candidate_reason(ctx) -> str:
-    """Why no layer is a candidate: none in the model, or every one inside a module the graph calls as a whole."""
+    """Why no layer is a candidate: every one refused (with its reason), none in the model, or every one inside a
+    module the graph calls as a whole."""
+    refused = ctx.refused if ctx.has("refused") else {}
+    if refused:
+        listed = "; ".join(f"{name}: {reason}" for name, reason in list(refused.items())[:3])
+        more = f"; and {len(refused) - 3} more" if len(refused) > 3 else ""
+        return f"has {len(refused)} Conv/Linear layer(s), none of which fxdecomp can decompose ({listed}{more})"
     layers = [n for n, m in ctx.source_model.named_modules() if isinstance(m, LAYER_TYPES)] if ctx.source_model is not None else []
     if not layers:
         return "has no Conv2d or Linear layer to decompose"
