@@ -12,6 +12,11 @@ class FxDecompError(Exception):
     """Base class of every error fxdecomp raises on purpose."""
 
 
+class FxDecompWarning(UserWarning):
+    """Every warning fxdecomp gives (a layer kept, a pattern that names nothing, what a capture loses):
+    ``warnings.filterwarnings("ignore", category=fxdecomp.FxDecompWarning)`` silences them all."""
+
+
 class InvalidInputError(FxDecompError, ValueError):
     """An argument is malformed: a rank spec, example inputs, a layer with non-finite weights."""
 

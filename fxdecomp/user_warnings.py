@@ -14,6 +14,8 @@ import inspect
 import os
 import warnings
 
+from .errors import FxDecompWarning
+
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
@@ -34,6 +36,6 @@ def stack_level() -> int:
     return outermost
 
 
-def warn(message: str, category: type[Warning] = UserWarning) -> None:
+def warn(message: str, category: type[Warning] = FxDecompWarning) -> None:
     """``warnings.warn(message, category)`` attributed to the user's line that called into fxdecomp."""
     warnings.warn(message, category, stacklevel=stack_level() + 1)

@@ -340,6 +340,7 @@ def test_warnings_name_the_users_line_whatever_path_raised_them():
         apply_line = inspect.currentframe().f_lineno + 1
         result.apply_to(model, example_inputs=(X,))
     ours = [w for w in caught if str(w.message).startswith("fxdecomp:")]
+    assert all(issubclass(w.category, fxdecomp.FxDecompWarning) for w in ours)  # one category to filter them all
     assert any("exclude pattern" in str(w.message) for w in ours) and any("hook" in str(w.message) for w in ours)
     assert {(w.filename, w.lineno) for w in ours} <= {(__file__, compress_line), (__file__, apply_line)}, [
         (w.filename, w.lineno, str(w.message)[:60]) for w in ours]

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 
-PACKAGE_DIR = str(Path(__file__).resolve().parents[1]) + os.sep  # fxdecomp/: warnings raised in it are ours
+from ..errors import FxDecompWarning
 
 
 @contextlib.contextmanager
@@ -27,7 +25,7 @@ def console(verbose: bool, quiet: bool) -> Iterator[None]:
     """
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if quiet or not (verbose or str(filename).startswith(PACKAGE_DIR)):
+        if quiet or not (verbose or issubclass(category, FxDecompWarning)):
             return
         text = " ".join(str(message).split()).removeprefix("fxdecomp: ")
         print(f"fxdecomp: warning: {text}", file=sys.stderr)
