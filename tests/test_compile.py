@@ -92,3 +92,20 @@ def test_backend_keeps_buffers_as_inputs():
     compiled = torch.compile(model, backend="fxdecomp", dynamic=False, options={"budget": 1.0, "backend": "eager"})
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x))  # budget 1.0: nothing decomposed, BN still right
+
+
+def test_the_backends_warnings_name_the_users_line_not_torchs():
+    # dynamo calls the backend from torch's own frames, so "the caller of the outermost fxdecomp frame" was
+    # torch/__init__.py, where Python's once-per-location filter also merged every compile's warnings.
+    import inspect
+    import warnings
+
+    torch._dynamo.reset()
+    compiled = torch.compile(small_cnn().eval(), backend="fxdecomp", dynamic=False,
+                             options={"budget": 0.6, "exclude": ["nothing"], "pipeline": "flops", "backend": "eager"})
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        compiled(_x())
+    ours = [w for w in caught if issubclass(w.category, fxdecomp.FxDecompWarning)]
+    assert ours and {(w.filename, w.lineno) for w in ours} == {(__file__, line)}, [(w.filename, w.lineno) for w in ours]

@@ -384,3 +384,32 @@ def test_compress_sequential_keeps_a_hooked_layer_with_its_hook():
     with torch.no_grad():
         compressed(x)
     assert calls == [torch.Size([8, 128])]
+
+
+class _Branchy(nn.Module):
+    """Not capturable whole (a data-dependent branch), so compress captures its submodules (partial capture)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+        self.head = nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = self.body(x)
+        if h.sum().item() > -1e9:
+            h = h + 1
+        return self.head(h)
+
+
+def test_partial_capture_keeps_a_hooked_submodule_and_captures_inside_it():
+    # The hooked submodule was itself the captured part: its graph replaced it, and the hook never ran again.
+    torch.manual_seed(0)
+    model, seen = _Branchy().eval(), []
+    model.body.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    x = torch.randn(4, 32)
+    result = fxdecomp.compress(model, (x,), plan={"body.0": ("svd", (8,)), "body.2": ("svd", (8,))})
+    assert {d.name: d.method for d in result.decisions if d.decomposed} == {"body.0": "svd", "body.2": "svd"}
+    seen.clear()
+    with torch.no_grad():
+        result.graph_module(x)
+    assert seen == [torch.Size([4, 32])]

@@ -46,6 +46,7 @@ from ..budget import Budget
 from ..cost import count_flops, count_params
 from ..errors import BudgetError, FxDecompError, InvalidInputError, TraceError
 from ..layer_spec import LAYER_TYPES
+from ..graph.hooks import user_hooks
 from ..user_warnings import warn
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,8 @@ def record_calls(model: nn.Module, example_inputs: tuple) -> dict[str, list[tupl
 
 
 def find_parts(model: nn.Module, calls: dict, frontend: str = "auto") -> tuple[list[_Part], list[str]]:
-    """The largest capturable submodules holding Conv2d/Linear weights (top-down), and why others were not."""
+    """The largest capturable submodules holding Conv2d/Linear weights (top-down), and why others were not. A
+    submodule carrying hooks of the user's is not one (its graph would not run them): its children may be."""
     parts: list[_Part] = []
     notes: list[str] = []
 
@@ -110,6 +112,10 @@ def find_parts(model: nn.Module, calls: dict, frontend: str = "auto") -> tuple[l
                 continue
             if path not in calls:  # a container (ModuleList, ModuleDict) or an unused branch
                 notes.append(f"{path}: not called itself")
+                walk(child, path + ".")
+                continue
+            if kinds := user_hooks(child):  # its graph would stand in for it, without running them: keep it, go inside
+                notes.append(f"{path}: carries hooks of yours ({', '.join(kinds)}), kept so that they run")
                 walk(child, path + ".")
                 continue
             part, why = _try_capture(path, child, calls[path], frontend)
