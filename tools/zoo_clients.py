@@ -354,7 +354,8 @@ def relative_error(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> 
 def full_rank_plan(model: nn.Module, decisions) -> dict:
     """Every candidate decomposed by svd at its maximum rank: the result must equal the model. A module's maximum is
     svd's own (`max_ranks` of its spec: transposed and grouped convs, whose weights are laid out otherwise); a weight
-    applied functionally is read as a matrix (2-d) or a conv kernel (4-d, out-channels first)."""
+    applied functionally is read as a matrix (2-d) or a conv kernel (4-d, out-channels first, split into the groups
+    of the module that applies it)."""
     from fxdecomp.decomposers import get_decomposer
     from fxdecomp.layer_spec import layer_spec
 
@@ -381,8 +382,9 @@ def full_rank_plan(model: nn.Module, decisions) -> dict:
                 continue
         if weight.dim() == 2:
             plan[d.name] = ("svd", (min(weight.shape),))
-        elif weight.dim() == 4:
-            plan[d.name] = ("svd", (min(weight.shape[0], weight[0].numel()),))
+        elif weight.dim() == 4:  # svd's maximum is per group: a module fxdecomp traces into (timm's
+            groups = getattr(module, "groups", 1)  # ScaledStdConv2d) still names its groups
+            plan[d.name] = ("svd", (min(weight.shape[0] // groups, weight[0].numel()),))
     return plan
 
 
