@@ -75,3 +75,12 @@ __all__ = [
     "inspect_model",
     "methods_for",
 ]
+
+
+def __getattr__(name: str):
+    """``fxdecomp.large`` without its own import (it is imported on first use: it needs the ``large`` extra)."""
+    if name == "large":
+        import importlib
+
+        return importlib.import_module(".large", __name__)
+    raise AttributeError(f"module 'fxdecomp' has no attribute {name!r}")

@@ -92,8 +92,7 @@ def compress(
     when the budget cannot be met (or, as a safeguard, when the result's unique
     parameters exceed a params budget).
     """
-    if not isinstance(model, nn.Module):
-        raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_model(model)
     budget = Budget.parse(budget)
     example_inputs = as_example_inputs(example_inputs)
     recipe = load_recipe(pipeline)
@@ -152,6 +151,25 @@ def compress(
         latency_after_ms=verification.latency_after_ms,
         opaque_weights=opaque,
     )
+
+
+def _check_model(model) -> None:
+    """Refuse, by name, models no capture can read: not a module, TorchScript, or weights without values."""
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise InvalidInputError(
+            f"the model is a TorchScript module ({type(model).__name__}, from torch.jit.script or torch.jit.trace), whose "
+            "code torch.fx and torch.export cannot read: pass the eager nn.Module it was made from"
+        )
+    meta = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if meta:
+        raise InvalidInputError(
+            f"{len(meta)} parameter(s) or buffer(s) of {type(model).__name__} are on the meta device, which holds shapes but "
+            f"no values ({', '.join(meta[:3])}{', ...' if len(meta) > 3 else ''}): load real weights first "
+            "(model.to_empty(device='cpu'), then load_state_dict), or stream a checkpoint with "
+            "fxdecomp.large.compress_sequential"
+        )
 
 
 def _check_params_budget(budget: Budget, before: int, after: int, fixed_plan: bool) -> None:

@@ -12,7 +12,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import sys
 import traceback
 
 import torch
@@ -96,10 +99,12 @@ def capture_with_source(
             "result.apply_to(model) returns your model's class, which keeps its hooks."
         )
     elif frontend in ("auto", "fx"):
+        printed = io.StringIO()  # torch prints a failing fx graph's traceback to stderr, as if compress had crashed
         try:
             gm = lower_grouped_experts(fx_trace(model))
-            with preserved_buffers(gm):
+            with preserved_buffers(gm), contextlib.redirect_stderr(printed):
                 gm(*fresh_inputs(example_inputs))  # fx can trace graphs that do not run (e.g. data-dependent shapes)
+            sys.stderr.write(printed.getvalue())  # what the model itself printed
         except Exception as exc:
             fx_error = exc
             log.info("torch.fx cannot trace %s (%s); trying torch.export", type(model).__name__, exc)

@@ -22,9 +22,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -402,19 +403,45 @@ def _check_shape(name: str, layer: nn.Module, decomposed: nn.Module) -> None:
             )
 
 
+@contextlib.contextmanager
+def _in_eval(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode, each submodule's own mode restored on exit."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _first_tensor(output) -> torch.Tensor | None:
+    """The first tensor of a model's output: in nested containers, pytree nodes (transformers' ModelOutput) and
+    plain dataclasses, which pytree does not open."""
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        output = [getattr(output, f.name) for f in dataclasses.fields(output)]
+    for leaf in tree_leaves(output):
+        found = leaf if isinstance(leaf, torch.Tensor) else _first_tensor(leaf) if dataclasses.is_dataclass(leaf) else None
+        if found is not None:
+            return found
+    return None
+
+
 def _check_outputs(gm: nn.Module, new: nn.Module, example_inputs, rtol: float, atol: float) -> None:
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []  # manual_seed seeds them all
     # One random stream for both runs, the caller's left as it was: a model that draws in eval mode (SpeechT5's
     # prenet keeps its dropout on) computes the same function from the same draws.
-    with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+    # Both in eval mode, each left in its own: a graph_module set to train() for fine-tuning would draw dropout and
+    # update its BatchNorm statistics on the check's batch.
+    with torch.no_grad(), torch.random.fork_rng(devices=cuda), _in_eval(gm):
         torch.manual_seed(0)
-        want = next((t for t in tree_leaves(gm(*args)) if isinstance(t, torch.Tensor)), None)
+        want = _first_tensor(gm(*args))
         was = new.training
         new.eval()
         try:
             torch.manual_seed(0)
-            got = next((t for t in tree_leaves(new(*args)) if isinstance(t, torch.Tensor)), None)
+            got = _first_tensor(new(*args))
         except (AttributeError, UnsupportedLayerError) as exc:  # model code reads what a swapped layer lacks
             raise FxDecompError(
                 f"{type(new).__name__} reads a swapped layer's weight values or an attribute it lacks outside that "

@@ -5,6 +5,7 @@ user's model computes (or refused by name), with the user's model untouched.
 Found by probing fxdecomp with models in these states (2026-12-01); each test fails on the code before its fix.
 """
 
+import dataclasses
 import inspect
 import os
 import subprocess
@@ -413,3 +414,105 @@ def test_partial_capture_keeps_a_hooked_submodule_and_captures_inside_it():
     with torch.no_grad():
         result.graph_module(x)
     assert seen == [torch.Size([4, 32])]
+
+
+# ---- models no capture can read, refused by name ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_a_torchscript_model_is_refused_by_name(how):
+    # It reached partial capture, whose hooks raised torch's "register_forward_pre_hook is not supported on ScriptModules".
+    model = torch.jit.script(net()) if how == "script" else torch.jit.trace(net(), X)
+    with pytest.raises(fxdecomp.InvalidInputError, match="TorchScript module .* pass the eager nn.Module"):
+        fxdecomp.compress(model, (X,), budget=0.5)
+
+
+def test_a_model_on_the_meta_device_is_refused_by_name():
+    # It raised torch's "Tensor.item() cannot be called on meta tensors", or blamed the (fine) example inputs.
+    with torch.device("meta"):
+        model = Net()
+    for inputs in ((X,), (X.to("meta"),)):
+        with pytest.raises(fxdecomp.InvalidInputError, match=r"on the meta device.*conv1\.weight.*load real weights"):
+            fxdecomp.compress(model, inputs, budget=0.5)
+
+
+# ---- keep mode's check --------------------------------------------------------------------------------------
+
+
+class _WithBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.drop(F.relu(self.bn(self.conv(x))).mean((2, 3))))
+
+
+def test_apply_to_after_the_graph_module_was_set_to_train_checks_in_eval_and_changes_nothing():
+    # The check ran the graph_module as it was left (train: dropout drawn, BatchNorm on batch statistics, its running
+    # statistics updated by the check) and refused the correct model, blaming tied weights.
+    torch.manual_seed(0)
+    model = _WithBatchNorm().eval()
+    result = fxdecomp.compress(model, (X,), plan={"conv": ("svd", (8,)), "fc": ("svd", (4,))})
+    result.graph_module.train()
+    before = {name: tensor.clone() for name, tensor in result.graph_module.state_dict().items()}
+    kept = result.apply_to(model, example_inputs=(X,))
+    assert result.graph_module.training and result.graph_module.bn.training
+    after = result.graph_module.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    with torch.no_grad():
+        assert relative_error(kept(X), result.graph_module.eval()(X)) < 1e-5
+
+
+@dataclasses.dataclass
+class _Out:
+    logits: torch.Tensor
+    extra: None = None
+
+
+class _ReturnsDataclass(Net):
+    def forward(self, x):
+        return _Out(super().forward(x))
+
+
+def test_apply_to_checks_a_model_that_returns_a_plain_dataclass():
+    # pytree does not open an unregistered dataclass: the check compared None with None and refused.
+    model = _ReturnsDataclass().eval()
+    result = fxdecomp.compress(model, (X,), plan=FULL_RANK)
+    kept = result.apply_to(model, example_inputs=(X,))
+    with torch.no_grad():
+        assert relative_error(kept(X).logits, model(X).logits) < 1e-5
+
+
+# ---- what a successful compress prints --------------------------------------------------------------------------
+
+
+class _OptionalMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 64), nn.Linear(64, 10)
+
+    def forward(self, x, *, mask=None):
+        h = self.fc1(x)
+        if mask is not None:
+            h = h * mask
+        return self.fc2(F.relu(h))
+
+
+def test_a_capture_that_falls_back_prints_no_traceback(capfd):
+    # fx traces the mask branch; torch printed the failing graph's traceback to stderr before compress moved on.
+    model = _OptionalMask().eval()
+    x = torch.randn(4, 64)
+    result = fxdecomp.compress(model, (x,), plan={"fc1": ("svd", (64,))})
+    assert "Traceback" not in capfd.readouterr().err
+    with torch.no_grad():
+        assert relative_error(result.graph_module(x), model(x)) < 1e-5
+
+
+def test_fxdecomp_large_is_reachable_from_the_package():
+    code = "import fxdecomp; print(fxdecomp.large.load_compressed.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "load_compressed"
