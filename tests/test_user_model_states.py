@@ -516,3 +516,26 @@ def test_fxdecomp_large_is_reachable_from_the_package():
     code = "import fxdecomp; print(fxdecomp.large.load_compressed.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "load_compressed"
+
+
+class _BufferWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("w", torch.randn(64, 64) / 8)  # a fixed projection, stored as a buffer
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(F.relu(F.linear(x, self.w)))
+
+
+def test_the_factors_of_a_weight_stored_as_a_buffer_are_buffers():
+    # They were frozen parameters: the parameter count rose (650 -> 2.42k) while the report's rows fell.
+    torch.manual_seed(0)
+    model, x = _BufferWeight().eval(), torch.randn(4, 64)
+    result = fxdecomp.compress(model, (x,), plan={"w": ("svd", (64,))})
+    gm = result.graph_module
+    assert not [n for n, _ in gm.named_parameters() if n.startswith("w_")]
+    assert {n for n, _ in gm.named_buffers() if n.startswith("w_")} == {"w_lowrank.0.weight", "w_lowrank.1.weight"}
+    assert result.params_after == result.params_before == sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        assert relative_error(gm(x), model(x)) < 1e-5

@@ -13,6 +13,8 @@ uses it on copies of the reference to time or score a variant.
 
 from __future__ import annotations
 
+import operator
+
 from torch import fx, nn
 
 from .. import meta
@@ -41,6 +43,8 @@ def rewrite_graph(gm: fx.GraphModule, ctx, plan: dict) -> bool:
         layer = candidate.layer
         bias = layer.bias.detach() if layer.bias is not None else None
         module = inherit_trainable(decomposer.build(candidate.spec, state, decision.ranks, bias, layer.weight), layer)
+        if candidate.form == "function" and not isinstance(operator.attrgetter(candidate.target)(gm), nn.Parameter):
+            _as_buffers(module)  # a weight the model stores as a buffer: its factors are buffers too
         module.train(layer.training)
         site_nodes = [nodes[s.node.name] for s in candidate.sites]
         path = _install_path(gm, candidate, set(site_nodes))
@@ -118,6 +122,16 @@ def _set_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
     if name in parent._parameters or name in parent._buffers:
         delattr(parent, name)
     setattr(parent, name, module)
+
+
+def _as_buffers(module: nn.Module) -> None:
+    """Every parameter of ``module`` re-registered as a buffer of the same name: not trained, not counted as a
+    parameter, still in the state_dict."""
+    for sub in module.modules():
+        for name, parameter in list(sub._parameters.items()):
+            if parameter is not None:
+                del sub._parameters[name]
+                sub.register_buffer(name, parameter.detach())
 
 
 def _drop_unused_attributes(gm: fx.GraphModule) -> None:
