@@ -434,11 +434,9 @@ def _check_outputs(gm: nn.Module, new: nn.Module, example_inputs, rtol: float, a
     # prenet keeps its dropout on) computes the same function from the same draws.
     # Both in eval mode, each left in its own: a graph_module set to train() for fine-tuning would draw dropout and
     # update its BatchNorm statistics on the check's batch.
-    with torch.no_grad(), torch.random.fork_rng(devices=cuda), _in_eval(gm):
+    with torch.no_grad(), torch.random.fork_rng(devices=cuda), _in_eval(gm), _in_eval(new):
         torch.manual_seed(0)
         want = _first_tensor(gm(*args))
-        was = new.training
-        new.eval()
         try:
             torch.manual_seed(0)
             got = _first_tensor(new(*args))
@@ -448,8 +446,6 @@ def _check_outputs(gm: nn.Module, new: nn.Module, example_inputs, rtol: float, a
                 f"layer's forward ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); exclude that "
                 "layer when compressing (compress(..., exclude=[name])) to keep the model, or use result.graph_module"
             ) from exc
-        finally:
-            new.train(was)
     if want is None or got is None or got.shape != want.shape or not torch.allclose(got, want, rtol=rtol, atol=atol):
         diff = float((got - want).abs().max()) if got is not None and want is not None and got.shape == want.shape else None
         raise FxDecompError(
