@@ -36,7 +36,8 @@ from .benchmark import TensorInfo, io_info, open_session
 from .errors import ExportError, InvalidInputError, ParityError
 from .export_capture import no_kv_cache
 from .onnx_attention import has_attention, with_math_attention
-from .onnx_parity import check_parity, eval_mode, graph_input_shapes, torch_outputs
+from .graph.effects import eval_mode
+from .onnx_parity import check_parity, graph_input_shapes, torch_outputs
 from .user_warnings import warn
 
 __all__ = ["ExportReport", "TensorInfo", "export_onnx"]

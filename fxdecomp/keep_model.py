@@ -22,14 +22,12 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
 from .errors import FxDecompError, InvalidInputError, UnsupportedLayerError
 from .capture.experts import expert_of, stacks_of
@@ -38,12 +36,12 @@ from .kept_experts import is_kept_expert, rebuild_experts, swap_experts
 from .graph.attention import packed
 from .graph.computed_conv import overrides_forward, plain_with_weight, plain_equivalent
 from .kept_attention import KeptAttention, in_projection_like
+from .kept_check import check_outputs, check_shape
 from . import kept_record
 from .kept_layer import FactoredWeightOwner, KeptLayer, applies_own_weight, as_layer, own_factors, replaceable
 from .kept_record import KeptEntry
 from .layer_spec import LAYER_TYPES, ConvSpec, layer_spec, pad_module
 from .meta import DECOMPOSED_SPECS
-from .transformers_layers import is_conv1d
 from .user_warnings import warn
 
 
@@ -89,7 +87,7 @@ def apply_to_model(
     installed = installed_modules(result.graph_module, [d.name for d in decided])
     for d in decided:
         if d.name not in attention and d.name not in experts:
-            _check_shape(d.name, as_layer(modules[d.name]), installed[d.name])
+            check_shape(d.name, as_layer(modules[d.name]), installed[d.name])
     new = copy.deepcopy(model)
     _carry_batchnorm(result.graph_module, new, set(installed))
     pads: dict = {}
@@ -100,7 +98,7 @@ def apply_to_model(
     used = {expert_of(stacks, name)[0] for name in experts}
     _record(new, decided, specs, pads, installed, list(folded), {stack: stacks[stack] for stack in used})
     if example_inputs is not None:
-        _check_outputs(result.graph_module, new, example_inputs, rtol, atol)
+        check_outputs(result.graph_module, new, example_inputs, rtol, atol)
     return new
 
 
@@ -385,71 +383,3 @@ def _kept_attention(mha: nn.MultiheadAttention, decomposed: nn.Module | None, na
     for p in in_proj.parameters():
         p.requires_grad_(mha.in_proj_weight.requires_grad)
     return KeptAttention(mha, in_proj)
-
-
-def _check_shape(name: str, layer: nn.Module, decomposed: nn.Module) -> None:
-    weight = layer.weight
-    first = next((m for m in decomposed.modules() if isinstance(m, LAYER_TYPES)), None)
-    last = [m for m in decomposed.modules() if isinstance(m, LAYER_TYPES)]
-    if first is None:
-        return  # TT / tiled layers: checked by the outputs
-    if isinstance(layer, nn.Linear) or is_conv1d(layer):
-        in_features, out_features = (weight.shape[1], weight.shape[0]) if isinstance(layer, nn.Linear) else weight.shape
-        got = (getattr(first, "in_features", None), getattr(last[-1], "out_features", None))
-        if got != (in_features, out_features):
-            raise InvalidInputError(
-                f"layer {name!r} maps {in_features} -> {out_features} features in this model, but the result's "
-                f"decomposed module maps {got[0]} -> {got[1]}: apply the result to the model it was compressed from"
-            )
-
-
-@contextlib.contextmanager
-def _in_eval(module: nn.Module) -> Iterator[None]:
-    """``module`` in eval mode, each submodule's own mode restored on exit."""
-    modes = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
-
-
-def _first_tensor(output) -> torch.Tensor | None:
-    """The first tensor of a model's output: in nested containers, pytree nodes (transformers' ModelOutput) and
-    plain dataclasses, which pytree does not open."""
-    if dataclasses.is_dataclass(output) and not isinstance(output, type):
-        output = [getattr(output, f.name) for f in dataclasses.fields(output)]
-    for leaf in tree_leaves(output):
-        found = leaf if isinstance(leaf, torch.Tensor) else _first_tensor(leaf) if dataclasses.is_dataclass(leaf) else None
-        if found is not None:
-            return found
-    return None
-
-
-def _check_outputs(gm: nn.Module, new: nn.Module, example_inputs, rtol: float, atol: float) -> None:
-    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []  # manual_seed seeds them all
-    # One random stream for both runs, the caller's left as it was: a model that draws in eval mode (SpeechT5's
-    # prenet keeps its dropout on) computes the same function from the same draws.
-    # Both in eval mode, each left in its own: a graph_module set to train() for fine-tuning would draw dropout and
-    # update its BatchNorm statistics on the check's batch.
-    with torch.no_grad(), torch.random.fork_rng(devices=cuda), _in_eval(gm), _in_eval(new):
-        torch.manual_seed(0)
-        want = _first_tensor(gm(*args))
-        try:
-            torch.manual_seed(0)
-            got = _first_tensor(new(*args))
-        except (AttributeError, UnsupportedLayerError) as exc:  # model code reads what a swapped layer lacks
-            raise FxDecompError(
-                f"{type(new).__name__} reads a swapped layer's weight values or an attribute it lacks outside that "
-                f"layer's forward ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); exclude that "
-                "layer when compressing (compress(..., exclude=[name])) to keep the model, or use result.graph_module"
-            ) from exc
-    if want is None or got is None or got.shape != want.shape or not torch.allclose(got, want, rtol=rtol, atol=atol):
-        diff = float((got - want).abs().max()) if got is not None and want is not None and got.shape == want.shape else None
-        raise FxDecompError(
-            "the model with its layers swapped does not compute what result.graph_module computes "
-            f"(max abs diff {diff}); a swapped layer's weight may also be read outside its forward "
-            "(tied or functional use): exclude that layer, or use result.graph_module"
-        )

@@ -7,9 +7,7 @@ length is checked where those dimensions differ from the example.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -18,6 +16,7 @@ from torch.utils._pytree import tree_leaves
 
 from .benchmark import make_feed
 from .errors import InvalidInputError, ParityError, ShapeError
+from .graph.effects import eval_mode
 from .user_warnings import warn
 
 
@@ -36,18 +35,6 @@ def check_parity(
         more = _compare(session, second[0], second[1], rtol, atol)
         diffs, checked = (max(diffs[0], more[0]), max(diffs[1], more[1])), checked + (_shapes(second[0]),)
     return diffs, checked
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Eval mode inside; afterwards every submodule's own flag back (not one flag for all)."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def torch_outputs(module: nn.Module, args: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:

@@ -17,10 +17,12 @@ Example::
 from __future__ import annotations
 
 import builtins
+import contextlib
 import operator
+from collections.abc import Iterator
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 _INPLACE_OPERATORS = {
     operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
@@ -86,6 +88,18 @@ def opaque_function(target) -> bool:
 def mutates_state(gm: fx.GraphModule) -> bool:
     """True if some node of ``gm`` writes in place (so running it may change its buffers or inputs)."""
     return any(has_side_effect(n) for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr"))
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode inside; afterwards every submodule's own flag back (not one flag for all)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 class preserved_buffers:

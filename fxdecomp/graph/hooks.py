@@ -48,3 +48,12 @@ def describe(hooked: dict[str, list[str]], limit: int = 5) -> str:
     """``"fc1 (forward hook), conv2 (forward pre-hook, forward hook)"`` for {module path: kinds}."""
     parts = [f"{name or '<the model>'} ({', '.join(kinds)})" for name, kinds in list(hooked.items())[:limit]]
     return ", ".join(parts) + (f" and {len(hooked) - limit} more" if len(hooked) > limit else "")
+
+
+def kept_for_hooks(hooked: dict[str, list[str]], entry: str) -> str:
+    """The warning for layers kept dense because they carry the user's hooks; ``entry`` is the call that kept them."""
+    return (
+        f"fxdecomp: {len(hooked)} layer(s) carry hooks of yours and are kept as they are, since a decomposed layer is a "
+        f"new module that would not run them: {describe(hooked)}. To decompose them, remove the hooks (handle.remove()) "
+        f"before {entry} and register them again where you need them."
+    )

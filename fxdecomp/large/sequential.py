@@ -67,7 +67,7 @@ from .layers import (
     LayerRecord, apply_option, factorization_cost, hooked_linears, layer_record, linear_spec, linears, observe, solve,
 )
 from ..grad_mode import outside_inference_mode
-from ..graph.hooks import describe
+from ..graph.hooks import kept_for_hooks
 from ..user_warnings import warn
 
 
@@ -162,11 +162,7 @@ def compress_sequential(
     tied = _tied_parameters(model)
     _warn_stacked(model)
     if hooked := hooked_linears(model):
-        warn(
-            f"fxdecomp: {len(hooked)} layer(s) carry hooks of yours and are kept as they are, since a factorized layer is a "
-            f"new module that would not run them: {describe(hooked)}. To decompose them, remove the hooks (handle.remove()) "
-            "before compress_sequential and register them again where you need them."
-        )
+        warn(kept_for_hooks(hooked, "compress_sequential"))
     head_layers = [(n, m) for n, m in linears(model, "", exclude) if not n.startswith(stack.path + ".")]
 
     def load(index: int) -> nn.Module:

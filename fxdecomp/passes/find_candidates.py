@@ -17,7 +17,7 @@ from .. import meta
 from ..meta import node_shape
 from ..errors import FxDecompError
 from ..graph.callsites import WeightUse, match_call, module_aliases, tensor_key, weight_aliases, weight_users
-from ..graph.hooks import EXPORT_DROPS, describe, user_hooks
+from ..graph.hooks import EXPORT_DROPS, describe, kept_for_hooks, user_hooks
 from ..graph.parametrized import notes_of
 from ..layer_spec import check_finite, layer_spec
 from .base import CallSite, Candidate, Pass, log, register_pass
@@ -103,11 +103,7 @@ class FindCandidatesPass(Pass):
                 f"{EXPORT_DROPS}. result.apply_to(model) returns your model's class, in which kept layers keep their hooks."
             )
         elif hooked:
-            warn(
-                f"fxdecomp: {len(hooked)} layer(s) carry hooks of yours and are kept as they are, since a decomposed "
-                f"layer is a new module that would not run them: {describe(hooked)}. To decompose them, remove the hooks "
-                "(handle.remove()) before compress and register them again where you need them."
-            )
+            warn(kept_for_hooks(hooked, "compress"))
         ctx.provide("refused", refused)
         users = weight_users(gm)
         notes = notes_of(ctx.source_model)
